@@ -1,0 +1,617 @@
+//! The broker side of one MQTT network connection as a sans-IO state machine.
+//!
+//! The host (the server crate) feeds it received bytes with [`Connection::handle_bytes`], the
+//! current time with [`Connection::handle_timeout`], and messages to deliver with
+//! [`Connection::deliver`]; it takes back the bytes to send from [`Connection::transmit`],
+//! application-level [`Event`]s from [`Connection::poll_event`], and the next deadline from
+//! [`Connection::poll_timeout`]. Decisions that need the rest of the broker (authentication,
+//! session lookup, subscription policy) are events that the host answers with
+//! [`Connection::accept`]/[`Connection::refuse`] and [`Connection::subscribed`].
+//!
+//! Time is always an argument, so keepalive and connect timeouts are tested on virtual time.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+
+use crate::codec::{self, DecodeError};
+use crate::message::Message;
+use crate::packet::*;
+use crate::session::{Outbound, OutboundState, Session};
+use crate::types::{MqttStr, PacketId, ProtocolVersion, QoS};
+
+/// Limits that bound what one connection may cost.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest packet accepted, fixed header included.
+    pub max_packet_size: usize,
+    /// Time from accepting the socket within which CONNECT must arrive.
+    pub connect_timeout: Duration,
+    /// Outbound QoS 1/2 messages in flight at once (1..=65534).
+    pub max_inflight: u16,
+    /// Outbound messages queued beyond the in-flight window (also while offline).
+    pub max_queued: usize,
+    /// Bytes that may wait in the transmit buffer before QoS 0 deliveries are dropped.
+    pub max_transmit_buffer: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_packet_size: 1024 * 1024,
+            connect_timeout: Duration::from_secs(10),
+            max_inflight: 32,
+            max_queued: 1000,
+            max_transmit_buffer: 1024 * 1024,
+        }
+    }
+}
+
+/// Something the host must act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A valid CONNECT arrived; answer with [`Connection::accept`] or [`Connection::refuse`].
+    /// A zero-length client id with Clean Session 0 has already been refused.
+    Connect(Connect),
+    /// An application message to route. For QoS 1/2 (`packet_id` set), call
+    /// [`Connection::acknowledge`] once it is handled; acknowledgements go out in receive order.
+    Publish {
+        /// The message as published.
+        message: Message,
+        /// Packet id to acknowledge, for QoS 1/2.
+        packet_id: Option<PacketId>,
+    },
+    /// A SUBSCRIBE; answer with [`Connection::subscribed`].
+    Subscribe(Subscribe),
+    /// Filters the client unsubscribed from (UNSUBACK already sent). Filters it did not hold are included.
+    Unsubscribe(Vec<MqttStr>),
+    /// The connection is closed; the host flushes [`Connection::transmit`], closes the socket
+    /// and publishes `will` if present. Emitted exactly once.
+    Closed {
+        /// Why.
+        reason: CloseReason,
+        /// The will message to publish now.
+        will: Option<Message>,
+    },
+}
+
+/// Why a connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client sent DISCONNECT.
+    ClientDisconnect,
+    /// The client sent bytes that are not a valid packet.
+    Malformed(DecodeError),
+    /// The client broke a rule of the protocol with a valid packet.
+    ProtocolViolation(&'static str),
+    /// No packet within 1.5 × keep alive.
+    KeepAliveTimeout,
+    /// No CONNECT within the connect timeout.
+    ConnectTimeout,
+    /// The CONNECT was refused with this return code.
+    Refused(ConnectReturnCode),
+    /// Another connection took over the client id.
+    TakenOver,
+    /// The server is shutting down.
+    ServerShutdown,
+    /// The network connection closed or failed.
+    TransportClosed,
+}
+
+impl CloseReason {
+    /// Whether this ending publishes the will: every ending but a DISCONNECT or a refused CONNECT.
+    fn publishes_will(&self) -> bool {
+        !matches!(
+            self,
+            CloseReason::ClientDisconnect | CloseReason::Refused(_)
+        )
+    }
+}
+
+/// What [`Connection::deliver`] did with a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivered {
+    /// Written to the transmit buffer.
+    Sent,
+    /// Queued in the session until the in-flight window has room.
+    Queued,
+    /// Dropped: the queue (QoS 1/2) or the transmit buffer (QoS 0) was full, or the connection is not open.
+    Dropped,
+}
+
+/// Counters the host adds to its statistics and resets with [`Connection::take_stats`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    /// PUBLISH packets received.
+    pub publish_received: u64,
+    /// PUBLISH packets sent (including redeliveries).
+    pub publish_sent: u64,
+    /// Messages dropped by this connection.
+    pub dropped: u64,
+    /// Control packets of any type received.
+    pub packets_received: u64,
+    /// Control packets of any type sent.
+    pub packets_sent: u64,
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// Waiting for CONNECT until the deadline.
+    AwaitingConnect { deadline: Instant },
+    /// CONNECT received, waiting for the host's answer.
+    Authenticating,
+    /// Session established.
+    Connected,
+    /// Finished; only the transmit buffer remains to be flushed.
+    Closed,
+}
+
+/// An inbound QoS 1/2 acknowledgement waiting for its turn.
+#[derive(Debug)]
+struct PendingAck {
+    packet_id: PacketId,
+    qos: QoS,
+    done: bool,
+}
+
+/// One MQTT connection, broker side.
+#[derive(Debug)]
+pub struct Connection {
+    limits: Limits,
+    phase: Phase,
+    protocol: ProtocolVersion,
+    keep_alive: Option<Duration>,
+    last_received: Instant,
+    will: Option<LastWill>,
+    session: Option<Session>,
+    acks: VecDeque<PendingAck>,
+    transmit: BytesMut,
+    events: VecDeque<Event>,
+    stats: Stats,
+}
+
+impl Connection {
+    /// A connection whose socket was accepted at `now`.
+    pub fn new(limits: Limits, now: Instant) -> Self {
+        let deadline = now + limits.connect_timeout;
+        Connection {
+            limits,
+            phase: Phase::AwaitingConnect { deadline },
+            protocol: ProtocolVersion::V311,
+            keep_alive: None,
+            last_received: now,
+            will: None,
+            session: None,
+            acks: VecDeque::new(),
+            transmit: BytesMut::new(),
+            events: VecDeque::new(),
+            stats: Stats::default(),
+        }
+    }
+
+    /// The protocol revision of the CONNECT (3.1.1 until one arrives).
+    pub fn protocol(&self) -> ProtocolVersion {
+        self.protocol
+    }
+
+    /// True once the session is established and until the connection closes.
+    pub fn is_connected(&self) -> bool {
+        matches!(self.phase, Phase::Connected)
+    }
+
+    /// True once the connection has ended (flush [`transmit`](Self::transmit), then close the socket).
+    pub fn is_closed(&self) -> bool {
+        matches!(self.phase, Phase::Closed)
+    }
+
+    /// The session, while one is attached.
+    pub fn session(&self) -> Option<&Session> {
+        self.session.as_ref()
+    }
+
+    /// Takes the session back after the connection closed (to keep it when Clean Session is 0).
+    pub fn take_session(&mut self) -> Option<Session> {
+        self.session.take()
+    }
+
+    /// Bytes waiting to be written to the socket; the host writes them and `advance`s the buffer.
+    pub fn transmit(&mut self) -> &mut BytesMut {
+        &mut self.transmit
+    }
+
+    /// The next event for the host.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Counters since the last call.
+    pub fn take_stats(&mut self) -> Stats {
+        std::mem::take(&mut self.stats)
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) must next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.phase {
+            Phase::AwaitingConnect { deadline } => Some(deadline),
+            Phase::Connected => self.keep_alive.map(|k| self.last_received + k),
+            Phase::Authenticating | Phase::Closed => None,
+        }
+    }
+
+    /// Checks the connect and keep-alive deadlines against `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.phase {
+            Phase::AwaitingConnect { deadline } if now >= deadline => {
+                self.close(CloseReason::ConnectTimeout)
+            }
+            Phase::Connected => {
+                if let Some(k) = self.keep_alive {
+                    if now >= self.last_received + k {
+                        self.close(CloseReason::KeepAliveTimeout);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Decodes and handles every whole packet in `buf`, leaving a partial one in place.
+    /// Stops after a CONNECT until the host answers it: call again then.
+    pub fn handle_bytes(&mut self, buf: &mut BytesMut, now: Instant) {
+        while !buf.is_empty() {
+            if matches!(self.phase, Phase::Authenticating | Phase::Closed) {
+                return;
+            }
+            match codec::decode(buf, self.limits.max_packet_size) {
+                Ok(Some(packet)) => {
+                    self.last_received = now;
+                    self.stats.packets_received += 1;
+                    self.handle_packet(packet);
+                }
+                Ok(None) => return,
+                Err(DecodeError::UnsupportedProtocolLevel(level))
+                    if matches!(self.phase, Phase::AwaitingConnect { .. }) =>
+                {
+                    self.send(&Packet::ConnAck(ConnAck {
+                        session_present: false,
+                        code: ConnectReturnCode::UnacceptableProtocolVersion,
+                    }));
+                    self.close(CloseReason::Malformed(
+                        DecodeError::UnsupportedProtocolLevel(level),
+                    ));
+                }
+                Err(e) => self.close(CloseReason::Malformed(e)),
+            }
+        }
+    }
+
+    fn handle_packet(&mut self, packet: Packet) {
+        match (&self.phase, packet) {
+            (Phase::AwaitingConnect { .. }, Packet::Connect(connect)) => {
+                self.handle_connect(connect)
+            }
+            (Phase::AwaitingConnect { .. }, _) => self.close(CloseReason::ProtocolViolation(
+                "first packet is not CONNECT",
+            )),
+            (Phase::Connected, Packet::Publish(publish)) => self.handle_publish(publish),
+            (Phase::Connected, Packet::PubAck(id)) => {
+                self.complete_outbound(id, OutboundState::AwaitingPubAck)
+            }
+            (Phase::Connected, Packet::PubRec(id)) => self.handle_pubrec(id),
+            (Phase::Connected, Packet::PubRel(id)) => {
+                if let Some(s) = self.session.as_mut() {
+                    s.inbound_qos2.remove(&id);
+                }
+                self.send(&Packet::PubComp(id));
+            }
+            (Phase::Connected, Packet::PubComp(id)) => {
+                self.complete_outbound(id, OutboundState::AwaitingPubComp)
+            }
+            (Phase::Connected, Packet::Subscribe(sub)) => {
+                self.events.push_back(Event::Subscribe(sub))
+            }
+            (Phase::Connected, Packet::Unsubscribe(unsub)) => {
+                if let Some(s) = self.session.as_mut() {
+                    for f in &unsub.filters {
+                        s.subscriptions.remove(f);
+                    }
+                }
+                self.send(&Packet::UnsubAck(unsub.packet_id));
+                self.events.push_back(Event::Unsubscribe(unsub.filters));
+            }
+            (Phase::Connected, Packet::PingReq) => self.send(&Packet::PingResp),
+            (Phase::Connected, Packet::Disconnect) => self.close(CloseReason::ClientDisconnect),
+            (Phase::Connected, Packet::Connect(_)) => {
+                self.close(CloseReason::ProtocolViolation("second CONNECT"))
+            }
+            (Phase::Connected, _) => self.close(CloseReason::ProtocolViolation(
+                "packet type not sent by clients",
+            )),
+            (Phase::Authenticating | Phase::Closed, _) => {}
+        }
+    }
+
+    fn handle_connect(&mut self, connect: Connect) {
+        self.protocol = connect.protocol;
+        if connect.client_id.is_empty()
+            && (!connect.clean_session || connect.protocol == ProtocolVersion::V31)
+        {
+            // MQTT-3.1.3-8: a zero-byte client id needs Clean Session 1; MQTT 3.1 needs an id.
+            self.phase = Phase::Authenticating;
+            self.refuse(ConnectReturnCode::IdentifierRejected);
+            return;
+        }
+        self.keep_alive = match connect.keep_alive {
+            0 => None,
+            k => Some(Duration::from_millis(u64::from(k) * 1500)),
+        };
+        self.will = connect.will.clone();
+        self.phase = Phase::Authenticating;
+        self.events.push_back(Event::Connect(connect));
+    }
+
+    /// Accepts the CONNECT with `session` (new, or resumed when `session_present`): sends
+    /// CONNACK, redelivers what was in flight with DUP set, and fills the in-flight window.
+    pub fn accept(&mut self, session: Session, session_present: bool) {
+        if !matches!(self.phase, Phase::Authenticating) {
+            return;
+        }
+        self.phase = Phase::Connected;
+        self.send(&Packet::ConnAck(ConnAck {
+            session_present,
+            code: ConnectReturnCode::Accepted,
+        }));
+        let mut session = session;
+        let mut resend = std::mem::take(&mut session.inflight);
+        for o in &resend {
+            match o.state {
+                OutboundState::AwaitingPubComp => self.send(&Packet::PubRel(o.packet_id)),
+                _ => {
+                    self.encode_publish(&o.message, Some(o.packet_id), true);
+                }
+            }
+        }
+        session.inflight.append(&mut resend);
+        self.session = Some(session);
+        self.fill_window();
+    }
+
+    /// Refuses the CONNECT with `code` (not `Accepted`) and closes.
+    pub fn refuse(&mut self, code: ConnectReturnCode) {
+        if !matches!(self.phase, Phase::Authenticating) || code == ConnectReturnCode::Accepted {
+            return;
+        }
+        self.send(&Packet::ConnAck(ConnAck {
+            session_present: false,
+            code,
+        }));
+        self.close(CloseReason::Refused(code));
+    }
+
+    /// Answers a SUBSCRIBE: one code per requested filter, in order. Granted filters are recorded
+    /// in the session. The host sends retained messages after this, with [`deliver`](Self::deliver).
+    pub fn subscribed(&mut self, subscribe: &Subscribe, codes: Vec<SubscribeReturnCode>) {
+        if let Some(s) = self.session.as_mut() {
+            for ((filter, _), code) in subscribe.filters.iter().zip(&codes) {
+                if let SubscribeReturnCode::Success(q) = code {
+                    s.subscriptions.insert(filter.clone(), *q);
+                }
+            }
+        }
+        self.send(&Packet::SubAck(SubAck {
+            packet_id: subscribe.packet_id,
+            return_codes: codes,
+        }));
+    }
+
+    fn handle_publish(&mut self, publish: Publish) {
+        self.stats.publish_received += 1;
+        let packet_id = publish.packet_id;
+        match (publish.qos, packet_id) {
+            (QoS::ExactlyOnce, Some(id)) => {
+                let Some(session) = self.session.as_mut() else {
+                    return;
+                };
+                if !session.inbound_qos2.insert(id) {
+                    // A retransmission of a message already handed over: acknowledge only.
+                    self.acks.push_back(PendingAck {
+                        packet_id: id,
+                        qos: QoS::ExactlyOnce,
+                        done: true,
+                    });
+                    self.flush_acks();
+                    return;
+                }
+                self.acks.push_back(PendingAck {
+                    packet_id: id,
+                    qos: QoS::ExactlyOnce,
+                    done: false,
+                });
+            }
+            (QoS::AtLeastOnce, Some(id)) => self.acks.push_back(PendingAck {
+                packet_id: id,
+                qos: QoS::AtLeastOnce,
+                done: false,
+            }),
+            _ => {}
+        }
+        self.events.push_back(Event::Publish {
+            message: publish.into(),
+            packet_id,
+        });
+    }
+
+    /// Marks the inbound QoS 1/2 message `packet_id` as handled; PUBACK/PUBREC go out in the
+    /// order the PUBLISH packets arrived (MQTT-4.6.0-2/3).
+    pub fn acknowledge(&mut self, packet_id: PacketId) {
+        if let Some(a) = self
+            .acks
+            .iter_mut()
+            .find(|a| a.packet_id == packet_id && !a.done)
+        {
+            a.done = true;
+        }
+        self.flush_acks();
+    }
+
+    fn flush_acks(&mut self) {
+        while self.acks.front().is_some_and(|a| a.done) {
+            let Some(a) = self.acks.pop_front() else {
+                break;
+            };
+            let packet = match a.qos {
+                QoS::ExactlyOnce => Packet::PubRec(a.packet_id),
+                _ => Packet::PubAck(a.packet_id),
+            };
+            self.send(&packet);
+        }
+    }
+
+    fn handle_pubrec(&mut self, id: PacketId) {
+        if let Some(s) = self.session.as_mut() {
+            if let Some(i) = s.inflight_position(id, OutboundState::AwaitingPubRec) {
+                s.inflight[i].state = OutboundState::AwaitingPubComp;
+            }
+        }
+        self.send(&Packet::PubRel(id));
+    }
+
+    fn complete_outbound(&mut self, id: PacketId, state: OutboundState) {
+        if let Some(s) = self.session.as_mut() {
+            if let Some(i) = s.inflight_position(id, state) {
+                s.inflight.remove(i);
+            }
+        }
+        self.fill_window();
+    }
+
+    /// Delivers `message` with the delivery's `qos` (already the minimum of the publish and the
+    /// subscription) and RETAIN flag.
+    pub fn deliver(&mut self, message: &Message, qos: QoS, retain: bool) -> Delivered {
+        if !self.is_connected() {
+            return Delivered::Dropped;
+        }
+        if qos == QoS::AtMostOnce {
+            if self.transmit.len() >= self.limits.max_transmit_buffer {
+                self.stats.dropped += 1;
+                return Delivered::Dropped;
+            }
+            self.encode_publish_with(message, QoS::AtMostOnce, retain, None, false);
+            return Delivered::Sent;
+        }
+        let mut m = message.clone();
+        m.qos = qos;
+        m.retain = retain;
+        let max_queued = self.limits.max_queued;
+        let Some(session) = self.session.as_mut() else {
+            return Delivered::Dropped;
+        };
+        if session.queued.is_empty()
+            && session.inflight.len() < usize::from(self.limits.max_inflight)
+        {
+            self.send_inflight(m);
+            Delivered::Sent
+        } else if session.enqueue(m, max_queued) {
+            Delivered::Queued
+        } else {
+            self.stats.dropped += 1;
+            Delivered::Dropped
+        }
+    }
+
+    /// Moves queued messages into the in-flight window while it has room.
+    fn fill_window(&mut self) {
+        loop {
+            let Some(session) = self.session.as_mut() else {
+                return;
+            };
+            if session.inflight.len() >= usize::from(self.limits.max_inflight) {
+                return;
+            }
+            let Some(m) = session.queued.pop_front() else {
+                return;
+            };
+            if m.qos == QoS::AtMostOnce {
+                self.encode_publish(&m, None, false);
+            } else {
+                self.send_inflight(m);
+            }
+        }
+    }
+
+    fn send_inflight(&mut self, message: Message) {
+        let Some(session) = self.session.as_mut() else {
+            return;
+        };
+        let id = session.allocate_packet_id();
+        let state = if message.qos == QoS::ExactlyOnce {
+            OutboundState::AwaitingPubRec
+        } else {
+            OutboundState::AwaitingPubAck
+        };
+        self.encode_publish(&message, Some(id), false);
+        if let Some(session) = self.session.as_mut() {
+            session.inflight.push_back(Outbound {
+                packet_id: id,
+                message,
+                state,
+            });
+        }
+    }
+
+    fn encode_publish(&mut self, m: &Message, packet_id: Option<PacketId>, dup: bool) {
+        self.encode_publish_with(m, m.qos, m.retain, packet_id, dup)
+    }
+
+    fn encode_publish_with(
+        &mut self,
+        m: &Message,
+        qos: QoS,
+        retain: bool,
+        packet_id: Option<PacketId>,
+        dup: bool,
+    ) {
+        // Cannot fail: the topic came from a decoded packet (≤ 65535 bytes) and the payload
+        // from a packet no larger than the maximum Remaining Length.
+        if codec::encode_publish_parts(
+            &m.topic,
+            &m.payload,
+            qos,
+            packet_id,
+            retain,
+            dup,
+            &mut self.transmit,
+        )
+        .is_ok()
+        {
+            self.stats.publish_sent += 1;
+            self.stats.packets_sent += 1;
+        }
+    }
+
+    fn send(&mut self, packet: &Packet) {
+        // Cannot fail for the packets the broker sends (fixed size, or SUBACKs far below the limit).
+        if codec::encode(packet, &mut self.transmit).is_ok() {
+            self.stats.packets_sent += 1;
+        }
+    }
+
+    /// Ends the connection for `reason` (host-initiated: transport closed, takeover, shutdown).
+    /// Does nothing if already closed.
+    pub fn close(&mut self, reason: CloseReason) {
+        if matches!(self.phase, Phase::Closed) {
+            return;
+        }
+        let was_connected = matches!(self.phase, Phase::Connected);
+        self.phase = Phase::Closed;
+        let will = self
+            .will
+            .take()
+            .filter(|_| was_connected && reason.publishes_will());
+        self.events.push_back(Event::Closed {
+            reason,
+            will: will.map(Message::from),
+        });
+    }
+}

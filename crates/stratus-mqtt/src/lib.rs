@@ -1,0 +1,39 @@
+//! # stratus-mqtt
+//!
+//! MQTT for Stratus as plain state: a zero-copy packet [`codec`], topic validation and
+//! matching ([`topic`]), the [`SubscriptionTree`] and [`RetainedStore`] that route messages,
+//! the per-client [`Session`], and the broker side of one connection as a sans-IO state
+//! machine ([`Connection`]).
+//!
+//! Nothing here does I/O or knows of an async runtime: the server crate owns sockets, timers
+//! and threads, and drives these types with bytes, instants and messages. That keeps every
+//! protocol rule testable packet by packet on virtual time, and lets fuzzers hit the decoder
+//! directly.
+//!
+//! ## Dependencies
+//! - `bytes`: reference-counted buffers, so a payload received once is shared by every
+//!   subscriber's outbound packet without copying until the socket write.
+//! - `thiserror`: error enums that name the rule a peer broke.
+
+#![forbid(unsafe_op_in_unsafe_fn)]
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod codec;
+pub mod connection;
+pub mod message;
+pub mod packet;
+pub mod retained;
+pub mod session;
+pub mod topic;
+pub mod tree;
+pub mod types;
+
+pub use codec::{decode, encode, DecodeError, EncodeError};
+pub use connection::{CloseReason, Connection, Delivered, Event, Limits, Stats};
+pub use message::Message;
+pub use packet::*;
+pub use retained::RetainedStore;
+pub use session::Session;
+pub use tree::SubscriptionTree;
+pub use types::{MqttStr, PacketId, ProtocolVersion, QoS, Utf8Error};

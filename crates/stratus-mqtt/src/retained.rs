@@ -1,0 +1,242 @@
+//! The retained-message store: one message per topic, kept in a tree of topic levels so that a
+//! new subscription's filter finds its retained messages without scanning every topic.
+
+use std::collections::HashMap;
+
+use crate::message::Message;
+
+/// Retained messages by topic (MQTT 3.1.1 §3.3.1.3).
+#[derive(Debug, Default)]
+pub struct RetainedStore {
+    root: Node,
+    len: usize,
+    bytes: usize,
+}
+
+#[derive(Debug, Default)]
+struct Node {
+    children: HashMap<Box<str>, Node>,
+    message: Option<Message>,
+}
+
+impl Node {
+    fn is_empty(&self) -> bool {
+        self.children.is_empty() && self.message.is_none()
+    }
+}
+
+impl RetainedStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of retained messages.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when nothing is retained.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Total payload bytes retained.
+    pub fn payload_bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Stores `message` as the retained message of its topic, replacing the previous one; an
+    /// empty payload deletes the topic's retained message instead (MQTT-3.3.1-10/11).
+    pub fn set(&mut self, message: Message) {
+        if message.payload.is_empty() {
+            self.remove(&message.topic);
+            return;
+        }
+        let mut node = &mut self.root;
+        for level in message.topic.split('/') {
+            node = node.children.entry(level.into()).or_default();
+        }
+        self.bytes += message.payload.len();
+        if let Some(old) = node.message.replace(message) {
+            self.bytes -= old.payload.len();
+        } else {
+            self.len += 1;
+        }
+    }
+
+    /// Deletes the retained message of `topic`; returns whether there was one.
+    pub fn remove(&mut self, topic: &str) -> bool {
+        let levels: Vec<&str> = topic.split('/').collect();
+        match Self::remove_in(&mut self.root, &levels) {
+            Some(old) => {
+                self.len -= 1;
+                self.bytes -= old.payload.len();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn remove_in(node: &mut Node, levels: &[&str]) -> Option<Message> {
+        match levels {
+            [] => node.message.take(),
+            [level, rest @ ..] => {
+                let child = node.children.get_mut(*level)?;
+                let removed = Self::remove_in(child, rest);
+                if child.is_empty() {
+                    node.children.remove(*level);
+                }
+                removed
+            }
+        }
+    }
+
+    /// The retained message of exactly `topic`.
+    pub fn get(&self, topic: &str) -> Option<&Message> {
+        let mut node = &self.root;
+        for level in topic.split('/') {
+            node = node.children.get(level)?;
+        }
+        node.message.as_ref()
+    }
+
+    /// Calls `f` for every retained message whose topic matches the (valid) `filter`, with the
+    /// rule that a leading wildcard does not match topics starting with `$`.
+    pub fn for_each_match<'a>(&'a self, filter: &str, mut f: impl FnMut(&'a Message)) {
+        Self::walk(&self.root, Some(filter), true, &mut f);
+    }
+
+    fn walk<'a>(
+        node: &'a Node,
+        filter: Option<&str>,
+        at_root: bool,
+        f: &mut impl FnMut(&'a Message),
+    ) {
+        let Some(filter) = filter else {
+            if let Some(m) = &node.message {
+                f(m);
+            }
+            return;
+        };
+        let (level, tail) = match filter.split_once('/') {
+            Some((level, tail)) => (level, Some(tail)),
+            None => (filter, None),
+        };
+        match level {
+            "#" => {
+                // `a/#` also matches `a` itself (MQTT-4.7.1-2's parent-level rule).
+                if !at_root {
+                    if let Some(m) = &node.message {
+                        f(m);
+                    }
+                }
+                for (name, child) in &node.children {
+                    if at_root && name.starts_with('$') {
+                        continue;
+                    }
+                    Self::walk_all(child, f);
+                }
+            }
+            "+" => {
+                for (name, child) in &node.children {
+                    if at_root && name.starts_with('$') {
+                        continue;
+                    }
+                    Self::walk(child, tail, false, f);
+                }
+            }
+            literal => {
+                if let Some(child) = node.children.get(literal) {
+                    Self::walk(child, tail, false, f);
+                }
+            }
+        }
+    }
+
+    fn walk_all<'a>(node: &'a Node, f: &mut impl FnMut(&'a Message)) {
+        if let Some(m) = &node.message {
+            f(m);
+        }
+        for child in node.children.values() {
+            Self::walk_all(child, f);
+        }
+    }
+
+    /// Every retained message, in no particular order (for persistence and statistics).
+    pub fn iter(&self) -> impl Iterator<Item = &Message> {
+        let mut out = Vec::with_capacity(self.len);
+        Self::walk_all(&self.root, &mut |m| out.push(m));
+        out.into_iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topic;
+    use crate::types::{MqttStr, QoS};
+    use bytes::Bytes;
+
+    fn msg(topic: &str, payload: &'static str) -> Message {
+        Message {
+            topic: MqttStr::try_from(topic).unwrap(),
+            payload: Bytes::from_static(payload.as_bytes()),
+            qos: QoS::AtLeastOnce,
+            retain: true,
+        }
+    }
+
+    fn topics(store: &RetainedStore, filter: &str) -> Vec<String> {
+        let mut v = Vec::new();
+        store.for_each_match(filter, |m| v.push(m.topic.to_string()));
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn set_replace_delete() {
+        let mut s = RetainedStore::new();
+        s.set(msg("a/b", "1"));
+        s.set(msg("a/b", "22"));
+        assert_eq!(s.len(), 1);
+        assert_eq!(s.payload_bytes(), 2);
+        assert_eq!(
+            s.get("a/b").map(|m| m.payload.clone()),
+            Some(Bytes::from_static(b"22"))
+        );
+        s.set(msg("a/b", ""));
+        assert!(s.is_empty());
+        assert!(s.root.is_empty());
+        assert_eq!(s.payload_bytes(), 0);
+    }
+
+    #[test]
+    fn wildcards_find_retained_messages() {
+        let mut s = RetainedStore::new();
+        for t in ["a", "a/b", "a/b/c", "a/x/c", "b", "$SYS/up", "/lead"] {
+            s.set(msg(t, "x"));
+        }
+        assert_eq!(topics(&s, "a/#"), vec!["a", "a/b", "a/b/c", "a/x/c"]);
+        assert_eq!(topics(&s, "a/+/c"), vec!["a/b/c", "a/x/c"]);
+        assert_eq!(
+            topics(&s, "#"),
+            vec!["/lead", "a", "a/b", "a/b/c", "a/x/c", "b"]
+        );
+        assert_eq!(topics(&s, "+"), vec!["a", "b"]);
+        assert_eq!(topics(&s, "$SYS/#"), vec!["$SYS/up"]);
+        assert_eq!(topics(&s, "+/lead"), vec!["/lead"]);
+        for f in ["#", "+", "a/#", "+/+", "+/+/+", "/+", "a/+"] {
+            let want: Vec<String> = {
+                let mut v: Vec<String> = s
+                    .iter()
+                    .map(|m| m.topic.to_string())
+                    .filter(|t| topic::matches(f, t))
+                    .collect();
+                v.sort();
+                v
+            };
+            assert_eq!(topics(&s, f), want, "filter {f}");
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! Topic names and topic filters: validation (MQTT 3.1.1 §4.7) and matching of one name against one filter.
+
+/// True when `name` may be used as the topic of a PUBLISH: non-empty and free of `+` and `#`
+/// (MQTT-4.7.3-1, MQTT-3.3.2-2). Length and UTF-8 are checked by the codec.
+pub fn is_valid_topic_name(name: &str) -> bool {
+    !name.is_empty() && !name.bytes().any(|b| b == b'+' || b == b'#')
+}
+
+/// True when `filter` is a valid topic filter: non-empty; `#` only as the whole last level
+/// (MQTT-4.7.1-2); `+` only as a whole level (MQTT-4.7.1-3).
+pub fn is_valid_topic_filter(filter: &str) -> bool {
+    if filter.is_empty() {
+        return false;
+    }
+    let mut levels = filter.split('/').peekable();
+    while let Some(level) = levels.next() {
+        let is_last = levels.peek().is_none();
+        match level {
+            "#" if is_last => {}
+            "+" => {}
+            _ if level.contains(['+', '#']) => return false,
+            _ => {}
+        }
+    }
+    true
+}
+
+/// True when the topic `name` matches `filter`. Both must be valid. Topics starting with `$`
+/// are not matched by a filter starting with a wildcard (MQTT-4.7.2-1).
+pub fn matches(filter: &str, name: &str) -> bool {
+    if name.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut f = filter.split('/');
+    let mut n = name.split('/');
+    loop {
+        match (f.next(), n.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(fl), Some(nl)) if fl == nl => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filter_validation_follows_section_4_7() {
+        for ok in [
+            "#", "+", "a/#", "a/+/b", "+/+", "/", "a//b", "/#", "$SYS/#", "sport/+",
+        ] {
+            assert!(is_valid_topic_filter(ok), "{ok} should be valid");
+        }
+        for bad in ["", "a/#/b", "a+", "a/b#", "#/a", "+a/b", "a/+b", "##"] {
+            assert!(!is_valid_topic_filter(bad), "{bad} should be invalid");
+        }
+    }
+
+    #[test]
+    fn topic_name_validation() {
+        assert!(is_valid_topic_name("a/b"));
+        assert!(is_valid_topic_name("/"));
+        assert!(!is_valid_topic_name(""));
+        assert!(!is_valid_topic_name("a/+"));
+        assert!(!is_valid_topic_name("a/#"));
+    }
+
+    #[test]
+    fn matching_follows_the_specification_examples() {
+        assert!(matches("sport/tennis/player1/#", "sport/tennis/player1"));
+        assert!(matches(
+            "sport/tennis/player1/#",
+            "sport/tennis/player1/ranking"
+        ));
+        assert!(matches("sport/#", "sport"));
+        assert!(matches("sport/tennis/+", "sport/tennis/player1"));
+        assert!(!matches("sport/tennis/+", "sport/tennis/player1/ranking"));
+        assert!(!matches("sport/+", "sport"));
+        assert!(matches("sport/+", "sport/"));
+        assert!(matches("+/+", "/finance"));
+        assert!(matches("/+", "/finance"));
+        assert!(!matches("+", "/finance"));
+        assert!(matches("#", "a/b/c"));
+        assert!(!matches("a/b", "a/b/c"));
+        assert!(!matches("a/b/c", "a/b"));
+    }
+
+    #[test]
+    fn dollar_topics_are_not_matched_by_leading_wildcards() {
+        assert!(!matches("#", "$SYS/broker/uptime"));
+        assert!(!matches("+/broker/uptime", "$SYS/broker/uptime"));
+        assert!(matches("$SYS/#", "$SYS/broker/uptime"));
+        assert!(matches("$SYS/broker/+", "$SYS/broker/uptime"));
+    }
+}

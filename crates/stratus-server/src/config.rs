@@ -1,0 +1,306 @@
+//! Server configuration: defaults, `stratus.toml`, `STRATUS_SECTION__KEY` environment
+//! variables and command-line flags, merged in that order of increasing precedence.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// Everything `stratus serve` can be told.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// `[server]`: where to listen and keep data.
+    pub server: ServerConfig,
+    /// `[auth]`: who may connect.
+    pub auth: AuthConfig,
+    /// `[http]`: the HTTP listener.
+    pub http: HttpConfig,
+    /// `[mqtt]`: the MQTT listener and broker limits.
+    pub mqtt: MqttConfig,
+    /// `[coap]`: the CoAP listener.
+    pub coap: CoapConfig,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address every listener binds to.
+    pub bind: IpAddr,
+    /// Directory for all persistent state.
+    pub data_dir: PathBuf,
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// MQTT clients without credentials may connect and use topics outside `devices/`.
+    pub allow_anonymous: bool,
+}
+
+/// `[http]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// TCP port; 0 picks a free one.
+    pub port: u16,
+}
+
+/// `[coap]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CoapConfig {
+    /// UDP port; 0 picks a free one.
+    pub port: u16,
+}
+
+/// `[mqtt]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttConfig {
+    /// TCP port; 0 picks a free one.
+    pub port: u16,
+    /// Largest packet accepted from a client, in bytes (fixed header included).
+    pub max_packet_size: usize,
+    /// Seconds a new connection has to send CONNECT.
+    pub connect_timeout_secs: u64,
+    /// Outbound QoS 1/2 messages in flight per client.
+    pub max_inflight: u16,
+    /// Messages queued per session beyond the in-flight window or while offline; more are dropped and counted.
+    pub max_queued: usize,
+    /// Simultaneous connections; more are refused with CONNACK 0x03.
+    pub max_connections: usize,
+    /// Seconds between `$SYS/broker/...` updates.
+    pub sys_interval_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            bind: IpAddr::from([127, 0, 0, 1]),
+            data_dir: PathBuf::from("./stratus-data"),
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig { port: 8080 }
+    }
+}
+
+impl Default for CoapConfig {
+    fn default() -> Self {
+        CoapConfig { port: 5683 }
+    }
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            port: 1883,
+            max_packet_size: 1024 * 1024,
+            connect_timeout_secs: 10,
+            max_inflight: 32,
+            max_queued: 1000,
+            max_connections: 100_000,
+            sys_interval_secs: 5,
+        }
+    }
+}
+
+/// Values given on the command line; `None` means "not given".
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Overrides {
+    /// `--bind`.
+    pub bind: Option<IpAddr>,
+    /// `--data-dir`.
+    pub data_dir: Option<PathBuf>,
+    /// `--http-port`.
+    pub http_port: Option<u16>,
+    /// `--mqtt-port`.
+    pub mqtt_port: Option<u16>,
+    /// `--coap-port`.
+    pub coap_port: Option<u16>,
+    /// `--allow-anonymous` (only `true` overrides).
+    pub allow_anonymous: bool,
+}
+
+/// A configuration that cannot be used; its message names the offending key.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+impl Config {
+    /// Loads defaults < `file` (when given; it must exist) < environment < `overrides`, and validates.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        Self::load_from_env(file, overrides, Env::prefixed("STRATUS_"))
+    }
+
+    fn load_from_env(file: Option<&Path>, o: &Overrides, env: Env) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigError(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        // Only SECTION__KEY variables are configuration; others (e.g. STRATUS_ADMIN_SECRET) are not.
+        figment = figment.merge(env.filter(|k| k.as_str().contains("__")).split("__"));
+        let mut set = |key: &str, value: Option<figment::value::Value>| {
+            if let Some(v) = value {
+                figment = std::mem::take(&mut figment).merge(Serialized::default(key, v));
+            }
+        };
+        set("server.bind", o.bind.map(|b| b.to_string().into()));
+        set(
+            "server.data_dir",
+            o.data_dir.as_ref().map(|d| d.display().to_string().into()),
+        );
+        set("http.port", o.http_port.map(Into::into));
+        set("mqtt.port", o.mqtt_port.map(Into::into));
+        set("coap.port", o.coap_port.map(Into::into));
+        set(
+            "auth.allow_anonymous",
+            o.allow_anonymous.then_some(true.into()),
+        );
+        let config: Config = figment.extract().map_err(|e| {
+            let mut msg = String::new();
+            for err in e {
+                if !msg.is_empty() {
+                    msg.push_str("; ");
+                }
+                let key = err.path.join(".");
+                if key.is_empty() {
+                    msg.push_str(&err.kind.to_string());
+                } else {
+                    msg.push_str(&format!("{key}: {}", err.kind));
+                }
+                if let Some(source) = err.metadata.as_ref().and_then(|m| m.source.as_ref()) {
+                    msg.push_str(&format!(" (in {source})"));
+                } else if let Some(m) = err.metadata.as_ref() {
+                    msg.push_str(&format!(" (from {})", m.name));
+                }
+            }
+            ConfigError(msg)
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let m = &self.mqtt;
+        let bad = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
+        if m.max_packet_size < 64
+            || m.max_packet_size > stratus_mqtt::codec::MAX_REMAINING_LENGTH + 5
+        {
+            return bad("mqtt.max_packet_size", "must be between 64 and 268435460");
+        }
+        if m.max_inflight == 0 || m.max_inflight == u16::MAX {
+            return bad("mqtt.max_inflight", "must be between 1 and 65534");
+        }
+        if m.connect_timeout_secs == 0 {
+            return bad("mqtt.connect_timeout_secs", "must be at least 1");
+        }
+        if m.sys_interval_secs == 0 {
+            return bad("mqtt.sys_interval_secs", "must be at least 1");
+        }
+        if m.max_connections == 0 {
+            return bad("mqtt.max_connections", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The per-connection limits for the MQTT state machine.
+    pub fn mqtt_limits(&self) -> stratus_mqtt::Limits {
+        stratus_mqtt::Limits {
+            max_packet_size: self.mqtt.max_packet_size,
+            connect_timeout: Duration::from_secs(self.mqtt.connect_timeout_secs),
+            max_inflight: self.mqtt.max_inflight,
+            max_queued: self.mqtt.max_queued,
+            max_transmit_buffer: self.mqtt.max_packet_size.max(1024 * 1024),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(vars: &[(&str, &str)]) -> Env {
+        // Figment reads the process environment; tests use a private prefix per case so
+        // they do not interfere with each other or with the real environment.
+        let prefix = format!("STRATUS_TEST_{}_", rand::random::<u32>());
+        for (k, v) in vars {
+            std::env::set_var(format!("{prefix}{k}"), v);
+        }
+        Env::prefixed(&prefix)
+    }
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let c = Config::load_from_env(None, &Overrides::default(), env(&[])).unwrap();
+        assert_eq!(c.http.port, 8080);
+        assert_eq!(c.mqtt.port, 1883);
+        assert_eq!(c.coap.port, 5683);
+        assert_eq!(c.server.bind.to_string(), "127.0.0.1");
+        assert_eq!(c.server.data_dir, PathBuf::from("./stratus-data"));
+        assert!(!c.auth.allow_anonymous);
+    }
+
+    #[test]
+    fn flags_beat_environment_beat_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("stratus.toml");
+        std::fs::write(
+            &file,
+            "[mqtt]\nport = 1000\nmax_queued = 7\n[http]\nport = 1001\n[coap]\nport = 1002\n",
+        )
+        .unwrap();
+        let e = env(&[
+            ("MQTT__PORT", "2000"),
+            ("HTTP__PORT", "2001"),
+            ("ADMIN_SECRET", "x"),
+        ]);
+        let o = Overrides {
+            mqtt_port: Some(3000),
+            ..Default::default()
+        };
+        let c = Config::load_from_env(Some(&file), &o, e).unwrap();
+        assert_eq!(c.mqtt.port, 3000);
+        assert_eq!(c.http.port, 2001);
+        assert_eq!(c.coap.port, 1002);
+        assert_eq!(c.mqtt.max_queued, 7);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = env(&[("MQTT__MAX_PACKET_SIZE", "notanumber")]);
+        let err = Config::load_from_env(None, &Overrides::default(), e)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_packet_size"), "{err}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("stratus.toml");
+        std::fs::write(&file, "[mqtt]\nbogus_key = 1\n").unwrap();
+        let err = Config::load_from_env(Some(&file), &Overrides::default(), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bogus_key"), "{err}");
+
+        let e = env(&[("MQTT__MAX_INFLIGHT", "0")]);
+        let err = Config::load_from_env(None, &Overrides::default(), e)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("mqtt.max_inflight"), "{err}");
+    }
+}

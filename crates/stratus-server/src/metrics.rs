@@ -1,0 +1,166 @@
+//! Server metrics: one registry of Prometheus counters and gauges, read by `GET /metrics` and
+//! by the `$SYS/broker/...` publisher alike.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Label of a protocol error counter: what the peer did wrong.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// Short reason name.
+    pub reason: String,
+}
+
+/// Label of a denial counter: what was refused.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabel {
+    /// `connect`, `publish` or `subscribe`.
+    pub action: &'static str,
+}
+
+/// Every counter and gauge the server keeps.
+#[derive(Default)]
+pub struct Metrics {
+    registry: Registry,
+    /// MQTT clients connected now.
+    pub mqtt_clients_connected: Gauge,
+    /// MQTT connections accepted since start.
+    pub mqtt_connections: Counter,
+    /// Persistent sessions kept while their client is offline.
+    pub mqtt_sessions_offline: Gauge,
+    /// PUBLISH packets received.
+    pub mqtt_messages_received: Counter,
+    /// PUBLISH packets sent.
+    pub mqtt_messages_sent: Counter,
+    /// MQTT control packets of any type received.
+    pub mqtt_packets_received: Counter,
+    /// MQTT control packets of any type sent.
+    pub mqtt_packets_sent: Counter,
+    /// Bytes received on MQTT connections.
+    pub mqtt_bytes_received: Counter,
+    /// Bytes sent on MQTT connections.
+    pub mqtt_bytes_sent: Counter,
+    /// Messages dropped because a queue or buffer was full.
+    pub mqtt_messages_dropped: Counter,
+    /// Connections closed for a protocol error, by reason.
+    pub mqtt_protocol_errors: Family<ReasonLabel, Counter>,
+    /// Operations refused by authentication or topic policy.
+    pub mqtt_denied: Family<ActionLabel, Counter>,
+    /// Subscriptions in the subscription tree.
+    pub mqtt_subscriptions: Gauge,
+    /// Retained messages.
+    pub mqtt_retained_messages: Gauge,
+    /// Seconds since start (set when scraped).
+    pub uptime_seconds: Gauge,
+}
+
+impl Metrics {
+    /// Metrics registered under the `stratus_` prefix.
+    pub fn new() -> Metrics {
+        let mut m = Metrics::default();
+        let r = &mut m.registry;
+        r.register(
+            "stratus_mqtt_clients_connected",
+            "MQTT clients connected now",
+            m.mqtt_clients_connected.clone(),
+        );
+        r.register(
+            "stratus_mqtt_connections",
+            "MQTT connections accepted",
+            m.mqtt_connections.clone(),
+        );
+        r.register(
+            "stratus_mqtt_sessions_offline",
+            "Persistent MQTT sessions whose client is offline",
+            m.mqtt_sessions_offline.clone(),
+        );
+        r.register(
+            "stratus_mqtt_messages_received",
+            "MQTT PUBLISH packets received",
+            m.mqtt_messages_received.clone(),
+        );
+        r.register(
+            "stratus_mqtt_messages_sent",
+            "MQTT PUBLISH packets sent",
+            m.mqtt_messages_sent.clone(),
+        );
+        r.register(
+            "stratus_mqtt_packets_received",
+            "MQTT control packets received",
+            m.mqtt_packets_received.clone(),
+        );
+        r.register(
+            "stratus_mqtt_packets_sent",
+            "MQTT control packets sent",
+            m.mqtt_packets_sent.clone(),
+        );
+        r.register(
+            "stratus_mqtt_bytes_received",
+            "Bytes received on MQTT connections",
+            m.mqtt_bytes_received.clone(),
+        );
+        r.register(
+            "stratus_mqtt_bytes_sent",
+            "Bytes sent on MQTT connections",
+            m.mqtt_bytes_sent.clone(),
+        );
+        r.register(
+            "stratus_mqtt_messages_dropped",
+            "MQTT messages dropped because a queue or buffer was full",
+            m.mqtt_messages_dropped.clone(),
+        );
+        r.register(
+            "stratus_mqtt_protocol_errors",
+            "MQTT connections closed for a protocol error",
+            m.mqtt_protocol_errors.clone(),
+        );
+        r.register(
+            "stratus_mqtt_denied",
+            "MQTT operations refused by authentication or topic policy",
+            m.mqtt_denied.clone(),
+        );
+        r.register(
+            "stratus_mqtt_subscriptions",
+            "MQTT subscriptions",
+            m.mqtt_subscriptions.clone(),
+        );
+        r.register(
+            "stratus_mqtt_retained_messages",
+            "MQTT retained messages",
+            m.mqtt_retained_messages.clone(),
+        );
+        r.register(
+            "stratus_uptime_seconds",
+            "Seconds since the server started",
+            m.uptime_seconds.clone(),
+        );
+        m
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Counts a protocol error by reason.
+    pub fn protocol_error(&self, reason: &str) {
+        self.mqtt_protocol_errors
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a denial.
+    pub fn denied(&self, action: &'static str) {
+        self.mqtt_denied
+            .get_or_create(&ActionLabel { action })
+            .inc();
+    }
+}

@@ -1,0 +1,422 @@
+//! The MQTT listener: accepts TCP connections and drives one [`Connection`] state machine per
+//! socket in its own task — read, feed, route, deliver, write, and sleep until the next deadline.
+
+use std::future::pending;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Buf, BytesMut};
+use stratus_mqtt::{
+    topic, CloseReason, ConnectReturnCode, Connection, Event, Limits, Message, MqttStr,
+    SubscribeReturnCode,
+};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinSet;
+
+use crate::broker::{Broker, ClientHandle, Kick};
+
+/// Bytes read from a socket per wake-up at most.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// What every MQTT connection task shares.
+pub struct MqttContext {
+    /// The broker hub.
+    pub broker: Arc<Broker>,
+    /// Per-connection limits.
+    pub limits: Limits,
+    /// Whether clients without credentials may connect.
+    pub allow_anonymous: bool,
+    /// Simultaneous connections allowed.
+    pub max_connections: usize,
+    /// Open connections now.
+    pub open: AtomicUsize,
+}
+
+/// Accepts connections until `shutdown` turns true, then waits (bounded by the caller) for
+/// every connection task to finish, each having closed its client and published its will.
+pub async fn serve(listener: TcpListener, ctx: Arc<MqttContext>, shutdown: watch::Receiver<bool>) {
+    let mut tasks = JoinSet::new();
+    let mut stop = shutdown.clone();
+    loop {
+        tokio::select! {
+            _ = crate::stopped(&mut stop) => break,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let ctx = ctx.clone();
+                    let shutdown = shutdown.clone();
+                    tasks.spawn(async move { run_connection(ctx, stream, peer, shutdown).await });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "mqtt accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    while tasks.join_next().await.is_some() {}
+}
+
+/// The client a connection serves, once its CONNECT was accepted.
+struct Attachment {
+    handle: Arc<ClientHandle>,
+    conn: u64,
+    clean_session: bool,
+    restricted: bool,
+}
+
+struct Driver {
+    ctx: Arc<MqttContext>,
+    peer: SocketAddr,
+    conn: Connection,
+    rbuf: BytesMut,
+    client: Option<Attachment>,
+    /// The takeover signal of a fresh attachment, until the select loop picks it up.
+    kicked: Option<oneshot::Receiver<Kick>>,
+    over_limit: bool,
+}
+
+async fn run_connection(
+    ctx: Arc<MqttContext>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let open = ctx.open.fetch_add(1, Ordering::Relaxed) + 1;
+    let _ = stream.set_nodelay(true);
+    ctx.broker.metrics.mqtt_connections.inc();
+    let mut d = Driver {
+        conn: Connection::new(ctx.limits.clone(), Instant::now()),
+        over_limit: open > ctx.max_connections,
+        ctx,
+        peer,
+        rbuf: BytesMut::new(),
+        client: None,
+        kicked: None,
+    };
+    let mut kick: Option<oneshot::Receiver<Kick>> = None;
+    loop {
+        d.handle_events().await;
+        if let Err(e) = d.flush_nonblocking(&stream) {
+            tracing::debug!(peer = %d.peer, error = %e, "mqtt write failed");
+            d.conn.close(CloseReason::TransportClosed);
+            d.handle_events().await;
+        }
+        if d.conn.is_closed() {
+            break;
+        }
+        if let Some(rx) = d.kicked.take() {
+            kick = Some(rx);
+        }
+        let deadline = d.conn.poll_timeout();
+        let wants_write = !d.conn.transmit().is_empty();
+        let handle = d.client.as_ref().map(|c| c.handle.clone());
+        tokio::select! {
+            biased;
+            _ = crate::stopped(&mut shutdown) => d.conn.close(CloseReason::ServerShutdown),
+            _ = kicked(&mut kick) => d.conn.close(CloseReason::TakenOver),
+            _ = mail(handle.as_deref()) => d.deliver_mailbox(),
+            readable = stream.readable() => match readable {
+                Ok(()) => d.read(&stream),
+                Err(_) => d.conn.close(CloseReason::TransportClosed),
+            },
+            _ = stream.writable(), if wants_write => {}
+            _ = sleep_until(deadline) => d.conn.handle_timeout(Instant::now()),
+        }
+    }
+    // Flush the last words (CONNACK refusals, SUBACKs) with a bound, then close.
+    let pending = d.conn.transmit().split().freeze();
+    if !pending.is_empty() {
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            stream.write_all(&pending),
+        )
+        .await;
+        d.ctx
+            .broker
+            .metrics
+            .mqtt_bytes_sent
+            .inc_by(pending.len() as u64);
+    }
+    let _ = stream.shutdown().await;
+    d.finish();
+}
+
+/// Resolves when the client is taken over; never when there is nothing to watch.
+async fn kicked(rx: &mut Option<oneshot::Receiver<Kick>>) -> Kick {
+    let Some(receiver) = rx.as_mut() else {
+        return pending().await;
+    };
+    let result = receiver.await;
+    *rx = None;
+    match result {
+        Ok(k) => k,
+        // The broker dropped the sender: this connection can no longer be taken over.
+        Err(_) => pending().await,
+    }
+}
+
+async fn mail(handle: Option<&ClientHandle>) {
+    match handle {
+        Some(h) => h.notify.notified().await,
+        None => pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => pending().await,
+    }
+}
+
+/// Whether a client may publish to, or receive from, `topic_name`.
+fn topic_permitted(restricted: bool, topic_name: &str) -> bool {
+    !(restricted && (topic_name == "devices" || topic_name.starts_with("devices/")))
+}
+
+/// Whether a client may subscribe to `filter` (anonymous clients: not below `devices/`).
+fn filter_permitted(restricted: bool, filter: &str) -> bool {
+    !(restricted && filter.split('/').next() == Some("devices"))
+}
+
+impl Driver {
+    fn read(&mut self, stream: &TcpStream) {
+        self.rbuf.reserve(READ_CHUNK);
+        match stream.try_read_buf(&mut self.rbuf) {
+            Ok(0) => self.conn.close(CloseReason::TransportClosed),
+            Ok(n) => {
+                self.ctx.broker.metrics.mqtt_bytes_received.inc_by(n as u64);
+                self.conn.handle_bytes(&mut self.rbuf, Instant::now());
+                if self.rbuf.is_empty() {
+                    // Idle connections hold no read buffer.
+                    self.rbuf = BytesMut::new();
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => self.conn.close(CloseReason::TransportClosed),
+        }
+    }
+
+    fn flush_nonblocking(&mut self, stream: &TcpStream) -> io::Result<()> {
+        let buf = self.conn.transmit();
+        while !buf.is_empty() {
+            match stream.try_write(buf) {
+                Ok(n) => {
+                    buf.advance(n);
+                    self.ctx.broker.metrics.mqtt_bytes_sent.inc_by(n as u64);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        if buf.capacity() > 64 * 1024 {
+            *buf = BytesMut::new();
+        }
+        Ok(())
+    }
+
+    fn deliver_mailbox(&mut self) {
+        let Some(c) = &self.client else { return };
+        for (message, qos) in c.handle.drain() {
+            self.conn.deliver(&message, qos, false);
+        }
+    }
+
+    async fn handle_events(&mut self) {
+        while let Some(event) = self.conn.poll_event() {
+            match event {
+                Event::Connect(connect) => self.handle_connect(connect).await,
+                Event::Publish { message, packet_id } => {
+                    self.handle_publish(message);
+                    if let Some(id) = packet_id {
+                        self.conn.acknowledge(id);
+                    }
+                }
+                Event::Subscribe(sub) => self.handle_subscribe(sub),
+                Event::Unsubscribe(filters) => {
+                    if let Some(c) = &self.client {
+                        for f in &filters {
+                            self.ctx.broker.unsubscribe(&c.handle, f);
+                        }
+                    }
+                }
+                Event::Closed { reason, will } => self.handle_closed(reason, will),
+            }
+        }
+        let stats = self.conn.take_stats();
+        let m = &self.ctx.broker.metrics;
+        m.mqtt_messages_received.inc_by(stats.publish_received);
+        m.mqtt_messages_sent.inc_by(stats.publish_sent);
+        m.mqtt_messages_dropped.inc_by(stats.dropped);
+        m.mqtt_packets_received.inc_by(stats.packets_received);
+        m.mqtt_packets_sent.inc_by(stats.packets_sent);
+    }
+
+    /// Authentication of this issue: anonymous clients when allowed; no identities exist yet.
+    fn authenticate(&self, connect: &stratus_mqtt::Connect) -> Result<bool, ConnectReturnCode> {
+        if self.over_limit {
+            return Err(ConnectReturnCode::ServerUnavailable);
+        }
+        if self.ctx.allow_anonymous {
+            return Ok(true);
+        }
+        if connect.username.is_some() {
+            Err(ConnectReturnCode::BadUsernameOrPassword)
+        } else {
+            Err(ConnectReturnCode::NotAuthorized)
+        }
+    }
+
+    async fn handle_connect(&mut self, connect: stratus_mqtt::Connect) {
+        let restricted = match self.authenticate(&connect) {
+            Ok(r) => r,
+            Err(code) => {
+                if code != ConnectReturnCode::ServerUnavailable {
+                    self.ctx.broker.metrics.denied("connect");
+                }
+                tracing::info!(peer = %self.peer, client_id = %connect.client_id, ?code, "mqtt connect refused");
+                self.conn.refuse(code);
+                return;
+            }
+        };
+        if let Some(will) = &connect.will {
+            if !topic_permitted(restricted, &will.topic) || will.topic.starts_with('$') {
+                self.ctx.broker.metrics.denied("connect");
+                self.conn.refuse(ConnectReturnCode::NotAuthorized);
+                return;
+            }
+        }
+        let client_id = if connect.client_id.is_empty() {
+            assigned_client_id()
+        } else {
+            connect.client_id.clone()
+        };
+        let attached = self
+            .ctx
+            .broker
+            .attach(client_id.clone(), connect.clean_session, restricted)
+            .await;
+        tracing::debug!(peer = %self.peer, client_id = %client_id, resumed = attached.session_present, "mqtt client connected");
+        self.conn.accept(attached.session, attached.session_present);
+        self.client = Some(Attachment {
+            handle: attached.handle,
+            conn: attached.conn,
+            clean_session: connect.clean_session,
+            restricted,
+        });
+        self.kicked = Some(attached.kicked);
+        self.ctx.broker.metrics.mqtt_clients_connected.inc();
+        // Messages that waited while the client was away, then packets pipelined after CONNECT.
+        self.deliver_mailbox();
+        self.conn.handle_bytes(&mut self.rbuf, Instant::now());
+    }
+
+    fn handle_publish(&mut self, message: Message) {
+        let restricted = self.client.as_ref().is_none_or(|c| c.restricted);
+        if !topic_permitted(restricted, &message.topic) || message.topic.starts_with('$') {
+            // MQTT 3.1.1 has no way to refuse a PUBLISH: it is acknowledged and dropped.
+            self.ctx.broker.metrics.denied("publish");
+            tracing::debug!(peer = %self.peer, topic = %message.topic, "mqtt publish denied");
+            return;
+        }
+        self.ctx.broker.publish(message);
+    }
+
+    fn handle_subscribe(&mut self, sub: stratus_mqtt::Subscribe) {
+        let Some(c) = &self.client else { return };
+        let broker = &self.ctx.broker;
+        let codes: Vec<SubscribeReturnCode> = sub
+            .filters
+            .iter()
+            .map(|(filter, qos)| {
+                if !topic::is_valid_topic_filter(filter) {
+                    SubscribeReturnCode::Failure
+                } else if !filter_permitted(c.restricted, filter) {
+                    broker.metrics.denied("subscribe");
+                    SubscribeReturnCode::Failure
+                } else {
+                    broker.subscribe(&c.handle, filter, *qos);
+                    SubscribeReturnCode::Success(*qos)
+                }
+            })
+            .collect();
+        self.conn.subscribed(&sub, codes.clone());
+        let restricted = c.restricted;
+        for ((filter, _), code) in sub.filters.iter().zip(codes) {
+            if let SubscribeReturnCode::Success(granted) = code {
+                for m in broker.retained_for(filter) {
+                    if topic_permitted(restricted, &m.topic) {
+                        self.conn.deliver(&m, m.qos.min(granted), true);
+                    }
+                }
+            }
+        }
+    }
+
+    fn handle_closed(&mut self, reason: CloseReason, will: Option<Message>) {
+        let metrics = &self.ctx.broker.metrics;
+        match &reason {
+            CloseReason::Malformed(e) => {
+                metrics.protocol_error(malformed_label(e));
+                tracing::warn!(peer = %self.peer, error = %e, "mqtt connection closed: malformed packet");
+            }
+            CloseReason::ProtocolViolation(what) => {
+                metrics.protocol_error("protocol_violation");
+                tracing::warn!(peer = %self.peer, violation = what, "mqtt connection closed: protocol violation");
+            }
+            CloseReason::KeepAliveTimeout => {
+                metrics.protocol_error("keepalive_timeout");
+                tracing::info!(peer = %self.peer, "mqtt connection closed: keep alive expired");
+            }
+            CloseReason::ConnectTimeout => {
+                metrics.protocol_error("connect_timeout");
+                tracing::info!(peer = %self.peer, "mqtt connection closed: no CONNECT in time");
+            }
+            other => tracing::debug!(peer = %self.peer, reason = ?other, "mqtt connection closed"),
+        }
+        if let Some(will) = will {
+            tracing::debug!(peer = %self.peer, topic = %will.topic, "publishing will");
+            self.ctx.broker.publish(will);
+        }
+    }
+
+    /// Hands the session back to the broker (parked when persistent) after the socket closed.
+    fn finish(mut self) {
+        self.ctx.open.fetch_sub(1, Ordering::Relaxed);
+        if let Some(c) = self.client.take() {
+            self.ctx.broker.metrics.mqtt_clients_connected.dec();
+            let session = self.conn.take_session();
+            self.ctx
+                .broker
+                .detach(&c.handle, c.conn, session, c.clean_session);
+        }
+    }
+}
+
+fn malformed_label(e: &stratus_mqtt::DecodeError) -> &'static str {
+    use stratus_mqtt::DecodeError as D;
+    match e {
+        D::PacketTooLarge { .. } => "packet_too_large",
+        D::MalformedRemainingLength => "malformed_remaining_length",
+        D::ReservedFlagsSet(_) | D::ReservedConnectFlag | D::ReservedSubscriptionBits => {
+            "reserved_bits"
+        }
+        D::InvalidString(_) => "invalid_utf8",
+        D::UnsupportedProtocolLevel(_) | D::InvalidProtocolName => "bad_protocol",
+        _ => "malformed_packet",
+    }
+}
+
+/// A server-assigned client id for a zero-length one (MQTT-3.1.3-6).
+fn assigned_client_id() -> MqttStr {
+    let id = format!("stratus-{:016x}", rand::random::<u64>());
+    MqttStr::try_from(id).unwrap_or_default()
+}

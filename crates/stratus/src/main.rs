@@ -1,0 +1,128 @@
+//! `stratus`: the command-line entry point. Parses arguments, loads configuration and hands
+//! over to `stratus-server`; everything of substance lives in the library crates.
+
+use std::io::IsTerminal;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use stratus_server::{Config, Overrides, Server};
+
+/// Stratus: an IoT cloud in one binary.
+#[derive(Parser, Debug)]
+#[command(name = "stratus", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the server: MQTT broker and HTTP API.
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// Configuration file (TOML); flags and STRATUS_SECTION__KEY variables override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Directory for persistent state [default: ./stratus-data].
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Address every listener binds to [default: 127.0.0.1].
+    #[arg(long, value_name = "ADDR")]
+    bind: Option<IpAddr>,
+    /// HTTP port; 0 picks a free one [default: 8080].
+    #[arg(long, value_name = "N")]
+    http_port: Option<u16>,
+    /// MQTT port; 0 picks a free one [default: 1883].
+    #[arg(long, value_name = "N")]
+    mqtt_port: Option<u16>,
+    /// CoAP UDP port; 0 picks a free one [default: 5683] (the CoAP listener is not built yet).
+    #[arg(long, value_name = "N")]
+    coap_port: Option<u16>,
+    /// Let MQTT clients without credentials connect and use any topic outside `devices/`.
+    #[arg(long)]
+    allow_anonymous: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("STRATUS_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+    }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let overrides = Overrides {
+        bind: args.bind,
+        data_dir: args.data_dir,
+        http_port: args.http_port,
+        mqtt_port: args.mqtt_port,
+        coap_port: args.coap_port,
+        allow_anonymous: args.allow_anonymous,
+    };
+    let config = match Config::load(args.config.as_deref(), &overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("stratus: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("stratus: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("stratus: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let server = Server::start(config).await?;
+    println!("listening mqtt {}", server.mqtt_addr);
+    println!("listening http {}", server.http_addr);
+    tracing::info!(mqtt = %server.mqtt_addr, http = %server.http_addr, "stratus is running");
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    server.shutdown(Duration::from_secs(4)).await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
