@@ -18,6 +18,20 @@ pub struct Message {
     pub retain: bool,
 }
 
+impl Message {
+    /// A copy whose topic and payload own exact-size buffers. A decoded message shares the
+    /// connection's whole read buffer; one that is kept long (retained, queued for an offline
+    /// client) is compacted so it does not pin that buffer.
+    pub fn compact(&self) -> Message {
+        Message {
+            topic: self.topic.compact(),
+            payload: Bytes::copy_from_slice(&self.payload),
+            qos: self.qos,
+            retain: self.retain,
+        }
+    }
+}
+
 impl From<Publish> for Message {
     fn from(p: Publish) -> Self {
         Message {

@@ -47,7 +47,8 @@ impl RetainedStore {
     }
 
     /// Stores `message` as the retained message of its topic, replacing the previous one; an
-    /// empty payload deletes the topic's retained message instead (MQTT-3.3.1-10/11).
+    /// empty payload deletes the topic's retained message instead (MQTT-3.3.1-10/11). The
+    /// stored copy is compacted ([`Message::compact`]).
     pub fn set(&mut self, message: Message) {
         if message.payload.is_empty() {
             self.remove(&message.topic);
@@ -58,7 +59,7 @@ impl RetainedStore {
             node = node.children.entry(level.into()).or_default();
         }
         self.bytes += message.payload.len();
-        if let Some(old) = node.message.replace(message) {
+        if let Some(old) = node.message.replace(message.compact()) {
             self.bytes -= old.payload.len();
         } else {
             self.len += 1;

@@ -83,6 +83,11 @@ impl MqttStr {
         }
     }
 
+    /// A copy in a buffer of its own (see [`Message::compact`](crate::Message::compact)).
+    pub fn compact(&self) -> MqttStr {
+        MqttStr(Bytes::copy_from_slice(&self.0))
+    }
+
     /// The underlying bytes.
     pub fn as_bytes(&self) -> &Bytes {
         &self.0

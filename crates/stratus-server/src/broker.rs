@@ -92,7 +92,13 @@ impl ClientHandle {
             return false;
         }
         let was_empty = mb.queue.is_empty();
-        mb.queue.push_back((message.clone(), qos));
+        // An offline client's messages may wait long: keep them compact.
+        let kept = if mb.online {
+            message.clone()
+        } else {
+            message.compact()
+        };
+        mb.queue.push_back((kept, qos));
         drop(mb);
         if was_empty {
             self.notify.notify_one();
@@ -258,7 +264,13 @@ impl Broker {
             return;
         }
         match session {
-            Some(session) if !clean_session => {
+            Some(mut session) if !clean_session => {
+                for o in session.inflight.iter_mut() {
+                    o.message = o.message.compact();
+                }
+                for m in session.queued.iter_mut() {
+                    *m = m.compact();
+                }
                 {
                     let mut mb = handle.mailbox.lock();
                     mb.online = false;
@@ -406,8 +418,15 @@ mod tests {
         assert_eq!(b.publish(msg("t/x", QoS::ExactlyOnce, false)), 1);
         let got: Vec<_> = a.handle.drain().into_iter().collect();
         assert_eq!(got.len(), 1);
-        assert_eq!(got[0].1, QoS::AtLeastOnce, "min(publish QoS, max granted QoS)");
-        assert!(!got[0].0.retain, "RETAIN is cleared for established subscriptions");
+        assert_eq!(
+            got[0].1,
+            QoS::AtLeastOnce,
+            "min(publish QoS, max granted QoS)"
+        );
+        assert!(
+            !got[0].0.retain,
+            "RETAIN is cleared for established subscriptions"
+        );
         assert_eq!(b.publish(msg("t/x", QoS::AtMostOnce, false)), 1);
         assert_eq!(a.handle.drain()[0].1, QoS::AtMostOnce);
     }
@@ -461,7 +480,10 @@ mod tests {
         let clean = b.attach(s("p"), true, false).await;
         assert!(!clean.session_present);
         assert!(clean.session.subscriptions.is_empty());
-        assert!(clean.handle.drain().is_empty(), "queued messages of the old session are gone");
+        assert!(
+            clean.handle.drain().is_empty(),
+            "queued messages of the old session are gone"
+        );
         assert_eq!(b.subscription_count(), 0);
         assert_eq!(b.publish(msg("t", QoS::AtLeastOnce, false)), 0);
     }
@@ -486,12 +508,18 @@ mod tests {
         let b2 = b.clone();
         let second = tokio::spawn(async move { b2.attach(s("dup"), false, false).await });
         // The first connection is told, and hands back its session.
-        let kick = tokio::time::timeout(Duration::from_secs(2), first.kicked).await.unwrap().unwrap();
+        let kick = tokio::time::timeout(Duration::from_secs(2), first.kicked)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(kick, Kick::TakenOver);
         let mut session = Session::new(s("dup"));
         session.subscriptions.insert(s("x"), QoS::AtMostOnce);
         b.detach(&first.handle, first.conn, Some(session), false);
-        let second = tokio::time::timeout(Duration::from_secs(2), second).await.unwrap().unwrap();
+        let second = tokio::time::timeout(Duration::from_secs(2), second)
+            .await
+            .unwrap()
+            .unwrap();
         assert!(second.session_present);
         assert_eq!(second.session.subscriptions.len(), 1);
         assert_ne!(second.conn, first.conn);
@@ -505,7 +533,10 @@ mod tests {
         let b = broker(100);
         let anon = b.attach(s("anon"), true, true).await;
         b.subscribe(&anon.handle, "#", QoS::AtMostOnce);
-        assert_eq!(b.publish(msg("devices/d1/telemetry", QoS::AtMostOnce, false)), 0);
+        assert_eq!(
+            b.publish(msg("devices/d1/telemetry", QoS::AtMostOnce, false)),
+            0
+        );
         assert_eq!(b.publish(msg("public/x", QoS::AtMostOnce, false)), 1);
     }
 

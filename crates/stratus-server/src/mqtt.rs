@@ -118,8 +118,8 @@ async fn run_connection(
         let deadline = d.conn.poll_timeout();
         let wants_write = !d.conn.transmit().is_empty();
         let handle = d.client.as_ref().map(|c| c.handle.clone());
+        // Unbiased: a busy mailbox must not starve reading the client's acknowledgements.
         tokio::select! {
-            biased;
             _ = crate::stopped(&mut shutdown) => d.conn.close(CloseReason::ServerShutdown),
             _ = kicked(&mut kick) => d.conn.close(CloseReason::TakenOver),
             _ = mail(handle.as_deref()) => d.deliver_mailbox(),
