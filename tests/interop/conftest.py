@@ -37,8 +37,12 @@ def start_server(tmp_path, request):
         return srv
 
     yield factory
+    problems = []
     for srv in servers:
+        problems += srv.problems()  # before stop(): a crash must not look like a clean stop
         srv.stop()
+    if problems:
+        pytest.fail("; ".join(problems), pytrace=False)
 
 
 @pytest.fixture

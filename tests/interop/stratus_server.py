@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 20.0
 LISTEN_RE = re.compile(r"^listening (\w+) (\S+):(\d+)$")
+ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def stratus_bin() -> str:
@@ -68,6 +68,7 @@ class Server:
         self._listening = {}
         self._cond = threading.Condition(self._log_lock)
         self.starts = 0
+        self.stopped_on_purpose = False
 
     # ---- process control
     def command(self, mqtt_port, http_port) -> list:
@@ -87,6 +88,7 @@ class Server:
         http_port = self.http_port if http_port is None else http_port
         cmd = self.command(mqtt_port, http_port)
         self.starts += 1
+        self.stopped_on_purpose = False
         self._listening = {}
         self._log(f"### start #{self.starts}: {' '.join(cmd)}")
         self.proc = subprocess.Popen(
@@ -120,7 +122,7 @@ class Server:
 
     def _drain(self, stream, tag):
         for raw in iter(stream.readline, b""):
-            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            line = ANSI_RE.sub("", raw.decode("utf-8", "replace").rstrip("\r\n"))
             with self._cond:
                 self.log_lines.append(f"[{tag}] {line}")
                 if tag == "out":
@@ -150,15 +152,15 @@ class Server:
         if self.proc is None:
             return None
         if self.proc.poll() is None:
+            self.stopped_on_purpose = True
             self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self._log(f"### did not exit within {timeout}s of {sig!r}; SIGKILL")
                 self._kill()
-        rc = self.proc.returncode
-        self._log(f"### exited with {rc}")
-        return rc
+            self._log(f"### exited with {self.proc.returncode}")
+        return self.proc.returncode
 
     def _kill(self):
         if self.proc and self.proc.poll() is None:
@@ -166,8 +168,20 @@ class Server:
             self.proc.wait(10)
 
     def kill9(self):
+        self.stopped_on_purpose = True
         self._kill()
         return self.proc.returncode
+
+    def problems(self) -> list:
+        """Crashes and panics seen in this server's life, for the fixture teardown."""
+        found = []
+        if self.proc is not None and self.proc.poll() is not None and not self.stopped_on_purpose:
+            found.append(f"stratus {self.name} died during the test (exit code {self.proc.returncode})")
+        with self._log_lock:
+            panics = [line for line in self.log_lines if "panicked at" in line]
+        if panics:
+            found.append(f"stratus {self.name} panicked: {panics[0]}")
+        return found
 
     def restart(self, sig=signal.SIGTERM):
         """Stop and start again on the same data dir and the same ports."""

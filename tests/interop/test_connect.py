@@ -166,3 +166,21 @@ def test_paho_connect_refused_not_authorized_when_anonymous_not_allowed(start_se
         assert "authori" in str(p.connect_rc).lower(), str(p.connect_rc)
     finally:
         p.close()
+
+
+def test_will_topic_with_wildcard_not_accepted(server, clients):
+    c = clients.raw(server.mqtt_port)
+    c.send(connect(unique("willwild"), will=("will/#", b"x", 0, False)))
+    seen = c.expect_closed()  # a will topic is a topic name: no wildcards [MQTT-4.7.1-1]
+    assert all(not (p.type == CONNACK and p.body[1] == 0) for p in seen), seen
+    assert_healthy(server)
+
+
+def test_23_character_alphanumeric_client_id_accepted(server, clients):
+    c = clients.raw(server.mqtt_port)
+    assert c.connect("Abcdefghij0123456789XYZ").body == b"\x00\x00"  # [MQTT-3.1.3-5]
+
+
+def test_long_utf8_client_id_accepted(server, clients):
+    c = clients.raw(server.mqtt_port)
+    assert c.connect("capteur-température-" + "x" * 40).body == b"\x00\x00"

@@ -1,6 +1,7 @@
 """Process lifecycle: signals, port 0, configuration precedence and config errors."""
 
 import signal
+import socket
 import subprocess
 import time
 
@@ -52,6 +53,8 @@ def test_two_servers_with_port_0_listen_on_distinct_ports(start_server):
     ports = [la["mqtt"], la["http"], lb["mqtt"], lb["http"]]
     assert len(set(ports)) == 4 and 0 not in ports, ports
     a.mqtt_port, b.mqtt_port = la["mqtt"], lb["mqtt"]
+    for port in (la["http"], lb["http"]):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
     assert_healthy(a)
     assert_healthy(b)
 

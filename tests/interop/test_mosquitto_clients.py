@@ -158,3 +158,33 @@ def test_mosquitto_pub_and_paho_interoperate(server, clients):
     p.publish("mix2/b", b"from-paho", qos=1)
     assert sub.wait_messages(1) == [("mix2/b", "from-paho")]
 
+
+
+def test_mosquitto_sys_hash_subscription_receives_broker_topics(server, clients):
+    sub = clients.mosq_sub(server.mqtt_port, "$SYS/#")
+    msgs = sub.wait_for("$SYS/broker/version", timeout=3)
+    assert all(t.startswith("$SYS/broker/") for t, _ in msgs), msgs
+
+
+def test_sys_clients_connected_counts_connected_clients(start_server, clients):
+    srv = start_server(config="[mqtt]\nsys_interval_secs = 1\n")
+    extra = [clients.paho(srv.mqtt_port) for _ in range(4)]
+    watcher = clients.paho(srv.mqtt_port)
+    watcher.subscribe("$SYS/broker/clients/connected", 0)
+    deadline = time.monotonic() + 4
+    values = []
+    while time.monotonic() < deadline:
+        for m in watcher.drain(0.2):
+            values.append(int(m.payload))
+        if values and values[-1] >= len(extra) + 1:
+            break
+    assert values and values[-1] >= len(extra) + 1, values
+    for c in extra:
+        c.disconnect()
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline:
+        for m in watcher.drain(0.2):
+            values.append(int(m.payload))
+        if values[-1] <= 2:
+            break
+    assert values[-1] <= 2, f"disconnected clients still counted: {values}"

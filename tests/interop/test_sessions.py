@@ -5,8 +5,9 @@ import socket
 import time
 
 from clients import assert_healthy, unique
-from mqtt_raw import (CONNACK, PINGRESP, PUBACK, PUBCOMP, PUBLISH, PUBREC, PUBREL, RawClient,
-                      connect, pingreq, puback, publish, pubcomp, pubrec, pubrel)
+from mqtt_raw import (CONNACK, PINGRESP, PUBACK, PUBCOMP, PUBLISH, PUBREC, PUBREL, UNSUBACK,
+                      RawClient, connect, pingreq, puback, publish, pubcomp, pubrec, pubrel,
+                      unsubscribe)
 
 
 # ------------------------------------------------------------------ paho sessions
@@ -331,32 +332,85 @@ def test_connect_timeout_configurable_by_environment(start_server):
 # ------------------------------------------------------------------ durability
 
 
-def test_retained_message_survives_restart(server, clients):
-    p = clients.paho(server.mqtt_port)
-    p.publish("durable/retained", b"still-here", qos=1, retain=True)
-    p.close()
-    server.restart()
-    q = clients.paho(server.mqtt_port)
-    q.subscribe("durable/#", 1)
-    msg = q.get()
-    assert (msg.topic, msg.payload, msg.retain) == ("durable/retained", b"still-here", True)
+def test_will_published_when_server_closes_connection_for_protocol_error(server, clients):
+    watcher = clients.paho(server.mqtt_port)
+    watcher.subscribe("perr/will", 1)
+    c = clients.raw(server.mqtt_port)
+    c.connect(unique("perr"), will=("perr/will", b"protocol-error", 1, False))
+    c.try_send(b"\x30\xff\xff\xff\xff\xff")  # malformed remaining length
+    c.expect_closed()
+    msg = watcher.get(3)  # [MQTT-3.1.2-8]: will on protocol-error close
+    assert msg.payload == b"protocol-error"
 
 
-def test_persistent_session_and_queued_messages_survive_restart(server, clients):
-    cid = unique("durable-session")
-    a = clients.paho(server.mqtt_port, client_id=cid, clean_session=False)
-    a.subscribe([("ds/q1", 1), ("ds/q2", 2)])
-    a.disconnect()
+def test_will_not_published_after_disconnect_packet(server, clients):
+    watcher = clients.paho(server.mqtt_port)
+    watcher.subscribe("nowill/+", 1)
+    c = clients.raw(server.mqtt_port)
+    c.connect(unique("nowill"), will=("nowill/w", b"must-not-appear", 1, False))
+    c.send(b"\xe0\x00")  # DISCONNECT [MQTT-3.14.4-3]: discard the will
+    c.expect_closed()
+    clients.paho(server.mqtt_port).publish("nowill/sentinel", b"s", qos=1)
+    assert [m.topic for m in watcher.get_until("nowill/sentinel")] == ["nowill/sentinel"]
+
+
+def test_publish_traffic_counts_as_keepalive_activity(server, clients):
+    c = clients.raw(server.mqtt_port)
+    c.connect(unique("ka-pub"), keepalive=1)
+    for i in range(6):
+        time.sleep(0.5)
+        c.send(publish("ka/traffic", b"x", qos=1, pid=i + 1))
+        assert c.expect(PUBACK, timeout=2).pid == i + 1
+    assert c.is_open()
+
+
+def test_inflight_message_resent_before_queued_ones_after_reconnect(start_server, clients):
+    srv = start_server(config="[mqtt]\nmax_inflight = 1\n")
+    cid = unique("resend-order")
+    c = _persistent_raw_subscriber(srv, clients, cid, "ro/t", 1)
+    pub = clients.paho(srv.mqtt_port)
+    for i in range(3):
+        pub.publish("ro/t", f"m{i}".encode(), qos=1)
+    first = c.expect(PUBLISH)
+    assert first.payload == b"m0"
+    c.expect_no_packet(0.3)  # window of 1 is full
+    c.close()  # m0 unacknowledged, m1 and m2 queued
+    d = clients.raw(srv.mqtt_port)
+    assert d.connect(cid, clean=False).body == b"\x01\x00"
+    got = []
+    for _ in range(3):
+        m = d.expect(PUBLISH)
+        got.append((m.payload, m.dup))
+        d.send(puback(m.pid))
+    assert got == [(b"m0", True), (b"m1", False), (b"m2", False)]
+
+
+def test_clean_session_state_discarded_at_disconnect(server, clients):
+    cid = unique("clean-gone")
+    c = clients.raw(server.mqtt_port)
+    c.connect(cid, clean=True)
+    c.subscribe([("cg/t", 1)])
+    c.close()
+    time.sleep(0.2)
+    clients.paho(server.mqtt_port).publish("cg/t", b"x", qos=1)
+    d = clients.raw(server.mqtt_port)
+    assert d.connect(cid, clean=False).body == b"\x00\x00"  # [MQTT-3.1.2-6]: nothing kept
+    d.expect_no_packet(0.5)
+
+
+def test_persistent_session_unsubscribe_stops_offline_queueing(server, clients):
+    cid = unique("unsub-persist")
+    c = _persistent_raw_subscriber(server, clients, cid, "up/t", 1)
+    c.subscribe([("up/other", 1)], pid=2)
+    c.send(unsubscribe(3, ["up/t"]))
+    c.expect(UNSUBACK)
+    c.close()
     pub = clients.paho(server.mqtt_port)
-    pub.publish("ds/q1", b"one", qos=1)
-    pub.publish("ds/q2", b"two", qos=2)
-    pub.close()
-    server.restart()
-    b = clients.paho(server.mqtt_port, client_id=cid, clean_session=False)
-    assert b.session_present is True
-    assert sorted((m.topic, m.payload) for m in (b.get(), b.get())) == [
-        ("ds/q1", b"one"), ("ds/q2", b"two")]
-    # the subscription itself survived too
-    clients.paho(server.mqtt_port).publish("ds/q1", b"after", qos=1)
-    assert b.get().payload == b"after"
-
+    pub.publish("up/t", b"dropped", qos=1)
+    pub.publish("up/other", b"kept", qos=1)
+    d = clients.raw(server.mqtt_port)
+    d.connect(cid, clean=False)
+    m = d.expect(PUBLISH)
+    assert m.payload == b"kept"
+    d.send(puback(m.pid))
+    d.expect_no_packet(0.3)

@@ -1,4 +1,4 @@
-"""SUBSCRIBE / UNSUBSCRIBE / PINGREQ, topic matching and QoS of delivery (MQTT 3.1.1 sections 3.8-3.13, 4.7)."""
+"""SUBSCRIBE, UNSUBSCRIBE, PINGREQ, topic matching and delivery QoS (MQTT 3.1.1 3.8-3.13, 4.7)."""
 
 import time
 
@@ -210,3 +210,23 @@ def test_anonymous_subscribe_to_devices_topics_refused_with_0x80(server, clients
     c.connect(unique("anon-sub"))
     codes = c.subscribe([("devices/#", 1), ("devices/x/config", 0), ("public/t", 1)])
     assert codes == [0x80, 0x80, 1]
+
+
+def test_unsubscribe_matches_filters_character_by_character(server, clients):
+    c = clients.raw(server.mqtt_port)
+    c.connect(unique("unsub-exact"))
+    assert c.subscribe([("ux/+", 1)]) == [1]
+    c.send(unsubscribe(4, ["ux/a", "ux/#"]))  # neither is the subscribed filter [MQTT-3.10.4-1]
+    c.expect(UNSUBACK)
+    clients.paho(server.mqtt_port).publish("ux/a", b"still", qos=1)
+    m = c.expect(PUBLISH)
+    assert m.payload == b"still"
+
+
+def test_large_payload_round_trips_under_default_limit(server, clients):
+    sub = clients.paho(server.mqtt_port)
+    sub.subscribe("large/t", 1)
+    pub = clients.paho(server.mqtt_port)
+    blob = bytes(range(256)) * 2048  # 512 KiB
+    pub.publish("large/t", blob, qos=1, timeout=10)
+    assert sub.get(10).payload == blob

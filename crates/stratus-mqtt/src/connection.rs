@@ -34,6 +34,9 @@ pub struct Limits {
     pub max_queued: usize,
     /// Bytes that may wait in the transmit buffer before QoS 0 deliveries are dropped.
     pub max_transmit_buffer: usize,
+    /// Most levels a topic name or filter may have; deeper ones are refused (bounds the
+    /// depth of the subscription tree and retained store).
+    pub max_topic_levels: usize,
 }
 
 impl Default for Limits {
@@ -44,6 +47,7 @@ impl Default for Limits {
             max_inflight: 32,
             max_queued: 1000,
             max_transmit_buffer: 1024 * 1024,
+            max_topic_levels: 128,
         }
     }
 }
@@ -95,6 +99,8 @@ pub enum CloseReason {
     TakenOver,
     /// The server is shutting down.
     ServerShutdown,
+    /// The client did not take its messages for too long while publishers waited (slow consumer).
+    SlowConsumer,
     /// The network connection closed or failed.
     TransportClosed,
 }
@@ -190,6 +196,17 @@ impl Connection {
         }
     }
 
+    /// The limits this connection enforces.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Whether `filter` may be subscribed to: valid (§4.7) and no deeper than `max_topic_levels`.
+    pub fn filter_acceptable(&self, filter: &str) -> bool {
+        crate::topic::is_valid_topic_filter(filter)
+            && crate::topic::level_count(filter) <= self.limits.max_topic_levels
+    }
+
     /// The protocol revision of the CONNECT (3.1.1 until one arrives).
     pub fn protocol(&self) -> ProtocolVersion {
         self.protocol
@@ -198,6 +215,15 @@ impl Connection {
     /// True once the session is established and until the connection closes.
     pub fn is_connected(&self) -> bool {
         matches!(self.phase, Phase::Connected)
+    }
+
+    /// True when a QoS 1/2 delivery would go out at once: connected, nothing queued, and room
+    /// in the in-flight window. The host keeps messages in its own queue until then.
+    pub fn has_window_room(&self) -> bool {
+        self.is_connected()
+            && self.session.as_ref().is_some_and(|s| {
+                s.queued.is_empty() && s.inflight.len() < usize::from(self.limits.max_inflight)
+            })
     }
 
     /// True once the connection has ended (flush [`transmit`](Self::transmit), then close the socket).
@@ -334,6 +360,14 @@ impl Connection {
 
     fn handle_connect(&mut self, connect: Connect) {
         self.protocol = connect.protocol;
+        if let Some(will) = &connect.will {
+            if crate::topic::level_count(&will.topic) > self.limits.max_topic_levels {
+                self.close(CloseReason::ProtocolViolation(
+                    "will topic has too many levels",
+                ));
+                return;
+            }
+        }
         if connect.client_id.is_empty()
             && (!connect.clean_session || connect.protocol == ProtocolVersion::V31)
         {
@@ -407,6 +441,13 @@ impl Connection {
 
     fn handle_publish(&mut self, publish: Publish) {
         self.stats.publish_received += 1;
+        if crate::topic::level_count(&publish.topic) > self.limits.max_topic_levels {
+            // MQTT 3.1.1 cannot refuse one PUBLISH; the connection is closed instead.
+            self.close(CloseReason::ProtocolViolation(
+                "topic name has too many levels",
+            ));
+            return;
+        }
         let packet_id = publish.packet_id;
         match (publish.qos, packet_id) {
             (QoS::ExactlyOnce, Some(id)) => {

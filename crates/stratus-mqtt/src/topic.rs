@@ -25,6 +25,11 @@ pub fn is_valid_topic_filter(filter: &str) -> bool {
     true
 }
 
+/// Number of levels in a topic name or filter (`a/b` has 2, `/` has 2).
+pub fn level_count(topic: &str) -> usize {
+    topic.bytes().filter(|&b| b == b'/').count() + 1
+}
+
 /// True when the topic `name` matches `filter`. Both must be valid. Topics starting with `$`
 /// are not matched by a filter starting with a wildcard (MQTT-4.7.2-1).
 pub fn matches(filter: &str, name: &str) -> bool {

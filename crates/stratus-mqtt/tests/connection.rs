@@ -696,3 +696,36 @@ fn byte_at_a_time_input_is_reassembled() {
     }
     assert_eq!(h.events().len(), 1);
 }
+
+#[test]
+fn topics_deeper_than_the_limit_are_refused() {
+    let limits = Limits {
+        max_topic_levels: 4,
+        ..Limits::default()
+    };
+    let mut h = Harness::connected(limits.clone(), connect_packet("c1"));
+    assert!(h.conn.filter_acceptable("a/b/c/#"));
+    assert!(!h.conn.filter_acceptable("a/b/c/d/#"));
+    assert!(!h.conn.filter_acceptable("a/#/b"));
+    let deep = |levels: usize| {
+        Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            retain: false,
+            topic: s(&vec!["x"; levels].join("/")),
+            packet_id: None,
+            payload: Bytes::new(),
+        })
+    };
+    h.send(deep(4));
+    assert!(matches!(&h.events()[..], [Event::Publish { .. }]));
+    h.send(deep(5));
+    assert!(h.conn.is_closed());
+
+    let mut h = Harness::new(limits);
+    let mut c = with_will(connect_packet("c1"));
+    c.will.as_mut().unwrap().topic = s("a/b/c/d/e");
+    h.send(Packet::Connect(c));
+    assert!(h.conn.is_closed());
+    assert!(!h.events().iter().any(|e| matches!(e, Event::Connect(_))));
+}

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
-use stratus_mqtt::{Message, MqttStr, QoS, RetainedStore, Session, SubscriptionTree};
+use stratus_mqtt::{Connection, Message, MqttStr, QoS, RetainedStore, Session, SubscriptionTree};
 use tokio::sync::{oneshot, Notify};
 
 use crate::metrics::Metrics;
@@ -30,19 +30,69 @@ pub struct ClientHandle {
     /// Anonymous clients may not read `devices/` topics.
     restricted: AtomicBool,
     mailbox: Mutex<Mailbox>,
-    /// Signalled when the mailbox goes from empty to non-empty.
+    /// Signalled when the mailbox goes from empty to non-empty, or the client must be dropped.
     pub notify: Notify,
+    /// Signalled when the QoS 1/2 backlog falls back within bounds or the client goes away.
+    space: Notify,
+    /// Set when publishers waited too long for this client: its connection must close.
+    overloaded: AtomicBool,
     state: Mutex<SlotState>,
     state_changed: Notify,
     attach_lock: tokio::sync::Mutex<()>,
 }
 
+/// Messages on their way to one client, in order.
+///
+/// While the client is online this is a transit queue that its connection task drains as its
+/// in-flight window allows: QoS 0 beyond `max_queued` is dropped (at most once), QoS 1/2 is
+/// never dropped but makes publishers wait ([`Routed::congested`]). While the client is
+/// offline it is the session's queue: QoS 1/2 only, at most `max_queued`, further ones dropped
+/// and counted.
 #[derive(Default)]
 struct Mailbox {
     queue: VecDeque<(Message, QoS)>,
+    qos0: usize,
+    qos12: usize,
     online: bool,
     gone: bool,
 }
+
+impl Mailbox {
+    fn pop(&mut self) -> Option<(Message, QoS)> {
+        let item = self.queue.pop_front()?;
+        if item.1 == QoS::AtMostOnce {
+            self.qos0 -= 1;
+        } else {
+            self.qos12 -= 1;
+        }
+        Some(item)
+    }
+
+    fn clear(&mut self) {
+        self.queue.clear();
+        self.qos0 = 0;
+        self.qos12 = 0;
+    }
+}
+
+/// What [`ClientHandle::deliver`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Accepted {
+    /// Queued for the client.
+    Yes,
+    /// Queued, but the client's QoS 1/2 backlog is over its bound: the publisher should wait.
+    Congested,
+    /// Not queued.
+    No,
+}
+
+/// The QoS 1/2 backlog, in multiples of `max_queued`, at which an online client's messages are
+/// dropped after all (only a client publishing to itself faster than it reads gets there:
+/// other publishers are throttled long before).
+const HARD_BACKLOG_FACTOR: usize = 8;
+
+/// Most messages moved from a mailbox to a connection per wake-up, to bound lock hold time.
+const DRAIN_BATCH: usize = 1024;
 
 enum SlotState {
     /// Never attached.
@@ -65,6 +115,8 @@ impl ClientHandle {
             restricted: AtomicBool::new(true),
             mailbox: Mutex::new(Mailbox::default()),
             notify: Notify::new(),
+            space: Notify::new(),
+            overloaded: AtomicBool::new(false),
             state: Mutex::new(SlotState::Fresh),
             state_changed: Notify::new(),
             attach_lock: tokio::sync::Mutex::new(()),
@@ -76,20 +128,30 @@ impl ClientHandle {
         &self.id
     }
 
-    /// Hands `message` to the client with the delivery `qos`; false when it was not accepted
-    /// (not permitted, offline QoS 0, session gone, or queue full — the last one counted).
-    fn deliver(&self, message: &Message, qos: QoS, max_queued: usize, metrics: &Metrics) -> bool {
+    /// Queues `message` for the client with the delivery `qos` (see [`Mailbox`] for the policy).
+    fn deliver(
+        &self,
+        message: &Message,
+        qos: QoS,
+        max_queued: usize,
+        metrics: &Metrics,
+    ) -> Accepted {
         if self.restricted.load(Ordering::Relaxed) && message.topic.starts_with("devices/") {
-            return false;
+            return Accepted::No;
         }
         let mut mb = self.mailbox.lock();
         if mb.gone || (!mb.online && qos == QoS::AtMostOnce) {
-            return false;
+            return Accepted::No;
         }
-        if mb.queue.len() >= max_queued {
+        let full = match (qos, mb.online) {
+            (QoS::AtMostOnce, _) => mb.qos0 >= max_queued,
+            (_, false) => mb.qos12 >= max_queued,
+            (_, true) => mb.qos12 >= max_queued.saturating_mul(HARD_BACKLOG_FACTOR),
+        };
+        if full {
             drop(mb);
             metrics.mqtt_messages_dropped.inc();
-            return false;
+            return Accepted::No;
         }
         let was_empty = mb.queue.is_empty();
         // An offline client's messages may wait long: keep them compact.
@@ -99,16 +161,80 @@ impl ClientHandle {
             message.compact()
         };
         mb.queue.push_back((kept, qos));
+        let congested = if qos == QoS::AtMostOnce {
+            mb.qos0 += 1;
+            false
+        } else {
+            mb.qos12 += 1;
+            mb.online && mb.qos12 > max_queued
+        };
         drop(mb);
         if was_empty {
             self.notify.notify_one();
         }
-        true
+        if congested {
+            Accepted::Congested
+        } else {
+            Accepted::Yes
+        }
     }
 
-    /// Takes everything waiting in the mailbox.
-    pub fn drain(&self) -> VecDeque<(Message, QoS)> {
-        std::mem::take(&mut self.mailbox.lock().queue)
+    /// Moves waiting messages into `conn` while its in-flight window has room (QoS 0 always
+    /// goes). Returns true when more could be moved right away (the batch limit was hit).
+    pub fn drain_into(&self, conn: &mut Connection, max_queued: usize) -> bool {
+        let mut mb = self.mailbox.lock();
+        let was_congested = mb.qos12 > max_queued;
+        let mut moved = 0;
+        let mut more = false;
+        while let Some((_, qos)) = mb.queue.front() {
+            if *qos != QoS::AtMostOnce && !conn.has_window_room() {
+                break;
+            }
+            if moved == DRAIN_BATCH {
+                more = true;
+                break;
+            }
+            let Some((message, qos)) = mb.pop() else {
+                break;
+            };
+            conn.deliver(&message, qos, false);
+            moved += 1;
+        }
+        let relieved = was_congested && mb.qos12 <= max_queued;
+        drop(mb);
+        if relieved {
+            self.space.notify_waiters();
+        }
+        more
+    }
+
+    /// True (once) when publishers gave up waiting for this client: close its connection.
+    pub fn take_overloaded(&self) -> bool {
+        self.overloaded.swap(false, Ordering::AcqRel)
+    }
+
+    /// Waits until the client's QoS 1/2 backlog is within `max_queued`, or it went away, or
+    /// `deadline` passes; in the last case the client is marked overloaded (its connection
+    /// closes as a slow consumer) and false is returned.
+    pub async fn wait_for_space(&self, max_queued: usize, deadline: tokio::time::Instant) -> bool {
+        loop {
+            let space = self.space.notified();
+            tokio::pin!(space);
+            space.as_mut().enable();
+            {
+                let mb = self.mailbox.lock();
+                if mb.qos12 <= max_queued || !mb.online || mb.gone {
+                    return true;
+                }
+            }
+            if tokio::time::timeout_at(deadline, space).await.is_err() {
+                if !self.overloaded.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(client_id = %self.id, "subscriber too slow for its publishers; disconnecting it");
+                    self.notify.notify_one();
+                }
+                return false;
+            }
+        }
     }
 }
 
@@ -120,6 +246,16 @@ impl PartialEq for Subscriber {
     fn eq(&self, other: &Self) -> bool {
         Arc::ptr_eq(&self.0, &other.0)
     }
+}
+
+/// Where [`Broker::publish`] put a message.
+#[derive(Default)]
+pub struct Routed {
+    /// Clients that took it.
+    pub delivered: usize,
+    /// Online clients whose QoS 1/2 backlog is over its bound: the publisher should wait for
+    /// them ([`ClientHandle::wait_for_space`]) before reading more.
+    pub congested: Vec<Arc<ClientHandle>>,
 }
 
 /// A session handed to a new connection.
@@ -201,7 +337,7 @@ impl Broker {
                     self.metrics.mqtt_sessions_offline.dec();
                     if clean_session {
                         self.unsubscribe_all(&handle, &old);
-                        handle.mailbox.lock().queue.clear();
+                        handle.mailbox.lock().clear();
                         (Session::new(client_id.clone()), false)
                     } else {
                         (old, true)
@@ -274,7 +410,19 @@ impl Broker {
                 {
                     let mut mb = handle.mailbox.lock();
                     mb.online = false;
-                    mb.queue.retain(|(_, q)| *q != QoS::AtMostOnce);
+                    // The session's queue keeps QoS 1/2 only, at most max_queued of them.
+                    let waiting = std::mem::take(&mut mb.queue);
+                    mb.clear();
+                    let mut dropped = 0u64;
+                    for (m, q) in waiting.into_iter().filter(|(_, q)| *q != QoS::AtMostOnce) {
+                        if mb.qos12 < self.max_queued {
+                            mb.qos12 += 1;
+                            mb.queue.push_back((m.compact(), q));
+                        } else {
+                            dropped += 1;
+                        }
+                    }
+                    self.metrics.mqtt_messages_dropped.inc_by(dropped);
                 }
                 *state = SlotState::Offline(session);
                 self.metrics.mqtt_sessions_offline.inc();
@@ -286,7 +434,7 @@ impl Broker {
                 {
                     let mut mb = handle.mailbox.lock();
                     mb.gone = true;
-                    mb.queue.clear();
+                    mb.clear();
                 }
                 *state = SlotState::Gone;
                 let mut clients = self.clients.lock();
@@ -300,6 +448,7 @@ impl Broker {
         }
         drop(state);
         handle.state_changed.notify_waiters();
+        handle.space.notify_waiters();
     }
 
     fn unsubscribe_all(&self, handle: &Arc<ClientHandle>, session: &Session) {
@@ -346,8 +495,8 @@ impl Broker {
 
     /// Routes a message: stores or clears it as retained when asked, then hands it to every
     /// matching subscriber once, at the highest QoS among its matching subscriptions capped by
-    /// the message's QoS, with RETAIN cleared (MQTT-3.3.1-9). Returns the number of deliveries.
-    pub fn publish(&self, message: Message) -> usize {
+    /// the message's QoS, with RETAIN cleared (MQTT-3.3.1-9).
+    pub fn publish(&self, message: Message) -> Routed {
         if message.retain {
             let mut retained = self.retained.write();
             retained.set(message.clone());
@@ -371,18 +520,28 @@ impl Broker {
                 }
             });
         }
-        let mut delivered = 0;
+        let mut routed = Routed::default();
         for (s, granted) in targets {
-            if s.0.deliver(
+            match s.0.deliver(
                 &message,
                 granted.min(message.qos),
                 self.max_queued,
                 &self.metrics,
             ) {
-                delivered += 1;
+                Accepted::Yes => routed.delivered += 1,
+                Accepted::Congested => {
+                    routed.delivered += 1;
+                    routed.congested.push(s.0.clone());
+                }
+                Accepted::No => {}
             }
         }
-        delivered
+        routed
+    }
+
+    /// The bound on each client's queue.
+    pub fn max_queued(&self) -> usize {
+        self.max_queued
     }
 }
 
@@ -404,6 +563,11 @@ mod tests {
         }
     }
 
+    fn drain(h: &ClientHandle) -> Vec<(Message, QoS)> {
+        let mut mb = h.mailbox.lock();
+        std::iter::from_fn(|| mb.pop()).collect()
+    }
+
     fn broker(max_queued: usize) -> Broker {
         Broker::new(max_queued, Arc::new(Metrics::new()))
     }
@@ -415,8 +579,8 @@ mod tests {
         b.subscribe(&a.handle, "t/+", QoS::AtMostOnce);
         b.subscribe(&a.handle, "t/#", QoS::AtLeastOnce);
         b.subscribe(&a.handle, "other", QoS::ExactlyOnce);
-        assert_eq!(b.publish(msg("t/x", QoS::ExactlyOnce, false)), 1);
-        let got: Vec<_> = a.handle.drain().into_iter().collect();
+        assert_eq!(b.publish(msg("t/x", QoS::ExactlyOnce, false)).delivered, 1);
+        let got: Vec<_> = drain(&a.handle).into_iter().collect();
         assert_eq!(got.len(), 1);
         assert_eq!(
             got[0].1,
@@ -427,8 +591,8 @@ mod tests {
             !got[0].0.retain,
             "RETAIN is cleared for established subscriptions"
         );
-        assert_eq!(b.publish(msg("t/x", QoS::AtMostOnce, false)), 1);
-        assert_eq!(a.handle.drain()[0].1, QoS::AtMostOnce);
+        assert_eq!(b.publish(msg("t/x", QoS::AtMostOnce, false)).delivered, 1);
+        assert_eq!(drain(&a.handle)[0].1, QoS::AtMostOnce);
     }
 
     #[tokio::test]
@@ -456,14 +620,14 @@ mod tests {
         session.subscriptions.insert(s("t"), QoS::ExactlyOnce);
         b.detach(&a.handle, a.conn, Some(session), false);
         assert_eq!(b.metrics.mqtt_sessions_offline.get(), 1);
-        assert_eq!(b.publish(msg("t", QoS::AtMostOnce, false)), 0);
-        assert_eq!(b.publish(msg("t", QoS::AtLeastOnce, false)), 1);
-        assert_eq!(b.publish(msg("t", QoS::ExactlyOnce, false)), 1);
+        assert_eq!(b.publish(msg("t", QoS::AtMostOnce, false)).delivered, 0);
+        assert_eq!(b.publish(msg("t", QoS::AtLeastOnce, false)).delivered, 1);
+        assert_eq!(b.publish(msg("t", QoS::ExactlyOnce, false)).delivered, 1);
         let again = b.attach(s("p"), false, false).await;
         assert!(again.session_present);
         assert!(Arc::ptr_eq(&again.handle, &a.handle));
         assert_eq!(again.session.subscriptions.len(), 1);
-        let queued: Vec<QoS> = again.handle.drain().into_iter().map(|(_, q)| q).collect();
+        let queued: Vec<QoS> = drain(&again.handle).into_iter().map(|(_, q)| q).collect();
         assert_eq!(queued, vec![QoS::AtLeastOnce, QoS::ExactlyOnce]);
         assert_eq!(b.metrics.mqtt_sessions_offline.get(), 0);
     }
@@ -481,11 +645,11 @@ mod tests {
         assert!(!clean.session_present);
         assert!(clean.session.subscriptions.is_empty());
         assert!(
-            clean.handle.drain().is_empty(),
+            drain(&clean.handle).is_empty(),
             "queued messages of the old session are gone"
         );
         assert_eq!(b.subscription_count(), 0);
-        assert_eq!(b.publish(msg("t", QoS::AtLeastOnce, false)), 0);
+        assert_eq!(b.publish(msg("t", QoS::AtLeastOnce, false)).delivered, 0);
     }
 
     #[tokio::test]
@@ -498,7 +662,7 @@ mod tests {
         b.detach(&a.handle, a.conn, Some(session), true);
         assert_eq!(b.subscription_count(), 0);
         assert!(b.clients.lock().is_empty());
-        assert_eq!(b.publish(msg("t", QoS::AtLeastOnce, false)), 0);
+        assert_eq!(b.publish(msg("t", QoS::AtLeastOnce, false)).delivered, 0);
     }
 
     #[tokio::test]
@@ -534,21 +698,78 @@ mod tests {
         let anon = b.attach(s("anon"), true, true).await;
         b.subscribe(&anon.handle, "#", QoS::AtMostOnce);
         assert_eq!(
-            b.publish(msg("devices/d1/telemetry", QoS::AtMostOnce, false)),
+            b.publish(msg("devices/d1/telemetry", QoS::AtMostOnce, false))
+                .delivered,
             0
         );
-        assert_eq!(b.publish(msg("public/x", QoS::AtMostOnce, false)), 1);
+        assert_eq!(
+            b.publish(msg("public/x", QoS::AtMostOnce, false)).delivered,
+            1
+        );
     }
 
     #[tokio::test]
-    async fn full_queues_drop_and_count() {
+    async fn online_qos0_beyond_the_bound_is_dropped_and_counted() {
+        let b = broker(2);
+        let a = b.attach(s("a"), true, false).await;
+        b.subscribe(&a.handle, "t", QoS::AtMostOnce);
+        for _ in 0..3 {
+            b.publish(msg("t", QoS::AtMostOnce, false));
+        }
+        assert_eq!(drain(&a.handle).len(), 2);
+        assert_eq!(b.metrics.mqtt_messages_dropped.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn online_qos1_backlog_congests_publishers_instead_of_dropping() {
         let b = broker(2);
         let a = b.attach(s("a"), true, false).await;
         b.subscribe(&a.handle, "t", QoS::AtLeastOnce);
+        let congested: Vec<usize> = (0..4)
+            .map(|_| b.publish(msg("t", QoS::AtLeastOnce, false)).congested.len())
+            .collect();
+        assert_eq!(
+            congested,
+            vec![0, 0, 1, 1],
+            "over max_queued, publishers are told to wait"
+        );
+        assert_eq!(b.metrics.mqtt_messages_dropped.get(), 0);
+        // A waiting publisher is released as soon as the subscriber catches up...
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let handle = a.handle.clone();
+        let waiter = tokio::spawn(async move { handle.wait_for_space(2, deadline).await });
+        tokio::task::yield_now().await;
+        let mut conn = Connection::new(stratus_mqtt::Limits::default(), Instant::now());
+        conn.handle_bytes(
+            &mut bytes::BytesMut::from(&b"\x10\x0d\x00\x04MQTT\x04\x02\x00\x00\x00\x01a"[..]),
+            Instant::now(),
+        );
+        conn.accept(Session::new(s("a")), false);
+        assert!(!a.handle.drain_into(&mut conn, 2));
+        assert!(
+            waiter.await.unwrap(),
+            "released by the drain, not by the deadline"
+        );
+        // ...and a subscriber that never catches up is marked as a slow consumer.
         for _ in 0..3 {
             b.publish(msg("t", QoS::AtLeastOnce, false));
         }
-        assert_eq!(a.handle.drain().len(), 2);
+        let soon = tokio::time::Instant::now() + Duration::from_millis(50);
+        assert!(!a.handle.wait_for_space(2, soon).await);
+        assert!(a.handle.take_overloaded());
+        assert!(!a.handle.take_overloaded(), "reported once");
+    }
+
+    #[tokio::test]
+    async fn offline_queue_beyond_the_bound_is_dropped_and_counted() {
+        let b = broker(2);
+        let a = b.attach(s("a"), false, false).await;
+        b.subscribe(&a.handle, "t", QoS::AtLeastOnce);
+        b.detach(&a.handle, a.conn, Some(Session::new(s("a"))), false);
+        let delivered: Vec<usize> = (0..3)
+            .map(|_| b.publish(msg("t", QoS::AtLeastOnce, false)).delivered)
+            .collect();
+        assert_eq!(delivered, vec![1, 1, 0]);
         assert_eq!(b.metrics.mqtt_messages_dropped.get(), 1);
     }
 }

@@ -77,6 +77,11 @@ pub struct MqttConfig {
     pub max_connections: usize,
     /// Seconds between `$SYS/broker/...` updates.
     pub sys_interval_secs: u64,
+    /// Most levels a topic name or filter may have.
+    pub max_topic_levels: usize,
+    /// Seconds publishers wait for an online subscriber whose QoS 1/2 backlog exceeds
+    /// `max_queued`; after that the subscriber is disconnected as a slow consumer.
+    pub slow_consumer_timeout_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -110,6 +115,8 @@ impl Default for MqttConfig {
             max_queued: 1000,
             max_connections: 100_000,
             sys_interval_secs: 5,
+            max_topic_levels: 128,
+            slow_consumer_timeout_secs: 3,
         }
     }
 }
@@ -213,6 +220,12 @@ impl Config {
         if m.sys_interval_secs == 0 {
             return bad("mqtt.sys_interval_secs", "must be at least 1");
         }
+        if m.max_topic_levels == 0 || m.max_topic_levels > 1024 {
+            return bad("mqtt.max_topic_levels", "must be between 1 and 1024");
+        }
+        if m.slow_consumer_timeout_secs == 0 {
+            return bad("mqtt.slow_consumer_timeout_secs", "must be at least 1");
+        }
         if m.max_connections == 0 {
             return bad("mqtt.max_connections", "must be at least 1");
         }
@@ -227,6 +240,7 @@ impl Config {
             max_inflight: self.mqtt.max_inflight,
             max_queued: self.mqtt.max_queued,
             max_transmit_buffer: self.mqtt.max_packet_size.max(1024 * 1024),
+            max_topic_levels: self.mqtt.max_topic_levels,
         }
     }
 }

@@ -82,6 +82,7 @@ impl Server {
             allow_anonymous: config.auth.allow_anonymous,
             max_connections: config.mqtt.max_connections,
             open: AtomicUsize::new(0),
+            slow_consumer_timeout: Duration::from_secs(config.mqtt.slow_consumer_timeout_secs),
         });
         tasks.spawn(mqtt::serve(mqtt_listener, ctx, shutdown_rx.clone()));
         tasks.spawn(sys::run(

@@ -1,6 +1,7 @@
 //! The MQTT listener: accepts TCP connections and drives one [`Connection`] state machine per
 //! socket in its own task — read, feed, route, deliver, write, and sleep until the next deadline.
 
+use std::collections::VecDeque;
 use std::future::pending;
 use std::io;
 use std::net::SocketAddr;
@@ -10,7 +11,7 @@ use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
 use stratus_mqtt::{
-    topic, CloseReason, ConnectReturnCode, Connection, Event, Limits, Message, MqttStr,
+    CloseReason, ConnectReturnCode, Connection, Event, Limits, Message, MqttStr, PacketId,
     SubscribeReturnCode,
 };
 use tokio::io::AsyncWriteExt;
@@ -35,6 +36,9 @@ pub struct MqttContext {
     pub max_connections: usize,
     /// Open connections now.
     pub open: AtomicUsize,
+    /// How long a publisher waits for a congested subscriber before that subscriber is
+    /// disconnected as a slow consumer.
+    pub slow_consumer_timeout: std::time::Duration,
 }
 
 /// Accepts connections until `shutdown` turns true, then waits (bounded by the caller) for
@@ -81,6 +85,19 @@ struct Driver {
     /// The takeover signal of a fresh attachment, until the select loop picks it up.
     kicked: Option<oneshot::Receiver<Kick>>,
     over_limit: bool,
+    /// More mail can be moved into the connection right away.
+    more_mail: bool,
+    /// Flow control: acknowledgements of QoS 1/2 messages that congested subscribers, held
+    /// (in receive order) until those subscribers catch up or the slow-consumer timeout passes.
+    held_acks: VecDeque<HeldAck>,
+}
+
+/// An acknowledgement held back for flow control.
+#[derive(Clone)]
+struct HeldAck {
+    packet_id: PacketId,
+    subscribers: Vec<Arc<ClientHandle>>,
+    deadline: tokio::time::Instant,
 }
 
 async fn run_connection(
@@ -100,6 +117,8 @@ async fn run_connection(
         rbuf: BytesMut::new(),
         client: None,
         kicked: None,
+        more_mail: false,
+        held_acks: VecDeque::new(),
     };
     let mut kick: Option<oneshot::Receiver<Kick>> = None;
     loop {
@@ -118,11 +137,14 @@ async fn run_connection(
         let deadline = d.conn.poll_timeout();
         let wants_write = !d.conn.transmit().is_empty();
         let handle = d.client.as_ref().map(|c| c.handle.clone());
+        let held = d.held_acks.front().cloned();
         // Unbiased: a busy mailbox must not starve reading the client's acknowledgements.
         tokio::select! {
             _ = crate::stopped(&mut shutdown) => d.conn.close(CloseReason::ServerShutdown),
             _ = kicked(&mut kick) => d.conn.close(CloseReason::TakenOver),
             _ = mail(handle.as_deref()) => d.deliver_mailbox(),
+            _ = std::future::ready(()), if d.more_mail => d.deliver_mailbox(),
+            _ = subscribers_caught_up(held.as_ref(), d.ctx.broker.max_queued()) => d.release_held_ack(),
             readable = stream.readable() => match readable {
                 Ok(()) => d.read(&stream),
                 Err(_) => d.conn.close(CloseReason::TransportClosed),
@@ -163,6 +185,17 @@ async fn kicked(rx: &mut Option<oneshot::Receiver<Kick>>) -> Kick {
     }
 }
 
+/// Resolves when every subscriber of a held acknowledgement has room again, or its deadline
+/// passed (then the laggards are marked as slow consumers); never when nothing is held.
+async fn subscribers_caught_up(held: Option<&HeldAck>, max_queued: usize) {
+    let Some(held) = held else {
+        return pending().await;
+    };
+    for h in &held.subscribers {
+        h.wait_for_space(max_queued, held.deadline).await;
+    }
+}
+
 async fn mail(handle: Option<&ClientHandle>) {
     match handle {
         Some(h) => h.notify.notified().await,
@@ -195,6 +228,8 @@ impl Driver {
             Ok(n) => {
                 self.ctx.broker.metrics.mqtt_bytes_received.inc_by(n as u64);
                 self.conn.handle_bytes(&mut self.rbuf, Instant::now());
+                // Acknowledgements may have opened the in-flight window.
+                self.deliver_mailbox();
                 if self.rbuf.is_empty() {
                     // Idle connections hold no read buffer.
                     self.rbuf = BytesMut::new();
@@ -225,8 +260,19 @@ impl Driver {
 
     fn deliver_mailbox(&mut self) {
         let Some(c) = &self.client else { return };
-        for (message, qos) in c.handle.drain() {
-            self.conn.deliver(&message, qos, false);
+        if c.handle.take_overloaded() {
+            self.ctx.broker.metrics.protocol_error("slow_consumer");
+            self.conn.close(CloseReason::SlowConsumer);
+            return;
+        }
+        self.more_mail = c
+            .handle
+            .drain_into(&mut self.conn, self.ctx.broker.max_queued());
+    }
+
+    fn release_held_ack(&mut self) {
+        if let Some(held) = self.held_acks.pop_front() {
+            self.conn.acknowledge(held.packet_id);
         }
     }
 
@@ -235,9 +281,20 @@ impl Driver {
             match event {
                 Event::Connect(connect) => self.handle_connect(connect).await,
                 Event::Publish { message, packet_id } => {
-                    self.handle_publish(message);
-                    if let Some(id) = packet_id {
-                        self.conn.acknowledge(id);
+                    let congested = self.handle_publish(message);
+                    match packet_id {
+                        Some(packet_id) if !congested.is_empty() => {
+                            self.held_acks.push_back(HeldAck {
+                                packet_id,
+                                subscribers: congested,
+                                deadline: tokio::time::Instant::now()
+                                    + self.ctx.slow_consumer_timeout,
+                            })
+                        }
+                        // Acknowledgements leave in receive order, so this one also waits
+                        // behind any held one.
+                        Some(packet_id) => self.conn.acknowledge(packet_id),
+                        None => {}
                     }
                 }
                 Event::Subscribe(sub) => self.handle_subscribe(sub),
@@ -319,15 +376,20 @@ impl Driver {
         self.conn.handle_bytes(&mut self.rbuf, Instant::now());
     }
 
-    fn handle_publish(&mut self, message: Message) {
+    /// Routes a client's PUBLISH; returns the subscribers it congested (not the client itself).
+    fn handle_publish(&mut self, message: Message) -> Vec<Arc<ClientHandle>> {
         let restricted = self.client.as_ref().is_none_or(|c| c.restricted);
         if !topic_permitted(restricted, &message.topic) || message.topic.starts_with('$') {
             // MQTT 3.1.1 has no way to refuse a PUBLISH: it is acknowledged and dropped.
             self.ctx.broker.metrics.denied("publish");
             tracing::debug!(peer = %self.peer, topic = %message.topic, "mqtt publish denied");
-            return;
+            return Vec::new();
         }
-        self.ctx.broker.publish(message);
+        let routed = self.ctx.broker.publish(message);
+        let own = self.client.as_ref().map(|c| Arc::as_ptr(&c.handle));
+        let mut congested = routed.congested;
+        congested.retain(|h| Some(Arc::as_ptr(h)) != own);
+        congested
     }
 
     fn handle_subscribe(&mut self, sub: stratus_mqtt::Subscribe) {
@@ -337,7 +399,7 @@ impl Driver {
             .filters
             .iter()
             .map(|(filter, qos)| {
-                if !topic::is_valid_topic_filter(filter) {
+                if !self.conn.filter_acceptable(filter) {
                     SubscribeReturnCode::Failure
                 } else if !filter_permitted(c.restricted, filter) {
                     broker.metrics.denied("subscribe");
