@@ -289,6 +289,13 @@ impl Connection {
             if matches!(self.phase, Phase::Authenticating | Phase::Closed) {
                 return;
             }
+            if matches!(self.phase, Phase::AwaitingConnect { .. }) && buf[0] != 0x10 {
+                // Not a CONNECT header: no need to wait for the rest of it (MQTT-3.1.0-1).
+                self.close(CloseReason::ProtocolViolation(
+                    "first packet is not CONNECT",
+                ));
+                return;
+            }
             match codec::decode(buf, self.limits.max_packet_size) {
                 Ok(Some(packet)) => {
                     self.last_received = now;

@@ -218,6 +218,14 @@ fn first_packet_must_be_connect() {
 }
 
 #[test]
+fn a_first_byte_that_is_not_connect_closes_at_once() {
+    let mut h = Harness::new(Limits::default());
+    // PUBLISH header with an unfinished remaining length: no need to wait for more.
+    h.send_raw(&[0x30, 0xFF]);
+    assert!(h.conn.is_closed());
+}
+
+#[test]
 fn second_connect_is_a_protocol_violation_and_publishes_the_will() {
     let mut h = Harness::connected(Limits::default(), with_will(connect_packet("c1")));
     h.send(Packet::Connect(connect_packet("c1")));

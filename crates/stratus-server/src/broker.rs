@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
+use smallvec::SmallVec;
 use stratus_mqtt::{Connection, Message, MqttStr, QoS, RetainedStore, Session, SubscriptionTree};
 use tokio::sync::{oneshot, Notify};
 
@@ -507,7 +508,8 @@ impl Broker {
         let mut message = message;
         message.retain = false;
         let tree = self.tree.read();
-        let mut targets: Vec<(&Subscriber, QoS)> = Vec::new();
+        // Most topics have few subscribers: collect them on the stack.
+        let mut targets: SmallVec<[(&Subscriber, QoS); 16]> = SmallVec::new();
         tree.for_each_match(&message.topic, |s, q| targets.push((s, q)));
         if targets.len() > 1 {
             targets.sort_unstable_by_key(|(s, _)| Arc::as_ptr(&s.0));

@@ -17,6 +17,7 @@
 //! - `parking_lot`: small, fast locks for the short critical sections of routing.
 //! - `prometheus-client`: the official Prometheus/OpenMetrics client for `/metrics`.
 //! - `rand`: server-assigned client ids.
+//! - `smallvec`: per-message subscriber lists without a heap allocation.
 //! - `tracing`: structured logs.
 
 #![forbid(unsafe_code)]
