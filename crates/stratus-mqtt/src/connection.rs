@@ -246,6 +246,12 @@ impl Connection {
         &mut self.transmit
     }
 
+    /// The bytes waiting to be written, without taking them (the host `advance`s
+    /// [`transmit`](Self::transmit) by what it wrote).
+    pub fn pending_transmit(&self) -> &[u8] {
+        &self.transmit
+    }
+
     /// The next event for the host.
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()

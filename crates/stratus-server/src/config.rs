@@ -23,6 +23,28 @@ pub struct Config {
     pub mqtt: MqttConfig,
     /// `[coap]`: the CoAP listener.
     pub coap: CoapConfig,
+    /// `[tls]`: certificates for MQTTS, HTTPS and WSS.
+    pub tls: TlsConfig,
+}
+
+/// `[tls]`. Setting `cert_file` and `key_file` starts the MQTTS and HTTPS listeners.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<PathBuf>,
+    /// PEM CA bundle: clients may authenticate with a certificate it signed; the certificate's
+    /// CN is the client's identity.
+    pub client_ca_file: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    /// Whether the TLS listeners start.
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some() || self.key_file.is_some()
+    }
 }
 
 /// `[server]`.
@@ -49,6 +71,8 @@ pub struct AuthConfig {
 pub struct HttpConfig {
     /// TCP port; 0 picks a free one.
     pub port: u16,
+    /// HTTPS port (when `[tls]` is configured); 0 picks a free one.
+    pub tls_port: u16,
 }
 
 /// `[coap]`.
@@ -65,6 +89,8 @@ pub struct CoapConfig {
 pub struct MqttConfig {
     /// TCP port; 0 picks a free one.
     pub port: u16,
+    /// MQTTS port (when `[tls]` is configured); 0 picks a free one.
+    pub tls_port: u16,
     /// Largest packet accepted from a client, in bytes (fixed header included).
     pub max_packet_size: usize,
     /// Seconds a new connection has to send CONNECT.
@@ -95,7 +121,10 @@ impl Default for ServerConfig {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { port: 8080 }
+        HttpConfig {
+            port: 8080,
+            tls_port: 8443,
+        }
     }
 }
 
@@ -109,6 +138,7 @@ impl Default for MqttConfig {
     fn default() -> Self {
         MqttConfig {
             port: 1883,
+            tls_port: 8883,
             max_packet_size: 1024 * 1024,
             connect_timeout_secs: 10,
             max_inflight: 32,
@@ -206,6 +236,15 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         let m = &self.mqtt;
         let bad = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
+        if self.tls.enabled() && (self.tls.cert_file.is_none() || self.tls.key_file.is_none()) {
+            return bad(
+                "tls.cert_file",
+                "tls.cert_file and tls.key_file must be given together",
+            );
+        }
+        if self.tls.client_ca_file.is_some() && !self.tls.enabled() {
+            return bad("tls.client_ca_file", "needs tls.cert_file and tls.key_file");
+        }
         if m.max_packet_size < 64
             || m.max_packet_size > stratus_mqtt::codec::MAX_REMAINING_LENGTH + 5
         {

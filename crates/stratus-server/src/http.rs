@@ -1,15 +1,26 @@
-//! The HTTP listener (axum): health, Prometheus metrics, and the JSON error shape of the API.
+//! The HTTP listeners (axum on HTTP and, with `[tls]`, HTTPS): health, Prometheus metrics,
+//! MQTT over WebSocket at `/mqtt`, and the JSON error shape of the API.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::task::TaskTracker;
 
 use crate::broker::Broker;
+use crate::mqtt::{run_connection, MqttContext};
+use crate::transport::{ChannelReader, ChannelWriter};
 
 /// An API error rendered as `{"error": CODE, "error_description": TEXT}` with its status.
 #[derive(Debug)]
@@ -32,24 +43,39 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The router for the HTTP listener.
-pub fn router(broker: Arc<Broker>) -> Router {
+/// What the HTTP handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    /// The broker hub.
+    pub broker: Arc<Broker>,
+    /// MQTT settings, for WebSocket connections.
+    pub mqtt: Arc<MqttContext>,
+    /// Tasks the server waits for at shutdown.
+    pub tasks: TaskTracker,
+    /// Turns true at shutdown.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// The router for the HTTP and HTTPS listeners.
+pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
+        .route("/mqtt", get(mqtt_over_websocket))
         .fallback(not_found)
-        .with_state(broker)
+        .with_state(state)
 }
 
-async fn healthz(State(broker): State<Arc<Broker>>) -> impl IntoResponse {
+async fn healthz(State(app): State<AppState>) -> impl IntoResponse {
     Json(json!({
         "status": "ok",
         "version": env!("CARGO_PKG_VERSION"),
-        "uptime_seconds": broker.started.elapsed().as_secs(),
+        "uptime_seconds": app.broker.started.elapsed().as_secs(),
     }))
 }
 
-async fn metrics(State(broker): State<Arc<Broker>>) -> impl IntoResponse {
+async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
+    let broker = &app.broker;
     broker
         .metrics
         .uptime_seconds
@@ -68,5 +94,108 @@ async fn not_found() -> ApiError {
         status: StatusCode::NOT_FOUND,
         code: "not_found",
         description: "no such resource".into(),
+    }
+}
+
+/// MQTT over WebSocket (MQTT 3.1.1 §6): binary frames carry the MQTT byte stream; the
+/// subprotocol is `mqtt` (or the older `mqttv3.1`).
+async fn mqtt_over_websocket(
+    State(app): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let max_frame = app.mqtt.limits.max_packet_size.max(64 * 1024);
+    ws.protocols(["mqtt", "mqttv3.1"])
+        .max_message_size(max_frame)
+        .on_upgrade(move |socket| {
+            let tasks = app.tasks.clone();
+            tasks.track_future(serve_websocket(app, socket, peer))
+        })
+}
+
+async fn serve_websocket(app: AppState, socket: WebSocket, peer: SocketAddr) {
+    let (mut sink, mut stream) = socket.split();
+    let (in_tx, in_rx) = mpsc::channel::<Bytes>(16);
+    let (out_tx, mut out_rx) = mpsc::channel::<Bytes>(16);
+    let pump = async move {
+        loop {
+            tokio::select! {
+                incoming = stream.next() => match incoming {
+                    Some(Ok(WsMessage::Binary(data))) => {
+                        if in_tx.send(data).await.is_err() {
+                            break;
+                        }
+                    }
+                    Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {}
+                    // Text frames are a protocol error for MQTT over WebSocket (MQTT-6.0.0-1).
+                    Some(Ok(WsMessage::Text(_) | WsMessage::Close(_))) | Some(Err(_)) | None => break,
+                },
+                outgoing = out_rx.recv() => match outgoing {
+                    Some(data) => {
+                        if sink.send(WsMessage::Binary(data)).await.is_err() {
+                            break;
+                        }
+                    }
+                    None => break,
+                },
+            }
+        }
+        let _ = sink.close().await;
+    };
+    let driver = run_connection(
+        app.mqtt.clone(),
+        ChannelReader(in_rx),
+        ChannelWriter(out_tx),
+        peer,
+        None,
+        app.shutdown.clone(),
+    );
+    tokio::join!(pump, driver);
+}
+
+/// Serves `app` over HTTPS on `listener` until `shutdown` turns true.
+pub async fn serve_https(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    app: Router,
+    tasks: TaskTracker,
+    shutdown: watch::Receiver<bool>,
+) {
+    let mut stop = shutdown.clone();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = crate::stopped(&mut stop) => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "https accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let acceptor = acceptor.clone();
+        let service = app.clone().layer(Extension(ConnectInfo(peer)));
+        let mut stop = shutdown.clone();
+        tasks.spawn(async move {
+            let handshake =
+                tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp));
+            let Ok(Ok(tls)) = handshake.await else {
+                tracing::debug!(%peer, "https handshake failed");
+                return;
+            };
+            let service = hyper_util::service::TowerToHyperService::new(service);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = crate::stopped(&mut stop) => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
     }
 }

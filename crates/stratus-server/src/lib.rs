@@ -29,6 +29,8 @@ pub mod http;
 pub mod metrics;
 pub mod mqtt;
 pub mod sys;
+pub mod tls;
+pub mod transport;
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
@@ -39,6 +41,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio_util::task::TaskTracker;
 
 pub use config::{Config, ConfigError, Overrides};
 
@@ -51,31 +54,46 @@ pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 pub struct Server {
     /// Where the MQTT listener is bound.
     pub mqtt_addr: SocketAddr,
-    /// Where the HTTP listener is bound.
+    /// Where the HTTP listener is bound (MQTT over WebSocket at `/mqtt` too).
     pub http_addr: SocketAddr,
+    /// Where the MQTTS listener is bound, when `[tls]` is configured.
+    pub mqtts_addr: Option<SocketAddr>,
+    /// Where the HTTPS listener is bound (WSS at `/mqtt`), when `[tls]` is configured.
+    pub https_addr: Option<SocketAddr>,
     /// The broker hub (for in-process use and tests).
     pub broker: Arc<broker::Broker>,
     shutdown: watch::Sender<bool>,
-    tasks: JoinSet<()>,
+    listeners: JoinSet<()>,
+    connections: TaskTracker,
+}
+
+async fn bind(what: &str, addr: std::net::IpAddr, port: u16) -> anyhow::Result<TcpListener> {
+    TcpListener::bind((addr, port))
+        .await
+        .with_context(|| format!("binding {what} listener on {addr}:{port}"))
 }
 
 impl Server {
     /// Binds every listener of `config` and starts serving.
     pub async fn start(config: Config) -> anyhow::Result<Server> {
-        let bind = config.server.bind;
-        let mqtt_listener = TcpListener::bind((bind, config.mqtt.port))
-            .await
-            .with_context(|| format!("binding MQTT listener on {bind}:{}", config.mqtt.port))?;
-        let http_listener = TcpListener::bind((bind, config.http.port))
-            .await
-            .with_context(|| format!("binding HTTP listener on {bind}:{}", config.http.port))?;
-        let mqtt_addr = mqtt_listener.local_addr()?;
-        let http_addr = http_listener.local_addr()?;
+        let ip = config.server.bind;
+        let mqtt_listener = bind("MQTT", ip, config.mqtt.port).await?;
+        let http_listener = bind("HTTP", ip, config.http.port).await?;
+        let tls = if config.tls.enabled() {
+            let mqtts = tls::acceptor(&config.tls, &[])?;
+            let https = tls::acceptor(&config.tls, &[b"http/1.1"])?;
+            let mqtts_listener = bind("MQTTS", ip, config.mqtt.tls_port).await?;
+            let https_listener = bind("HTTPS", ip, config.http.tls_port).await?;
+            Some((mqtts, mqtts_listener, https, https_listener))
+        } else {
+            None
+        };
 
         let metrics = Arc::new(metrics::Metrics::new());
         let broker = Arc::new(broker::Broker::new(config.mqtt.max_queued, metrics));
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let mut tasks = JoinSet::new();
+        let mut listeners = JoinSet::new();
+        let connections = TaskTracker::new();
 
         let ctx = Arc::new(mqtt::MqttContext {
             broker: broker.clone(),
@@ -85,16 +103,49 @@ impl Server {
             open: AtomicUsize::new(0),
             slow_consumer_timeout: Duration::from_secs(config.mqtt.slow_consumer_timeout_secs),
         });
-        tasks.spawn(mqtt::serve(mqtt_listener, ctx, shutdown_rx.clone()));
-        tasks.spawn(sys::run(
+        let mqtt_addr = mqtt_listener.local_addr()?;
+        let http_addr = http_listener.local_addr()?;
+        listeners.spawn(mqtt::serve(
+            mqtt_listener,
+            ctx.clone(),
+            None,
+            connections.clone(),
+            shutdown_rx.clone(),
+        ));
+        listeners.spawn(sys::run(
             broker.clone(),
             Duration::from_secs(config.mqtt.sys_interval_secs),
             shutdown_rx.clone(),
         ));
-        let app = http::router(broker.clone());
+        let app = http::router(http::AppState {
+            broker: broker.clone(),
+            mqtt: ctx.clone(),
+            tasks: connections.clone(),
+            shutdown: shutdown_rx.clone(),
+        });
+        let (mut mqtts_addr, mut https_addr) = (None, None);
+        if let Some((mqtts, mqtts_listener, https, https_listener)) = tls {
+            mqtts_addr = Some(mqtts_listener.local_addr()?);
+            https_addr = Some(https_listener.local_addr()?);
+            listeners.spawn(mqtt::serve(
+                mqtts_listener,
+                ctx.clone(),
+                Some(mqtts),
+                connections.clone(),
+                shutdown_rx.clone(),
+            ));
+            listeners.spawn(http::serve_https(
+                https_listener,
+                https,
+                app.clone(),
+                connections.clone(),
+                shutdown_rx.clone(),
+            ));
+        }
         let mut http_shutdown = shutdown_rx.clone();
-        tasks.spawn(async move {
-            let result = axum::serve(http_listener, app)
+        listeners.spawn(async move {
+            let service = app.into_make_service_with_connect_info::<SocketAddr>();
+            let result = axum::serve(http_listener, service)
                 .with_graceful_shutdown(async move {
                     crate::stopped(&mut http_shutdown).await;
                 })
@@ -106,9 +157,12 @@ impl Server {
         Ok(Server {
             mqtt_addr,
             http_addr,
+            mqtts_addr,
+            https_addr,
             broker,
             shutdown,
-            tasks,
+            listeners,
+            connections,
         })
     }
 
@@ -116,10 +170,15 @@ impl Server {
     /// and waits up to `grace` for the tasks to finish.
     pub async fn shutdown(mut self, grace: Duration) {
         let _ = self.shutdown.send(true);
-        let all = async { while self.tasks.join_next().await.is_some() {} };
+        self.connections.close();
+        let connections = self.connections.clone();
+        let all = async {
+            while self.listeners.join_next().await.is_some() {}
+            connections.wait().await;
+        };
         if tokio::time::timeout(grace, all).await.is_err() {
             tracing::warn!("shutdown grace period over; abandoning remaining tasks");
-            self.tasks.abort_all();
+            self.listeners.abort_all();
         }
     }
 }

@@ -3,7 +3,6 @@
 
 use std::collections::VecDeque;
 use std::future::pending;
-use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -14,15 +13,13 @@ use stratus_mqtt::{
     CloseReason, ConnectReturnCode, Connection, Event, Limits, Message, MqttStr, PacketId,
     SubscribeReturnCode,
 };
-use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
-use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::task::TaskTracker;
 
 use crate::broker::{Broker, ClientHandle, Kick};
-
-/// Bytes read from a socket per wake-up at most.
-const READ_CHUNK: usize = 16 * 1024;
+use crate::transport::{MqttRead, MqttWrite, StreamReader, StreamWriter, TcpReader, TcpWriter};
 
 /// What every MQTT connection task shares.
 pub struct MqttContext {
@@ -41,20 +38,51 @@ pub struct MqttContext {
     pub slow_consumer_timeout: std::time::Duration,
 }
 
-/// Accepts connections until `shutdown` turns true, then waits (bounded by the caller) for
-/// every connection task to finish, each having closed its client and published its will.
-pub async fn serve(listener: TcpListener, ctx: Arc<MqttContext>, shutdown: watch::Receiver<bool>) {
-    let mut tasks = JoinSet::new();
+/// Accepts TCP connections until `shutdown` turns true; each runs in a task on `tasks`,
+/// which the server waits on at shutdown (every client closed, wills published).
+pub async fn serve(
+    listener: TcpListener,
+    ctx: Arc<MqttContext>,
+    tls: Option<TlsAcceptor>,
+    tasks: TaskTracker,
+    shutdown: watch::Receiver<bool>,
+) {
     let mut stop = shutdown.clone();
     loop {
         tokio::select! {
             _ = crate::stopped(&mut stop) => break,
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
                     let ctx = ctx.clone();
                     let shutdown = shutdown.clone();
-                    tasks.spawn(async move { run_connection(ctx, stream, peer, shutdown).await });
+                    match &tls {
+                        None => {
+                            let (r, w) = stream.into_split();
+                            tasks.spawn(run_connection(ctx, TcpReader(r), TcpWriter(w), peer, None, shutdown));
+                        }
+                        Some(acceptor) => {
+                            let acceptor = acceptor.clone();
+                            tasks.spawn(async move {
+                                let handshake = tokio::time::timeout(ctx.limits.connect_timeout, acceptor.accept(stream));
+                                match handshake.await {
+                                    Ok(Ok(tls)) => {
+                                        let identity = crate::tls::peer_common_name(tls.get_ref().1);
+                                        let (r, w) = tokio::io::split(tls);
+                                        run_connection(ctx, StreamReader(r), StreamWriter(w), peer, identity, shutdown).await;
+                                    }
+                                    Ok(Err(e)) => {
+                                        ctx.broker.metrics.protocol_error("tls_handshake");
+                                        tracing::info!(%peer, error = %e, "mqtts handshake failed");
+                                    }
+                                    Err(_) => {
+                                        ctx.broker.metrics.protocol_error("tls_handshake");
+                                        tracing::info!(%peer, "mqtts handshake timed out");
+                                    }
+                                }
+                            });
+                        }
+                    }
                 }
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.
@@ -64,8 +92,6 @@ pub async fn serve(listener: TcpListener, ctx: Arc<MqttContext>, shutdown: watch
             },
         }
     }
-    drop(listener);
-    while tasks.join_next().await.is_some() {}
 }
 
 /// The client a connection serves, once its CONNECT was accepted.
@@ -80,7 +106,8 @@ struct Driver {
     ctx: Arc<MqttContext>,
     peer: SocketAddr,
     conn: Connection,
-    rbuf: BytesMut,
+    /// The name the transport authenticated (TLS client certificate CN).
+    identity: Option<MqttStr>,
     client: Option<Attachment>,
     /// The takeover signal of a fresh attachment, until the select loop picks it up.
     kicked: Option<oneshot::Receiver<Kick>>,
@@ -100,34 +127,34 @@ struct HeldAck {
     deadline: tokio::time::Instant,
 }
 
-async fn run_connection(
+/// Drives one MQTT connection over any transport until it closes. `identity` is the
+/// authenticated name from the transport (a TLS client certificate's CN), if any.
+pub async fn run_connection<R: MqttRead, W: MqttWrite>(
     ctx: Arc<MqttContext>,
-    mut stream: TcpStream,
+    mut reader: R,
+    mut writer: W,
     peer: SocketAddr,
+    identity: Option<MqttStr>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let open = ctx.open.fetch_add(1, Ordering::Relaxed) + 1;
-    let _ = stream.set_nodelay(true);
     ctx.broker.metrics.mqtt_connections.inc();
     let mut d = Driver {
         conn: Connection::new(ctx.limits.clone(), Instant::now()),
         over_limit: open > ctx.max_connections,
         ctx,
         peer,
-        rbuf: BytesMut::new(),
+        identity,
         client: None,
         kicked: None,
         more_mail: false,
         held_acks: VecDeque::new(),
     };
+    let mut rbuf = BytesMut::new();
     let mut kick: Option<oneshot::Receiver<Kick>> = None;
+    let mut unflushed = false;
     loop {
-        d.handle_events().await;
-        if let Err(e) = d.flush_nonblocking(&stream) {
-            tracing::debug!(peer = %d.peer, error = %e, "mqtt write failed");
-            d.conn.close(CloseReason::TransportClosed);
-            d.handle_events().await;
-        }
+        d.handle_events(&mut rbuf).await;
         if d.conn.is_closed() {
             break;
         }
@@ -135,40 +162,67 @@ async fn run_connection(
             kick = Some(rx);
         }
         let deadline = d.conn.poll_timeout();
-        let wants_write = !d.conn.transmit().is_empty();
         let handle = d.client.as_ref().map(|c| c.handle.clone());
         let held = d.held_acks.front().cloned();
+        let wants_write = !d.conn.transmit().is_empty();
         // Unbiased: a busy mailbox must not starve reading the client's acknowledgements.
+        // (select! drops every future before running a handler, so handlers may mutate `d`.)
         tokio::select! {
             _ = crate::stopped(&mut shutdown) => d.conn.close(CloseReason::ServerShutdown),
             _ = kicked(&mut kick) => d.conn.close(CloseReason::TakenOver),
             _ = mail(handle.as_deref()) => d.deliver_mailbox(),
             _ = std::future::ready(()), if d.more_mail => d.deliver_mailbox(),
             _ = subscribers_caught_up(held.as_ref(), d.ctx.broker.max_queued()) => d.release_held_ack(),
-            readable = stream.readable() => match readable {
-                Ok(()) => d.read(&stream),
-                Err(_) => d.conn.close(CloseReason::TransportClosed),
+            read = reader.read_into(&mut rbuf) => match read {
+                Ok(0) | Err(_) => d.conn.close(CloseReason::TransportClosed),
+                Ok(n) => d.received(n, &mut rbuf),
             },
-            _ = stream.writable(), if wants_write => {}
+            written = write_or_flush(&mut writer, d.conn.pending_transmit()), if wants_write || unflushed => match written {
+                Ok(0) => unflushed = false,
+                Ok(n) => {
+                    d.sent(n);
+                    unflushed = true;
+                }
+                Err(e) => {
+                    tracing::debug!(peer = %d.peer, error = %e, "mqtt write failed");
+                    d.conn.close(CloseReason::TransportClosed);
+                }
+            },
             _ = sleep_until(deadline) => d.conn.handle_timeout(Instant::now()),
         }
     }
     // Flush the last words (CONNACK refusals, SUBACKs) with a bound, then close.
-    let pending = d.conn.transmit().split().freeze();
-    if !pending.is_empty() {
-        let _ = tokio::time::timeout(
-            std::time::Duration::from_secs(1),
-            stream.write_all(&pending),
-        )
-        .await;
-        d.ctx
-            .broker
-            .metrics
-            .mqtt_bytes_sent
-            .inc_by(pending.len() as u64);
-    }
-    let _ = stream.shutdown().await;
+    let last = d.conn.transmit().split().freeze();
+    let farewell = async {
+        let mut rest = &last[..];
+        while !rest.is_empty() {
+            match writer.write_some(rest).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => rest = &rest[n..],
+            }
+        }
+        let _ = writer.flush().await;
+        let _ = writer.close().await;
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), farewell).await;
+    d.ctx
+        .broker
+        .metrics
+        .mqtt_bytes_sent
+        .inc_by(last.len() as u64);
     d.finish();
+}
+
+/// Writes some of `data`, or when there is nothing left to write, flushes (returning 0).
+async fn write_or_flush<W: MqttWrite>(writer: &mut W, data: &[u8]) -> std::io::Result<usize> {
+    if data.is_empty() {
+        writer.flush().await.map(|()| 0)
+    } else {
+        match writer.write_some(data).await? {
+            0 => Err(std::io::ErrorKind::WriteZero.into()),
+            n => Ok(n),
+        }
+    }
 }
 
 /// Resolves when the client is taken over; never when there is nothing to watch.
@@ -221,41 +275,24 @@ fn filter_permitted(restricted: bool, filter: &str) -> bool {
 }
 
 impl Driver {
-    fn read(&mut self, stream: &TcpStream) {
-        self.rbuf.reserve(READ_CHUNK);
-        match stream.try_read_buf(&mut self.rbuf) {
-            Ok(0) => self.conn.close(CloseReason::TransportClosed),
-            Ok(n) => {
-                self.ctx.broker.metrics.mqtt_bytes_received.inc_by(n as u64);
-                self.conn.handle_bytes(&mut self.rbuf, Instant::now());
-                // Acknowledgements may have opened the in-flight window.
-                self.deliver_mailbox();
-                if self.rbuf.is_empty() {
-                    // Idle connections hold no read buffer.
-                    self.rbuf = BytesMut::new();
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => self.conn.close(CloseReason::TransportClosed),
+    fn received(&mut self, n: usize, rbuf: &mut BytesMut) {
+        self.ctx.broker.metrics.mqtt_bytes_received.inc_by(n as u64);
+        self.conn.handle_bytes(rbuf, Instant::now());
+        // Acknowledgements may have opened the in-flight window.
+        self.deliver_mailbox();
+        if rbuf.is_empty() {
+            // Idle connections hold no read buffer.
+            *rbuf = BytesMut::new();
         }
     }
 
-    fn flush_nonblocking(&mut self, stream: &TcpStream) -> io::Result<()> {
+    fn sent(&mut self, n: usize) {
+        self.ctx.broker.metrics.mqtt_bytes_sent.inc_by(n as u64);
         let buf = self.conn.transmit();
-        while !buf.is_empty() {
-            match stream.try_write(buf) {
-                Ok(n) => {
-                    buf.advance(n);
-                    self.ctx.broker.metrics.mqtt_bytes_sent.inc_by(n as u64);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) => return Err(e),
-            }
-        }
-        if buf.capacity() > 64 * 1024 {
+        buf.advance(n);
+        if buf.is_empty() && buf.capacity() > 64 * 1024 {
             *buf = BytesMut::new();
         }
-        Ok(())
     }
 
     fn deliver_mailbox(&mut self) {
@@ -276,10 +313,10 @@ impl Driver {
         }
     }
 
-    async fn handle_events(&mut self) {
+    async fn handle_events(&mut self, rbuf: &mut BytesMut) {
         while let Some(event) = self.conn.poll_event() {
             match event {
-                Event::Connect(connect) => self.handle_connect(connect).await,
+                Event::Connect(connect) => self.handle_connect(connect, rbuf).await,
                 Event::Publish { message, packet_id } => {
                     let congested = self.handle_publish(message);
                     match packet_id {
@@ -317,10 +354,15 @@ impl Driver {
         m.mqtt_packets_sent.inc_by(stats.packets_sent);
     }
 
-    /// Authentication of this issue: anonymous clients when allowed; no identities exist yet.
+    /// Authentication: a TLS client certificate, or anonymous when allowed (device
+    /// credentials arrive with the device registry).
     fn authenticate(&self, connect: &stratus_mqtt::Connect) -> Result<bool, ConnectReturnCode> {
         if self.over_limit {
             return Err(ConnectReturnCode::ServerUnavailable);
+        }
+        if self.identity.is_some() {
+            // Authenticated by the transport (TLS client certificate).
+            return Ok(false);
         }
         if self.ctx.allow_anonymous {
             return Ok(true);
@@ -332,7 +374,7 @@ impl Driver {
         }
     }
 
-    async fn handle_connect(&mut self, connect: stratus_mqtt::Connect) {
+    async fn handle_connect(&mut self, connect: stratus_mqtt::Connect, rbuf: &mut BytesMut) {
         let restricted = match self.authenticate(&connect) {
             Ok(r) => r,
             Err(code) => {
@@ -373,7 +415,7 @@ impl Driver {
         self.ctx.broker.metrics.mqtt_clients_connected.inc();
         // Messages that waited while the client was away, then packets pipelined after CONNECT.
         self.deliver_mailbox();
-        self.conn.handle_bytes(&mut self.rbuf, Instant::now());
+        self.conn.handle_bytes(rbuf, Instant::now());
     }
 
     /// Routes a client's PUBLISH; returns the subscribers it congested (not the client itself).

@@ -22,6 +22,8 @@ struct Cli {
 enum Command {
     /// Run the server: MQTT broker and HTTP API.
     Serve(ServeArgs),
+    /// Load-test a broker on this machine (loopback only).
+    Bench(stratus_bench::BenchArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -67,6 +69,7 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Bench(args) => stratus_bench::run(args),
     }
 }
 
@@ -86,6 +89,12 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if config.tls.enabled() {
+        if let Err(e) = stratus_server::tls::acceptor(&config.tls, &[]) {
+            eprintln!("stratus: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -109,6 +118,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let server = Server::start(config).await?;
     println!("listening mqtt {}", server.mqtt_addr);
     println!("listening http {}", server.http_addr);
+    println!("listening ws {}", server.http_addr);
+    if let Some(addr) = server.mqtts_addr {
+        println!("listening mqtts {addr}");
+    }
+    if let Some(addr) = server.https_addr {
+        println!("listening https {addr}");
+    }
     tracing::info!(mqtt = %server.mqtt_addr, http = %server.http_addr, "stratus is running");
     wait_for_signal().await?;
     tracing::info!("shutting down");

@@ -1,0 +1,134 @@
+//! Byte transports under an MQTT connection: plain TCP, any `AsyncRead`/`AsyncWrite` stream
+//! (TLS), and WebSocket binary frames — each as a reader and a writer half whose futures are
+//! cancel-safe, so the connection task can wait on both in one `select!`.
+
+use std::future::Future;
+use std::io;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::mpsc;
+
+/// Bytes read from a transport per wake-up at most.
+pub const READ_CHUNK: usize = 16 * 1024;
+
+/// The receiving half of a transport.
+pub trait MqttRead: Send {
+    /// Waits for input and appends it to `buf`; `Ok(0)` means the peer closed. Cancel-safe:
+    /// when the future is dropped before completing, nothing was read.
+    fn read_into(&mut self, buf: &mut BytesMut) -> impl Future<Output = io::Result<usize>> + Send;
+}
+
+/// The sending half of a transport.
+pub trait MqttWrite: Send {
+    /// Writes some of `data`, returning how much. Cancel-safe: when the future is dropped
+    /// before completing, nothing was written.
+    fn write_some(&mut self, data: &[u8]) -> impl Future<Output = io::Result<usize>> + Send;
+    /// Pushes out anything the transport buffers itself (TLS records).
+    fn flush(&mut self) -> impl Future<Output = io::Result<()>> + Send;
+    /// Closes the sending direction after the last bytes.
+    fn close(&mut self) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+/// Plain TCP, reading only when the socket is readable so an idle connection holds no buffer.
+pub struct TcpReader(pub OwnedReadHalf);
+
+impl MqttRead for TcpReader {
+    async fn read_into(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        loop {
+            self.0.readable().await?;
+            buf.reserve(READ_CHUNK);
+            match self.0.try_read_buf(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return other,
+            }
+        }
+    }
+}
+
+/// Plain TCP, writing half.
+pub struct TcpWriter(pub OwnedWriteHalf);
+
+impl MqttWrite for TcpWriter {
+    async fn write_some(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.0.write(data).await
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+
+    async fn close(&mut self) -> io::Result<()> {
+        self.0.shutdown().await
+    }
+}
+
+/// Any tokio stream half (used for TLS). Holds a read buffer while waiting.
+pub struct StreamReader<R>(pub R);
+
+impl<R: AsyncRead + Unpin + Send> MqttRead for StreamReader<R> {
+    async fn read_into(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        buf.reserve(READ_CHUNK);
+        self.0.read_buf(buf).await
+    }
+}
+
+/// Any tokio stream half (used for TLS).
+pub struct StreamWriter<W>(pub W);
+
+impl<W: AsyncWrite + Unpin + Send> MqttWrite for StreamWriter<W> {
+    async fn write_some(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.0.write(data).await
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        self.0.flush().await
+    }
+
+    async fn close(&mut self) -> io::Result<()> {
+        self.0.shutdown().await
+    }
+}
+
+/// Incoming MQTT bytes carried in WebSocket binary messages (fed by the WebSocket task).
+pub struct ChannelReader(pub mpsc::Receiver<Bytes>);
+
+impl MqttRead for ChannelReader {
+    async fn read_into(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        loop {
+            match self.0.recv().await {
+                Some(data) if data.is_empty() => continue,
+                Some(data) => {
+                    buf.extend_from_slice(&data);
+                    return Ok(data.len());
+                }
+                None => return Ok(0),
+            }
+        }
+    }
+}
+
+/// Outgoing MQTT bytes handed to the WebSocket task, which sends them as binary messages.
+pub struct ChannelWriter(pub mpsc::Sender<Bytes>);
+
+impl MqttWrite for ChannelWriter {
+    async fn write_some(&mut self, data: &[u8]) -> io::Result<usize> {
+        // `reserve` is cancel-safe; once a slot is held, sending cannot fail or wait.
+        let permit = self
+            .0
+            .reserve()
+            .await
+            .map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
+        permit.send(Bytes::copy_from_slice(data));
+        Ok(data.len())
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+
+    async fn close(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
