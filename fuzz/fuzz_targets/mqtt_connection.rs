@@ -39,14 +39,15 @@ fuzz_target!(|data: &[u8]| {
             match ev {
                 Event::Publish { packet_id: Some(id), .. } => conn.acknowledge(id),
                 Event::Subscribe(s) => {
-                    let codes = s.filters.iter().map(|(_, q)| SubscribeReturnCode::Success(*q)).collect();
+                    let codes = s.filters.iter().map(|(_, o)| ReasonCode::granted(o.qos)).collect();
                     conn.subscribed(&s, codes);
                 }
                 _ => {}
             }
         }
+        let version = conn.protocol();
         let out = conn.transmit();
-        while let Some(p) = decode(out, usize::MAX).expect("the broker writes valid packets") {
+        while let Some(p) = decode(out, usize::MAX, version).expect("the broker writes valid packets") {
             let _ = p;
         }
         assert!(out.is_empty());

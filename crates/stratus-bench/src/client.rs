@@ -6,8 +6,7 @@ use std::net::SocketAddr;
 use anyhow::{bail, Context};
 use bytes::BytesMut;
 use stratus_mqtt::{
-    decode, encode, ConnectReturnCode, MqttStr, Packet, ProtocolVersion, QoS, SubAck, Subscribe,
-    SubscribeReturnCode,
+    decode, encode, MqttStr, Packet, ProtocolVersion, QoS, ReasonCode, SubAck, Subscribe,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -117,8 +116,8 @@ impl Client {
         client.tx.extend_from_slice(&connect_packet(client_id)?);
         client.flush().await?;
         match client.next_control_packet().await? {
-            Packet::ConnAck(ack) if ack.code == ConnectReturnCode::Accepted => Ok(client),
-            Packet::ConnAck(ack) => bail!("the broker refused {client_id}: {:?}", ack.code),
+            Packet::ConnAck(ack) if ack.reason == ReasonCode::Success => Ok(client),
+            Packet::ConnAck(ack) => bail!("the broker refused {client_id}: {}", ack.reason),
             other => bail!("expected CONNACK, got {}", other.name()),
         }
     }
@@ -166,7 +165,7 @@ impl Client {
             if let Some(frame) = next_frame(self.rx.data())? {
                 let len = frame.raw.len();
                 let mut bytes = BytesMut::from(frame.raw);
-                let packet = decode(&mut bytes, usize::MAX)?
+                let packet = decode(&mut bytes, usize::MAX, ProtocolVersion::V311)?
                     .context("the codec found no packet where the scanner found one")?;
                 self.rx.start += len;
                 return Ok(packet);
@@ -180,8 +179,8 @@ impl Client {
 
 /// Fails unless the SUBACK granted the subscription.
 pub fn check_suback(ack: &SubAck, filter: &str) -> anyhow::Result<()> {
-    match ack.return_codes.first() {
-        Some(SubscribeReturnCode::Success(_)) => Ok(()),
+    match ack.reason_codes.first() {
+        Some(code) if code.granted_qos().is_some() => Ok(()),
         _ => bail!("the broker refused the subscription to {filter}"),
     }
 }
@@ -189,7 +188,7 @@ pub fn check_suback(ack: &SubAck, filter: &str) -> anyhow::Result<()> {
 /// Decodes a whole frame with the codec (control packets only).
 pub fn decode_frame(frame: &Frame<'_>) -> anyhow::Result<Packet> {
     let mut bytes = BytesMut::from(frame.raw);
-    decode(&mut bytes, usize::MAX)?.context("incomplete frame")
+    decode(&mut bytes, usize::MAX, ProtocolVersion::V311)?.context("incomplete frame")
 }
 
 /// CONNECT for MQTT 3.1.1, clean session, no credentials.
@@ -204,7 +203,9 @@ pub fn connect_packet(client_id: &str) -> anyhow::Result<Vec<u8>> {
             will: None,
             username: None,
             password: None,
+            properties: Default::default(),
         }),
+        ProtocolVersion::V311,
         &mut out,
     )?;
     Ok(out.to_vec())
@@ -216,8 +217,10 @@ pub fn subscribe_packet(filter: &str, qos: QoS) -> anyhow::Result<Vec<u8>> {
     encode(
         &Packet::Subscribe(Subscribe {
             packet_id: 1,
-            filters: vec![(MqttStr::try_from(filter)?, qos)],
+            filters: vec![(MqttStr::try_from(filter)?, qos.into())],
+            properties: Default::default(),
         }),
+        ProtocolVersion::V311,
         &mut out,
     )?;
     Ok(out.to_vec())
@@ -237,9 +240,9 @@ pub async fn connect_idle(addr: SocketAddr, client_id: &str) -> anyhow::Result<T
         .await
         .with_context(|| format!("waiting for the CONNACK of {client_id}"))?;
     let mut bytes = BytesMut::from(&ack[..]);
-    match decode(&mut bytes, usize::MAX)? {
-        Some(Packet::ConnAck(a)) if a.code == ConnectReturnCode::Accepted => Ok(stream),
-        Some(Packet::ConnAck(a)) => bail!("the broker refused {client_id}: {:?}", a.code),
+    match decode(&mut bytes, usize::MAX, ProtocolVersion::V311)? {
+        Some(Packet::ConnAck(a)) if a.reason == ReasonCode::Success => Ok(stream),
+        Some(Packet::ConnAck(a)) => bail!("the broker refused {client_id}: {}", a.reason),
         _ => bail!("expected CONNACK for {client_id}"),
     }
 }

@@ -8,7 +8,7 @@
 use std::fmt;
 
 use bytes::{Bytes, BytesMut};
-use stratus_mqtt::{encode, MqttStr, Packet, PacketId, Publish, QoS};
+use stratus_mqtt::{encode, MqttStr, Packet, PacketId, ProtocolVersion, Publish, QoS};
 
 /// Payload size of every benchmark message.
 pub const PAYLOAD_LEN: usize = 64;
@@ -94,7 +94,9 @@ impl Template {
                 topic: MqttStr::try_from(topic)?,
                 packet_id,
                 payload: Bytes::copy_from_slice(payload),
+                properties: Default::default(),
             }),
+            ProtocolVersion::V311,
             &mut out,
         )?;
         let payload_at = out.len() - payload.len();
@@ -355,7 +357,7 @@ pub fn announced_len(buf: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use stratus_mqtt::decode;
+    use stratus_mqtt::{decode, PubAck};
 
     fn stamp(seq: u32) -> Stamp {
         Stamp {
@@ -382,7 +384,9 @@ mod tests {
             t.append(&mut out, 7, 100, 2_000);
             let mut buf = BytesMut::from(&out[..]);
             for (id, seq, sent) in [(513, 99, 1_000), (7, 100, 2_000)] {
-                let Some(Packet::Publish(p)) = decode(&mut buf, usize::MAX).unwrap() else {
+                let Some(Packet::Publish(p)) =
+                    decode(&mut buf, usize::MAX, ProtocolVersion::V311).unwrap()
+                else {
                     panic!("not a publish");
                 };
                 assert_eq!(p.qos, qos);
@@ -419,13 +423,13 @@ mod tests {
     #[test]
     fn acks_match_the_codec() {
         for (ack, packet) in [
-            (Ack::PubAck, Packet::PubAck(0x1234)),
-            (Ack::PubRec, Packet::PubRec(0x1234)),
-            (Ack::PubRel, Packet::PubRel(0x1234)),
-            (Ack::PubComp, Packet::PubComp(0x1234)),
+            (Ack::PubAck, Packet::PubAck(PubAck::new(0x1234))),
+            (Ack::PubRec, Packet::PubRec(PubAck::new(0x1234))),
+            (Ack::PubRel, Packet::PubRel(PubAck::new(0x1234))),
+            (Ack::PubComp, Packet::PubComp(PubAck::new(0x1234))),
         ] {
             let mut want = BytesMut::new();
-            encode(&packet, &mut want).unwrap();
+            encode(&packet, ProtocolVersion::V311, &mut want).unwrap();
             let mut got = Vec::new();
             append_ack(&mut got, ack, 0x1234);
             assert_eq!(got, want.to_vec(), "{ack:?}");
@@ -444,7 +448,9 @@ mod tests {
                 topic: MqttStr::try_from("big").unwrap(),
                 packet_id: Some(9),
                 payload: Bytes::from(vec![1u8; 20_000]),
+                properties: Default::default(),
             }),
+            ProtocolVersion::V311,
             &mut big,
         )
         .unwrap();

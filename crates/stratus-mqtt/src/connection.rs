@@ -18,6 +18,8 @@ use bytes::BytesMut;
 use crate::codec::{self, DecodeError};
 use crate::message::Message;
 use crate::packet::*;
+use crate::properties::{PublishProperties, SubAckProperties, UnsubAckProperties};
+use crate::reason::ReasonCode;
 use crate::session::{Outbound, OutboundState, Session};
 use crate::types::{MqttStr, PacketId, ProtocolVersion, QoS};
 
@@ -56,8 +58,9 @@ impl Default for Limits {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// A valid CONNECT arrived; answer with [`Connection::accept`] or [`Connection::refuse`].
-    /// A zero-length client id with Clean Session 0 has already been refused.
-    Connect(Connect),
+    /// A zero-length client id with Clean Session 0 has already been refused. Boxed: with its
+    /// MQTT 5.0 properties a CONNECT is several times larger than any other event.
+    Connect(Box<Connect>),
     /// An application message to route. For QoS 1/2 (`packet_id` set), call
     /// [`Connection::acknowledge`] once it is handled; acknowledgements go out in receive order.
     Publish {
@@ -302,7 +305,7 @@ impl Connection {
                 ));
                 return;
             }
-            match codec::decode(buf, self.limits.max_packet_size) {
+            match codec::decode(buf, self.limits.max_packet_size, self.protocol) {
                 Ok(Some(packet)) => {
                     self.last_received = now;
                     self.stats.packets_received += 1;
@@ -312,10 +315,10 @@ impl Connection {
                 Err(DecodeError::UnsupportedProtocolLevel(level))
                     if matches!(self.phase, Phase::AwaitingConnect { .. }) =>
                 {
-                    self.send(&Packet::ConnAck(ConnAck {
-                        session_present: false,
-                        code: ConnectReturnCode::UnacceptableProtocolVersion,
-                    }));
+                    self.send(&Packet::ConnAck(ConnAck::new(
+                        false,
+                        ReasonCode::UnsupportedProtocolVersion,
+                    )));
                     self.close(CloseReason::Malformed(
                         DecodeError::UnsupportedProtocolLevel(level),
                     ));
@@ -334,33 +337,42 @@ impl Connection {
                 "first packet is not CONNECT",
             )),
             (Phase::Connected, Packet::Publish(publish)) => self.handle_publish(publish),
-            (Phase::Connected, Packet::PubAck(id)) => {
-                self.complete_outbound(id, OutboundState::AwaitingPubAck)
+            (Phase::Connected, Packet::PubAck(ack)) => {
+                self.complete_outbound(ack.packet_id, OutboundState::AwaitingPubAck)
             }
-            (Phase::Connected, Packet::PubRec(id)) => self.handle_pubrec(id),
-            (Phase::Connected, Packet::PubRel(id)) => {
+            (Phase::Connected, Packet::PubRec(ack)) => self.handle_pubrec(ack.packet_id),
+            (Phase::Connected, Packet::PubRel(ack)) => {
                 if let Some(s) = self.session.as_mut() {
-                    s.inbound_qos2.remove(&id);
+                    s.inbound_qos2.remove(&ack.packet_id);
                 }
-                self.send(&Packet::PubComp(id));
+                self.send(&Packet::PubComp(PubAck::new(ack.packet_id)));
             }
-            (Phase::Connected, Packet::PubComp(id)) => {
-                self.complete_outbound(id, OutboundState::AwaitingPubComp)
+            (Phase::Connected, Packet::PubComp(ack)) => {
+                self.complete_outbound(ack.packet_id, OutboundState::AwaitingPubComp)
             }
             (Phase::Connected, Packet::Subscribe(sub)) => {
                 self.events.push_back(Event::Subscribe(sub))
             }
             (Phase::Connected, Packet::Unsubscribe(unsub)) => {
+                let mut reason_codes = Vec::with_capacity(unsub.filters.len());
                 if let Some(s) = self.session.as_mut() {
                     for f in &unsub.filters {
-                        s.subscriptions.remove(f);
+                        reason_codes.push(match s.subscriptions.remove(f) {
+                            Some(_) => ReasonCode::Success,
+                            None => ReasonCode::NoSubscriptionExisted,
+                        });
                     }
                 }
-                self.send(&Packet::UnsubAck(unsub.packet_id));
+                // The reason codes reach MQTT 5.0 clients only.
+                self.send(&Packet::UnsubAck(UnsubAck {
+                    packet_id: unsub.packet_id,
+                    reason_codes,
+                    properties: UnsubAckProperties::default(),
+                }));
                 self.events.push_back(Event::Unsubscribe(unsub.filters));
             }
             (Phase::Connected, Packet::PingReq) => self.send(&Packet::PingResp),
-            (Phase::Connected, Packet::Disconnect) => self.close(CloseReason::ClientDisconnect),
+            (Phase::Connected, Packet::Disconnect(_)) => self.close(CloseReason::ClientDisconnect),
             (Phase::Connected, Packet::Connect(_)) => {
                 self.close(CloseReason::ProtocolViolation("second CONNECT"))
             }
@@ -395,7 +407,7 @@ impl Connection {
         };
         self.will = connect.will.clone();
         self.phase = Phase::Authenticating;
-        self.events.push_back(Event::Connect(connect));
+        self.events.push_back(Event::Connect(Box::new(connect)));
     }
 
     /// Accepts the CONNECT with `session` (new, or resumed when `session_present`): sends
@@ -405,15 +417,17 @@ impl Connection {
             return;
         }
         self.phase = Phase::Connected;
-        self.send(&Packet::ConnAck(ConnAck {
+        self.send(&Packet::ConnAck(ConnAck::new(
             session_present,
-            code: ConnectReturnCode::Accepted,
-        }));
+            ReasonCode::Success,
+        )));
         let mut session = session;
         let mut resend = std::mem::take(&mut session.inflight);
         for o in &resend {
             match o.state {
-                OutboundState::AwaitingPubComp => self.send(&Packet::PubRel(o.packet_id)),
+                OutboundState::AwaitingPubComp => {
+                    self.send(&Packet::PubRel(PubAck::new(o.packet_id)))
+                }
                 _ => {
                     self.encode_publish(&o.message, Some(o.packet_id), true);
                 }
@@ -429,31 +443,35 @@ impl Connection {
         if !matches!(self.phase, Phase::Authenticating) || code == ConnectReturnCode::Accepted {
             return;
         }
-        self.send(&Packet::ConnAck(ConnAck {
-            session_present: false,
-            code,
-        }));
+        self.send(&Packet::ConnAck(ConnAck::new(false, code.into())));
         self.close(CloseReason::Refused(code));
     }
 
     /// Answers a SUBSCRIBE: one code per requested filter, in order. Granted filters are recorded
     /// in the session. The host sends retained messages after this, with [`deliver`](Self::deliver).
-    pub fn subscribed(&mut self, subscribe: &Subscribe, codes: Vec<SubscribeReturnCode>) {
+    pub fn subscribed(&mut self, subscribe: &Subscribe, codes: Vec<ReasonCode>) {
         if let Some(s) = self.session.as_mut() {
             for ((filter, _), code) in subscribe.filters.iter().zip(&codes) {
-                if let SubscribeReturnCode::Success(q) = code {
-                    s.subscriptions.insert(filter.clone(), *q);
+                if let Some(q) = code.granted_qos() {
+                    s.subscriptions.insert(filter.clone(), q);
                 }
             }
         }
         self.send(&Packet::SubAck(SubAck {
             packet_id: subscribe.packet_id,
-            return_codes: codes,
+            reason_codes: codes,
+            properties: SubAckProperties::default(),
         }));
     }
 
     fn handle_publish(&mut self, publish: Publish) {
         self.stats.publish_received += 1;
+        if publish.properties.topic_alias.is_some() {
+            // MQTT 5.0 only. The CONNACK announces no Topic Alias Maximum (0), so every alias is
+            // invalid (§3.3.4); this also keeps an unresolved empty topic from being routed.
+            self.close(CloseReason::ProtocolViolation("topic alias not supported"));
+            return;
+        }
         if crate::topic::level_count(&publish.topic) > self.limits.max_topic_levels {
             // MQTT 3.1.1 cannot refuse one PUBLISH; the connection is closed instead.
             self.close(CloseReason::ProtocolViolation(
@@ -515,8 +533,8 @@ impl Connection {
                 break;
             };
             let packet = match a.qos {
-                QoS::ExactlyOnce => Packet::PubRec(a.packet_id),
-                _ => Packet::PubAck(a.packet_id),
+                QoS::ExactlyOnce => Packet::PubRec(PubAck::new(a.packet_id)),
+                _ => Packet::PubAck(PubAck::new(a.packet_id)),
             };
             self.send(&packet);
         }
@@ -528,7 +546,7 @@ impl Connection {
                 s.inflight[i].state = OutboundState::AwaitingPubComp;
             }
         }
-        self.send(&Packet::PubRel(id));
+        self.send(&Packet::PubRel(PubAck::new(id)));
     }
 
     fn complete_outbound(&mut self, id: PacketId, state: OutboundState) {
@@ -628,17 +646,29 @@ impl Connection {
     ) {
         // Cannot fail: the topic came from a decoded packet (≤ 65535 bytes) and the payload
         // from a packet no larger than the maximum Remaining Length.
-        if codec::encode_publish_parts(
-            &m.topic,
-            &m.payload,
-            qos,
-            packet_id,
-            retain,
-            dup,
-            &mut self.transmit,
-        )
-        .is_ok()
-        {
+        let encoded = if self.protocol.is_v5() {
+            codec::encode_publish_parts_v5(
+                &m.topic,
+                &m.payload,
+                qos,
+                packet_id,
+                retain,
+                dup,
+                &PublishProperties::default(),
+                &mut self.transmit,
+            )
+        } else {
+            codec::encode_publish_parts(
+                &m.topic,
+                &m.payload,
+                qos,
+                packet_id,
+                retain,
+                dup,
+                &mut self.transmit,
+            )
+        };
+        if encoded.is_ok() {
             self.stats.publish_sent += 1;
             self.stats.packets_sent += 1;
         }
@@ -646,7 +676,7 @@ impl Connection {
 
     fn send(&mut self, packet: &Packet) {
         // Cannot fail for the packets the broker sends (fixed size, or SUBACKs far below the limit).
-        if codec::encode(packet, &mut self.transmit).is_ok() {
+        if codec::encode(packet, self.protocol, &mut self.transmit).is_ok() {
             self.stats.packets_sent += 1;
         }
     }

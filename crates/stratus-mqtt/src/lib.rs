@@ -1,6 +1,7 @@
 //! # stratus-mqtt
 //!
-//! MQTT for Stratus as plain state: a zero-copy packet [`codec`], topic validation and
+//! MQTT for Stratus as plain state: a zero-copy packet [`codec`] for MQTT 3.1, 3.1.1 and 5.0
+//! (with typed 5.0 [`properties`] and [`ReasonCode`]s), topic validation and
 //! matching ([`topic`]), the [`SubscriptionTree`] and [`RetainedStore`] that route messages,
 //! the per-client [`Session`], and the broker side of one connection as a sans-IO state
 //! machine ([`Connection`]).
@@ -23,6 +24,8 @@ pub mod codec;
 pub mod connection;
 pub mod message;
 pub mod packet;
+pub mod properties;
+pub mod reason;
 pub mod retained;
 pub mod session;
 pub mod topic;
@@ -33,6 +36,12 @@ pub use codec::{decode, encode, DecodeError, EncodeError};
 pub use connection::{CloseReason, Connection, Delivered, Event, Limits, Stats};
 pub use message::Message;
 pub use packet::*;
+pub use properties::{
+    AuthProperties, ConnAckProperties, ConnectProperties, DisconnectProperties, PayloadFormat,
+    PropertyId, PubAckProperties, PublishProperties, SubAckProperties, SubscribeProperties,
+    UnsubAckProperties, UnsubscribeProperties, UserProperty, WillProperties,
+};
+pub use reason::ReasonCode;
 pub use retained::RetainedStore;
 pub use session::Session;
 pub use tree::SubscriptionTree;

@@ -35,6 +35,8 @@ pub enum ProtocolVersion {
     V31,
     /// MQTT 3.1.1 (`MQTT`, level 4).
     V311,
+    /// MQTT 5.0 (`MQTT`, level 5).
+    V5,
 }
 
 impl ProtocolVersion {
@@ -43,7 +45,13 @@ impl ProtocolVersion {
         match self {
             ProtocolVersion::V31 => ("MQIsdp", 3),
             ProtocolVersion::V311 => ("MQTT", 4),
+            ProtocolVersion::V5 => ("MQTT", 5),
         }
+    }
+
+    /// True for MQTT 5.0, whose packets carry reason codes and properties.
+    pub fn is_v5(self) -> bool {
+        self == ProtocolVersion::V5
     }
 }
 

@@ -33,7 +33,7 @@ impl Harness {
 
     fn send(&mut self, p: Packet) {
         let mut b = BytesMut::new();
-        encode(&p, &mut b).unwrap();
+        encode(&p, ProtocolVersion::V311, &mut b).unwrap();
         self.send_raw(&b);
     }
 
@@ -46,7 +46,7 @@ impl Harness {
     fn received(&mut self) -> Vec<Packet> {
         let mut out = Vec::new();
         let buf = self.conn.transmit();
-        while let Some(p) = decode(buf, usize::MAX).unwrap() {
+        while let Some(p) = decode(buf, usize::MAX, ProtocolVersion::V311).unwrap() {
             out.push(p);
         }
         assert!(buf.is_empty(), "transmit buffer holds a partial packet");
@@ -66,10 +66,10 @@ impl Harness {
         h.conn.accept(Session::new(id), false);
         assert_eq!(
             h.received(),
-            vec![Packet::ConnAck(ConnAck {
-                session_present: false,
-                code: ConnectReturnCode::Accepted
-            })]
+            vec![Packet::ConnAck(ConnAck::new(
+                false,
+                ConnectReturnCode::Accepted.into()
+            ))]
         );
         h
     }
@@ -84,6 +84,7 @@ fn connect_packet(id: &str) -> Connect {
         will: None,
         username: None,
         password: None,
+        properties: ConnectProperties::default(),
     }
 }
 
@@ -93,6 +94,7 @@ fn with_will(mut c: Connect) -> Connect {
         payload: Bytes::from_static(b"offline"),
         qos: QoS::AtLeastOnce,
         retain: true,
+        properties: WillProperties::default(),
     });
     c
 }
@@ -114,7 +116,17 @@ fn publish(id: Option<u16>, qos: QoS, dup: bool) -> Packet {
         topic: s("t"),
         packet_id: id,
         payload: Bytes::from_static(b"x"),
+        properties: PublishProperties::default(),
     })
+}
+
+/// An MQTT 3.1.1 UNSUBACK (no reason codes on the wire).
+fn unsuback(packet_id: u16) -> UnsubAck {
+    UnsubAck {
+        packet_id,
+        reason_codes: vec![],
+        properties: UnsubAckProperties::default(),
+    }
 }
 
 fn closed_will(events: &[Event]) -> Option<Option<Message>> {
@@ -137,10 +149,10 @@ fn connect_then_accept_sends_connack() {
     h.conn.accept(Session::new(s("c1")), true);
     assert_eq!(
         h.received(),
-        vec![Packet::ConnAck(ConnAck {
-            session_present: true,
-            code: ConnectReturnCode::Accepted
-        })]
+        vec![Packet::ConnAck(ConnAck::new(
+            true,
+            ConnectReturnCode::Accepted.into()
+        ))]
     );
     assert!(h.conn.is_connected());
 }
@@ -153,10 +165,10 @@ fn refused_connect_sends_the_code_and_closes_without_will() {
     h.conn.refuse(ConnectReturnCode::NotAuthorized);
     assert_eq!(
         h.received(),
-        vec![Packet::ConnAck(ConnAck {
-            session_present: false,
-            code: ConnectReturnCode::NotAuthorized
-        })]
+        vec![Packet::ConnAck(ConnAck::new(
+            false,
+            ConnectReturnCode::NotAuthorized.into()
+        ))]
     );
     assert!(h.conn.is_closed());
     assert_eq!(closed_will(&h.events()), Some(None));
@@ -168,10 +180,10 @@ fn empty_client_id_needs_clean_session() {
     h.send(Packet::Connect(connect_packet("")));
     assert_eq!(
         h.received(),
-        vec![Packet::ConnAck(ConnAck {
-            session_present: false,
-            code: ConnectReturnCode::IdentifierRejected
-        })]
+        vec![Packet::ConnAck(ConnAck::new(
+            false,
+            ConnectReturnCode::IdentifierRejected.into()
+        ))]
     );
     assert!(h.conn.is_closed());
     assert!(!h.events().iter().any(|e| matches!(e, Event::Connect(_))));
@@ -194,10 +206,10 @@ fn unsupported_protocol_level_gets_connack_1() {
     ]);
     assert_eq!(
         h.received(),
-        vec![Packet::ConnAck(ConnAck {
-            session_present: false,
-            code: ConnectReturnCode::UnacceptableProtocolVersion
-        })]
+        vec![Packet::ConnAck(ConnAck::new(
+            false,
+            ConnectReturnCode::UnacceptableProtocolVersion.into()
+        ))]
     );
     assert!(h.conn.is_closed());
 }
@@ -238,15 +250,13 @@ fn second_connect_is_a_protocol_violation_and_publishes_the_will() {
 #[test]
 fn client_only_packets_from_a_client_close_the_connection() {
     for p in [
-        Packet::ConnAck(ConnAck {
-            session_present: false,
-            code: ConnectReturnCode::Accepted,
-        }),
+        Packet::ConnAck(ConnAck::new(false, ConnectReturnCode::Accepted.into())),
         Packet::SubAck(SubAck {
             packet_id: 1,
-            return_codes: vec![],
+            reason_codes: vec![],
+            properties: SubAckProperties::default(),
         }),
-        Packet::UnsubAck(1),
+        Packet::UnsubAck(unsuback(1)),
         Packet::PingResp,
     ] {
         let mut h = Harness::connected(Limits::default(), connect_packet("c1"));
@@ -313,7 +323,7 @@ fn keep_alive_zero_never_expires() {
 #[test]
 fn disconnect_discards_the_will() {
     let mut h = Harness::connected(Limits::default(), with_will(connect_packet("c1")));
-    h.send(Packet::Disconnect);
+    h.send(Packet::Disconnect(Disconnect::default()));
     assert!(h.conn.is_closed());
     assert!(matches!(
         &h.events()[..],
@@ -366,8 +376,13 @@ fn oversized_packet_closes_the_connection() {
 fn packets_pipelined_after_connect_are_handled_after_accept() {
     let mut h = Harness::new(Limits::default());
     let mut b = BytesMut::new();
-    encode(&Packet::Connect(connect_packet("c1")), &mut b).unwrap();
-    encode(&Packet::PingReq, &mut b).unwrap();
+    encode(
+        &Packet::Connect(connect_packet("c1")),
+        ProtocolVersion::V311,
+        &mut b,
+    )
+    .unwrap();
+    encode(&Packet::PingReq, ProtocolVersion::V311, &mut b).unwrap();
     h.send_raw(&b);
     assert_eq!(h.events().len(), 1);
     assert!(h.received().is_empty());
@@ -376,10 +391,7 @@ fn packets_pipelined_after_connect_are_handled_after_accept() {
     assert_eq!(
         h.received(),
         vec![
-            Packet::ConnAck(ConnAck {
-                session_present: false,
-                code: ConnectReturnCode::Accepted
-            }),
+            Packet::ConnAck(ConnAck::new(false, ConnectReturnCode::Accepted.into())),
             Packet::PingResp
         ]
     );
@@ -396,7 +408,13 @@ fn qos1_inbound_is_acknowledged_when_the_host_is_done_in_receive_order() {
     h.conn.acknowledge(2);
     assert!(h.received().is_empty(), "PUBACK 2 waits for PUBACK 1");
     h.conn.acknowledge(1);
-    assert_eq!(h.received(), vec![Packet::PubAck(1), Packet::PubAck(2)]);
+    assert_eq!(
+        h.received(),
+        vec![
+            Packet::PubAck(PubAck::new(1)),
+            Packet::PubAck(PubAck::new(2))
+        ]
+    );
 }
 
 #[test]
@@ -411,13 +429,13 @@ fn qos2_inbound_is_handed_over_exactly_once() {
         }]
     ));
     h.conn.acknowledge(7);
-    assert_eq!(h.received(), vec![Packet::PubRec(7)]);
+    assert_eq!(h.received(), vec![Packet::PubRec(PubAck::new(7))]);
     // The client did not see the PUBREC and sends the PUBLISH again.
     h.send(publish(Some(7), QoS::ExactlyOnce, true));
     assert!(h.events().is_empty(), "a duplicate is not routed again");
-    assert_eq!(h.received(), vec![Packet::PubRec(7)]);
-    h.send(Packet::PubRel(7));
-    assert_eq!(h.received(), vec![Packet::PubComp(7)]);
+    assert_eq!(h.received(), vec![Packet::PubRec(PubAck::new(7))]);
+    h.send(Packet::PubRel(PubAck::new(7)));
+    assert_eq!(h.received(), vec![Packet::PubComp(PubAck::new(7))]);
     // After the release the id is free again: a new message with id 7 is a new message.
     h.send(publish(Some(7), QoS::ExactlyOnce, false));
     assert_eq!(h.events().len(), 1);
@@ -443,7 +461,7 @@ fn qos2_inbound_state_survives_reconnection() {
         h2.events().is_empty(),
         "the retransmission after reconnect is not routed again"
     );
-    assert_eq!(h2.received(), vec![Packet::PubRec(9)]);
+    assert_eq!(h2.received(), vec![Packet::PubRec(PubAck::new(9))]);
 }
 
 #[test]
@@ -470,11 +488,11 @@ fn outbound_qos1_and_qos2_flows() {
     assert_eq!((p2.qos, p2.retain), (QoS::ExactlyOnce, true));
     assert_ne!(p1.packet_id, p2.packet_id);
     let (id1, id2) = (p1.packet_id.unwrap(), p2.packet_id.unwrap());
-    h.send(Packet::PubAck(id1));
-    h.send(Packet::PubRec(id2));
-    assert_eq!(h.received(), vec![Packet::PubRel(id2)]);
+    h.send(Packet::PubAck(PubAck::new(id1)));
+    h.send(Packet::PubRec(PubAck::new(id2)));
+    assert_eq!(h.received(), vec![Packet::PubRel(PubAck::new(id2))]);
     assert_eq!(h.conn.session().unwrap().inflight.len(), 1);
-    h.send(Packet::PubComp(id2));
+    h.send(Packet::PubComp(PubAck::new(id2)));
     assert!(h.conn.session().unwrap().inflight.is_empty());
 }
 
@@ -509,7 +527,7 @@ fn inflight_window_queues_and_releases_in_order() {
     let Packet::Publish(first) = &sent[0] else {
         panic!()
     };
-    h.send(Packet::PubAck(first.packet_id.unwrap()));
+    h.send(Packet::PubAck(PubAck::new(first.packet_id.unwrap())));
     let next = h.received();
     let [Packet::Publish(p3)] = &next[..] else {
         panic!("{next:?}")
@@ -534,8 +552,8 @@ fn reconnect_redelivers_inflight_with_dup_and_resends_pubrel() {
             _ => panic!(),
         })
         .collect();
-    h.send(Packet::PubRec(ids[2]));
-    assert_eq!(h.received(), vec![Packet::PubRel(ids[2])]);
+    h.send(Packet::PubRec(PubAck::new(ids[2])));
+    assert_eq!(h.received(), vec![Packet::PubRel(PubAck::new(ids[2]))]);
     h.conn.close(CloseReason::TransportClosed);
     let session = h.conn.take_session().unwrap();
 
@@ -546,10 +564,7 @@ fn reconnect_redelivers_inflight_with_dup_and_resends_pubrel() {
     let again = h2.received();
     assert_eq!(
         again[0],
-        Packet::ConnAck(ConnAck {
-            session_present: true,
-            code: ConnectReturnCode::Accepted
-        })
+        Packet::ConnAck(ConnAck::new(true, ConnectReturnCode::Accepted.into()))
     );
     let Packet::Publish(r1) = &again[1] else {
         panic!()
@@ -566,7 +581,7 @@ fn reconnect_redelivers_inflight_with_dup_and_resends_pubrel() {
         (r2.packet_id, r2.payload.clone()),
         (Some(ids[1]), Bytes::from_static(b"b"))
     );
-    assert_eq!(again[3], Packet::PubRel(ids[2]));
+    assert_eq!(again[3], Packet::PubRel(PubAck::new(ids[2])));
     assert_eq!(again.len(), 4);
 }
 
@@ -593,7 +608,7 @@ fn packet_ids_skip_ids_in_flight_and_wrap_without_zero() {
             assert_ne!(id, 0);
             assert_ne!(id, held, "an id in flight is never reused");
             seen.insert(id);
-            h.send(Packet::PubAck(id));
+            h.send(Packet::PubAck(PubAck::new(id)));
         }
     }
     assert_eq!(
@@ -638,7 +653,11 @@ fn subscribe_and_unsubscribe() {
     let mut h = Harness::connected(Limits::default(), connect_packet("c1"));
     let sub = Subscribe {
         packet_id: 3,
-        filters: vec![(s("a/+"), QoS::ExactlyOnce), (s("a/#/b"), QoS::AtMostOnce)],
+        filters: vec![
+            (s("a/+"), QoS::ExactlyOnce.into()),
+            (s("a/#/b"), QoS::AtMostOnce.into()),
+        ],
+        properties: SubscribeProperties::default(),
     };
     h.send(Packet::Subscribe(sub.clone()));
     let ev = h.events();
@@ -647,18 +666,19 @@ fn subscribe_and_unsubscribe() {
     h.conn.subscribed(
         &sub,
         vec![
-            SubscribeReturnCode::Success(QoS::ExactlyOnce),
-            SubscribeReturnCode::Failure,
+            ReasonCode::granted(QoS::ExactlyOnce),
+            ReasonCode::UnspecifiedError,
         ],
     );
     assert_eq!(
         h.received(),
         vec![Packet::SubAck(SubAck {
             packet_id: 3,
-            return_codes: vec![
-                SubscribeReturnCode::Success(QoS::ExactlyOnce),
-                SubscribeReturnCode::Failure
-            ]
+            reason_codes: vec![
+                ReasonCode::granted(QoS::ExactlyOnce),
+                ReasonCode::UnspecifiedError
+            ],
+            properties: SubAckProperties::default(),
         })]
     );
     assert_eq!(
@@ -669,8 +689,9 @@ fn subscribe_and_unsubscribe() {
     h.send(Packet::Unsubscribe(Unsubscribe {
         packet_id: 4,
         filters: vec![s("a/+")],
+        properties: UnsubscribeProperties::default(),
     }));
-    assert_eq!(h.received(), vec![Packet::UnsubAck(4)]);
+    assert_eq!(h.received(), vec![Packet::UnsubAck(unsuback(4))]);
     assert_eq!(h.events(), vec![Event::Unsubscribe(vec![s("a/+")])]);
     assert!(h.conn.session().unwrap().subscriptions.is_empty());
 }
@@ -684,7 +705,7 @@ fn nothing_is_delivered_before_connect_or_after_close() {
         Delivered::Dropped
     );
     let mut h = Harness::connected(Limits::default(), connect_packet("c1"));
-    h.send(Packet::Disconnect);
+    h.send(Packet::Disconnect(Disconnect::default()));
     assert_eq!(
         h.conn
             .deliver(&msg("t", "x", QoS::AtLeastOnce), QoS::AtLeastOnce, false),
@@ -698,7 +719,12 @@ fn nothing_is_delivered_before_connect_or_after_close() {
 fn byte_at_a_time_input_is_reassembled() {
     let mut h = Harness::connected(Limits::default(), connect_packet("c1"));
     let mut b = BytesMut::new();
-    encode(&publish(Some(5), QoS::AtLeastOnce, false), &mut b).unwrap();
+    encode(
+        &publish(Some(5), QoS::AtLeastOnce, false),
+        ProtocolVersion::V311,
+        &mut b,
+    )
+    .unwrap();
     for byte in b.iter() {
         h.send_raw(&[*byte]);
     }
@@ -723,6 +749,7 @@ fn topics_deeper_than_the_limit_are_refused() {
             topic: s(&vec!["x"; levels].join("/")),
             packet_id: None,
             payload: Bytes::new(),
+            properties: PublishProperties::default(),
         })
     };
     h.send(deep(4));
@@ -736,4 +763,38 @@ fn topics_deeper_than_the_limit_are_refused() {
     h.send(Packet::Connect(c));
     assert!(h.conn.is_closed());
     assert!(!h.events().iter().any(|e| matches!(e, Event::Connect(_))));
+}
+
+#[test]
+fn v5_topic_aliases_are_refused_until_supported() {
+    let mut c = connect_packet("c1");
+    c.protocol = ProtocolVersion::V5;
+    let mut h = Harness::new(Limits::default());
+    h.send(Packet::Connect(c));
+    assert!(matches!(h.events().as_slice(), [Event::Connect(_)]));
+    h.conn.accept(Session::new(s("c1")), false);
+    let mut b = BytesMut::new();
+    encode(
+        &Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            retain: false,
+            topic: s(""),
+            packet_id: None,
+            payload: Bytes::from_static(b"x"),
+            properties: PublishProperties {
+                topic_alias: std::num::NonZeroU16::new(1),
+                ..PublishProperties::default()
+            },
+        }),
+        ProtocolVersion::V5,
+        &mut b,
+    )
+    .unwrap();
+    h.send_raw(&b);
+    assert!(h.conn.is_closed());
+    assert!(!h
+        .events()
+        .iter()
+        .any(|e| matches!(e, Event::Publish { .. })));
 }

@@ -45,10 +45,10 @@ pub struct ClientHandle {
 /// Messages on their way to one client, in order.
 ///
 /// While the client is online this is a transit queue that its connection task drains as its
-/// in-flight window allows: QoS 0 beyond `max_queued` is dropped (at most once), QoS 1/2 is
-/// never dropped but makes publishers wait ([`Routed::congested`]). While the client is
-/// offline it is the session's queue: QoS 1/2 only, at most `max_queued`, further ones dropped
-/// and counted.
+/// in-flight window allows. When it holds more than `max_queued` messages, publishers are told
+/// to wait ([`Routed::congested`]); only far beyond that (`HARD_BACKLOG_FACTOR`), which flow
+/// control prevents, are messages dropped. While the client is offline it is the session's
+/// queue: QoS 1/2 only, at most `max_queued`, further ones dropped and counted.
 #[derive(Default)]
 struct Mailbox {
     queue: VecDeque<(Message, QoS)>,
@@ -59,6 +59,10 @@ struct Mailbox {
 }
 
 impl Mailbox {
+    fn backlog(&self) -> usize {
+        self.qos0 + self.qos12
+    }
+
     fn pop(&mut self) -> Option<(Message, QoS)> {
         let item = self.queue.pop_front()?;
         if item.1 == QoS::AtMostOnce {
@@ -87,9 +91,9 @@ enum Accepted {
     No,
 }
 
-/// The QoS 1/2 backlog, in multiples of `max_queued`, at which an online client's messages are
-/// dropped after all (only a client publishing to itself faster than it reads gets there:
-/// other publishers are throttled long before).
+/// The backlog, in multiples of `max_queued`, at which an online client's messages are dropped
+/// after all (only a client publishing to itself faster than it reads gets there: other
+/// publishers are throttled long before).
 const HARD_BACKLOG_FACTOR: usize = 8;
 
 /// Most messages moved from a mailbox to a connection per wake-up, to bound lock hold time.
@@ -144,10 +148,10 @@ impl ClientHandle {
         if mb.gone || (!mb.online && qos == QoS::AtMostOnce) {
             return Accepted::No;
         }
-        let full = match (qos, mb.online) {
-            (QoS::AtMostOnce, _) => mb.qos0 >= max_queued,
-            (_, false) => mb.qos12 >= max_queued,
-            (_, true) => mb.qos12 >= max_queued.saturating_mul(HARD_BACKLOG_FACTOR),
+        let full = if mb.online {
+            mb.backlog() >= max_queued.saturating_mul(HARD_BACKLOG_FACTOR)
+        } else {
+            mb.qos12 >= max_queued
         };
         if full {
             drop(mb);
@@ -162,13 +166,12 @@ impl ClientHandle {
             message.compact()
         };
         mb.queue.push_back((kept, qos));
-        let congested = if qos == QoS::AtMostOnce {
+        if qos == QoS::AtMostOnce {
             mb.qos0 += 1;
-            false
         } else {
             mb.qos12 += 1;
-            mb.online && mb.qos12 > max_queued
-        };
+        }
+        let congested = mb.online && mb.backlog() > max_queued;
         drop(mb);
         if was_empty {
             self.notify.notify_one();
@@ -184,7 +187,7 @@ impl ClientHandle {
     /// goes). Returns true when more could be moved right away (the batch limit was hit).
     pub fn drain_into(&self, conn: &mut Connection, max_queued: usize) -> bool {
         let mut mb = self.mailbox.lock();
-        let was_congested = mb.qos12 > max_queued;
+        let was_congested = mb.backlog() > max_queued;
         let mut moved = 0;
         let mut more = false;
         while let Some((_, qos)) = mb.queue.front() {
@@ -198,10 +201,11 @@ impl ClientHandle {
             let Some((message, qos)) = mb.pop() else {
                 break;
             };
-            conn.deliver(&message, qos, false);
+            // RETAIN is set only on retained messages sent for a new subscription.
+            conn.deliver(&message, qos, message.retain);
             moved += 1;
         }
-        let relieved = was_congested && mb.qos12 <= max_queued;
+        let relieved = was_congested && mb.backlog() <= max_queued;
         drop(mb);
         if relieved {
             self.space.notify_waiters();
@@ -209,12 +213,36 @@ impl ClientHandle {
         more
     }
 
+    /// Queues the retained messages for a new subscription (RETAIN set, `qos` capped by the
+    /// granted QoS). They go through the mailbox so the in-flight window paces them like any
+    /// other message; being already in memory they are never dropped for lack of room.
+    pub fn enqueue_retained(&self, messages: Vec<Message>, granted: QoS) {
+        if messages.is_empty() {
+            return;
+        }
+        let mut mb = self.mailbox.lock();
+        let was_empty = mb.queue.is_empty();
+        for m in messages {
+            let qos = m.qos.min(granted);
+            if qos == QoS::AtMostOnce {
+                mb.qos0 += 1;
+            } else {
+                mb.qos12 += 1;
+            }
+            mb.queue.push_back((m, qos));
+        }
+        drop(mb);
+        if was_empty {
+            self.notify.notify_one();
+        }
+    }
+
     /// True (once) when publishers gave up waiting for this client: close its connection.
     pub fn take_overloaded(&self) -> bool {
         self.overloaded.swap(false, Ordering::AcqRel)
     }
 
-    /// Waits until the client's QoS 1/2 backlog is within `max_queued`, or it went away, or
+    /// Waits until the client's backlog is within `max_queued`, or it went away, or
     /// `deadline` passes; in the last case the client is marked overloaded (its connection
     /// closes as a slow consumer) and false is returned.
     pub async fn wait_for_space(&self, max_queued: usize, deadline: tokio::time::Instant) -> bool {
@@ -224,7 +252,7 @@ impl ClientHandle {
             space.as_mut().enable();
             {
                 let mb = self.mailbox.lock();
-                if mb.qos12 <= max_queued || !mb.online || mb.gone {
+                if mb.backlog() <= max_queued || !mb.online || mb.gone {
                     return true;
                 }
             }
@@ -254,8 +282,8 @@ impl PartialEq for Subscriber {
 pub struct Routed {
     /// Clients that took it.
     pub delivered: usize,
-    /// Online clients whose QoS 1/2 backlog is over its bound: the publisher should wait for
-    /// them ([`ClientHandle::wait_for_space`]) before reading more.
+    /// Online clients whose backlog is over its bound: the publisher should wait for them
+    /// ([`ClientHandle::wait_for_space`]): hold its acknowledgement, or stop reading (QoS 0).
     pub congested: Vec<Arc<ClientHandle>>,
 }
 
@@ -711,15 +739,19 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn online_qos0_beyond_the_bound_is_dropped_and_counted() {
+    async fn online_qos0_backlog_congests_and_is_dropped_only_at_the_hard_cap() {
         let b = broker(2);
         let a = b.attach(s("a"), true, false).await;
         b.subscribe(&a.handle, "t", QoS::AtMostOnce);
-        for _ in 0..3 {
+        let congested: Vec<usize> = (0..3)
+            .map(|_| b.publish(msg("t", QoS::AtMostOnce, false)).congested.len())
+            .collect();
+        assert_eq!(congested, vec![0, 0, 1]);
+        for _ in 0..(2 * HARD_BACKLOG_FACTOR) {
             b.publish(msg("t", QoS::AtMostOnce, false));
         }
-        assert_eq!(drain(&a.handle).len(), 2);
-        assert_eq!(b.metrics.mqtt_messages_dropped.get(), 1);
+        assert_eq!(drain(&a.handle).len(), 2 * HARD_BACKLOG_FACTOR);
+        assert_eq!(b.metrics.mqtt_messages_dropped.get(), 3);
     }
 
     #[tokio::test]

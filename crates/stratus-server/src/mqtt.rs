@@ -11,7 +11,7 @@ use std::time::Instant;
 use bytes::{Buf, BytesMut};
 use stratus_mqtt::{
     CloseReason, ConnectReturnCode, Connection, Event, Limits, Message, MqttStr, PacketId,
-    SubscribeReturnCode,
+    ReasonCode,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
@@ -114,15 +114,19 @@ struct Driver {
     over_limit: bool,
     /// More mail can be moved into the connection right away.
     more_mail: bool,
-    /// Flow control: acknowledgements of QoS 1/2 messages that congested subscribers, held
-    /// (in receive order) until those subscribers catch up or the slow-consumer timeout passes.
+    /// Flow control: messages of this client that congested subscribers, in receive order,
+    /// until those subscribers catch up or the slow-consumer timeout passes. A QoS 1/2 one holds
+    /// back its acknowledgement; a QoS 0 one stops reading from the client.
     held_acks: VecDeque<HeldAck>,
+    /// How many of `held_acks` are QoS 0 (reading is paused while any is).
+    held_qos0: usize,
 }
 
-/// An acknowledgement held back for flow control.
+/// A message held back for flow control.
 #[derive(Clone)]
 struct HeldAck {
-    packet_id: PacketId,
+    /// The packet id to acknowledge once released; `None` for QoS 0.
+    packet_id: Option<PacketId>,
     subscribers: Vec<Arc<ClientHandle>>,
     deadline: tokio::time::Instant,
 }
@@ -149,6 +153,7 @@ pub async fn run_connection<R: MqttRead, W: MqttWrite>(
         kicked: None,
         more_mail: false,
         held_acks: VecDeque::new(),
+        held_qos0: 0,
     };
     let mut rbuf = BytesMut::new();
     let mut kick: Option<oneshot::Receiver<Kick>> = None;
@@ -173,7 +178,7 @@ pub async fn run_connection<R: MqttRead, W: MqttWrite>(
             _ = mail(handle.as_deref()) => d.deliver_mailbox(),
             _ = std::future::ready(()), if d.more_mail => d.deliver_mailbox(),
             _ = subscribers_caught_up(held.as_ref(), d.ctx.broker.max_queued()) => d.release_held_ack(),
-            read = reader.read_into(&mut rbuf) => match read {
+            read = reader.read_into(&mut rbuf), if d.held_qos0 == 0 => match read {
                 Ok(0) | Err(_) => d.conn.close(CloseReason::TransportClosed),
                 Ok(n) => d.received(n, &mut rbuf),
             },
@@ -308,30 +313,33 @@ impl Driver {
     }
 
     fn release_held_ack(&mut self) {
-        if let Some(held) = self.held_acks.pop_front() {
-            self.conn.acknowledge(held.packet_id);
+        match self.held_acks.pop_front() {
+            Some(HeldAck {
+                packet_id: Some(id),
+                ..
+            }) => self.conn.acknowledge(id),
+            Some(_) => self.held_qos0 -= 1,
+            None => {}
         }
     }
 
     async fn handle_events(&mut self, rbuf: &mut BytesMut) {
         while let Some(event) = self.conn.poll_event() {
             match event {
-                Event::Connect(connect) => self.handle_connect(connect, rbuf).await,
+                Event::Connect(connect) => self.handle_connect(*connect, rbuf).await,
                 Event::Publish { message, packet_id } => {
                     let congested = self.handle_publish(message);
-                    match packet_id {
-                        Some(packet_id) if !congested.is_empty() => {
-                            self.held_acks.push_back(HeldAck {
-                                packet_id,
-                                subscribers: congested,
-                                deadline: tokio::time::Instant::now()
-                                    + self.ctx.slow_consumer_timeout,
-                            })
-                        }
+                    if !congested.is_empty() {
+                        self.held_qos0 += usize::from(packet_id.is_none());
+                        self.held_acks.push_back(HeldAck {
+                            packet_id,
+                            subscribers: congested,
+                            deadline: tokio::time::Instant::now() + self.ctx.slow_consumer_timeout,
+                        });
+                    } else if let Some(id) = packet_id {
                         // Acknowledgements leave in receive order, so this one also waits
                         // behind any held one.
-                        Some(packet_id) => self.conn.acknowledge(packet_id),
-                        None => {}
+                        self.conn.acknowledge(id);
                     }
                 }
                 Event::Subscribe(sub) => self.handle_subscribe(sub),
@@ -437,30 +445,29 @@ impl Driver {
     fn handle_subscribe(&mut self, sub: stratus_mqtt::Subscribe) {
         let Some(c) = &self.client else { return };
         let broker = &self.ctx.broker;
-        let codes: Vec<SubscribeReturnCode> = sub
+        // MQTT 3.1.1 clients see every refusal as 0x80.
+        let codes: Vec<ReasonCode> = sub
             .filters
             .iter()
-            .map(|(filter, qos)| {
+            .map(|(filter, options)| {
                 if !self.conn.filter_acceptable(filter) {
-                    SubscribeReturnCode::Failure
+                    ReasonCode::TopicFilterInvalid
                 } else if !filter_permitted(c.restricted, filter) {
                     broker.metrics.denied("subscribe");
-                    SubscribeReturnCode::Failure
+                    ReasonCode::NotAuthorized
                 } else {
-                    broker.subscribe(&c.handle, filter, *qos);
-                    SubscribeReturnCode::Success(*qos)
+                    broker.subscribe(&c.handle, filter, options.qos);
+                    ReasonCode::granted(options.qos)
                 }
             })
             .collect();
         self.conn.subscribed(&sub, codes.clone());
         let restricted = c.restricted;
         for ((filter, _), code) in sub.filters.iter().zip(codes) {
-            if let SubscribeReturnCode::Success(granted) = code {
-                for m in broker.retained_for(filter) {
-                    if topic_permitted(restricted, &m.topic) {
-                        self.conn.deliver(&m, m.qos.min(granted), true);
-                    }
-                }
+            if let Some(granted) = code.granted_qos() {
+                let mut retained = broker.retained_for(filter);
+                retained.retain(|m| topic_permitted(restricted, &m.topic));
+                c.handle.enqueue_retained(retained, granted);
             }
         }
     }
