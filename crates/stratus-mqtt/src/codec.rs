@@ -742,14 +742,7 @@ pub fn encode(
                 }
                 return Ok(());
             }
-            let plen = s.properties.contents_len()?;
-            put_header(0x90, 2 + set_len(plen) + s.reason_codes.len(), out)?;
-            out.put_u16(s.packet_id);
-            s.properties.write(plen, out)?;
-            for c in &s.reason_codes {
-                out.put_u8(c.to_u8());
-            }
-            Ok(())
+            encode_codes_v5(0x90, s.packet_id, &s.properties, &s.reason_codes, out)
         }
         Packet::Unsubscribe(u) => {
             let filters = u.filters.iter().map(|f| 2 + f.len()).sum::<usize>();
@@ -772,14 +765,7 @@ pub fn encode(
             if !v5 {
                 return encode_id(0xB0, u.packet_id, out);
             }
-            let plen = u.properties.contents_len()?;
-            put_header(0xB0, 2 + set_len(plen) + u.reason_codes.len(), out)?;
-            out.put_u16(u.packet_id);
-            u.properties.write(plen, out)?;
-            for c in &u.reason_codes {
-                out.put_u8(c.to_u8());
-            }
-            Ok(())
+            encode_codes_v5(0xB0, u.packet_id, &u.properties, &u.reason_codes, out)
         }
         Packet::PingReq => {
             out.put_slice(&[0xC0, 0]);
@@ -989,6 +975,24 @@ fn encode_connect(c: &Connect, out: &mut BytesMut) -> Result<(), EncodeError> {
     }
     if let Some(p) = &c.password {
         put_binary(p, out)?;
+    }
+    Ok(())
+}
+
+/// A v5 SUBACK or UNSUBACK: packet id, properties, one reason code per filter.
+fn encode_codes_v5(
+    first: u8,
+    packet_id: PacketId,
+    properties: &impl Encode,
+    codes: &[ReasonCode],
+    out: &mut BytesMut,
+) -> Result<(), EncodeError> {
+    let plen = properties.contents_len()?;
+    put_header(first, 2 + set_len(plen) + codes.len(), out)?;
+    out.put_u16(packet_id);
+    properties.write(plen, out)?;
+    for c in codes {
+        out.put_u8(c.to_u8());
     }
     Ok(())
 }
