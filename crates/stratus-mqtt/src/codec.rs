@@ -4,8 +4,10 @@
 //! Decoding is incremental and zero-copy: [`decode`] takes a `BytesMut` that holds whatever
 //! has arrived so far, returns `Ok(None)` until a whole packet is there, and then splits the
 //! packet off the front, so topics, payloads and property values of the result share the
-//! receive buffer. An oversized packet is refused as soon as its fixed header announces its
-//! length, before its body is buffered.
+//! receive buffer. The exceptions are CONNECT and SUBSCRIBE, whose contents live as long as the
+//! session (client id, will, filters): they are copied into a buffer of their own so they do
+//! not pin the receive buffer of an idle connection. An oversized packet is refused as soon as
+//! its fixed header announces its length, before its body is buffered.
 //!
 //! ## Versions
 //! A CONNECT states its own protocol level, so it decodes whatever version the connection is
@@ -212,7 +214,13 @@ pub fn decode(
     let first = buf[0];
     let mut packet = buf.split_to(total);
     packet.advance(header_len);
-    decode_body(first, packet.freeze(), version).map(Some)
+    let body = match first >> 4 {
+        // What CONNECT and SUBSCRIBE carry (client id, will, filters) lives as long as the
+        // session: give it a buffer of its own instead of pinning the whole receive buffer.
+        1 | 8 => Bytes::copy_from_slice(&packet),
+        _ => packet.freeze(),
+    };
+    decode_body(first, body, version).map(Some)
 }
 
 /// Reads the fixed header: `(header length, remaining length)` or `None` when incomplete.
