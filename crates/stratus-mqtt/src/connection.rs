@@ -229,6 +229,12 @@ impl Connection {
             })
     }
 
+    /// True while the transmit buffer has room for more QoS 0 deliveries (below
+    /// `max_transmit_buffer`). The host keeps messages in its own queue otherwise.
+    pub fn has_transmit_room(&self) -> bool {
+        self.transmit.len() < self.limits.max_transmit_buffer
+    }
+
     /// True once the connection has ended (flush [`transmit`](Self::transmit), then close the socket).
     pub fn is_closed(&self) -> bool {
         matches!(self.phase, Phase::Closed)

@@ -183,15 +183,21 @@ impl ClientHandle {
         }
     }
 
-    /// Moves waiting messages into `conn` while its in-flight window has room (QoS 0 always
-    /// goes). Returns true when more could be moved right away (the batch limit was hit).
+    /// Moves waiting messages into `conn` while it has room: QoS 1/2 while the in-flight window
+    /// has room, QoS 0 while the transmit buffer does. Returns true when more could be moved
+    /// right away (the batch limit was hit).
     pub fn drain_into(&self, conn: &mut Connection, max_queued: usize) -> bool {
         let mut mb = self.mailbox.lock();
         let was_congested = mb.backlog() > max_queued;
         let mut moved = 0;
         let mut more = false;
         while let Some((_, qos)) = mb.queue.front() {
-            if *qos != QoS::AtMostOnce && !conn.has_window_room() {
+            let room = if *qos == QoS::AtMostOnce {
+                conn.has_transmit_room()
+            } else {
+                conn.has_window_room()
+            };
+            if !room {
                 break;
             }
             if moved == DRAIN_BATCH {

@@ -295,8 +295,13 @@ impl Driver {
         self.ctx.broker.metrics.mqtt_bytes_sent.inc_by(n as u64);
         let buf = self.conn.transmit();
         buf.advance(n);
-        if buf.is_empty() && buf.capacity() > 64 * 1024 {
+        let drained = buf.is_empty();
+        if drained && buf.capacity() > 64 * 1024 {
             *buf = BytesMut::new();
+        }
+        if drained {
+            // Room again for mail that waited on a full transmit buffer.
+            self.deliver_mailbox();
         }
     }
 
