@@ -46,7 +46,7 @@ impl Default for Limits {
         Limits {
             max_packet_size: 1024 * 1024,
             connect_timeout: Duration::from_secs(10),
-            max_inflight: 32,
+            max_inflight: 256,
             max_queued: 1000,
             max_transmit_buffer: 1024 * 1024,
             max_topic_levels: 128,

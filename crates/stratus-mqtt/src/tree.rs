@@ -147,6 +147,17 @@ impl<S: PartialEq> SubscriptionTree<S> {
     /// Calls `f` for every subscription whose filter matches the topic `name`. A subscriber
     /// with several matching filters is reported once per filter.
     pub fn for_each_match<'a>(&'a self, name: &str, mut f: impl FnMut(&'a S, QoS)) {
+        self.for_each_matching_list(name, |list| {
+            for (s, q) in list {
+                f(s, *q);
+            }
+        });
+    }
+
+    /// Calls `f` with each non-empty list of subscriptions that share one matching filter.
+    /// Within one list a subscriber appears at most once, so a caller that gets a single list
+    /// needs no de-duplication.
+    pub fn for_each_matching_list<'a>(&'a self, name: &str, mut f: impl FnMut(&'a [(S, QoS)])) {
         let dollar = name.starts_with('$');
         Self::walk(&self.root, Some(name), dollar, &mut f);
     }
@@ -155,16 +166,14 @@ impl<S: PartialEq> SubscriptionTree<S> {
         node: &'a Node<S>,
         rest: Option<&str>,
         skip_wildcards: bool,
-        f: &mut impl FnMut(&'a S, QoS),
+        f: &mut impl FnMut(&'a [(S, QoS)]),
     ) {
-        if !skip_wildcards {
-            for (s, q) in &node.multi {
-                f(s, *q);
-            }
+        if !skip_wildcards && !node.multi.is_empty() {
+            f(&node.multi);
         }
         let Some(rest) = rest else {
-            for (s, q) in &node.exact {
-                f(s, *q);
+            if !node.exact.is_empty() {
+                f(&node.exact);
             }
             return;
         };

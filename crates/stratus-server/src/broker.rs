@@ -51,7 +51,8 @@ pub struct ClientHandle {
 /// queue: QoS 1/2 only, at most `max_queued`, further ones dropped and counted.
 #[derive(Default)]
 struct Mailbox {
-    queue: VecDeque<(Message, QoS)>,
+    /// Shared, so a message routed to many clients is one allocation with one reference count.
+    queue: VecDeque<(Arc<Message>, QoS)>,
     qos0: usize,
     qos12: usize,
     online: bool,
@@ -63,7 +64,7 @@ impl Mailbox {
         self.qos0 + self.qos12
     }
 
-    fn pop(&mut self) -> Option<(Message, QoS)> {
+    fn pop(&mut self) -> Option<(Arc<Message>, QoS)> {
         let item = self.queue.pop_front()?;
         if item.1 == QoS::AtMostOnce {
             self.qos0 -= 1;
@@ -136,7 +137,7 @@ impl ClientHandle {
     /// Queues `message` for the client with the delivery `qos` (see [`Mailbox`] for the policy).
     fn deliver(
         &self,
-        message: &Message,
+        message: &Arc<Message>,
         qos: QoS,
         max_queued: usize,
         metrics: &Metrics,
@@ -163,7 +164,7 @@ impl ClientHandle {
         let kept = if mb.online {
             message.clone()
         } else {
-            message.compact()
+            Arc::new(message.compact())
         };
         mb.queue.push_back((kept, qos));
         if qos == QoS::AtMostOnce {
@@ -235,7 +236,7 @@ impl ClientHandle {
             } else {
                 mb.qos12 += 1;
             }
-            mb.queue.push_back((m, qos));
+            mb.queue.push_back((Arc::new(m), qos));
         }
         drop(mb);
         if was_empty {
@@ -452,7 +453,7 @@ impl Broker {
                     for (m, q) in waiting.into_iter().filter(|(_, q)| *q != QoS::AtMostOnce) {
                         if mb.qos12 < self.max_queued {
                             mb.qos12 += 1;
-                            mb.queue.push_back((m.compact(), q));
+                            mb.queue.push_back((Arc::new(m.compact()), q));
                         } else {
                             dropped += 1;
                         }
@@ -541,11 +542,33 @@ impl Broker {
         }
         let mut message = message;
         message.retain = false;
+        let message = Arc::new(message);
         let tree = self.tree.read();
-        // Most topics have few subscribers: collect them on the stack.
-        let mut targets: SmallVec<[(&Subscriber, QoS); 16]> = SmallVec::new();
-        tree.for_each_match(&message.topic, |s, q| targets.push((s, q)));
-        if targets.len() > 1 {
+        let mut routed = Routed::default();
+        let mut deliver = |s: &Subscriber, granted: QoS| {
+            let qos = granted.min(message.qos);
+            match s.0.deliver(&message, qos, self.max_queued, &self.metrics) {
+                Accepted::Yes => routed.delivered += 1,
+                Accepted::Congested => {
+                    routed.delivered += 1;
+                    routed.congested.push(s.0.clone());
+                }
+                Accepted::No => {}
+            }
+        };
+        // Within one filter's list a client appears once; only several lists can repeat a
+        // client (overlapping subscriptions), and only then is de-duplication needed.
+        let mut lists: SmallVec<[&[(Subscriber, QoS)]; 4]> = SmallVec::new();
+        tree.for_each_matching_list(&message.topic, |list| lists.push(list));
+        if let [list] = lists[..] {
+            for (s, granted) in list {
+                deliver(s, *granted);
+            }
+        } else if lists.len() > 1 {
+            let mut targets: Vec<(&Subscriber, QoS)> = lists
+                .iter()
+                .flat_map(|l| l.iter().map(|(s, q)| (s, *q)))
+                .collect();
             targets.sort_unstable_by_key(|(s, _)| Arc::as_ptr(&s.0));
             targets.dedup_by(|later, kept| {
                 if later.0 == kept.0 {
@@ -555,21 +578,8 @@ impl Broker {
                     false
                 }
             });
-        }
-        let mut routed = Routed::default();
-        for (s, granted) in targets {
-            match s.0.deliver(
-                &message,
-                granted.min(message.qos),
-                self.max_queued,
-                &self.metrics,
-            ) {
-                Accepted::Yes => routed.delivered += 1,
-                Accepted::Congested => {
-                    routed.delivered += 1;
-                    routed.congested.push(s.0.clone());
-                }
-                Accepted::No => {}
+            for (s, granted) in targets {
+                deliver(s, granted);
             }
         }
         routed
@@ -599,7 +609,7 @@ mod tests {
         }
     }
 
-    fn drain(h: &ClientHandle) -> Vec<(Message, QoS)> {
+    fn drain(h: &ClientHandle) -> Vec<(Arc<Message>, QoS)> {
         let mut mb = h.mailbox.lock();
         std::iter::from_fn(|| mb.pop()).collect()
     }

@@ -141,7 +141,7 @@ impl Default for MqttConfig {
             tls_port: 8883,
             max_packet_size: 1024 * 1024,
             connect_timeout_secs: 10,
-            max_inflight: 32,
+            max_inflight: 256,
             max_queued: 1000,
             max_connections: 100_000,
             sys_interval_secs: 5,

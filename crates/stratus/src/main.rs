@@ -115,6 +115,8 @@ fn serve(args: ServeArgs) -> ExitCode {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
+    // Handlers first: a signal sent as soon as the listening lines appear must be caught.
+    let signals = Signals::install()?;
     let server = Server::start(config).await?;
     println!("listening mqtt {}", server.mqtt_addr);
     println!("listening http {}", server.http_addr);
@@ -126,19 +128,31 @@ async fn run(config: Config) -> anyhow::Result<()> {
         println!("listening https {addr}");
     }
     tracing::info!(mqtt = %server.mqtt_addr, http = %server.http_addr, "stratus is running");
-    wait_for_signal().await?;
+    signals.wait().await;
     tracing::info!("shutting down");
     server.shutdown(Duration::from_secs(4)).await;
     Ok(())
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, installed before the server announces itself.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
     }
-    Ok(())
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }
