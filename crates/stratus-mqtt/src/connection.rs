@@ -10,7 +10,8 @@
 //!
 //! Time is always an argument, so keepalive and connect timeouts are tested on virtual time.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::num::{NonZeroU16, NonZeroU32};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -18,7 +19,9 @@ use bytes::BytesMut;
 use crate::codec::{self, DecodeError};
 use crate::message::Message;
 use crate::packet::*;
-use crate::properties::{PublishProperties, SubAckProperties, UnsubAckProperties};
+use crate::properties::{
+    DisconnectProperties, PropertyId, PublishProperties, SubAckProperties, UnsubAckProperties,
+};
 use crate::reason::ReasonCode;
 use crate::session::{Outbound, OutboundState, Session};
 use crate::types::{MqttStr, PacketId, ProtocolVersion, QoS};
@@ -39,6 +42,13 @@ pub struct Limits {
     /// Most levels a topic name or filter may have; deeper ones are refused (bounds the
     /// depth of the subscription tree and retained store).
     pub max_topic_levels: usize,
+    /// Longest keep alive (seconds) an MQTT 5.0 client may use; a longer one, or 0, is replaced
+    /// by this and announced as Server Keep Alive. 0: no limit.
+    pub max_keepalive: u16,
+    /// Receive Maximum announced to MQTT 5.0 clients (inbound QoS 1/2 unacknowledged at once).
+    pub receive_maximum: u16,
+    /// Topic Alias Maximum announced to MQTT 5.0 clients.
+    pub topic_alias_maximum: u16,
 }
 
 impl Default for Limits {
@@ -50,6 +60,9 @@ impl Default for Limits {
             max_queued: 1000,
             max_transmit_buffer: 1024 * 1024,
             max_topic_levels: 128,
+            max_keepalive: 0,
+            receive_maximum: 1024,
+            topic_alias_maximum: 64,
         }
     }
 }
@@ -88,6 +101,11 @@ pub enum Event {
 pub enum CloseReason {
     /// The client sent DISCONNECT.
     ClientDisconnect,
+    /// The client sent DISCONNECT with reason 0x04 Disconnect with Will Message (MQTT 5.0).
+    ClientDisconnectWithWill,
+    /// The client exceeded a limit the server announced, or otherwise broke a rule that has
+    /// its own reason code (MQTT 5.0: Receive Maximum 0x93, Topic Alias 0x94).
+    Violation(ReasonCode, &'static str),
     /// The client sent bytes that are not a valid packet.
     Malformed(DecodeError),
     /// The client broke a rule of the protocol with a valid packet.
@@ -109,12 +127,76 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
+    /// The reason code of the DISCONNECT an MQTT 5.0 client is sent when the server ends the
+    /// connection for this reason; `None` when it sends none (the client ended it, or the
+    /// socket is gone). A slow consumer gets 0x97 Quota exceeded.
+    pub fn disconnect_code(&self) -> Option<ReasonCode> {
+        Some(match self {
+            CloseReason::Malformed(DecodeError::PacketTooLarge { .. }) => {
+                ReasonCode::PacketTooLarge
+            }
+            CloseReason::Malformed(DecodeError::PropertyOutOfRange {
+                property: PropertyId::TopicAlias,
+                ..
+            }) => ReasonCode::TopicAliasInvalid,
+            CloseReason::Malformed(_) => ReasonCode::MalformedPacket,
+            CloseReason::ProtocolViolation(_) => ReasonCode::ProtocolError,
+            CloseReason::Violation(code, _) => *code,
+            CloseReason::KeepAliveTimeout => ReasonCode::KeepAliveTimeout,
+            CloseReason::TakenOver => ReasonCode::SessionTakenOver,
+            CloseReason::ServerShutdown => ReasonCode::ServerShuttingDown,
+            CloseReason::SlowConsumer => ReasonCode::QuotaExceeded,
+            CloseReason::ClientDisconnect
+            | CloseReason::ClientDisconnectWithWill
+            | CloseReason::ConnectTimeout
+            | CloseReason::Refused(_)
+            | CloseReason::TransportClosed => return None,
+        })
+    }
+
+    fn reason_string(&self) -> &'static str {
+        match self {
+            CloseReason::Malformed(_) => "malformed packet",
+            CloseReason::ProtocolViolation(what) | CloseReason::Violation(_, what) => what,
+            CloseReason::KeepAliveTimeout => "keep alive timeout",
+            CloseReason::TakenOver => "session taken over by another connection",
+            CloseReason::ServerShutdown => "server shutting down",
+            CloseReason::SlowConsumer => "slow consumer: messages not taken in time",
+            _ => "",
+        }
+    }
+
     /// Whether this ending publishes the will: every ending but a DISCONNECT or a refused CONNECT.
     fn publishes_will(&self) -> bool {
         !matches!(
             self,
             CloseReason::ClientDisconnect | CloseReason::Refused(_)
         )
+    }
+}
+
+/// How one message is delivered to this connection's client (see [`Connection::deliver_with`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Delivery<'a> {
+    /// QoS of this delivery (the minimum of the message's and the subscription's).
+    pub qos: QoS,
+    /// RETAIN flag to send.
+    pub retain: bool,
+    /// Subscription Identifiers of the matching subscriptions (MQTT 5.0).
+    pub subscription_ids: &'a [NonZeroU32],
+    /// The shared subscription it came through, if any.
+    pub share: Option<&'a MqttStr>,
+}
+
+impl Delivery<'_> {
+    /// A delivery at `qos` with `retain`, nothing else.
+    pub fn new(qos: QoS, retain: bool) -> Self {
+        Delivery {
+            qos,
+            retain,
+            subscription_ids: &[],
+            share: None,
+        }
     }
 }
 
@@ -162,6 +244,7 @@ struct PendingAck {
     packet_id: PacketId,
     qos: QoS,
     done: bool,
+    reason: ReasonCode,
 }
 
 /// One MQTT connection, broker side.
@@ -178,6 +261,28 @@ pub struct Connection {
     transmit: BytesMut,
     events: VecDeque<Event>,
     stats: Stats,
+    /// The latest time the host told.
+    now: Instant,
+    /// Outbound in-flight window: min(client's Receive Maximum, `max_inflight`).
+    max_inflight: u16,
+    /// The client's Maximum Packet Size (MQTT 5.0).
+    client_max_packet: Option<u32>,
+    /// Inbound QoS 1 messages not yet acknowledged (QoS 2 ones are in the session).
+    inbound_qos1: usize,
+    /// Topic aliases the client set (MQTT 5.0).
+    topic_aliases: HashMap<u16, MqttStr>,
+    /// Session Expiry Interval in seconds (0: ends with the connection; u32::MAX: never).
+    session_expiry: u32,
+    /// The session expiry the CONNECT asked for.
+    connect_session_expiry: u32,
+    /// Will Delay Interval of the will, in seconds.
+    will_delay: u32,
+    /// Server Keep Alive to announce.
+    server_keep_alive: Option<u16>,
+    /// Assigned Client Identifier to announce.
+    assigned_client_id: Option<MqttStr>,
+    /// Whether reason strings may be sent (Request Problem Information).
+    problem_information: bool,
 }
 
 impl Connection {
@@ -196,7 +301,41 @@ impl Connection {
             transmit: BytesMut::new(),
             events: VecDeque::new(),
             stats: Stats::default(),
+            now,
+            max_inflight: 1,
+            client_max_packet: None,
+            inbound_qos1: 0,
+            topic_aliases: HashMap::new(),
+            session_expiry: 0,
+            connect_session_expiry: 0,
+            will_delay: 0,
+            server_keep_alive: None,
+            assigned_client_id: None,
+            problem_information: true,
         }
+    }
+
+    /// The Session Expiry Interval in force (seconds; 0 ends the session with the connection,
+    /// `u32::MAX` never expires). MQTT 3.1.1: 0 for Clean Session 1, `u32::MAX` otherwise.
+    /// A DISCONNECT may have changed it.
+    pub fn session_expiry(&self) -> u32 {
+        self.session_expiry
+    }
+
+    /// The Will Delay Interval (seconds) of the will the connection had (MQTT 5.0; 0 otherwise).
+    pub fn will_delay(&self) -> u32 {
+        self.will_delay
+    }
+
+    /// The keep alive in force, in seconds (after any Server Keep Alive override).
+    pub fn keep_alive_secs(&self) -> Option<u64> {
+        self.keep_alive.map(|k| k.as_millis() as u64 / 1500)
+    }
+
+    /// Sets the Assigned Client Identifier the CONNACK announces (for a CONNECT with an empty
+    /// client id; MQTT 5.0). Call before [`accept`](Self::accept).
+    pub fn assign_client_id(&mut self, id: MqttStr) {
+        self.assigned_client_id = Some(id);
     }
 
     /// The limits this connection enforces.
@@ -225,7 +364,7 @@ impl Connection {
     pub fn has_window_room(&self) -> bool {
         self.is_connected()
             && self.session.as_ref().is_some_and(|s| {
-                s.queued.is_empty() && s.inflight.len() < usize::from(self.limits.max_inflight)
+                s.queued.is_empty() && s.inflight.len() < usize::from(self.max_inflight)
             })
     }
 
@@ -282,6 +421,7 @@ impl Connection {
 
     /// Checks the connect and keep-alive deadlines against `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = now;
         match self.phase {
             Phase::AwaitingConnect { deadline } if now >= deadline => {
                 self.close(CloseReason::ConnectTimeout)
@@ -300,6 +440,7 @@ impl Connection {
     /// Decodes and handles every whole packet in `buf`, leaving a partial one in place.
     /// Stops after a CONNECT until the host answers it: call again then.
     pub fn handle_bytes(&mut self, buf: &mut BytesMut, now: Instant) {
+        self.now = now;
         while !buf.is_empty() {
             if matches!(self.phase, Phase::Authenticating | Phase::Closed) {
                 return;
@@ -357,6 +498,17 @@ impl Connection {
                 self.complete_outbound(ack.packet_id, OutboundState::AwaitingPubComp)
             }
             (Phase::Connected, Packet::Subscribe(sub)) => {
+                if sub
+                    .filters
+                    .iter()
+                    .any(|(f, o)| o.no_local && crate::topic::split_shared(f).is_some())
+                {
+                    // MQTT-3.8.3-4.
+                    self.close(CloseReason::ProtocolViolation(
+                        "No Local on a shared subscription",
+                    ));
+                    return;
+                }
                 self.events.push_back(Event::Subscribe(sub))
             }
             (Phase::Connected, Packet::Unsubscribe(unsub)) => {
@@ -378,7 +530,7 @@ impl Connection {
                 self.events.push_back(Event::Unsubscribe(unsub.filters));
             }
             (Phase::Connected, Packet::PingReq) => self.send(&Packet::PingResp),
-            (Phase::Connected, Packet::Disconnect(_)) => self.close(CloseReason::ClientDisconnect),
+            (Phase::Connected, Packet::Disconnect(d)) => self.handle_disconnect(d),
             (Phase::Connected, Packet::Connect(_)) => {
                 self.close(CloseReason::ProtocolViolation("second CONNECT"))
             }
@@ -389,8 +541,39 @@ impl Connection {
         }
     }
 
+    fn handle_disconnect(&mut self, d: Disconnect) {
+        if let Some(expiry) = d.properties.session_expiry_interval {
+            if self.connect_session_expiry == 0 && expiry != 0 {
+                // MQTT-3.14.2-2.
+                self.close(CloseReason::ProtocolViolation(
+                    "session expiry set by DISCONNECT after 0 in CONNECT",
+                ));
+                return;
+            }
+            self.session_expiry = expiry;
+        }
+        if d.reason == ReasonCode::DisconnectWithWillMessage {
+            self.close(CloseReason::ClientDisconnectWithWill);
+        } else {
+            self.close(CloseReason::ClientDisconnect);
+        }
+    }
+
     fn handle_connect(&mut self, connect: Connect) {
         self.protocol = connect.protocol;
+        let v5 = connect.protocol.is_v5();
+        if v5 && connect.properties.authentication_method.is_some() {
+            // No enhanced authentication method is supported (§4.12).
+            self.phase = Phase::Authenticating;
+            self.send(&Packet::ConnAck(ConnAck::new(
+                false,
+                ReasonCode::BadAuthenticationMethod,
+            )));
+            self.close(CloseReason::Refused(
+                ConnectReturnCode::BadUsernameOrPassword,
+            ));
+            return;
+        }
         if let Some(will) = &connect.will {
             if crate::topic::level_count(&will.topic) > self.limits.max_topic_levels {
                 self.close(CloseReason::ProtocolViolation(
@@ -407,10 +590,34 @@ impl Connection {
             self.refuse(ConnectReturnCode::IdentifierRejected);
             return;
         }
-        self.keep_alive = match connect.keep_alive {
+        let mut keep_alive = connect.keep_alive;
+        let max = self.limits.max_keepalive;
+        if v5 && max > 0 && (keep_alive == 0 || keep_alive > max) {
+            keep_alive = max;
+            self.server_keep_alive = Some(max);
+        }
+        self.keep_alive = match keep_alive {
             0 => None,
             k => Some(Duration::from_millis(u64::from(k) * 1500)),
         };
+        self.max_inflight = self.limits.max_inflight.max(1);
+        if v5 {
+            let p = &connect.properties;
+            self.session_expiry = p.session_expiry_interval.unwrap_or(0);
+            if let Some(rm) = p.receive_maximum {
+                self.max_inflight = self.max_inflight.min(rm.get());
+            }
+            self.client_max_packet = p.maximum_packet_size.map(NonZeroU32::get);
+            self.problem_information = p.request_problem_information != Some(false);
+            self.will_delay = connect
+                .will
+                .as_ref()
+                .and_then(|w| w.properties.will_delay_interval)
+                .unwrap_or(0);
+        } else {
+            self.session_expiry = if connect.clean_session { 0 } else { u32::MAX };
+        }
+        self.connect_session_expiry = self.session_expiry;
         self.will = connect.will.clone();
         self.phase = Phase::Authenticating;
         self.events.push_back(Event::Connect(Box::new(connect)));
@@ -423,23 +630,38 @@ impl Connection {
             return;
         }
         self.phase = Phase::Connected;
-        self.send(&Packet::ConnAck(ConnAck::new(
-            session_present,
-            ReasonCode::Success,
-        )));
+        let mut ack = ConnAck::new(session_present, ReasonCode::Success);
+        if self.protocol.is_v5() {
+            let p = &mut ack.properties;
+            p.receive_maximum = NonZeroU16::new(self.limits.receive_maximum);
+            p.maximum_packet_size = u32::try_from(self.limits.max_packet_size)
+                .ok()
+                .and_then(NonZeroU32::new);
+            p.topic_alias_maximum = Some(self.limits.topic_alias_maximum).filter(|&m| m > 0);
+            p.retain_available = Some(true);
+            p.wildcard_subscription_available = Some(true);
+            p.subscription_identifiers_available = Some(true);
+            p.shared_subscription_available = Some(true);
+            p.server_keep_alive = self.server_keep_alive;
+            p.assigned_client_identifier = self.assigned_client_id.take();
+        }
+        self.send(&Packet::ConnAck(ack));
         let mut session = session;
-        let mut resend = std::mem::take(&mut session.inflight);
-        for o in &resend {
+        let resend = std::mem::take(&mut session.inflight);
+        for o in resend {
             match o.state {
                 OutboundState::AwaitingPubComp => {
                     self.send(&Packet::PubRel(PubAck::new(o.packet_id)))
                 }
                 _ => {
-                    self.encode_publish(&o.message, Some(o.packet_id), true);
+                    if !self.encode_publish(&o.message, Some(o.packet_id), true) {
+                        self.stats.dropped += 1;
+                        continue;
+                    }
                 }
             }
+            session.inflight.push_back(o);
         }
-        session.inflight.append(&mut resend);
         self.session = Some(session);
         self.fill_window();
     }
@@ -470,13 +692,43 @@ impl Connection {
         }));
     }
 
-    fn handle_publish(&mut self, publish: Publish) {
+    fn handle_publish(&mut self, mut publish: Publish) {
         self.stats.publish_received += 1;
-        if publish.properties.topic_alias.is_some() {
-            // MQTT 5.0 only. The CONNACK announces no Topic Alias Maximum (0), so every alias is
-            // invalid (§3.3.4); this also keeps an unresolved empty topic from being routed.
-            self.close(CloseReason::ProtocolViolation("topic alias not supported"));
+        if let Some(alias) = publish.properties.topic_alias.take() {
+            // MQTT 5.0 only (§3.3.2.3.4): aliases are per connection, up to the announced maximum.
+            if alias.get() > self.limits.topic_alias_maximum {
+                self.close(CloseReason::Violation(
+                    ReasonCode::TopicAliasInvalid,
+                    "topic alias above Topic Alias Maximum",
+                ));
+                return;
+            }
+            if publish.topic.is_empty() {
+                match self.topic_aliases.get(&alias.get()) {
+                    Some(t) => publish.topic = t.clone(),
+                    None => {
+                        self.close(CloseReason::ProtocolViolation("unknown topic alias"));
+                        return;
+                    }
+                }
+            } else {
+                self.topic_aliases
+                    .insert(alias.get(), publish.topic.compact());
+            }
+        } else if publish.topic.is_empty() {
+            self.close(CloseReason::ProtocolViolation("empty topic without alias"));
             return;
+        }
+        if self.protocol.is_v5() && publish.qos != QoS::AtMostOnce {
+            let inflight =
+                self.inbound_qos1 + self.session.as_ref().map_or(0, |s| s.inbound_qos2.len());
+            if inflight >= usize::from(self.limits.receive_maximum) {
+                self.close(CloseReason::Violation(
+                    ReasonCode::ReceiveMaximumExceeded,
+                    "more unacknowledged QoS 1/2 PUBLISHes than Receive Maximum",
+                ));
+                return;
+            }
         }
         if crate::topic::level_count(&publish.topic) > self.limits.max_topic_levels {
             // MQTT 3.1.1 cannot refuse one PUBLISH; the connection is closed instead.
@@ -497,6 +749,7 @@ impl Connection {
                         packet_id: id,
                         qos: QoS::ExactlyOnce,
                         done: true,
+                        reason: ReasonCode::Success,
                     });
                     self.flush_acks();
                     return;
@@ -505,30 +758,45 @@ impl Connection {
                     packet_id: id,
                     qos: QoS::ExactlyOnce,
                     done: false,
+                    reason: ReasonCode::Success,
                 });
             }
-            (QoS::AtLeastOnce, Some(id)) => self.acks.push_back(PendingAck {
-                packet_id: id,
-                qos: QoS::AtLeastOnce,
-                done: false,
-            }),
+            (QoS::AtLeastOnce, Some(id)) => {
+                self.inbound_qos1 += 1;
+                self.acks.push_back(PendingAck {
+                    packet_id: id,
+                    qos: QoS::AtLeastOnce,
+                    done: false,
+                    reason: ReasonCode::Success,
+                })
+            }
             _ => {}
         }
-        self.events.push_back(Event::Publish {
-            message: publish.into(),
-            packet_id,
-        });
+        let message = if self.protocol.is_v5() {
+            Message::from_publish(publish, self.now)
+        } else {
+            Message::new(publish.topic, publish.payload, publish.qos, publish.retain)
+        };
+        self.events.push_back(Event::Publish { message, packet_id });
     }
 
     /// Marks the inbound QoS 1/2 message `packet_id` as handled; PUBACK/PUBREC go out in the
     /// order the PUBLISH packets arrived (MQTT-4.6.0-2/3).
     pub fn acknowledge(&mut self, packet_id: PacketId) {
+        self.acknowledge_with(packet_id, ReasonCode::Success)
+    }
+
+    /// [`acknowledge`](Self::acknowledge) with a reason code for MQTT 5.0 clients (e.g. 0x10
+    /// No matching subscribers, 0x87 Not authorized); MQTT 3.1.1 clients see a plain
+    /// acknowledgement. An error code ends a QoS 2 exchange at the PUBREC.
+    pub fn acknowledge_with(&mut self, packet_id: PacketId, reason: ReasonCode) {
         if let Some(a) = self
             .acks
             .iter_mut()
             .find(|a| a.packet_id == packet_id && !a.done)
         {
             a.done = true;
+            a.reason = reason;
         }
         self.flush_acks();
     }
@@ -538,9 +806,21 @@ impl Connection {
             let Some(a) = self.acks.pop_front() else {
                 break;
             };
+            let mut ack = PubAck::new(a.packet_id);
+            ack.reason = a.reason;
             let packet = match a.qos {
-                QoS::ExactlyOnce => Packet::PubRec(PubAck::new(a.packet_id)),
-                _ => Packet::PubAck(PubAck::new(a.packet_id)),
+                QoS::ExactlyOnce => {
+                    if a.reason.is_error() {
+                        if let Some(s) = self.session.as_mut() {
+                            s.inbound_qos2.remove(&a.packet_id);
+                        }
+                    }
+                    Packet::PubRec(ack)
+                }
+                _ => {
+                    self.inbound_qos1 = self.inbound_qos1.saturating_sub(1);
+                    Packet::PubAck(ack)
+                }
             };
             self.send(&packet);
         }
@@ -565,31 +845,65 @@ impl Connection {
     }
 
     /// Delivers `message` with the delivery's `qos` (already the minimum of the publish and the
-    /// subscription) and RETAIN flag.
+    /// subscription) and RETAIN flag, at the time last seen.
     pub fn deliver(&mut self, message: &Message, qos: QoS, retain: bool) -> Delivered {
-        if !self.is_connected() {
+        self.deliver_with(message, Delivery::new(qos, retain), self.now)
+    }
+
+    /// Delivers `message` as `delivery` says at `now`. An expired message is dropped; one
+    /// larger than the client's Maximum Packet Size is dropped (counted).
+    pub fn deliver_with(
+        &mut self,
+        message: &Message,
+        delivery: Delivery<'_>,
+        now: Instant,
+    ) -> Delivered {
+        self.now = now;
+        if !self.is_connected() || message.is_expired(now) {
             return Delivered::Dropped;
         }
+        let Delivery {
+            qos,
+            retain,
+            subscription_ids,
+            share,
+        } = delivery;
         if qos == QoS::AtMostOnce {
             if self.transmit.len() >= self.limits.max_transmit_buffer {
                 self.stats.dropped += 1;
                 return Delivered::Dropped;
             }
-            self.encode_publish_with(message, QoS::AtMostOnce, retain, None, false);
+            if !self.encode_publish_with(
+                message,
+                QoS::AtMostOnce,
+                retain,
+                None,
+                false,
+                subscription_ids,
+            ) {
+                self.stats.dropped += 1;
+                return Delivered::Dropped;
+            }
             return Delivered::Sent;
         }
         let mut m = message.clone();
         m.qos = qos;
         m.retain = retain;
+        if !subscription_ids.is_empty() {
+            m.subscription_ids = subscription_ids.to_vec();
+        }
+        m.share = share.cloned();
         let max_queued = self.limits.max_queued;
         let Some(session) = self.session.as_mut() else {
             return Delivered::Dropped;
         };
-        if session.queued.is_empty()
-            && session.inflight.len() < usize::from(self.limits.max_inflight)
-        {
-            self.send_inflight(m);
-            Delivered::Sent
+        if session.queued.is_empty() && session.inflight.len() < usize::from(self.max_inflight) {
+            if self.send_inflight(m) {
+                Delivered::Sent
+            } else {
+                self.stats.dropped += 1;
+                Delivered::Dropped
+            }
         } else if session.enqueue(m, max_queued) {
             Delivered::Queued
         } else {
@@ -604,23 +918,30 @@ impl Connection {
             let Some(session) = self.session.as_mut() else {
                 return;
             };
-            if session.inflight.len() >= usize::from(self.limits.max_inflight) {
+            if session.inflight.len() >= usize::from(self.max_inflight) {
                 return;
             }
             let Some(m) = session.queued.pop_front() else {
                 return;
             };
-            if m.qos == QoS::AtMostOnce {
-                self.encode_publish(&m, None, false);
+            let sent = if m.is_expired(self.now) {
+                false
+            } else if m.qos == QoS::AtMostOnce {
+                self.encode_publish(&m, None, false)
             } else {
-                self.send_inflight(m);
+                self.send_inflight(m)
+            };
+            if !sent {
+                self.stats.dropped += 1;
             }
         }
     }
 
-    fn send_inflight(&mut self, message: Message) {
+    /// Sends a QoS 1/2 message with a new packet id; false when it could not be sent (larger
+    /// than the client's Maximum Packet Size).
+    fn send_inflight(&mut self, message: Message) -> bool {
         let Some(session) = self.session.as_mut() else {
-            return;
+            return false;
         };
         let id = session.allocate_packet_id();
         let state = if message.qos == QoS::ExactlyOnce {
@@ -628,7 +949,9 @@ impl Connection {
         } else {
             OutboundState::AwaitingPubAck
         };
-        self.encode_publish(&message, Some(id), false);
+        if !self.encode_publish(&message, Some(id), false) {
+            return false;
+        }
         if let Some(session) = self.session.as_mut() {
             session.inflight.push_back(Outbound {
                 packet_id: id,
@@ -636,12 +959,15 @@ impl Connection {
                 state,
             });
         }
+        true
     }
 
-    fn encode_publish(&mut self, m: &Message, packet_id: Option<PacketId>, dup: bool) {
-        self.encode_publish_with(m, m.qos, m.retain, packet_id, dup)
+    fn encode_publish(&mut self, m: &Message, packet_id: Option<PacketId>, dup: bool) -> bool {
+        self.encode_publish_with(m, m.qos, m.retain, packet_id, dup, &m.subscription_ids)
     }
 
+    /// Appends a PUBLISH for `m`; false (nothing appended) when it cannot be sent: larger
+    /// than the client's Maximum Packet Size.
     fn encode_publish_with(
         &mut self,
         m: &Message,
@@ -649,10 +975,24 @@ impl Connection {
         retain: bool,
         packet_id: Option<PacketId>,
         dup: bool,
-    ) {
-        // Cannot fail: the topic came from a decoded packet (≤ 65535 bytes) and the payload
-        // from a packet no larger than the maximum Remaining Length.
+        subscription_ids: &[NonZeroU32],
+    ) -> bool {
+        // Cannot fail otherwise: the topic came from a decoded packet (≤ 65535 bytes) and the
+        // payload from a packet no larger than the maximum Remaining Length.
+        let start = self.transmit.len();
         let encoded = if self.protocol.is_v5() {
+            let owned;
+            let empty = PublishProperties::default();
+            let base = m.properties.as_deref().unwrap_or(&empty);
+            let props = if m.expires_at.is_some() || !subscription_ids.is_empty() {
+                let mut p = base.clone();
+                p.message_expiry_interval = m.remaining_expiry(self.now);
+                p.subscription_identifiers = subscription_ids.to_vec();
+                owned = p;
+                &owned
+            } else {
+                base
+            };
             codec::encode_publish_parts_v5(
                 &m.topic,
                 &m.payload,
@@ -660,7 +1000,7 @@ impl Connection {
                 packet_id,
                 retain,
                 dup,
-                &PublishProperties::default(),
+                props,
                 &mut self.transmit,
             )
         } else {
@@ -674,10 +1014,20 @@ impl Connection {
                 &mut self.transmit,
             )
         };
-        if encoded.is_ok() {
-            self.stats.publish_sent += 1;
-            self.stats.packets_sent += 1;
+        if encoded.is_err() {
+            self.transmit.truncate(start);
+            return false;
         }
+        if let Some(max) = self.client_max_packet {
+            if self.transmit.len() - start > max as usize {
+                // MQTT-3.1.2-24: never send a packet larger than the client accepts.
+                self.transmit.truncate(start);
+                return false;
+            }
+        }
+        self.stats.publish_sent += 1;
+        self.stats.packets_sent += 1;
+        true
     }
 
     fn send(&mut self, packet: &Packet) {
@@ -695,13 +1045,27 @@ impl Connection {
         }
         let was_connected = matches!(self.phase, Phase::Connected);
         self.phase = Phase::Closed;
+        if was_connected && self.protocol.is_v5() {
+            if let Some(code) = reason.disconnect_code() {
+                let mut properties = DisconnectProperties::default();
+                let why = reason.reason_string();
+                if self.problem_information && !why.is_empty() {
+                    properties.reason_string = MqttStr::try_from(why).ok();
+                }
+                self.send(&Packet::Disconnect(Disconnect {
+                    reason: code,
+                    properties,
+                }));
+            }
+        }
+        let now = self.now;
         let will = self
             .will
             .take()
             .filter(|_| was_connected && reason.publishes_will());
         self.events.push_back(Event::Closed {
             reason,
-            will: will.map(Message::from),
+            will: will.map(|w| Message::from_will(w, now)),
         });
     }
 }

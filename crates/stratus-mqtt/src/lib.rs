@@ -33,7 +33,7 @@ pub mod tree;
 pub mod types;
 
 pub use codec::{decode, encode, DecodeError, EncodeError};
-pub use connection::{CloseReason, Connection, Delivered, Event, Limits, Stats};
+pub use connection::{CloseReason, Connection, Delivered, Delivery, Event, Limits, Stats};
 pub use message::Message;
 pub use packet::*;
 pub use properties::{

@@ -180,12 +180,12 @@ mod tests {
     use bytes::Bytes;
 
     fn msg(topic: &str, payload: &'static str) -> Message {
-        Message {
-            topic: MqttStr::try_from(topic).unwrap(),
-            payload: Bytes::from_static(payload.as_bytes()),
-            qos: QoS::AtLeastOnce,
-            retain: true,
-        }
+        Message::new(
+            MqttStr::try_from(topic).unwrap(),
+            Bytes::from_static(payload.as_bytes()),
+            QoS::AtLeastOnce,
+            true,
+        )
     }
 
     fn topics(store: &RetainedStore, filter: &str) -> Vec<String> {

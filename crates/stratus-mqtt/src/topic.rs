@@ -25,6 +25,22 @@ pub fn is_valid_topic_filter(filter: &str) -> bool {
     true
 }
 
+/// Splits a shared subscription filter `$share/{group}/{filter}` (MQTT 5.0 §4.8.2) into group
+/// and filter. `None` when `filter` is not a shared subscription; `Some(Err(()))` when it starts
+/// with `$share/` but the group name is empty or has a wildcard, or the filter is invalid.
+#[allow(clippy::result_unit_err)]
+pub fn split_shared(filter: &str) -> Option<Result<(&str, &str), ()>> {
+    let rest = filter.strip_prefix("$share/")?;
+    Some(match rest.split_once('/') {
+        Some((group, inner))
+            if !group.is_empty() && !group.contains(['+', '#']) && is_valid_topic_filter(inner) =>
+        {
+            Ok((group, inner))
+        }
+        _ => Err(()),
+    })
+}
+
 /// Number of levels in a topic name or filter (`a/b` has 2, `/` has 2).
 pub fn level_count(topic: &str) -> usize {
     topic.bytes().filter(|&b| b == b'/').count() + 1
@@ -63,6 +79,16 @@ mod tests {
         for bad in ["", "a/#/b", "a+", "a/b#", "#/a", "+a/b", "a/+b", "##"] {
             assert!(!is_valid_topic_filter(bad), "{bad} should be invalid");
         }
+    }
+
+    #[test]
+    fn shared_subscription_filters_split_into_group_and_filter() {
+        assert_eq!(split_shared("a/b"), None);
+        assert_eq!(split_shared("$share/g/a/#"), Some(Ok(("g", "a/#"))));
+        assert_eq!(split_shared("$share/g"), Some(Err(())));
+        assert_eq!(split_shared("$share//a"), Some(Err(())));
+        assert_eq!(split_shared("$share/g+/a"), Some(Err(())));
+        assert_eq!(split_shared("$share/g/a/#/b"), Some(Err(())));
     }
 
     #[test]

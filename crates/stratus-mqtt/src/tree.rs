@@ -71,7 +71,8 @@ impl<S: PartialEq> SubscriptionTree<S> {
         self.len == 0
     }
 
-    /// Adds or replaces `subscriber`'s subscription to `filter` (which must be valid).
+    /// Adds or replaces `subscriber`'s subscription to `filter` (which must be valid); a
+    /// replacement also stores the new `subscriber` value (it may carry options).
     /// Returns true when it replaced an existing one.
     pub fn insert(&mut self, filter: &str, subscriber: S, qos: QoS) -> bool {
         let mut node = &mut self.root;
@@ -91,7 +92,7 @@ impl<S: PartialEq> SubscriptionTree<S> {
 
     fn upsert(list: &mut Vec<(S, QoS)>, subscriber: S, qos: QoS, len: &mut usize) -> bool {
         if let Some(entry) = list.iter_mut().find(|(s, _)| *s == subscriber) {
-            entry.1 = qos;
+            *entry = (subscriber, qos);
             true
         } else {
             list.push((subscriber, qos));

@@ -100,12 +100,7 @@ fn with_will(mut c: Connect) -> Connect {
 }
 
 fn msg(topic: &str, payload: &'static str, qos: QoS) -> Message {
-    Message {
-        topic: s(topic),
-        payload: Bytes::from_static(payload.as_bytes()),
-        qos,
-        retain: false,
-    }
+    Message::new(s(topic), Bytes::from_static(payload.as_bytes()), qos, false)
 }
 
 fn publish(id: Option<u16>, qos: QoS, dup: bool) -> Packet {

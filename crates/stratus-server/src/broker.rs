@@ -7,13 +7,18 @@
 //! connection task then drains its own mailbox into its own `Connection` state machine.
 
 use std::collections::{HashMap, VecDeque};
+use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 use smallvec::SmallVec;
-use stratus_mqtt::{Connection, Message, MqttStr, QoS, RetainedStore, Session, SubscriptionTree};
+use stratus_mqtt::session::OutboundState;
+use stratus_mqtt::{
+    Connection, Delivery, Message, MqttStr, QoS, RetainedStore, Session, SubscriptionOptions,
+    SubscriptionTree,
+};
 use tokio::sync::{oneshot, Notify};
 
 use crate::metrics::Metrics;
@@ -40,6 +45,37 @@ pub struct ClientHandle {
     state: Mutex<SlotState>,
     state_changed: Notify,
     attach_lock: tokio::sync::Mutex<()>,
+    /// The attachment number of the latest connection (see [`Broker::attach`]): a delayed will
+    /// or a session expiry compares it to know whether the client came back.
+    current_conn: AtomicU64,
+    /// Whether a connection holds the client now (shared subscriptions prefer online members).
+    online: AtomicBool,
+}
+
+/// Subscription Identifiers of one delivery (usually none or one).
+type SubIds = SmallVec<[NonZeroU32; 1]>;
+
+/// One message waiting in a mailbox.
+struct Mail {
+    message: Arc<Message>,
+    qos: QoS,
+    retain: bool,
+    sub_ids: SubIds,
+    share: Option<Arc<SharedGroup>>,
+}
+
+/// A member of a shared subscription group: its handle, granted QoS and Subscription Identifier.
+type GroupMember = (Arc<ClientHandle>, QoS, Option<NonZeroU32>);
+
+/// A shared subscription `$share/{group}/{filter}` (MQTT 5.0 §4.8.2): each message goes to
+/// one member, round robin among the online ones.
+pub struct SharedGroup {
+    /// The whole `$share/{group}/{filter}`.
+    key: MqttStr,
+    /// The filter without the `$share/{group}/` prefix.
+    filter: String,
+    members: Mutex<Vec<GroupMember>>,
+    next: AtomicU64,
 }
 
 /// Messages on their way to one client, in order.
@@ -52,7 +88,7 @@ pub struct ClientHandle {
 #[derive(Default)]
 struct Mailbox {
     /// Shared, so a message routed to many clients is one allocation with one reference count.
-    queue: VecDeque<(Arc<Message>, QoS)>,
+    queue: VecDeque<Mail>,
     qos0: usize,
     qos12: usize,
     online: bool,
@@ -64,9 +100,9 @@ impl Mailbox {
         self.qos0 + self.qos12
     }
 
-    fn pop(&mut self) -> Option<(Arc<Message>, QoS)> {
+    fn pop(&mut self) -> Option<Mail> {
         let item = self.queue.pop_front()?;
-        if item.1 == QoS::AtMostOnce {
+        if item.qos == QoS::AtMostOnce {
             self.qos0 -= 1;
         } else {
             self.qos12 -= 1;
@@ -108,8 +144,8 @@ enum SlotState {
         conn: u64,
         kick: Option<oneshot::Sender<Kick>>,
     },
-    /// The client is away; its session waits here.
-    Offline(Session),
+    /// The client is away; its session waits here (`conn` is the attachment that parked it).
+    Offline { session: Session, conn: u64 },
     /// The session ended; the handle is out of the registry.
     Gone,
 }
@@ -126,7 +162,14 @@ impl ClientHandle {
             state: Mutex::new(SlotState::Fresh),
             state_changed: Notify::new(),
             attach_lock: tokio::sync::Mutex::new(()),
+            current_conn: AtomicU64::new(0),
+            online: AtomicBool::new(false),
         }
+    }
+
+    /// The attachment number of the latest connection of this client.
+    pub fn current_conn(&self) -> u64 {
+        self.current_conn.load(Ordering::Acquire)
     }
 
     /// The client id.
@@ -135,10 +178,14 @@ impl ClientHandle {
     }
 
     /// Queues `message` for the client with the delivery `qos` (see [`Mailbox`] for the policy).
+    #[allow(clippy::too_many_arguments)]
     fn deliver(
         &self,
         message: &Arc<Message>,
         qos: QoS,
+        retain: bool,
+        sub_ids: SubIds,
+        share: Option<&Arc<SharedGroup>>,
         max_queued: usize,
         metrics: &Metrics,
     ) -> Accepted {
@@ -166,7 +213,13 @@ impl ClientHandle {
         } else {
             Arc::new(message.compact())
         };
-        mb.queue.push_back((kept, qos));
+        mb.queue.push_back(Mail {
+            message: kept,
+            qos,
+            retain,
+            sub_ids,
+            share: share.cloned(),
+        });
         if qos == QoS::AtMostOnce {
             mb.qos0 += 1;
         } else {
@@ -192,7 +245,8 @@ impl ClientHandle {
         let was_congested = mb.backlog() > max_queued;
         let mut moved = 0;
         let mut more = false;
-        while let Some((_, qos)) = mb.queue.front() {
+        let now = Instant::now();
+        while let Some(Mail { qos, .. }) = mb.queue.front() {
             let room = if *qos == QoS::AtMostOnce {
                 conn.has_transmit_room()
             } else {
@@ -205,11 +259,17 @@ impl ClientHandle {
                 more = true;
                 break;
             }
-            let Some((message, qos)) = mb.pop() else {
+            let Some(mail) = mb.pop() else {
                 break;
             };
-            // RETAIN is set only on retained messages sent for a new subscription.
-            conn.deliver(&message, qos, message.retain);
+            let delivery = Delivery {
+                qos: mail.qos,
+                retain: mail.retain,
+                subscription_ids: &mail.sub_ids,
+                share: mail.share.as_ref().map(|g| &g.key),
+            };
+            // Expired messages are dropped here (MQTT-3.3.2-5).
+            conn.deliver_with(&mail.message, delivery, now);
             moved += 1;
         }
         let relieved = was_congested && mb.backlog() <= max_queued;
@@ -223,7 +283,12 @@ impl ClientHandle {
     /// Queues the retained messages for a new subscription (RETAIN set, `qos` capped by the
     /// granted QoS). They go through the mailbox so the in-flight window paces them like any
     /// other message; being already in memory they are never dropped for lack of room.
-    pub fn enqueue_retained(&self, messages: Vec<Message>, granted: QoS) {
+    pub fn enqueue_retained(
+        &self,
+        messages: Vec<Message>,
+        granted: QoS,
+        sub_id: Option<NonZeroU32>,
+    ) {
         if messages.is_empty() {
             return;
         }
@@ -236,7 +301,13 @@ impl ClientHandle {
             } else {
                 mb.qos12 += 1;
             }
-            mb.queue.push_back((Arc::new(m), qos));
+            mb.queue.push_back(Mail {
+                message: Arc::new(m),
+                qos,
+                retain: true,
+                sub_ids: sub_id.into_iter().collect(),
+                share: None,
+            });
         }
         drop(mb);
         if was_empty {
@@ -274,13 +345,34 @@ impl ClientHandle {
     }
 }
 
-/// A subscriber in the tree: a client handle compared by identity.
+/// The options of a subscription that routing needs (MQTT 5.0).
+#[derive(Clone, Copy, Default)]
+struct SubOptions {
+    no_local: bool,
+    retain_as_published: bool,
+    id: Option<NonZeroU32>,
+}
+
+/// A subscriber in the tree: a client handle with its subscription's options, or a shared
+/// subscription group; compared by identity.
 #[derive(Clone)]
-struct Subscriber(Arc<ClientHandle>);
+enum Subscriber {
+    Client(Arc<ClientHandle>, SubOptions),
+    Group(Arc<SharedGroup>),
+}
+
+impl Subscriber {
+    fn key(&self) -> *const () {
+        match self {
+            Subscriber::Client(h, _) => Arc::as_ptr(h).cast(),
+            Subscriber::Group(g) => Arc::as_ptr(g).cast(),
+        }
+    }
+}
 
 impl PartialEq for Subscriber {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
+        self.key() == other.key()
     }
 }
 
@@ -312,6 +404,7 @@ pub struct Attached {
 pub struct Broker {
     clients: Mutex<HashMap<MqttStr, Arc<ClientHandle>>>,
     tree: RwLock<SubscriptionTree<Subscriber>>,
+    groups: Mutex<HashMap<String, Arc<SharedGroup>>>,
     retained: RwLock<RetainedStore>,
     max_queued: usize,
     next_conn: AtomicU64,
@@ -327,6 +420,7 @@ impl Broker {
         Broker {
             clients: Mutex::new(HashMap::new()),
             tree: RwLock::new(SubscriptionTree::new()),
+            groups: Mutex::new(HashMap::new()),
             retained: RwLock::new(RetainedStore::new()),
             max_queued,
             next_conn: AtomicU64::new(1),
@@ -369,7 +463,7 @@ impl Broker {
                     *state = SlotState::Gone;
                     continue;
                 }
-                SlotState::Offline(old) => {
+                SlotState::Offline { session: old, .. } => {
                     self.metrics.mqtt_sessions_offline.dec();
                     if clean_session {
                         self.unsubscribe_all(&handle, &old);
@@ -387,6 +481,8 @@ impl Broker {
                 SlotState::Fresh => (Session::new(client_id.clone()), false),
             };
             drop(state);
+            handle.current_conn.store(conn, Ordering::Release);
+            handle.online.store(true, Ordering::Release);
             handle.restricted.store(restricted, Ordering::Relaxed);
             handle.mailbox.lock().online = true;
             return Attached {
@@ -424,6 +520,7 @@ impl Broker {
 
     /// Detaches a closed connection: parks its session when it is persistent, or ends it.
     /// `conn` is [`Attached::conn`]; a connection that lost its client to a takeover changes nothing.
+    /// Messages it had from shared subscriptions and not yet completed go to another member.
     pub fn detach(
         &self,
         handle: &Arc<ClientHandle>,
@@ -434,6 +531,11 @@ impl Broker {
         let mut state = handle.state.lock();
         if !matches!(*state, SlotState::Online { conn: c, .. } if c == conn) {
             return;
+        }
+        handle.online.store(false, Ordering::Release);
+        let mut session = session;
+        if let Some(s) = session.as_mut() {
+            self.redistribute_shared(handle, s);
         }
         match session {
             Some(mut session) if !clean_session => {
@@ -450,27 +552,37 @@ impl Broker {
                     let waiting = std::mem::take(&mut mb.queue);
                     mb.clear();
                     let mut dropped = 0u64;
-                    for (m, q) in waiting.into_iter().filter(|(_, q)| *q != QoS::AtMostOnce) {
+                    for mut mail in waiting.into_iter().filter(|m| m.qos != QoS::AtMostOnce) {
                         if mb.qos12 < self.max_queued {
                             mb.qos12 += 1;
-                            mb.queue.push_back((Arc::new(m.compact()), q));
+                            mail.message = Arc::new(mail.message.compact());
+                            mb.queue.push_back(mail);
                         } else {
                             dropped += 1;
                         }
                     }
                     self.metrics.mqtt_messages_dropped.inc_by(dropped);
                 }
-                *state = SlotState::Offline(session);
+                *state = SlotState::Offline { session, conn };
                 self.metrics.mqtt_sessions_offline.inc();
             }
             session => {
+                let waiting = {
+                    let mut mb = handle.mailbox.lock();
+                    mb.gone = true;
+                    let w = std::mem::take(&mut mb.queue);
+                    mb.clear();
+                    w
+                };
                 if let Some(session) = &session {
                     self.unsubscribe_all(handle, session);
                 }
-                {
-                    let mut mb = handle.mailbox.lock();
-                    mb.gone = true;
-                    mb.clear();
+                for mail in waiting {
+                    if let Some(g) = &mail.share {
+                        if mail.qos != QoS::AtMostOnce {
+                            self.deliver_shared(g, &mail.message, Some(handle));
+                        }
+                    }
                 }
                 *state = SlotState::Gone;
                 let mut clients = self.clients.lock();
@@ -487,35 +599,180 @@ impl Broker {
         handle.space.notify_waiters();
     }
 
-    fn unsubscribe_all(&self, handle: &Arc<ClientHandle>, session: &Session) {
-        let mut tree = self.tree.write();
-        let key = Subscriber(handle.clone());
-        for filter in session.subscriptions.keys() {
-            tree.remove(filter, &key);
+    /// Ends the parked session of `handle` if it is still the one attachment `conn` parked
+    /// (its Session Expiry Interval passed and the client did not come back).
+    pub fn expire_session(&self, handle: &Arc<ClientHandle>, conn: u64) {
+        let mut state = handle.state.lock();
+        if !matches!(*state, SlotState::Offline { conn: c, .. } if c == conn) {
+            return;
         }
-        self.metrics.mqtt_subscriptions.set(tree.len() as i64);
+        let SlotState::Offline { session, .. } = std::mem::replace(&mut *state, SlotState::Gone)
+        else {
+            return;
+        };
+        self.metrics.mqtt_sessions_offline.dec();
+        self.unsubscribe_all(handle, &session);
+        {
+            let mut mb = handle.mailbox.lock();
+            mb.gone = true;
+            mb.clear();
+        }
+        let mut clients = self.clients.lock();
+        if clients
+            .get(&handle.id)
+            .is_some_and(|h| Arc::ptr_eq(h, handle))
+        {
+            clients.remove(&handle.id);
+        }
+        drop(clients);
+        drop(state);
+        tracing::debug!(client_id = %handle.id, "session expired");
+        handle.state_changed.notify_waiters();
+        handle.space.notify_waiters();
     }
 
-    /// Adds a subscription (the filter must be valid).
-    pub fn subscribe(&self, handle: &Arc<ClientHandle>, filter: &str, qos: QoS) {
+    /// Hands the unacknowledged QoS 1/2 messages a leaving member got through shared
+    /// subscriptions to another member of the group (MQTT 5.0 §4.8.2); those no other member
+    /// can take stay in the session.
+    fn redistribute_shared(&self, handle: &Arc<ClientHandle>, session: &mut Session) {
+        if session.inflight.iter().all(|o| o.message.share.is_none())
+            && session.queued.iter().all(|m| m.share.is_none())
+        {
+            return;
+        }
+        let groups = self.groups.lock().clone();
+        let reroute = |m: &Message| -> bool {
+            let Some(g) = m.share.as_ref().and_then(|k| groups.get(k.as_str())) else {
+                return false;
+            };
+            let mut copy = m.clone();
+            copy.share = None;
+            copy.subscription_ids.clear();
+            self.deliver_shared(g, &Arc::new(copy), Some(handle))
+        };
+        session
+            .inflight
+            .retain(|o| o.state == OutboundState::AwaitingPubComp || !reroute(&o.message));
+        session.queued.retain(|m| !reroute(m));
+    }
+
+    fn unsubscribe_all(&self, handle: &Arc<ClientHandle>, session: &Session) {
+        for filter in session.subscriptions.keys() {
+            self.unsubscribe(handle, filter);
+        }
+    }
+
+    /// Adds or replaces a subscription (the filter must be valid; a shared one
+    /// `$share/{group}/{filter}` must have passed [`stratus_mqtt::topic::split_shared`]).
+    /// Returns whether it existed already (for Retain Handling 1).
+    pub fn subscribe(
+        &self,
+        handle: &Arc<ClientHandle>,
+        filter: &str,
+        options: SubscriptionOptions,
+        id: Option<NonZeroU32>,
+    ) -> bool {
+        if let Some(Ok((_, inner))) = stratus_mqtt::topic::split_shared(filter) {
+            let Ok(key) = MqttStr::try_from(filter) else {
+                return false;
+            };
+            let mut groups = self.groups.lock();
+            let group = groups
+                .entry(filter.to_string())
+                .or_insert_with(|| {
+                    let g = Arc::new(SharedGroup {
+                        key,
+                        filter: inner.to_string(),
+                        members: Mutex::new(Vec::new()),
+                        next: AtomicU64::new(0),
+                    });
+                    let mut tree = self.tree.write();
+                    tree.insert(inner, Subscriber::Group(g.clone()), QoS::ExactlyOnce);
+                    self.metrics.mqtt_subscriptions.set(tree.len() as i64);
+                    g
+                })
+                .clone();
+            drop(groups);
+            let mut members = group.members.lock();
+            let existed = match members.iter_mut().find(|m| Arc::ptr_eq(&m.0, handle)) {
+                Some(m) => {
+                    m.1 = options.qos;
+                    m.2 = id;
+                    true
+                }
+                None => {
+                    members.push((handle.clone(), options.qos, id));
+                    false
+                }
+            };
+            return existed;
+        }
+        let opts = SubOptions {
+            no_local: options.no_local,
+            retain_as_published: options.retain_as_published,
+            id,
+        };
         let mut tree = self.tree.write();
-        tree.insert(filter, Subscriber(handle.clone()), qos);
+        let existed = tree.insert(
+            filter,
+            Subscriber::Client(handle.clone(), opts),
+            options.qos,
+        );
         self.metrics.mqtt_subscriptions.set(tree.len() as i64);
+        existed
     }
 
     /// Removes a subscription if present.
     pub fn unsubscribe(&self, handle: &Arc<ClientHandle>, filter: &str) {
+        if let Some(shared) = stratus_mqtt::topic::split_shared(filter) {
+            if shared.is_err() {
+                return;
+            }
+            let mut groups = self.groups.lock();
+            let Some(group) = groups.get(filter).cloned() else {
+                return;
+            };
+            let mut members = group.members.lock();
+            members.retain(|m| !Arc::ptr_eq(&m.0, handle));
+            if members.is_empty() {
+                groups.remove(filter);
+                let mut tree = self.tree.write();
+                tree.remove(&group.filter, &Subscriber::Group(group.clone()));
+                self.metrics.mqtt_subscriptions.set(tree.len() as i64);
+            }
+            return;
+        }
         let mut tree = self.tree.write();
-        tree.remove(filter, &Subscriber(handle.clone()));
+        tree.remove(
+            filter,
+            &Subscriber::Client(handle.clone(), SubOptions::default()),
+        );
         self.metrics.mqtt_subscriptions.set(tree.len() as i64);
     }
 
-    /// Retained messages matching `filter`, for a new subscription.
+    /// Retained messages matching `filter`, for a new subscription; expired ones are removed.
     pub fn retained_for(&self, filter: &str) -> Vec<Message> {
         let mut out = Vec::new();
-        self.retained
-            .read()
-            .for_each_match(filter, |m| out.push(m.clone()));
+        let mut expired = Vec::new();
+        let now = Instant::now();
+        self.retained.read().for_each_match(filter, |m| {
+            if m.is_expired(now) {
+                expired.push(m.topic.clone());
+            } else {
+                out.push(m.clone())
+            }
+        });
+        if !expired.is_empty() {
+            let mut retained = self.retained.write();
+            for t in expired {
+                if retained.get(&t).is_some_and(|m| m.is_expired(now)) {
+                    retained.remove(&t);
+                }
+            }
+            self.metrics
+                .mqtt_retained_messages
+                .set(retained.len() as i64);
+        }
         out
     }
 
@@ -529,10 +786,73 @@ impl Broker {
         self.tree.read().len()
     }
 
-    /// Routes a message: stores or clears it as retained when asked, then hands it to every
-    /// matching subscriber once, at the highest QoS among its matching subscriptions capped by
-    /// the message's QoS, with RETAIN cleared (MQTT-3.3.1-9).
-    pub fn publish(&self, message: Message) -> Routed {
+    /// Delivers `message` to one member of a shared subscription group: the next online one
+    /// in round-robin order (not `except`), else any other member. Returns whether one took it.
+    fn deliver_shared(
+        &self,
+        group: &Arc<SharedGroup>,
+        message: &Arc<Message>,
+        except: Option<&Arc<ClientHandle>>,
+    ) -> bool {
+        self.deliver_shared_routed(group, message, except, &mut Routed::default())
+    }
+
+    fn deliver_shared_routed(
+        &self,
+        group: &Arc<SharedGroup>,
+        message: &Arc<Message>,
+        except: Option<&Arc<ClientHandle>>,
+        routed: &mut Routed,
+    ) -> bool {
+        let members = group.members.lock();
+        let n = members.len();
+        if n == 0 {
+            return false;
+        }
+        let start = group.next.fetch_add(1, Ordering::Relaxed) as usize;
+        let eligible = |h: &Arc<ClientHandle>| except.is_none_or(|e| !Arc::ptr_eq(e, h));
+        let pick = (0..n)
+            .map(|i| &members[(start + i) % n])
+            .find(|m| eligible(&m.0) && m.0.online.load(Ordering::Acquire))
+            .or_else(|| {
+                (0..n)
+                    .map(|i| &members[(start + i) % n])
+                    .find(|m| eligible(&m.0))
+            });
+        let Some((h, granted, id)) = pick else {
+            return false;
+        };
+        let qos = (*granted).min(message.qos);
+        let sub_ids: SubIds = id.iter().copied().collect();
+        match h.deliver(
+            message,
+            qos,
+            false,
+            sub_ids,
+            Some(group),
+            self.max_queued,
+            &self.metrics,
+        ) {
+            Accepted::Yes => {
+                routed.delivered += 1;
+                true
+            }
+            Accepted::Congested => {
+                routed.delivered += 1;
+                routed.congested.push(h.clone());
+                true
+            }
+            Accepted::No => false,
+        }
+    }
+
+    /// Routes a message from `origin` (the publishing client, for No Local): stores or clears
+    /// it as retained when asked, then hands it to every matching subscriber once, at the
+    /// highest QoS among its matching subscriptions capped by the message's QoS, with RETAIN
+    /// cleared (MQTT-3.3.1-9) unless a subscription asked for Retain As Published, and with
+    /// the Subscription Identifiers of the matching subscriptions; to one member of each
+    /// matching shared subscription group.
+    pub fn publish(&self, message: Message, origin: Option<&Arc<ClientHandle>>) -> Routed {
         if message.retain {
             let mut retained = self.retained.write();
             retained.set(message.clone());
@@ -540,18 +860,29 @@ impl Broker {
                 .mqtt_retained_messages
                 .set(retained.len() as i64);
         }
-        let mut message = message;
-        message.retain = false;
+        let was_retained = message.retain;
         let message = Arc::new(message);
+        let origin = origin.map(Arc::as_ptr);
         let tree = self.tree.read();
         let mut routed = Routed::default();
-        let mut deliver = |s: &Subscriber, granted: QoS| {
-            let qos = granted.min(message.qos);
-            match s.0.deliver(&message, qos, self.max_queued, &self.metrics) {
+        let deliver = |h: &Arc<ClientHandle>,
+                       qos: QoS,
+                       retain: bool,
+                       sub_ids: SubIds,
+                       routed: &mut Routed| {
+            match h.deliver(
+                &message,
+                qos,
+                retain,
+                sub_ids,
+                None,
+                self.max_queued,
+                &self.metrics,
+            ) {
                 Accepted::Yes => routed.delivered += 1,
                 Accepted::Congested => {
                     routed.delivered += 1;
-                    routed.congested.push(s.0.clone());
+                    routed.congested.push(h.clone());
                 }
                 Accepted::No => {}
             }
@@ -560,26 +891,54 @@ impl Broker {
         // client (overlapping subscriptions), and only then is de-duplication needed.
         let mut lists: SmallVec<[&[(Subscriber, QoS)]; 4]> = SmallVec::new();
         tree.for_each_matching_list(&message.topic, |list| lists.push(list));
+        let is_origin = |h: &Arc<ClientHandle>| origin == Some(Arc::as_ptr(h));
         if let [list] = lists[..] {
             for (s, granted) in list {
-                deliver(s, *granted);
+                match s {
+                    Subscriber::Client(h, o) => {
+                        if o.no_local && is_origin(h) {
+                            continue;
+                        }
+                        let retain = o.retain_as_published && was_retained;
+                        let ids: SubIds = o.id.iter().copied().collect();
+                        deliver(h, (*granted).min(message.qos), retain, ids, &mut routed);
+                    }
+                    Subscriber::Group(g) => {
+                        self.deliver_shared_routed(g, &message, None, &mut routed);
+                    }
+                }
             }
         } else if lists.len() > 1 {
-            let mut targets: Vec<(&Subscriber, QoS)> = lists
-                .iter()
-                .flat_map(|l| l.iter().map(|(s, q)| (s, *q)))
-                .collect();
-            targets.sort_unstable_by_key(|(s, _)| Arc::as_ptr(&s.0));
+            let mut targets: Vec<(&Arc<ClientHandle>, QoS, bool, SubIds)> = Vec::new();
+            for list in &lists {
+                for (s, granted) in list.iter() {
+                    match s {
+                        Subscriber::Client(h, o) => {
+                            if o.no_local && is_origin(h) {
+                                continue;
+                            }
+                            let ids: SubIds = o.id.iter().copied().collect();
+                            targets.push((h, *granted, o.retain_as_published && was_retained, ids));
+                        }
+                        Subscriber::Group(g) => {
+                            self.deliver_shared_routed(g, &message, None, &mut routed);
+                        }
+                    }
+                }
+            }
+            targets.sort_unstable_by_key(|t| Arc::as_ptr(t.0));
             targets.dedup_by(|later, kept| {
-                if later.0 == kept.0 {
+                if Arc::ptr_eq(later.0, kept.0) {
                     kept.1 = kept.1.max(later.1);
+                    kept.2 |= later.2;
+                    kept.3.extend(later.3.drain(..));
                     true
                 } else {
                     false
                 }
             });
-            for (s, granted) in targets {
-                deliver(s, granted);
+            for (h, granted, retain, ids) in targets {
+                deliver(h, granted.min(message.qos), retain, ids, &mut routed);
             }
         }
         routed
@@ -601,17 +960,12 @@ mod tests {
     }
 
     fn msg(topic: &str, qos: QoS, retain: bool) -> Message {
-        Message {
-            topic: s(topic),
-            payload: Bytes::from_static(b"p"),
-            qos,
-            retain,
-        }
+        Message::new(s(topic), Bytes::from_static(b"p"), qos, retain)
     }
 
     fn drain(h: &ClientHandle) -> Vec<(Arc<Message>, QoS)> {
         let mut mb = h.mailbox.lock();
-        std::iter::from_fn(|| mb.pop()).collect()
+        std::iter::from_fn(|| mb.pop().map(|m| (m.message, m.qos))).collect()
     }
 
     fn broker(max_queued: usize) -> Broker {
@@ -622,10 +976,29 @@ mod tests {
     async fn publish_reaches_each_subscriber_once_at_the_highest_matching_qos() {
         let b = broker(100);
         let a = b.attach(s("a"), true, false).await;
-        b.subscribe(&a.handle, "t/+", QoS::AtMostOnce);
-        b.subscribe(&a.handle, "t/#", QoS::AtLeastOnce);
-        b.subscribe(&a.handle, "other", QoS::ExactlyOnce);
-        assert_eq!(b.publish(msg("t/x", QoS::ExactlyOnce, false)).delivered, 1);
+        b.subscribe(
+            &a.handle,
+            "t/+",
+            SubscriptionOptions::new(QoS::AtMostOnce),
+            None,
+        );
+        b.subscribe(
+            &a.handle,
+            "t/#",
+            SubscriptionOptions::new(QoS::AtLeastOnce),
+            None,
+        );
+        b.subscribe(
+            &a.handle,
+            "other",
+            SubscriptionOptions::new(QoS::ExactlyOnce),
+            None,
+        );
+        assert_eq!(
+            b.publish(msg("t/x", QoS::ExactlyOnce, false), None)
+                .delivered,
+            1
+        );
         let got: Vec<_> = drain(&a.handle).into_iter().collect();
         assert_eq!(got.len(), 1);
         assert_eq!(
@@ -637,20 +1010,27 @@ mod tests {
             !got[0].0.retain,
             "RETAIN is cleared for established subscriptions"
         );
-        assert_eq!(b.publish(msg("t/x", QoS::AtMostOnce, false)).delivered, 1);
+        assert_eq!(
+            b.publish(msg("t/x", QoS::AtMostOnce, false), None)
+                .delivered,
+            1
+        );
         assert_eq!(drain(&a.handle)[0].1, QoS::AtMostOnce);
     }
 
     #[tokio::test]
     async fn retained_messages_are_stored_and_cleared() {
         let b = broker(100);
-        b.publish(msg("r/1", QoS::AtLeastOnce, true));
-        b.publish(msg("r/2", QoS::AtMostOnce, true));
+        b.publish(msg("r/1", QoS::AtLeastOnce, true), None);
+        b.publish(msg("r/2", QoS::AtMostOnce, true), None);
         assert_eq!(b.retained_for("r/#").len(), 2);
-        b.publish(Message {
-            payload: Bytes::new(),
-            ..msg("r/1", QoS::AtMostOnce, true)
-        });
+        b.publish(
+            Message {
+                payload: Bytes::new(),
+                ..msg("r/1", QoS::AtMostOnce, true)
+            },
+            None,
+        );
         let left = b.retained_for("r/+");
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].topic.as_str(), "r/2");
@@ -661,14 +1041,28 @@ mod tests {
     async fn offline_persistent_sessions_queue_qos1_and_2_but_not_qos0() {
         let b = broker(100);
         let a = b.attach(s("p"), false, false).await;
-        b.subscribe(&a.handle, "t", QoS::ExactlyOnce);
+        b.subscribe(
+            &a.handle,
+            "t",
+            SubscriptionOptions::new(QoS::ExactlyOnce),
+            None,
+        );
         let mut session = Session::new(s("p"));
         session.subscriptions.insert(s("t"), QoS::ExactlyOnce);
         b.detach(&a.handle, a.conn, Some(session), false);
         assert_eq!(b.metrics.mqtt_sessions_offline.get(), 1);
-        assert_eq!(b.publish(msg("t", QoS::AtMostOnce, false)).delivered, 0);
-        assert_eq!(b.publish(msg("t", QoS::AtLeastOnce, false)).delivered, 1);
-        assert_eq!(b.publish(msg("t", QoS::ExactlyOnce, false)).delivered, 1);
+        assert_eq!(
+            b.publish(msg("t", QoS::AtMostOnce, false), None).delivered,
+            0
+        );
+        assert_eq!(
+            b.publish(msg("t", QoS::AtLeastOnce, false), None).delivered,
+            1
+        );
+        assert_eq!(
+            b.publish(msg("t", QoS::ExactlyOnce, false), None).delivered,
+            1
+        );
         let again = b.attach(s("p"), false, false).await;
         assert!(again.session_present);
         assert!(Arc::ptr_eq(&again.handle, &a.handle));
@@ -682,11 +1076,16 @@ mod tests {
     async fn a_clean_reconnect_discards_the_old_session() {
         let b = broker(100);
         let a = b.attach(s("p"), false, false).await;
-        b.subscribe(&a.handle, "t", QoS::AtLeastOnce);
+        b.subscribe(
+            &a.handle,
+            "t",
+            SubscriptionOptions::new(QoS::AtLeastOnce),
+            None,
+        );
         let mut session = Session::new(s("p"));
         session.subscriptions.insert(s("t"), QoS::AtLeastOnce);
         b.detach(&a.handle, a.conn, Some(session), false);
-        b.publish(msg("t", QoS::AtLeastOnce, false));
+        b.publish(msg("t", QoS::AtLeastOnce, false), None);
         let clean = b.attach(s("p"), true, false).await;
         assert!(!clean.session_present);
         assert!(clean.session.subscriptions.is_empty());
@@ -695,20 +1094,31 @@ mod tests {
             "queued messages of the old session are gone"
         );
         assert_eq!(b.subscription_count(), 0);
-        assert_eq!(b.publish(msg("t", QoS::AtLeastOnce, false)).delivered, 0);
+        assert_eq!(
+            b.publish(msg("t", QoS::AtLeastOnce, false), None).delivered,
+            0
+        );
     }
 
     #[tokio::test]
     async fn ending_a_clean_session_removes_its_subscriptions_and_handle() {
         let b = broker(100);
         let a = b.attach(s("c"), true, false).await;
-        b.subscribe(&a.handle, "t", QoS::AtLeastOnce);
+        b.subscribe(
+            &a.handle,
+            "t",
+            SubscriptionOptions::new(QoS::AtLeastOnce),
+            None,
+        );
         let mut session = Session::new(s("c"));
         session.subscriptions.insert(s("t"), QoS::AtLeastOnce);
         b.detach(&a.handle, a.conn, Some(session), true);
         assert_eq!(b.subscription_count(), 0);
         assert!(b.clients.lock().is_empty());
-        assert_eq!(b.publish(msg("t", QoS::AtLeastOnce, false)).delivered, 0);
+        assert_eq!(
+            b.publish(msg("t", QoS::AtLeastOnce, false), None).delivered,
+            0
+        );
     }
 
     #[tokio::test]
@@ -742,14 +1152,20 @@ mod tests {
     async fn restricted_clients_never_receive_device_topics() {
         let b = broker(100);
         let anon = b.attach(s("anon"), true, true).await;
-        b.subscribe(&anon.handle, "#", QoS::AtMostOnce);
+        b.subscribe(
+            &anon.handle,
+            "#",
+            SubscriptionOptions::new(QoS::AtMostOnce),
+            None,
+        );
         assert_eq!(
-            b.publish(msg("devices/d1/telemetry", QoS::AtMostOnce, false))
+            b.publish(msg("devices/d1/telemetry", QoS::AtMostOnce, false), None)
                 .delivered,
             0
         );
         assert_eq!(
-            b.publish(msg("public/x", QoS::AtMostOnce, false)).delivered,
+            b.publish(msg("public/x", QoS::AtMostOnce, false), None)
+                .delivered,
             1
         );
     }
@@ -758,13 +1174,22 @@ mod tests {
     async fn online_qos0_backlog_congests_and_is_dropped_only_at_the_hard_cap() {
         let b = broker(2);
         let a = b.attach(s("a"), true, false).await;
-        b.subscribe(&a.handle, "t", QoS::AtMostOnce);
+        b.subscribe(
+            &a.handle,
+            "t",
+            SubscriptionOptions::new(QoS::AtMostOnce),
+            None,
+        );
         let congested: Vec<usize> = (0..3)
-            .map(|_| b.publish(msg("t", QoS::AtMostOnce, false)).congested.len())
+            .map(|_| {
+                b.publish(msg("t", QoS::AtMostOnce, false), None)
+                    .congested
+                    .len()
+            })
             .collect();
         assert_eq!(congested, vec![0, 0, 1]);
         for _ in 0..(2 * HARD_BACKLOG_FACTOR) {
-            b.publish(msg("t", QoS::AtMostOnce, false));
+            b.publish(msg("t", QoS::AtMostOnce, false), None);
         }
         assert_eq!(drain(&a.handle).len(), 2 * HARD_BACKLOG_FACTOR);
         assert_eq!(b.metrics.mqtt_messages_dropped.get(), 3);
@@ -774,9 +1199,18 @@ mod tests {
     async fn online_qos1_backlog_congests_publishers_instead_of_dropping() {
         let b = broker(2);
         let a = b.attach(s("a"), true, false).await;
-        b.subscribe(&a.handle, "t", QoS::AtLeastOnce);
+        b.subscribe(
+            &a.handle,
+            "t",
+            SubscriptionOptions::new(QoS::AtLeastOnce),
+            None,
+        );
         let congested: Vec<usize> = (0..4)
-            .map(|_| b.publish(msg("t", QoS::AtLeastOnce, false)).congested.len())
+            .map(|_| {
+                b.publish(msg("t", QoS::AtLeastOnce, false), None)
+                    .congested
+                    .len()
+            })
             .collect();
         assert_eq!(
             congested,
@@ -802,7 +1236,7 @@ mod tests {
         );
         // ...and a subscriber that never catches up is marked as a slow consumer.
         for _ in 0..3 {
-            b.publish(msg("t", QoS::AtLeastOnce, false));
+            b.publish(msg("t", QoS::AtLeastOnce, false), None);
         }
         let soon = tokio::time::Instant::now() + Duration::from_millis(50);
         assert!(!a.handle.wait_for_space(2, soon).await);
@@ -814,12 +1248,129 @@ mod tests {
     async fn offline_queue_beyond_the_bound_is_dropped_and_counted() {
         let b = broker(2);
         let a = b.attach(s("a"), false, false).await;
-        b.subscribe(&a.handle, "t", QoS::AtLeastOnce);
+        b.subscribe(
+            &a.handle,
+            "t",
+            SubscriptionOptions::new(QoS::AtLeastOnce),
+            None,
+        );
         b.detach(&a.handle, a.conn, Some(Session::new(s("a"))), false);
         let delivered: Vec<usize> = (0..3)
-            .map(|_| b.publish(msg("t", QoS::AtLeastOnce, false)).delivered)
+            .map(|_| b.publish(msg("t", QoS::AtLeastOnce, false), None).delivered)
             .collect();
         assert_eq!(delivered, vec![1, 1, 0]);
         assert_eq!(b.metrics.mqtt_messages_dropped.get(), 1);
+    }
+
+    fn opts(qos: QoS) -> SubscriptionOptions {
+        SubscriptionOptions::new(qos)
+    }
+
+    fn drain_mail(h: &ClientHandle) -> Vec<Mail> {
+        let mut mb = h.mailbox.lock();
+        std::iter::from_fn(|| mb.pop()).collect()
+    }
+
+    #[tokio::test]
+    async fn no_local_retain_as_published_and_subscription_ids() {
+        let b = broker(100);
+        let a = b.attach(s("a"), true, false).await;
+        let nl = SubscriptionOptions {
+            no_local: true,
+            ..opts(QoS::AtLeastOnce)
+        };
+        b.subscribe(&a.handle, "t/#", nl, NonZeroU32::new(7));
+        b.subscribe(&a.handle, "t/+", opts(QoS::AtMostOnce), NonZeroU32::new(9));
+        // From itself: only the subscription without No Local matches.
+        b.publish(msg("t/x", QoS::AtLeastOnce, false), Some(&a.handle));
+        let got = drain_mail(&a.handle);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].qos, QoS::AtMostOnce);
+        assert_eq!(&got[0].sub_ids[..], &[NonZeroU32::new(9).unwrap()]);
+        // From someone else: one delivery with both identifiers.
+        b.publish(msg("t/x", QoS::AtLeastOnce, true), None);
+        let got = drain_mail(&a.handle);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].qos, QoS::AtLeastOnce);
+        assert_eq!(got[0].sub_ids.len(), 2);
+        assert!(!got[0].retain, "RETAIN cleared without Retain As Published");
+        let rap = SubscriptionOptions {
+            retain_as_published: true,
+            ..opts(QoS::AtMostOnce)
+        };
+        assert!(
+            b.subscribe(&a.handle, "t/+", rap, None),
+            "replaces the subscription"
+        );
+        b.publish(msg("t/y", QoS::AtMostOnce, true), None);
+        assert!(
+            drain_mail(&a.handle)[0].retain,
+            "Retain As Published keeps RETAIN"
+        );
+    }
+
+    #[tokio::test]
+    async fn shared_subscriptions_round_robin_and_redeliver_when_a_member_leaves() {
+        let b = broker(100);
+        let a = b.attach(s("a"), true, false).await;
+        let c = b.attach(s("c"), true, false).await;
+        b.subscribe(&a.handle, "$share/g/s/#", opts(QoS::AtLeastOnce), None);
+        b.subscribe(&c.handle, "$share/g/s/#", opts(QoS::AtLeastOnce), None);
+        assert_eq!(b.subscription_count(), 1, "one group entry in the tree");
+        for _ in 0..4 {
+            assert_eq!(
+                b.publish(msg("s/1", QoS::AtLeastOnce, false), None)
+                    .delivered,
+                1
+            );
+        }
+        assert_eq!(drain_mail(&a.handle).len(), 2);
+        let to_c = drain_mail(&c.handle);
+        assert_eq!(to_c.len(), 2);
+        // c leaves with one message in flight: it goes to a.
+        let mut session = Session::new(s("c"));
+        session
+            .subscriptions
+            .insert(s("$share/g/s/#"), QoS::AtLeastOnce);
+        let mut m = (*to_c[0].message).clone();
+        m.share = Some(s("$share/g/s/#"));
+        m.qos = QoS::AtLeastOnce;
+        session.inflight.push_back(stratus_mqtt::session::Outbound {
+            packet_id: 1,
+            message: m,
+            state: OutboundState::AwaitingPubAck,
+        });
+        b.detach(&c.handle, c.conn, Some(session), true);
+        assert_eq!(
+            drain_mail(&a.handle).len(),
+            1,
+            "redelivered to the other member"
+        );
+        b.unsubscribe(&a.handle, "$share/g/s/#");
+        assert_eq!(b.subscription_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn expired_parked_sessions_end() {
+        let b = broker(100);
+        let a = b.attach(s("e"), false, false).await;
+        b.subscribe(&a.handle, "t", opts(QoS::AtLeastOnce), None);
+        let mut session = Session::new(s("e"));
+        session.subscriptions.insert(s("t"), QoS::AtLeastOnce);
+        b.detach(&a.handle, a.conn, Some(session), false);
+        b.expire_session(&a.handle, a.conn);
+        assert_eq!(b.subscription_count(), 0);
+        assert!(b.clients.lock().is_empty());
+        assert!(!b.attach(s("e"), false, false).await.session_present);
+    }
+
+    #[tokio::test]
+    async fn expired_retained_messages_are_not_sent() {
+        let b = broker(100);
+        let mut m = msg("r", QoS::AtMostOnce, true);
+        m.expires_at = Some(Instant::now());
+        b.publish(m, None);
+        assert!(b.retained_for("r").is_empty());
+        assert_eq!(b.retained_count(), 0);
     }
 }

@@ -108,6 +108,14 @@ pub struct MqttConfig {
     /// Seconds publishers wait for an online subscriber whose QoS 1/2 backlog exceeds
     /// `max_queued`; after that the subscriber is disconnected as a slow consumer.
     pub slow_consumer_timeout_secs: u64,
+    /// Longest keep alive (seconds) an MQTT 5.0 client may ask for; a longer one, or 0, is
+    /// answered with Server Keep Alive set to this. 0: no limit.
+    pub max_keepalive: u16,
+    /// Receive Maximum advertised to MQTT 5.0 clients: their unacknowledged QoS 1/2 PUBLISHes
+    /// at once; more is a protocol error (DISCONNECT 0x93).
+    pub receive_maximum: u16,
+    /// Topic Alias Maximum advertised to MQTT 5.0 clients (0: no topic aliases).
+    pub topic_alias_maximum: u16,
 }
 
 impl Default for ServerConfig {
@@ -147,6 +155,9 @@ impl Default for MqttConfig {
             sys_interval_secs: 5,
             max_topic_levels: 128,
             slow_consumer_timeout_secs: 3,
+            max_keepalive: 0,
+            receive_maximum: 1024,
+            topic_alias_maximum: 64,
         }
     }
 }
@@ -253,6 +264,9 @@ impl Config {
         if m.max_inflight == 0 || m.max_inflight == u16::MAX {
             return bad("mqtt.max_inflight", "must be between 1 and 65534");
         }
+        if m.receive_maximum == 0 {
+            return bad("mqtt.receive_maximum", "must be between 1 and 65535");
+        }
         if m.connect_timeout_secs == 0 {
             return bad("mqtt.connect_timeout_secs", "must be at least 1");
         }
@@ -280,6 +294,9 @@ impl Config {
             max_queued: self.mqtt.max_queued,
             max_transmit_buffer: self.mqtt.max_packet_size.max(1024 * 1024),
             max_topic_levels: self.mqtt.max_topic_levels,
+            max_keepalive: self.mqtt.max_keepalive,
+            receive_maximum: self.mqtt.receive_maximum,
+            topic_alias_maximum: self.mqtt.topic_alias_maximum,
         }
     }
 }

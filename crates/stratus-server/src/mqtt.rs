@@ -11,7 +11,7 @@ use std::time::Instant;
 use bytes::{Buf, BytesMut};
 use stratus_mqtt::{
     CloseReason, ConnectReturnCode, Connection, Event, Limits, Message, MqttStr, PacketId,
-    ReasonCode,
+    ReasonCode, RetainHandling,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
@@ -98,7 +98,6 @@ pub async fn serve(
 struct Attachment {
     handle: Arc<ClientHandle>,
     conn: u64,
-    clean_session: bool,
     restricted: bool,
 }
 
@@ -333,7 +332,7 @@ impl Driver {
             match event {
                 Event::Connect(connect) => self.handle_connect(*connect, rbuf).await,
                 Event::Publish { message, packet_id } => {
-                    let congested = self.handle_publish(message);
+                    let (congested, code) = self.handle_publish(message);
                     if !congested.is_empty() {
                         self.held_qos0 += usize::from(packet_id.is_none());
                         self.held_acks.push_back(HeldAck {
@@ -344,7 +343,7 @@ impl Driver {
                     } else if let Some(id) = packet_id {
                         // Acknowledgements leave in receive order, so this one also waits
                         // behind any held one.
-                        self.conn.acknowledge(id);
+                        self.conn.acknowledge_with(id, code);
                     }
                 }
                 Event::Subscribe(sub) => self.handle_subscribe(sub),
@@ -407,7 +406,11 @@ impl Driver {
             }
         }
         let client_id = if connect.client_id.is_empty() {
-            assigned_client_id()
+            let id = assigned_client_id();
+            if connect.protocol.is_v5() {
+                self.conn.assign_client_id(id.clone());
+            }
+            id
         } else {
             connect.client_id.clone()
         };
@@ -421,7 +424,6 @@ impl Driver {
         self.client = Some(Attachment {
             handle: attached.handle,
             conn: attached.conn,
-            clean_session: connect.clean_session,
             restricted,
         });
         self.kicked = Some(attached.kicked);
@@ -431,48 +433,78 @@ impl Driver {
         self.conn.handle_bytes(rbuf, Instant::now());
     }
 
-    /// Routes a client's PUBLISH; returns the subscribers it congested (not the client itself).
-    fn handle_publish(&mut self, message: Message) -> Vec<Arc<ClientHandle>> {
+    /// Routes a client's PUBLISH; returns the subscribers it congested (not the client itself)
+    /// and the reason code of its acknowledgement for MQTT 5.0 clients.
+    fn handle_publish(&mut self, message: Message) -> (Vec<Arc<ClientHandle>>, ReasonCode) {
         let restricted = self.client.as_ref().is_none_or(|c| c.restricted);
         if !topic_permitted(restricted, &message.topic) || message.topic.starts_with('$') {
-            // MQTT 3.1.1 has no way to refuse a PUBLISH: it is acknowledged and dropped.
+            // MQTT 3.1.1 has no way to refuse a PUBLISH: it is acknowledged and dropped;
+            // MQTT 5.0 clients get 0x87 Not authorized.
             self.ctx.broker.metrics.denied("publish");
             tracing::debug!(peer = %self.peer, topic = %message.topic, "mqtt publish denied");
-            return Vec::new();
+            return (Vec::new(), ReasonCode::NotAuthorized);
         }
-        let routed = self.ctx.broker.publish(message);
+        let origin = self.client.as_ref().map(|c| &c.handle);
+        let routed = self.ctx.broker.publish(message, origin);
+        let code = if routed.delivered == 0 {
+            ReasonCode::NoMatchingSubscribers
+        } else {
+            ReasonCode::Success
+        };
         let own = self.client.as_ref().map(|c| Arc::as_ptr(&c.handle));
         let mut congested = routed.congested;
         congested.retain(|h| Some(Arc::as_ptr(h)) != own);
-        congested
+        (congested, code)
     }
 
     fn handle_subscribe(&mut self, sub: stratus_mqtt::Subscribe) {
         let Some(c) = &self.client else { return };
         let broker = &self.ctx.broker;
         // MQTT 3.1.1 clients see every refusal as 0x80.
+        let id = sub.properties.subscription_identifier;
+        // Whether retained messages are sent, per filter (Retain Handling; never for shared ones).
+        let mut send_retained = Vec::with_capacity(sub.filters.len());
         let codes: Vec<ReasonCode> = sub
             .filters
             .iter()
             .map(|(filter, options)| {
-                if !self.conn.filter_acceptable(filter) {
+                let shared = stratus_mqtt::topic::split_shared(filter);
+                let inner = match shared {
+                    Some(Ok((_, inner))) => inner,
+                    Some(Err(())) => {
+                        send_retained.push(false);
+                        return ReasonCode::TopicFilterInvalid;
+                    }
+                    None => filter.as_str(),
+                };
+                if !self.conn.filter_acceptable(inner) {
+                    send_retained.push(false);
                     ReasonCode::TopicFilterInvalid
-                } else if !filter_permitted(c.restricted, filter) {
+                } else if !filter_permitted(c.restricted, inner) {
                     broker.metrics.denied("subscribe");
+                    send_retained.push(false);
                     ReasonCode::NotAuthorized
                 } else {
-                    broker.subscribe(&c.handle, filter, options.qos);
+                    let existed = broker.subscribe(&c.handle, filter, *options, id);
+                    send_retained.push(
+                        shared.is_none()
+                            && match options.retain_handling {
+                                RetainHandling::SendOnSubscribe => true,
+                                RetainHandling::SendIfNew => !existed,
+                                RetainHandling::DoNotSend => false,
+                            },
+                    );
                     ReasonCode::granted(options.qos)
                 }
             })
             .collect();
         self.conn.subscribed(&sub, codes.clone());
         let restricted = c.restricted;
-        for ((filter, _), code) in sub.filters.iter().zip(codes) {
-            if let Some(granted) = code.granted_qos() {
+        for (((filter, _), code), send) in sub.filters.iter().zip(codes).zip(send_retained) {
+            if let Some(granted) = code.granted_qos().filter(|_| send) {
                 let mut retained = broker.retained_for(filter);
                 retained.retain(|m| topic_permitted(restricted, &m.topic));
-                c.handle.enqueue_retained(retained, granted);
+                c.handle.enqueue_retained(retained, granted, id);
             }
         }
     }
@@ -499,8 +531,28 @@ impl Driver {
             other => tracing::debug!(peer = %self.peer, reason = ?other, "mqtt connection closed"),
         }
         if let Some(will) = will {
-            tracing::debug!(peer = %self.peer, topic = %will.topic, "publishing will");
-            self.ctx.broker.publish(will);
+            let delay = u64::from(self.conn.will_delay().min(self.conn.session_expiry()));
+            match (&self.client, delay) {
+                (Some(c), d) if d > 0 => {
+                    // Will Delay Interval (MQTT 5.0 §3.1.3.2.2): published after the delay, or
+                    // when the session ends if sooner, unless the client reconnects first.
+                    tracing::debug!(peer = %self.peer, topic = %will.topic, delay = d, "will delayed");
+                    let broker = self.ctx.broker.clone();
+                    let handle = c.handle.clone();
+                    let conn = c.conn;
+                    tokio::spawn(async move {
+                        tokio::time::sleep(std::time::Duration::from_secs(d)).await;
+                        if handle.current_conn() == conn {
+                            tracing::debug!(topic = %will.topic, "publishing delayed will");
+                            broker.publish(will, None);
+                        }
+                    });
+                }
+                _ => {
+                    tracing::debug!(peer = %self.peer, topic = %will.topic, "publishing will");
+                    self.ctx.broker.publish(will, None);
+                }
+            }
         }
     }
 
@@ -510,9 +562,19 @@ impl Driver {
         if let Some(c) = self.client.take() {
             self.ctx.broker.metrics.mqtt_clients_connected.dec();
             let session = self.conn.take_session();
+            let expiry = self.conn.session_expiry();
             self.ctx
                 .broker
-                .detach(&c.handle, c.conn, session, c.clean_session);
+                .detach(&c.handle, c.conn, session, expiry == 0);
+            if expiry != 0 && expiry != u32::MAX {
+                // Session Expiry Interval: the parked session ends N s after the disconnect
+                // unless the client came back.
+                let broker = self.ctx.broker.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(std::time::Duration::from_secs(u64::from(expiry))).await;
+                    broker.expire_session(&c.handle, c.conn);
+                });
+            }
         }
     }
 }

@@ -76,11 +76,9 @@ pub fn publish(broker: &Broker, maximum: &mut i64) {
         let Ok(topic) = MqttStr::try_from(format!("$SYS/broker/{name}")) else {
             continue;
         };
-        broker.publish(Message {
-            topic,
-            payload: Bytes::from(value),
-            qos: QoS::AtMostOnce,
-            retain: true,
-        });
+        broker.publish(
+            Message::new(topic, Bytes::from(value), QoS::AtMostOnce, true),
+            None,
+        );
     }
 }
