@@ -1,62 +1,16 @@
 //! The broker-side connection state machine, packet by packet on virtual time: nothing here
 //! sleeps, so a 90-second keep-alive test runs in microseconds.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use stratus_mqtt::*;
 
-fn s(v: &str) -> MqttStr {
-    MqttStr::try_from(v).unwrap()
-}
+mod common;
 
-struct Harness {
-    conn: Connection,
-    now: Instant,
-    inbox: BytesMut,
-}
+use common::{s, Harness};
 
 impl Harness {
-    fn new(limits: Limits) -> Self {
-        let now = Instant::now();
-        Harness {
-            conn: Connection::new(limits, now),
-            now,
-            inbox: BytesMut::new(),
-        }
-    }
-
-    fn advance(&mut self, secs: f64) {
-        self.now += Duration::from_secs_f64(secs);
-        self.conn.handle_timeout(self.now);
-    }
-
-    fn send(&mut self, p: Packet) {
-        let mut b = BytesMut::new();
-        encode(&p, ProtocolVersion::V311, &mut b).unwrap();
-        self.send_raw(&b);
-    }
-
-    fn send_raw(&mut self, bytes: &[u8]) {
-        self.inbox.extend_from_slice(bytes);
-        self.conn.handle_bytes(&mut self.inbox, self.now);
-    }
-
-    /// Every packet the connection has written since the last call.
-    fn received(&mut self) -> Vec<Packet> {
-        let mut out = Vec::new();
-        let buf = self.conn.transmit();
-        while let Some(p) = decode(buf, usize::MAX, ProtocolVersion::V311).unwrap() {
-            out.push(p);
-        }
-        assert!(buf.is_empty(), "transmit buffer holds a partial packet");
-        out
-    }
-
-    fn events(&mut self) -> Vec<Event> {
-        std::iter::from_fn(|| self.conn.poll_event()).collect()
-    }
-
     /// CONNECT and accept with a fresh session.
     fn connected(limits: Limits, connect: Connect) -> Self {
         let mut h = Harness::new(limits);

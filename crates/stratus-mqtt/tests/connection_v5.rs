@@ -4,59 +4,25 @@
 
 use std::num::{NonZeroU16, NonZeroU32};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use stratus_mqtt::*;
 
-fn s(v: &str) -> MqttStr {
-    MqttStr::try_from(v).unwrap()
-}
+mod common;
 
-struct V5 {
-    conn: Connection,
-    now: Instant,
-    inbox: BytesMut,
-}
+use common::{s, Harness};
 
-impl V5 {
-    fn new(limits: Limits) -> Self {
-        let now = Instant::now();
-        V5 {
-            conn: Connection::new(limits, now),
-            now,
-            inbox: BytesMut::new(),
-        }
-    }
+type V5 = Harness;
 
-    fn advance(&mut self, secs: f64) {
-        self.now += Duration::from_secs_f64(secs);
-        self.conn.handle_timeout(self.now);
-    }
-
-    fn send(&mut self, p: Packet) {
-        let mut b = BytesMut::new();
-        encode(&p, ProtocolVersion::V5, &mut b).unwrap();
-        self.inbox.extend_from_slice(&b);
-        self.conn.handle_bytes(&mut self.inbox, self.now);
-    }
-
-    fn received(&mut self) -> Vec<Packet> {
-        let mut out = Vec::new();
-        let buf = self.conn.transmit();
-        while let Some(p) = decode(buf, usize::MAX, ProtocolVersion::V5).unwrap() {
-            out.push(p);
-        }
-        out
-    }
-
-    fn events(&mut self) -> Vec<Event> {
-        std::iter::from_fn(|| self.conn.poll_event()).collect()
+impl Harness {
+    fn v5(limits: Limits) -> Self {
+        Harness::with_version(limits, ProtocolVersion::V5)
     }
 
     /// CONNECT and accept; returns the CONNACK.
     fn connect(limits: Limits, connect: Connect) -> (Self, ConnAck) {
-        let mut h = V5::new(limits);
+        let mut h = V5::v5(limits);
         let id = connect.client_id.clone();
         h.send(Packet::Connect(connect));
         assert!(matches!(h.events().as_slice(), [Event::Connect(_)]));
@@ -124,7 +90,7 @@ fn connack_advertises_the_server_capabilities() {
 
 #[test]
 fn assigned_client_identifier_is_announced() {
-    let mut h = V5::new(Limits::default());
+    let mut h = V5::v5(Limits::default());
     h.send(Packet::Connect(connect5("")));
     assert!(matches!(h.events().as_slice(), [Event::Connect(_)]));
     h.conn.assign_client_id(s("stratus-1"));
@@ -169,7 +135,7 @@ fn session_expiry_comes_from_connect_and_disconnect_may_change_it() {
 
 #[test]
 fn v311_session_expiry_follows_clean_session() {
-    let mut h = V5::new(Limits::default());
+    let mut h = V5::v5(Limits::default());
     let mut c = connect5("c");
     c.protocol = ProtocolVersion::V311;
     c.clean_session = false;
@@ -488,7 +454,7 @@ fn subscription_ids_are_sent_with_the_publish() {
 
 #[test]
 fn v311_subscribers_get_no_properties() {
-    let mut h = V5::new(Limits::default());
+    let mut h = V5::v5(Limits::default());
     let mut c = connect5("old");
     c.protocol = ProtocolVersion::V311;
     let mut b = BytesMut::new();
@@ -565,7 +531,7 @@ fn server_disconnects_carry_reason_codes() {
 
 #[test]
 fn unsupported_authentication_method_gets_0x8c_and_auth_is_a_protocol_error() {
-    let mut h = V5::new(Limits::default());
+    let mut h = V5::v5(Limits::default());
     let mut c = connect5("c");
     c.properties.authentication_method = Some(s("SCRAM-SHA-1"));
     h.send(Packet::Connect(c));
