@@ -12,7 +12,8 @@
 //! - **No MQTT client library.** Packets are built once with the project's own codec
 //!   (`stratus_mqtt::encode`) and then only patched: a QoS 0 publisher writes 64 KiB of
 //!   pre-encoded PUBLISH packets per syscall, changing four bytes of sequence number per
-//!   packet; QoS 1/2 publishers patch the packet identifier into the same template.
+//!   packet; QoS 1/2 publishers patch the packet identifier into the same template and
+//!   refill their in-flight window a quarter at a time (one write, not one per PUBACK).
 //! - **A frame scanner on the receive side** ([`wire::next_frame`]) reads only the fixed
 //!   header, the topic length and the 20-byte stamp at the start of each payload, out of one
 //!   large read buffer per connection; the full codec decodes only CONNACK and SUBACK.

@@ -2,6 +2,9 @@
 
 use serde::Serialize;
 
+/// Shortest CPU window whose CPU share the text report shows (/proc's tick is 10 ms).
+pub const MIN_SHARE_WINDOW_SECS: f64 = 0.5;
+
 /// Which direction of a figure is better (for the comparison table).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -115,11 +118,16 @@ impl Report {
             line += &format!(", {} strays", self.strays);
         }
         line += &format!(" | window {:.3} s", self.wall_secs);
-        if let (Some(cpu), Some(cores)) = (self.cpu_secs, self.generator_cores()) {
-            line += &format!(
-                " | generator CPU {cpu:.2} s ({:.0}% of a core)",
-                cores * 100.0
-            );
+        match (self.cpu_secs, self.generator_cores()) {
+            // /proc counts CPU time in 10 ms ticks: a share of a shorter window means little.
+            (Some(cpu), Some(cores)) if self.cpu_window_secs >= MIN_SHARE_WINDOW_SECS => {
+                line += &format!(
+                    " | generator CPU {cpu:.2} s ({:.0}% of a core)",
+                    cores * 100.0
+                );
+            }
+            (Some(cpu), _) => line += &format!(" | generator CPU {cpu:.2} s"),
+            (None, _) => {}
         }
         if let Some(b) = self.broker_cpu_secs {
             line += &format!(", broker CPU {b:.2} s");

@@ -163,9 +163,13 @@ pub async fn windowed<S: Source>(
     let mut state = vec![FREE; window as usize + 1];
     let mut free: Vec<PacketId> = (1..=window).rev().collect();
     let (mut next, mut done) = (0u32, 0u32);
+    // Refill in batches: one write for a quarter of the window rather than one per
+    // acknowledgement, which keeps the generator's syscalls per message low.
+    let refill_at = (window as usize / 4).max(1);
     loop {
         let mut added = 0u64;
-        while next < count {
+        let refill = free.len() >= refill_at || free.len() as u32 >= count - next;
+        while refill && next < count {
             let Some(id) = free.pop() else { break };
             source.append(&mut client.tx, id, next);
             state[id as usize] = AWAIT_ACK;

@@ -71,7 +71,17 @@ pub async fn run(ctx: Ctx, progress: Arc<Progress>) -> anyhow::Result<Extra> {
         .drain(Duration::from_secs(3), || subscribers.is_finished())
         .await;
     progress.end();
-    let result = subscribers.finish_or_abort().await;
+    // Close the subscriber before clearing: it has stopped reading, and the clearing
+    // messages would pile up for it (a broker may rightly disconnect it as too slow).
+    let subscribed = match subscribers.finish_or_abort().await {
+        Ok(subs) => {
+            for sub in subs {
+                sub.disconnect().await;
+            }
+            Ok(())
+        }
+        Err(e) => Err(e),
+    };
 
     // Clear the retained messages so later runs start from an empty store.
     let publisher = windowed(
@@ -84,9 +94,7 @@ pub async fn run(ctx: Ctx, progress: Arc<Progress>) -> anyhow::Result<Extra> {
     )
     .await?;
     publisher.disconnect().await;
-    for sub in result? {
-        sub.disconnect().await;
-    }
+    subscribed?;
     Ok(Extra {
         figures: vec![Figure::new(
             "store_rate",
