@@ -860,19 +860,7 @@ pub fn encode_publish_parts(
     dup: bool,
     out: &mut BytesMut,
 ) -> Result<(), EncodeError> {
-    if packet_id.is_some() != (qos != QoS::AtMostOnce) {
-        return Err(EncodeError::PacketIdMismatch);
-    }
-    let len = 2 + topic.len() + if packet_id.is_some() { 2 } else { 0 } + payload.len();
-    let first = 0x30 | ((dup as u8) << 3) | ((qos as u8) << 1) | retain as u8;
-    out.reserve(len + 5);
-    put_header(first, len, out)?;
-    put_binary(topic.as_bytes(), out)?;
-    if let Some(id) = packet_id {
-        out.put_u16(id);
-    }
-    out.put_slice(payload);
-    Ok(())
+    encode_publish_body(topic, payload, qos, packet_id, retain, dup, None, out)
 }
 
 /// Appends an MQTT 5.0 PUBLISH built from parts, with `properties` (the broker's hot path).
@@ -887,12 +875,39 @@ pub fn encode_publish_parts_v5(
     properties: &PublishProperties,
     out: &mut BytesMut,
 ) -> Result<(), EncodeError> {
+    encode_publish_body(
+        topic,
+        payload,
+        qos,
+        packet_id,
+        retain,
+        dup,
+        Some(properties),
+        out,
+    )
+}
+
+/// The PUBLISH of either version: `properties` is `Some` exactly for MQTT 5.0.
+#[allow(clippy::too_many_arguments)]
+fn encode_publish_body(
+    topic: &MqttStr,
+    payload: &[u8],
+    qos: QoS,
+    packet_id: Option<PacketId>,
+    retain: bool,
+    dup: bool,
+    properties: Option<&PublishProperties>,
+    out: &mut BytesMut,
+) -> Result<(), EncodeError> {
     if packet_id.is_some() != (qos != QoS::AtMostOnce) {
         return Err(EncodeError::PacketIdMismatch);
     }
-    let plen = properties.contents_len()?;
-    let len =
-        2 + topic.len() + if packet_id.is_some() { 2 } else { 0 } + set_len(plen) + payload.len();
+    let plen = properties.map(Encode::contents_len).transpose()?;
+    let len = 2
+        + topic.len()
+        + if packet_id.is_some() { 2 } else { 0 }
+        + plen.map_or(0, set_len)
+        + payload.len();
     let first = 0x30 | ((dup as u8) << 3) | ((qos as u8) << 1) | retain as u8;
     out.reserve(len + 5);
     put_header(first, len, out)?;
@@ -900,7 +915,9 @@ pub fn encode_publish_parts_v5(
     if let Some(id) = packet_id {
         out.put_u16(id);
     }
-    properties.write(plen, out)?;
+    if let (Some(properties), Some(plen)) = (properties, plen) {
+        properties.write(plen, out)?;
+    }
     out.put_slice(payload);
     Ok(())
 }
