@@ -108,7 +108,7 @@ struct Driver {
     /// The name the transport authenticated (TLS client certificate CN).
     identity: Option<MqttStr>,
     client: Option<Attachment>,
-    /// The takeover signal of a fresh attachment, until the select loop picks it up.
+    /// Fires when another connection takes the client over.
     kicked: Option<oneshot::Receiver<Kick>>,
     over_limit: bool,
     /// More mail can be moved into the connection right away.
@@ -122,7 +122,6 @@ struct Driver {
 }
 
 /// A message held back for flow control.
-#[derive(Clone)]
 struct HeldAck {
     /// The packet id to acknowledge once released; `None` for QoS 0.
     packet_id: Option<PacketId>,
@@ -155,28 +154,22 @@ pub async fn run_connection<R: MqttRead, W: MqttWrite>(
         held_qos0: 0,
     };
     let mut rbuf = BytesMut::new();
-    let mut kick: Option<oneshot::Receiver<Kick>> = None;
     let mut unflushed = false;
     loop {
         d.handle_events(&mut rbuf).await;
         if d.conn.is_closed() {
             break;
         }
-        if let Some(rx) = d.kicked.take() {
-            kick = Some(rx);
-        }
         let deadline = d.conn.poll_timeout();
-        let handle = d.client.as_ref().map(|c| c.handle.clone());
-        let held = d.held_acks.front().cloned();
         let wants_write = !d.conn.transmit().is_empty();
         // Unbiased: a busy mailbox must not starve reading the client's acknowledgements.
         // (select! drops every future before running a handler, so handlers may mutate `d`.)
         tokio::select! {
             _ = crate::stopped(&mut shutdown) => d.conn.close(CloseReason::ServerShutdown),
-            _ = kicked(&mut kick) => d.conn.close(CloseReason::TakenOver),
-            _ = mail(handle.as_deref()) => d.deliver_mailbox(),
+            _ = kicked(&mut d.kicked) => d.conn.close(CloseReason::TakenOver),
+            _ = mail(d.client.as_ref().map(|c| &*c.handle)) => d.deliver_mailbox(),
             _ = std::future::ready(()), if d.more_mail => d.deliver_mailbox(),
-            _ = subscribers_caught_up(held.as_ref(), d.ctx.broker.max_queued()) => d.release_held_ack(),
+            _ = subscribers_caught_up(d.held_acks.front(), d.ctx.broker.max_queued()) => d.release_held_ack(),
             read = reader.read_into(&mut rbuf), if d.held_qos0 == 0 => match read {
                 Ok(0) | Err(_) => d.conn.close(CloseReason::TransportClosed),
                 Ok(n) => d.received(n, &mut rbuf),
