@@ -100,6 +100,15 @@ impl Mailbox {
         self.qos0 + self.qos12
     }
 
+    fn push(&mut self, mail: Mail) {
+        if mail.qos == QoS::AtMostOnce {
+            self.qos0 += 1;
+        } else {
+            self.qos12 += 1;
+        }
+        self.queue.push_back(mail);
+    }
+
     fn pop(&mut self) -> Option<Mail> {
         let item = self.queue.pop_front()?;
         if item.qos == QoS::AtMostOnce {
@@ -213,18 +222,13 @@ impl ClientHandle {
         } else {
             Arc::new(message.compact())
         };
-        mb.queue.push_back(Mail {
+        mb.push(Mail {
             message: kept,
             qos,
             retain,
             sub_ids,
             share: share.cloned(),
         });
-        if qos == QoS::AtMostOnce {
-            mb.qos0 += 1;
-        } else {
-            mb.qos12 += 1;
-        }
         let congested = mb.online && mb.backlog() > max_queued;
         drop(mb);
         if was_empty {
@@ -296,12 +300,7 @@ impl ClientHandle {
         let was_empty = mb.queue.is_empty();
         for m in messages {
             let qos = m.qos.min(granted);
-            if qos == QoS::AtMostOnce {
-                mb.qos0 += 1;
-            } else {
-                mb.qos12 += 1;
-            }
-            mb.queue.push_back(Mail {
+            mb.push(Mail {
                 message: Arc::new(m),
                 qos,
                 retain: true,
@@ -554,9 +553,8 @@ impl Broker {
                     let mut dropped = 0u64;
                     for mut mail in waiting.into_iter().filter(|m| m.qos != QoS::AtMostOnce) {
                         if mb.qos12 < self.max_queued {
-                            mb.qos12 += 1;
                             mail.message = Arc::new(mail.message.compact());
-                            mb.queue.push_back(mail);
+                            mb.push(mail);
                         } else {
                             dropped += 1;
                         }
