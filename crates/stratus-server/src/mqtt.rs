@@ -190,23 +190,22 @@ pub async fn run_connection<R: MqttRead, W: MqttWrite>(
     }
     // Flush the last words (CONNACK refusals, SUBACKs) with a bound, then close.
     let last = d.conn.transmit().split().freeze();
+    let metrics = d.ctx.broker.metrics.clone();
     let farewell = async {
         let mut rest = &last[..];
         while !rest.is_empty() {
             match writer.write_some(rest).await {
                 Ok(0) | Err(_) => break,
-                Ok(n) => rest = &rest[n..],
+                Ok(n) => {
+                    metrics.mqtt_bytes_sent.inc_by(n as u64);
+                    rest = &rest[n..];
+                }
             }
         }
         let _ = writer.flush().await;
         let _ = writer.close().await;
     };
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), farewell).await;
-    d.ctx
-        .broker
-        .metrics
-        .mqtt_bytes_sent
-        .inc_by(last.len() as u64);
     d.finish();
 }
 
