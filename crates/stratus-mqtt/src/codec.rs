@@ -614,7 +614,7 @@ fn take_reason_codes(
     Ok(codes)
 }
 
-fn take_array<const N: usize>(
+pub(crate) fn take_array<const N: usize>(
     body: &mut Bytes,
     name: &'static str,
 ) -> Result<[u8; N], DecodeError> {
@@ -645,7 +645,7 @@ fn take_binary(body: &mut Bytes, name: &'static str) -> Result<Bytes, DecodeErro
     Ok(body.split_to(len))
 }
 
-fn take_str(body: &mut Bytes, name: &'static str) -> Result<MqttStr, DecodeError> {
+pub(crate) fn take_str(body: &mut Bytes, name: &'static str) -> Result<MqttStr, DecodeError> {
     Ok(MqttStr::from_bytes(take_binary(body, name)?)?)
 }
 
@@ -1037,7 +1037,7 @@ fn put_header(first: u8, len: usize, out: &mut BytesMut) -> Result<(), EncodeErr
     properties::put_vbi(len, out)
 }
 
-fn put_binary(data: &[u8], out: &mut BytesMut) -> Result<(), EncodeError> {
+pub(crate) fn put_binary(data: &[u8], out: &mut BytesMut) -> Result<(), EncodeError> {
     let len = u16::try_from(data.len()).map_err(|_| EncodeError::FieldTooLong)?;
     out.put_u16(len);
     out.put_slice(data);

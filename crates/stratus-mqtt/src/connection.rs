@@ -94,6 +94,39 @@ pub enum Event {
         /// The will message to publish now.
         will: Option<Message>,
     },
+    /// The durable session changed (only while [`Connection::track_session_changes`] is on):
+    /// the host records it in its store.
+    Session(SessionChange),
+}
+
+/// A change to a persisted session that its store must follow. Messages are named by their
+/// [`Message::store_seq`]; messages without one are not reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionChange {
+    /// A stored QoS 1/2 message went out with `packet_id` (PUBACK or PUBREC awaited).
+    Sent {
+        /// The message's store number.
+        seq: u64,
+        /// The packet id it carries.
+        packet_id: PacketId,
+    },
+    /// The client received a stored QoS 2 message (PUBREC); PUBREL went out, PUBCOMP awaited.
+    Received {
+        /// The message's store number.
+        seq: u64,
+        /// The packet id of the exchange.
+        packet_id: PacketId,
+    },
+    /// A stored message is done with: acknowledged, expired or dropped.
+    Finished {
+        /// The message's store number.
+        seq: u64,
+    },
+    /// An inbound QoS 2 packet id was released (PUBREL, or a refused PUBREC): forget it.
+    InboundReleased {
+        /// The packet id.
+        packet_id: PacketId,
+    },
 }
 
 /// Why a connection ended.
@@ -186,6 +219,8 @@ pub struct Delivery<'a> {
     pub subscription_ids: &'a [NonZeroU32],
     /// The shared subscription it came through, if any.
     pub share: Option<&'a MqttStr>,
+    /// The message's number in the session's store, when the session is persisted.
+    pub store_seq: Option<u64>,
 }
 
 impl Delivery<'_> {
@@ -196,6 +231,7 @@ impl Delivery<'_> {
             retain,
             subscription_ids: &[],
             share: None,
+            store_seq: None,
         }
     }
 }
@@ -283,6 +319,8 @@ pub struct Connection {
     assigned_client_id: Option<MqttStr>,
     /// Whether reason strings may be sent (Request Problem Information).
     problem_information: bool,
+    /// Whether [`Event::Session`] changes are reported.
+    track_session: bool,
 }
 
 impl Connection {
@@ -312,6 +350,24 @@ impl Connection {
             server_keep_alive: None,
             assigned_client_id: None,
             problem_information: true,
+            track_session: false,
+        }
+    }
+
+    /// Turns on (or off) reporting [`Event::Session`] changes, for a session the host persists.
+    pub fn track_session_changes(&mut self, on: bool) {
+        self.track_session = on;
+    }
+
+    fn session_changed(&mut self, change: SessionChange) {
+        if self.track_session {
+            self.events.push_back(Event::Session(change));
+        }
+    }
+
+    fn finished(&mut self, message: &Message) {
+        if let Some(seq) = message.store_seq {
+            self.session_changed(SessionChange::Finished { seq });
         }
     }
 
@@ -490,7 +546,11 @@ impl Connection {
             (Phase::Connected, Packet::PubRec(ack)) => self.handle_pubrec(ack.packet_id),
             (Phase::Connected, Packet::PubRel(ack)) => {
                 if let Some(s) = self.session.as_mut() {
-                    s.inbound_qos2.remove(&ack.packet_id);
+                    if s.inbound_qos2.remove(&ack.packet_id) {
+                        self.session_changed(SessionChange::InboundReleased {
+                            packet_id: ack.packet_id,
+                        });
+                    }
                 }
                 self.send(&Packet::PubComp(PubAck::new(ack.packet_id)));
             }
@@ -656,6 +716,7 @@ impl Connection {
                 _ => {
                     if !self.encode_publish(&o.message, Some(o.packet_id), true) {
                         self.stats.dropped += 1;
+                        self.finished(&o.message);
                         continue;
                     }
                 }
@@ -812,7 +873,11 @@ impl Connection {
                 QoS::ExactlyOnce => {
                     if a.reason.is_error() {
                         if let Some(s) = self.session.as_mut() {
-                            s.inbound_qos2.remove(&a.packet_id);
+                            if s.inbound_qos2.remove(&a.packet_id) {
+                                self.session_changed(SessionChange::InboundReleased {
+                                    packet_id: a.packet_id,
+                                });
+                            }
                         }
                     }
                     Packet::PubRec(ack)
@@ -830,6 +895,9 @@ impl Connection {
         if let Some(s) = self.session.as_mut() {
             if let Some(i) = s.inflight_position(id, OutboundState::AwaitingPubRec) {
                 s.inflight[i].state = OutboundState::AwaitingPubComp;
+                if let Some(seq) = s.inflight[i].message.store_seq {
+                    self.session_changed(SessionChange::Received { seq, packet_id: id });
+                }
             }
         }
         self.send(&Packet::PubRel(PubAck::new(id)));
@@ -838,7 +906,9 @@ impl Connection {
     fn complete_outbound(&mut self, id: PacketId, state: OutboundState) {
         if let Some(s) = self.session.as_mut() {
             if let Some(i) = s.inflight_position(id, state) {
-                s.inflight.remove(i);
+                if let Some(done) = s.inflight.remove(i) {
+                    self.finished(&done.message);
+                }
             }
         }
         self.fill_window();
@@ -859,7 +929,7 @@ impl Connection {
         now: Instant,
     ) -> Delivered {
         self.now = now;
-        if !self.is_connected() || message.is_expired(now) {
+        if !self.is_connected() {
             return Delivered::Dropped;
         }
         let Delivery {
@@ -867,7 +937,14 @@ impl Connection {
             retain,
             subscription_ids,
             share,
+            store_seq,
         } = delivery;
+        if message.is_expired(now) {
+            if let Some(seq) = store_seq {
+                self.session_changed(SessionChange::Finished { seq });
+            }
+            return Delivered::Dropped;
+        }
         if qos == QoS::AtMostOnce {
             if self.transmit.len() >= self.limits.max_transmit_buffer {
                 self.stats.dropped += 1;
@@ -893,6 +970,7 @@ impl Connection {
             m.subscription_ids = subscription_ids.to_vec();
         }
         m.share = share.cloned();
+        m.store_seq = store_seq;
         let max_queued = self.limits.max_queued;
         let Some(session) = self.session.as_mut() else {
             return Delivered::Dropped;
@@ -904,10 +982,13 @@ impl Connection {
                 self.stats.dropped += 1;
                 Delivered::Dropped
             }
-        } else if session.enqueue(m, max_queued) {
+        } else if session.queued.len() < max_queued {
+            session.queued.push_back(m);
             Delivered::Queued
         } else {
+            session.dropped += 1;
             self.stats.dropped += 1;
+            self.finished(&m);
             Delivered::Dropped
         }
     }
@@ -924,6 +1005,7 @@ impl Connection {
             let Some(m) = session.queued.pop_front() else {
                 return;
             };
+            let seq = m.store_seq;
             let sent = if m.is_expired(self.now) {
                 false
             } else if m.qos == QoS::AtMostOnce {
@@ -933,6 +1015,9 @@ impl Connection {
             };
             if !sent {
                 self.stats.dropped += 1;
+                if let Some(seq) = seq {
+                    self.session_changed(SessionChange::Finished { seq });
+                }
             }
         }
     }
@@ -951,6 +1036,9 @@ impl Connection {
         };
         if !self.encode_publish(&message, Some(id), false) {
             return false;
+        }
+        if let Some(seq) = message.store_seq {
+            self.session_changed(SessionChange::Sent { seq, packet_id: id });
         }
         if let Some(session) = self.session.as_mut() {
             session.inflight.push_back(Outbound {

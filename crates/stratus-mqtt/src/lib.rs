@@ -24,6 +24,7 @@ pub mod codec;
 pub mod connection;
 pub mod message;
 pub mod packet;
+pub mod persist;
 pub mod properties;
 pub mod reason;
 pub mod retained;
@@ -33,7 +34,9 @@ pub mod tree;
 pub mod types;
 
 pub use codec::{decode, encode, DecodeError, EncodeError};
-pub use connection::{CloseReason, Connection, Delivered, Delivery, Event, Limits, Stats};
+pub use connection::{
+    CloseReason, Connection, Delivered, Delivery, Event, Limits, SessionChange, Stats,
+};
 pub use message::Message;
 pub use packet::*;
 pub use properties::{

@@ -36,6 +36,10 @@ pub struct Message {
     /// Per delivery: the shared subscription (`$share/{group}/{filter}`) it was delivered
     /// through, so that it can be redelivered to another member.
     pub share: Option<MqttStr>,
+    /// Per delivery: the message's number in a durable session's store, when the session is
+    /// persisted; [`Connection`](crate::Connection) reports what happens to it as
+    /// [`SessionChange`](crate::connection::SessionChange)s.
+    pub store_seq: Option<u64>,
 }
 
 impl Message {
@@ -50,6 +54,7 @@ impl Message {
             expires_at: None,
             subscription_ids: Vec::new(),
             share: None,
+            store_seq: None,
         }
     }
 
@@ -123,6 +128,7 @@ impl Message {
             expires_at: self.expires_at,
             subscription_ids: self.subscription_ids.clone(),
             share: self.share.clone(),
+            store_seq: self.store_seq,
         }
     }
 }

@@ -747,3 +747,161 @@ fn v5_topic_aliases_are_refused_until_supported() {
         .iter()
         .any(|e| matches!(e, Event::Publish { .. })));
 }
+
+/// The session changes a connection reports for a persisted session.
+fn session_changes(events: &[Event]) -> Vec<SessionChange> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Session(c) => Some(*c),
+            _ => None,
+        })
+        .collect()
+}
+
+fn stored(seq: u64, qos: QoS) -> Delivery<'static> {
+    Delivery {
+        store_seq: Some(seq),
+        ..Delivery::new(qos, false)
+    }
+}
+
+#[test]
+fn stored_messages_report_send_receipt_and_completion_for_the_store() {
+    let mut h = Harness::connected(Limits::default(), connect_packet("c1"));
+    h.conn.track_session_changes(true);
+    let now = h.now;
+    h.conn.deliver_with(
+        &msg("t", "one", QoS::AtLeastOnce),
+        stored(10, QoS::AtLeastOnce),
+        now,
+    );
+    h.conn.deliver_with(
+        &msg("t", "two", QoS::ExactlyOnce),
+        stored(11, QoS::ExactlyOnce),
+        now,
+    );
+    // Not stored: nothing to report.
+    h.conn.deliver(
+        &msg("t", "three", QoS::AtLeastOnce),
+        QoS::AtLeastOnce,
+        false,
+    );
+    let ids: Vec<u16> = h
+        .received()
+        .into_iter()
+        .filter_map(|p| match p {
+            Packet::Publish(p) => p.packet_id,
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ids.len(), 3);
+    assert_eq!(
+        session_changes(&h.events()),
+        vec![
+            SessionChange::Sent {
+                seq: 10,
+                packet_id: ids[0]
+            },
+            SessionChange::Sent {
+                seq: 11,
+                packet_id: ids[1]
+            },
+        ]
+    );
+    h.send(Packet::PubAck(PubAck::new(ids[0])));
+    h.send(Packet::PubRec(PubAck::new(ids[1])));
+    h.send(Packet::PubAck(PubAck::new(ids[2])));
+    assert_eq!(
+        session_changes(&h.events()),
+        vec![
+            SessionChange::Finished { seq: 10 },
+            SessionChange::Received {
+                seq: 11,
+                packet_id: ids[1]
+            },
+        ]
+    );
+    h.send(Packet::PubComp(PubAck::new(ids[1])));
+    assert_eq!(
+        session_changes(&h.events()),
+        vec![SessionChange::Finished { seq: 11 }]
+    );
+}
+
+#[test]
+fn expired_and_dropped_stored_messages_are_reported_finished() {
+    let limits = Limits {
+        max_inflight: 1,
+        max_queued: 1,
+        ..Limits::default()
+    };
+    let mut h = Harness::connected(limits, connect_packet("c1"));
+    h.conn.track_session_changes(true);
+    let now = h.now;
+    let mut expired = msg("t", "old", QoS::AtLeastOnce);
+    expired.expires_at = Some(now);
+    h.conn
+        .deliver_with(&expired, stored(1, QoS::AtLeastOnce), now);
+    h.conn.deliver_with(
+        &msg("t", "a", QoS::AtLeastOnce),
+        stored(2, QoS::AtLeastOnce),
+        now,
+    );
+    h.conn.deliver_with(
+        &msg("t", "b", QoS::AtLeastOnce),
+        stored(3, QoS::AtLeastOnce),
+        now,
+    );
+    // Window of 1 and queue of 1 are full: this one is dropped.
+    h.conn.deliver_with(
+        &msg("t", "c", QoS::AtLeastOnce),
+        stored(4, QoS::AtLeastOnce),
+        now,
+    );
+    let changes = session_changes(&h.events());
+    assert!(
+        changes.contains(&SessionChange::Finished { seq: 1 }),
+        "{changes:?}"
+    );
+    assert!(
+        changes.contains(&SessionChange::Finished { seq: 4 }),
+        "{changes:?}"
+    );
+    assert!(
+        matches!(
+            changes[..],
+            [
+                SessionChange::Finished { seq: 1 },
+                SessionChange::Sent { seq: 2, .. },
+                SessionChange::Finished { seq: 4 }
+            ]
+        ),
+        "{changes:?}"
+    );
+}
+
+#[test]
+fn released_inbound_qos2_ids_are_reported_and_nothing_without_tracking() {
+    let mut h = Harness::connected(Limits::default(), connect_packet("c1"));
+    h.conn.track_session_changes(true);
+    h.send(publish(Some(5), QoS::ExactlyOnce, false));
+    h.conn.acknowledge(5);
+    h.send(Packet::PubRel(PubAck::new(5)));
+    assert_eq!(
+        session_changes(&h.events()),
+        vec![SessionChange::InboundReleased { packet_id: 5 }]
+    );
+
+    let mut quiet = Harness::connected(Limits::default(), connect_packet("c2"));
+    let now = quiet.now;
+    quiet.conn.deliver_with(
+        &msg("t", "x", QoS::AtLeastOnce),
+        stored(1, QoS::AtLeastOnce),
+        now,
+    );
+    quiet.send(publish(Some(6), QoS::ExactlyOnce, false));
+    quiet.conn.acknowledge(6);
+    quiet.send(Packet::PubRel(PubAck::new(6)));
+    assert!(session_changes(&quiet.events()).is_empty());
+}

@@ -439,6 +439,7 @@ fn subscription_ids_are_sent_with_the_publish() {
         retain: false,
         subscription_ids: &ids,
         share: None,
+        store_seq: None,
     };
     h.conn.deliver_with(&m, d, h.now);
     let Some(Packet::Publish(p)) = h.received().into_iter().next() else {

@@ -12,16 +12,19 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use smallvec::SmallVec;
-use stratus_mqtt::session::OutboundState;
+use stratus_mqtt::session::{Outbound, OutboundState};
 use stratus_mqtt::{
-    Connection, Delivery, Message, MqttStr, QoS, RetainedStore, Session, SubscriptionOptions,
-    SubscriptionTree,
+    Connection, Delivery, Message, MqttStr, QoS, RetainedStore, Session, SessionChange,
+    SubscriptionOptions, SubscriptionTree,
 };
 use tokio::sync::{oneshot, Notify};
 
 use crate::metrics::Metrics;
+use crate::persist::{self, Persistence};
+use stratus_store::{MqttOp, MqttSnapshot, StoredSubscription};
 
 /// What a connection task is told when it must give up its client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +53,9 @@ pub struct ClientHandle {
     current_conn: AtomicU64,
     /// Whether a connection holds the client now (shared subscriptions prefer online members).
     online: AtomicBool,
+    /// Whether the session is persisted: its QoS 1/2 messages, subscriptions and state are
+    /// written to the store.
+    durable: AtomicBool,
 }
 
 /// Subscription Identifiers of one delivery (usually none or one).
@@ -62,6 +68,8 @@ struct Mail {
     retain: bool,
     sub_ids: SubIds,
     share: Option<Arc<SharedGroup>>,
+    /// The message's number in the store, when the session is persisted.
+    seq: Option<u64>,
 }
 
 /// A member of a shared subscription group: its handle, granted QoS and Subscription Identifier.
@@ -173,6 +181,23 @@ impl ClientHandle {
             attach_lock: tokio::sync::Mutex::new(()),
             current_conn: AtomicU64::new(0),
             online: AtomicBool::new(false),
+            durable: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether the session is persisted.
+    pub fn is_durable(&self) -> bool {
+        self.durable.load(Ordering::Acquire)
+    }
+
+    /// Writes `op` when the session is persisted; returns whether it did.
+    fn record(&self, persist: Option<&Persistence>, op: impl FnOnce() -> MqttOp) -> bool {
+        match persist {
+            Some(p) if self.is_durable() => {
+                p.write(op());
+                true
+            }
+            _ => false,
         }
     }
 
@@ -187,6 +212,8 @@ impl ClientHandle {
     }
 
     /// Queues `message` for the client with the delivery `qos` (see [`Mailbox`] for the policy).
+    /// A QoS 1/2 message for a persisted session is written to the store (under the mailbox
+    /// lock, so its acknowledgement can never be written before it); `stored` is then set.
     #[allow(clippy::too_many_arguments)]
     fn deliver(
         &self,
@@ -195,9 +222,14 @@ impl ClientHandle {
         retain: bool,
         sub_ids: SubIds,
         share: Option<&Arc<SharedGroup>>,
-        max_queued: usize,
-        metrics: &Metrics,
+        hub: Hub<'_>,
+        stored: &mut bool,
     ) -> Accepted {
+        let Hub {
+            max_queued,
+            metrics,
+            persist,
+        } = hub;
         if self.restricted.load(Ordering::Relaxed) && message.topic.starts_with("devices/") {
             return Accepted::No;
         }
@@ -222,12 +254,19 @@ impl ClientHandle {
         } else {
             Arc::new(message.compact())
         };
+        let seq = if qos == QoS::AtMostOnce {
+            None
+        } else {
+            self.store_delivery(persist, &kept, qos, retain, &sub_ids)
+        };
+        *stored |= seq.is_some();
         mb.push(Mail {
             message: kept,
             qos,
             retain,
             sub_ids,
             share: share.cloned(),
+            seq,
         });
         let congested = mb.online && mb.backlog() > max_queued;
         drop(mb);
@@ -239,6 +278,24 @@ impl ClientHandle {
         } else {
             Accepted::Yes
         }
+    }
+
+    /// Writes a QoS 1/2 delivery to a persisted session; returns its number.
+    fn store_delivery(
+        &self,
+        persist: Option<&Persistence>,
+        message: &Message,
+        qos: QoS,
+        retain: bool,
+        sub_ids: &[NonZeroU32],
+    ) -> Option<u64> {
+        let p = persist.filter(|_| self.is_durable())?;
+        let seq = p.next_seq();
+        p.write(MqttOp::MessagePut {
+            client_id: self.id.to_string(),
+            message: persist::stored_message(seq, message, qos, retain, sub_ids),
+        });
+        Some(seq)
     }
 
     /// Moves waiting messages into `conn` while it has room: QoS 1/2 while the in-flight window
@@ -271,6 +328,7 @@ impl ClientHandle {
                 retain: mail.retain,
                 subscription_ids: &mail.sub_ids,
                 share: mail.share.as_ref().map(|g| &g.key),
+                store_seq: mail.seq,
             };
             // Expired messages are dropped here (MQTT-3.3.2-5).
             conn.deliver_with(&mail.message, delivery, now);
@@ -292,6 +350,7 @@ impl ClientHandle {
         messages: Vec<Message>,
         granted: QoS,
         sub_id: Option<NonZeroU32>,
+        persist: Option<&Persistence>,
     ) {
         if messages.is_empty() {
             return;
@@ -300,12 +359,19 @@ impl ClientHandle {
         let was_empty = mb.queue.is_empty();
         for m in messages {
             let qos = m.qos.min(granted);
+            let sub_ids: SubIds = sub_id.into_iter().collect();
+            let seq = if qos == QoS::AtMostOnce {
+                None
+            } else {
+                self.store_delivery(persist, &m, qos, true, &sub_ids)
+            };
             mb.push(Mail {
                 message: Arc::new(m),
                 qos,
                 retain: true,
-                sub_ids: sub_id.into_iter().collect(),
+                sub_ids,
                 share: None,
+                seq,
             });
         }
         drop(mb);
@@ -375,11 +441,22 @@ impl PartialEq for Subscriber {
     }
 }
 
+/// What routing needs of the broker besides the message.
+#[derive(Clone, Copy)]
+struct Hub<'a> {
+    max_queued: usize,
+    metrics: &'a Metrics,
+    persist: Option<&'a Persistence>,
+}
+
 /// Where [`Broker::publish`] put a message.
 #[derive(Default)]
 pub struct Routed {
     /// Clients that took it.
     pub delivered: usize,
+    /// Whether it was written to the store (retained, or queued for a persisted session): the
+    /// publisher's acknowledgement waits for [`Persistence::durable`].
+    pub stored: bool,
     /// Online clients whose backlog is over its bound: the publisher should wait for them
     /// ([`ClientHandle::wait_for_space`]): hold its acknowledgement, or stop reading (QoS 0).
     pub congested: Vec<Arc<ClientHandle>>,
@@ -407,6 +484,7 @@ pub struct Broker {
     retained: RwLock<RetainedStore>,
     max_queued: usize,
     next_conn: AtomicU64,
+    persist: Option<Persistence>,
     /// Metrics shared with the HTTP listener.
     pub metrics: Arc<Metrics>,
     /// When the broker started.
@@ -414,7 +492,7 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// A broker whose sessions queue at most `max_queued` messages.
+    /// A broker whose sessions queue at most `max_queued` messages, kept in memory only.
     pub fn new(max_queued: usize, metrics: Arc<Metrics>) -> Self {
         Broker {
             clients: Mutex::new(HashMap::new()),
@@ -423,18 +501,70 @@ impl Broker {
             retained: RwLock::new(RetainedStore::new()),
             max_queued,
             next_conn: AtomicU64::new(1),
+            persist: None,
             metrics,
             started: Instant::now(),
         }
     }
 
+    /// A broker that keeps retained messages and persistent sessions in `persist`.
+    pub fn with_persistence(
+        max_queued: usize,
+        metrics: Arc<Metrics>,
+        persist: Persistence,
+    ) -> Self {
+        Broker {
+            persist: Some(persist),
+            ..Broker::new(max_queued, metrics)
+        }
+    }
+
+    /// The store, when the broker has one.
+    pub fn persistence(&self) -> Option<&Persistence> {
+        self.persist.as_ref()
+    }
+
+    fn hub(&self) -> Hub<'_> {
+        Hub {
+            max_queued: self.max_queued,
+            metrics: &self.metrics,
+            persist: self.persist.as_ref(),
+        }
+    }
+
+    /// Resolves once every change written so far is durable (at once without a store).
+    pub async fn flush(&self) -> Result<(), Arc<stratus_store::StoreError>> {
+        match &self.persist {
+            Some(p) => p
+                .durable()
+                .await
+                .unwrap_or(Err(Arc::new(stratus_store::StoreError::WriterStopped))),
+            None => Ok(()),
+        }
+    }
+
     /// Attaches a new connection to `client_id`'s session: takes over (disconnects) a current
-    /// connection with the same id, then resumes its session unless `clean_session`.
+    /// connection with the same id, then resumes its session unless `clean_session`. The
+    /// session is persisted when Clean Session is 0 (MQTT 3.1.1 semantics).
     pub async fn attach(
         &self,
         client_id: MqttStr,
         clean_session: bool,
         restricted: bool,
+    ) -> Attached {
+        let expiry = if clean_session { 0 } else { u32::MAX };
+        self.attach_session(client_id, clean_session, restricted, expiry)
+            .await
+    }
+
+    /// [`attach`](Self::attach) with the Session Expiry Interval of the connection: a session
+    /// that outlives its connection (`expiry` > 0) is persisted when the broker has a store.
+    pub async fn attach_session(
+        &self,
+        client_id: MqttStr,
+        clean_session: bool,
+        restricted: bool,
+        expiry: u32,
     ) -> Attached {
         loop {
             let handle = self
@@ -480,6 +610,16 @@ impl Broker {
                 SlotState::Fresh => (Session::new(client_id.clone()), false),
             };
             drop(state);
+            let durable = expiry != 0 && self.persist.is_some();
+            let was_durable = handle.durable.swap(durable, Ordering::AcqRel);
+            if was_durable && (!present || !durable) {
+                // The stored session ended (Clean Start) or will end with this connection.
+                if let Some(p) = &self.persist {
+                    p.write(MqttOp::SessionDelete {
+                        client_id: client_id.to_string(),
+                    });
+                }
+            }
             handle.current_conn.store(conn, Ordering::Release);
             handle.online.store(true, Ordering::Release);
             handle.restricted.store(restricted, Ordering::Relaxed);
@@ -527,6 +667,21 @@ impl Broker {
         session: Option<Session>,
         clean_session: bool,
     ) {
+        let expiry = if clean_session { 0 } else { u32::MAX };
+        self.detach_session(handle, conn, session, expiry, Bytes::new());
+    }
+
+    /// [`detach`](Self::detach) with the Session Expiry Interval in force at the end and, for a
+    /// persisted session, the will still pending (encoded; empty for none).
+    pub fn detach_session(
+        &self,
+        handle: &Arc<ClientHandle>,
+        conn: u64,
+        session: Option<Session>,
+        expiry: u32,
+        pending_will: Bytes,
+    ) {
+        let clean_session = expiry == 0;
         let mut state = handle.state.lock();
         if !matches!(*state, SlotState::Online { conn: c, .. } if c == conn) {
             return;
@@ -544,6 +699,7 @@ impl Broker {
                 for m in session.queued.iter_mut() {
                     *m = m.compact();
                 }
+                let mut ops = Vec::new();
                 {
                     let mut mb = handle.mailbox.lock();
                     mb.online = false;
@@ -557,9 +713,24 @@ impl Broker {
                             mb.push(mail);
                         } else {
                             dropped += 1;
+                            if let Some(seq) = mail.seq {
+                                ops.push(MqttOp::MessageDelete {
+                                    client_id: handle.id.to_string(),
+                                    seq,
+                                });
+                            }
                         }
                     }
                     self.metrics.mqtt_messages_dropped.inc_by(dropped);
+                }
+                if let Some(p) = self.persist.as_ref().filter(|_| handle.is_durable()) {
+                    ops.push(MqttOp::SessionPut {
+                        client_id: handle.id.to_string(),
+                        expiry_secs: (expiry != u32::MAX).then_some(expiry),
+                        last_seen_ms: persist::now_ms(),
+                        will: pending_will,
+                    });
+                    p.write_all(ops);
                 }
                 *state = SlotState::Offline { session, conn };
                 self.metrics.mqtt_sessions_offline.inc();
@@ -575,6 +746,7 @@ impl Broker {
                 if let Some(session) = &session {
                     self.unsubscribe_all(handle, session);
                 }
+                self.forget_session(handle);
                 for mail in waiting {
                     if let Some(g) = &mail.share {
                         if mail.qos != QoS::AtMostOnce {
@@ -610,6 +782,7 @@ impl Broker {
         };
         self.metrics.mqtt_sessions_offline.dec();
         self.unsubscribe_all(handle, &session);
+        self.forget_session(handle);
         {
             let mut mb = handle.mailbox.lock();
             mb.gone = true;
@@ -629,6 +802,70 @@ impl Broker {
         handle.space.notify_waiters();
     }
 
+    /// Deletes a persisted session from the store (it ended).
+    fn forget_session(&self, handle: &ClientHandle) {
+        if handle.durable.swap(false, Ordering::AcqRel) {
+            if let Some(p) = &self.persist {
+                p.write(MqttOp::SessionDelete {
+                    client_id: handle.id.to_string(),
+                });
+            }
+        }
+    }
+
+    /// Records a persisted session's own fields: its expiry, when it was last seen (0 while
+    /// connected, see [`persist`]) and its will (encoded; empty for none). Returns whether it
+    /// was written (the session is persisted).
+    pub fn store_session(
+        &self,
+        handle: &ClientHandle,
+        expiry: u32,
+        last_seen_ms: u64,
+        will: Bytes,
+    ) -> bool {
+        handle.record(self.persist.as_ref(), || MqttOp::SessionPut {
+            client_id: handle.id.to_string(),
+            expiry_secs: (expiry != u32::MAX).then_some(expiry),
+            last_seen_ms,
+            will,
+        })
+    }
+
+    /// Records an inbound QoS 2 packet id of a persisted session (until PUBREL).
+    pub fn store_inbound_qos2(&self, handle: &ClientHandle, packet_id: u16) -> bool {
+        handle.record(self.persist.as_ref(), || MqttOp::InboundQos2Put {
+            client_id: handle.id.to_string(),
+            packet_id,
+        })
+    }
+
+    /// Records what a persisted session's connection reported about its messages.
+    pub fn store_session_change(&self, handle: &ClientHandle, change: SessionChange) {
+        let client_id = || handle.id.to_string();
+        handle.record(self.persist.as_ref(), || match change {
+            SessionChange::Sent { seq, packet_id } => MqttOp::MessageState {
+                client_id: client_id(),
+                seq,
+                packet_id,
+                state: 0,
+            },
+            SessionChange::Received { seq, packet_id } => MqttOp::MessageState {
+                client_id: client_id(),
+                seq,
+                packet_id,
+                state: 1,
+            },
+            SessionChange::Finished { seq } => MqttOp::MessageDelete {
+                client_id: client_id(),
+                seq,
+            },
+            SessionChange::InboundReleased { packet_id } => MqttOp::InboundQos2Delete {
+                client_id: client_id(),
+                packet_id,
+            },
+        });
+    }
+
     /// Hands the unacknowledged QoS 1/2 messages a leaving member got through shared
     /// subscriptions to another member of the group (MQTT 5.0 §4.8.2); those no other member
     /// can take stay in the session.
@@ -646,7 +883,15 @@ impl Broker {
             let mut copy = m.clone();
             copy.share = None;
             copy.subscription_ids.clear();
-            self.deliver_shared(g, &Arc::new(copy), Some(handle))
+            copy.store_seq = None;
+            let moved = self.deliver_shared(g, &Arc::new(copy), Some(handle));
+            if let Some(seq) = m.store_seq.filter(|_| moved) {
+                handle.record(self.persist.as_ref(), || MqttOp::MessageDelete {
+                    client_id: handle.id.to_string(),
+                    seq,
+                });
+            }
+            moved
         };
         session
             .inflight
@@ -656,7 +901,7 @@ impl Broker {
 
     fn unsubscribe_all(&self, handle: &Arc<ClientHandle>, session: &Session) {
         for filter in session.subscriptions.keys() {
-            self.unsubscribe(handle, filter);
+            self.remove_subscription(handle, filter);
         }
     }
 
@@ -664,6 +909,24 @@ impl Broker {
     /// `$share/{group}/{filter}` must have passed [`stratus_mqtt::topic::split_shared`]).
     /// Returns whether it existed already (for Retain Handling 1).
     pub fn subscribe(
+        &self,
+        handle: &Arc<ClientHandle>,
+        filter: &str,
+        options: SubscriptionOptions,
+        id: Option<NonZeroU32>,
+    ) -> bool {
+        handle.record(self.persist.as_ref(), || MqttOp::SubscriptionPut {
+            client_id: handle.id.to_string(),
+            subscription: StoredSubscription {
+                filter: filter.to_string(),
+                options: stratus_mqtt::persist::encode_subscription_options(options),
+                subscription_id: id.map(NonZeroU32::get),
+            },
+        });
+        self.add_subscription(handle, filter, options, id)
+    }
+
+    fn add_subscription(
         &self,
         handle: &Arc<ClientHandle>,
         filter: &str,
@@ -722,6 +985,14 @@ impl Broker {
 
     /// Removes a subscription if present.
     pub fn unsubscribe(&self, handle: &Arc<ClientHandle>, filter: &str) {
+        handle.record(self.persist.as_ref(), || MqttOp::SubscriptionDelete {
+            client_id: handle.id.to_string(),
+            filter: filter.to_string(),
+        });
+        self.remove_subscription(handle, filter);
+    }
+
+    fn remove_subscription(&self, handle: &Arc<ClientHandle>, filter: &str) {
         if let Some(shared) = stratus_mqtt::topic::split_shared(filter) {
             if shared.is_err() {
                 return;
@@ -765,6 +1036,11 @@ impl Broker {
             for t in expired {
                 if retained.get(&t).is_some_and(|m| m.is_expired(now)) {
                     retained.remove(&t);
+                    if let Some(p) = &self.persist {
+                        p.write(MqttOp::RetainDelete {
+                            topic: t.to_string(),
+                        });
+                    }
                 }
             }
             self.metrics
@@ -828,8 +1104,8 @@ impl Broker {
             false,
             sub_ids,
             Some(group),
-            self.max_queued,
-            &self.metrics,
+            self.hub(),
+            &mut routed.stored,
         ) {
             Accepted::Yes => {
                 routed.delivered += 1;
@@ -851,9 +1127,21 @@ impl Broker {
     /// the Subscription Identifiers of the matching subscriptions; to one member of each
     /// matching shared subscription group.
     pub fn publish(&self, message: Message, origin: Option<&Arc<ClientHandle>>) -> Routed {
+        let mut routed = Routed::default();
         if message.retain {
             let mut retained = self.retained.write();
             retained.set(message.clone());
+            if let Some(p) = &self.persist {
+                // Under the lock, so the store sees a topic's retained messages in order.
+                p.write(if message.payload.is_empty() {
+                    MqttOp::RetainDelete {
+                        topic: message.topic.to_string(),
+                    }
+                } else {
+                    MqttOp::RetainSet(persist::stored_retained(&message))
+                });
+                routed.stored = true;
+            }
             self.metrics
                 .mqtt_retained_messages
                 .set(retained.len() as i64);
@@ -862,7 +1150,7 @@ impl Broker {
         let message = Arc::new(message);
         let origin = origin.map(Arc::as_ptr);
         let tree = self.tree.read();
-        let mut routed = Routed::default();
+        let hub = self.hub();
         let deliver = |h: &Arc<ClientHandle>,
                        qos: QoS,
                        retain: bool,
@@ -874,8 +1162,8 @@ impl Broker {
                 retain,
                 sub_ids,
                 None,
-                self.max_queued,
-                &self.metrics,
+                hub,
+                &mut routed.stored,
             ) {
                 Accepted::Yes => routed.delivered += 1,
                 Accepted::Congested => {
@@ -946,6 +1234,208 @@ impl Broker {
     pub fn max_queued(&self) -> usize {
         self.max_queued
     }
+
+    /// Rebuilds the retained messages and the parked persistent sessions a store held at
+    /// start. Sessions whose expiry passed while the server was down end here (their wills are
+    /// returned due now); the others come back offline, waiting for their clients.
+    pub fn restore(&self, snapshot: MqttSnapshot) -> Vec<Restored> {
+        let Some(p) = &self.persist else {
+            return Vec::new();
+        };
+        let now = Instant::now();
+        let now_ms = persist::now_ms();
+        {
+            let mut retained = self.retained.write();
+            for r in snapshot.retained {
+                let loaded = persist::load_message(
+                    &r.topic,
+                    r.payload,
+                    r.qos,
+                    true,
+                    r.properties,
+                    r.expires_at_ms,
+                );
+                match loaded {
+                    Some((m, _)) if !m.is_expired(now) => retained.set(m),
+                    Some(_) => p.write(MqttOp::RetainDelete { topic: r.topic }),
+                    None => {
+                        tracing::warn!(topic = %r.topic, "unreadable stored retained message skipped")
+                    }
+                }
+            }
+            self.metrics
+                .mqtt_retained_messages
+                .set(retained.len() as i64);
+        }
+        let mut restored = Vec::new();
+        for stored in snapshot.sessions {
+            let Ok(id) = MqttStr::try_from(stored.client_id.as_str()) else {
+                p.write(MqttOp::SessionDelete {
+                    client_id: stored.client_id,
+                });
+                continue;
+            };
+            let will = if stored.will.is_empty() {
+                None
+            } else {
+                match stratus_mqtt::persist::decode_will(stored.will.clone()) {
+                    Ok(w) => {
+                        let delay = w.properties.will_delay_interval.unwrap_or(0);
+                        Some((Message::from_will(w, now), u64::from(delay)))
+                    }
+                    Err(e) => {
+                        tracing::warn!(client_id = %id, error = %e, "unreadable stored will skipped");
+                        None
+                    }
+                }
+            };
+            // Seconds left before the session expires (None: never).
+            let expires_in = stored.expiry_secs.map(|secs| {
+                let since = match stored.last_seen_ms {
+                    0 => 0,
+                    seen => now_ms.saturating_sub(seen),
+                };
+                (u64::from(secs) * 1000).saturating_sub(since)
+            });
+            if expires_in == Some(0) {
+                p.write(MqttOp::SessionDelete {
+                    client_id: stored.client_id,
+                });
+                if let Some((w, _)) = will {
+                    restored.push(Restored {
+                        handle: Arc::new(ClientHandle::new(id)),
+                        conn: 0,
+                        expires_in: Some(Duration::ZERO),
+                        will: Some((w, Duration::ZERO)),
+                    });
+                }
+                continue;
+            }
+            let handle = Arc::new(ClientHandle::new(id.clone()));
+            handle.durable.store(true, Ordering::Release);
+            let mut session = Session::new(id.clone());
+            for sub in &stored.subscriptions {
+                let options = stratus_mqtt::persist::decode_subscription_options(sub.options);
+                let (Some(options), Ok(filter)) = (options, MqttStr::try_from(sub.filter.as_str()))
+                else {
+                    tracing::warn!(client_id = %id, filter = %sub.filter, "unreadable stored subscription skipped");
+                    continue;
+                };
+                let sub_id = sub.subscription_id.and_then(NonZeroU32::new);
+                self.add_subscription(&handle, &filter, options, sub_id);
+                session.subscriptions.insert(filter, options.qos);
+            }
+            {
+                let mut mb = handle.mailbox.lock();
+                for m in stored.messages {
+                    let Some((mut message, sub_ids)) = persist::load_message(
+                        &m.topic,
+                        m.payload,
+                        m.qos,
+                        m.retain,
+                        m.properties,
+                        m.expires_at_ms,
+                    ) else {
+                        tracing::warn!(client_id = %id, seq = m.seq, "unreadable stored message skipped");
+                        continue;
+                    };
+                    match m.packet_id {
+                        Some(packet_id) => {
+                            message.store_seq = Some(m.seq);
+                            message.subscription_ids = sub_ids;
+                            let state = match (message.qos, m.state) {
+                                (QoS::ExactlyOnce, 1) => OutboundState::AwaitingPubComp,
+                                (QoS::ExactlyOnce, _) => OutboundState::AwaitingPubRec,
+                                _ => OutboundState::AwaitingPubAck,
+                            };
+                            session.inflight.push_back(Outbound {
+                                packet_id,
+                                message,
+                                state,
+                            });
+                        }
+                        None => {
+                            let qos = message.qos;
+                            let retain = message.retain;
+                            mb.push(Mail {
+                                message: Arc::new(message),
+                                qos,
+                                retain,
+                                sub_ids: sub_ids.into_iter().collect(),
+                                share: None,
+                                seq: Some(m.seq),
+                            });
+                        }
+                    }
+                }
+            }
+            session.inbound_qos2.extend(stored.inbound_qos2);
+            let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+            handle.current_conn.store(conn, Ordering::Release);
+            *handle.state.lock() = SlotState::Offline { session, conn };
+            self.metrics.mqtt_sessions_offline.inc();
+            self.clients.lock().insert(id, handle.clone());
+            let expires_in = expires_in.map(Duration::from_millis);
+            let will = will.map(|(w, delay)| {
+                let delay = Duration::from_secs(delay);
+                (w, expires_in.map_or(delay, |e| delay.min(e)))
+            });
+            restored.push(Restored {
+                handle,
+                conn,
+                expires_in,
+                will,
+            });
+        }
+        restored
+    }
+
+    /// Ends `handle`'s parked session after `after` unless its client came back (Session
+    /// Expiry Interval).
+    pub fn schedule_expiry(
+        self: &Arc<Self>,
+        handle: Arc<ClientHandle>,
+        conn: u64,
+        after: Duration,
+    ) {
+        let broker = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            broker.expire_session(&handle, conn);
+        });
+    }
+
+    /// Publishes `will` after `delay` unless the client reconnected since attachment `conn`
+    /// (Will Delay Interval, MQTT 5.0 §3.1.3.2.2).
+    pub fn schedule_will(
+        self: &Arc<Self>,
+        handle: Arc<ClientHandle>,
+        conn: u64,
+        will: Message,
+        delay: Duration,
+    ) {
+        let broker = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            if handle.current_conn() == conn {
+                tracing::debug!(topic = %will.topic, "publishing delayed will");
+                broker.publish(will, None);
+            }
+        });
+    }
+}
+
+/// A persisted session brought back at start ([`Broker::restore`]): the server schedules its
+/// expiry and its will.
+pub struct Restored {
+    /// The client's handle.
+    pub handle: Arc<ClientHandle>,
+    /// The attachment number that parked it.
+    pub conn: u64,
+    /// When the session expires from now; `None`: never.
+    pub expires_in: Option<Duration>,
+    /// A will that was pending when the server stopped, and when to publish it.
+    pub will: Option<(Message, Duration)>,
 }
 
 #[cfg(test)]
@@ -1370,5 +1860,74 @@ mod tests {
         b.publish(m, None);
         assert!(b.retained_for("r").is_empty());
         assert_eq!(b.retained_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn persisted_sessions_and_retained_messages_come_back_from_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (p, snapshot) = Persistence::open(dir.path()).unwrap();
+            assert!(snapshot.sessions.is_empty() && snapshot.retained.is_empty());
+            let b = Broker::with_persistence(100, Arc::new(Metrics::new()), p);
+            let a = b.attach(s("p"), false, false).await;
+            assert!(a.handle.is_durable());
+            b.subscribe(
+                &a.handle,
+                "t/#",
+                SubscriptionOptions::new(QoS::ExactlyOnce),
+                NonZeroU32::new(9),
+            );
+            b.detach(&a.handle, a.conn, Some(a.session), false);
+            let clean = b.attach(s("c"), true, false).await;
+            assert!(!clean.handle.is_durable());
+            b.subscribe(
+                &clean.handle,
+                "t/#",
+                SubscriptionOptions::new(QoS::AtLeastOnce),
+                None,
+            );
+            let routed = b.publish(msg("t/1", QoS::AtLeastOnce, false), None);
+            assert!(routed.stored, "a persisted session took it");
+            assert_eq!(routed.delivered, 2);
+            assert!(b.publish(msg("r/1", QoS::AtMostOnce, true), None).stored);
+            b.publish(msg("r/2", QoS::AtMostOnce, true), None);
+            b.publish(
+                Message {
+                    payload: Bytes::new(),
+                    ..msg("r/2", QoS::AtMostOnce, true)
+                },
+                None,
+            );
+            b.flush().await.unwrap();
+        }
+        let (p, snapshot) = Persistence::open(dir.path()).unwrap();
+        let b = Broker::with_persistence(100, Arc::new(Metrics::new()), p);
+        let restored = b.restore(snapshot);
+        assert_eq!(restored.len(), 1, "only the persistent session");
+        assert_eq!(restored[0].expires_in, None);
+        assert_eq!(b.retained_count(), 1, "r/2 was cleared");
+        let again = b.attach(s("p"), false, false).await;
+        assert!(again.session_present);
+        assert_eq!(
+            again.session.subscriptions.get(&s("t/#")),
+            Some(&QoS::ExactlyOnce)
+        );
+        let waiting = drain(&again.handle);
+        assert_eq!(waiting.len(), 1);
+        assert_eq!(
+            (waiting[0].0.topic.as_str(), waiting[0].1),
+            ("t/1", QoS::AtLeastOnce)
+        );
+        assert!(
+            waiting[0].0.store_seq.is_none(),
+            "the number rides in the mail"
+        );
+        // The restored subscription routes new messages.
+        assert_eq!(
+            b.publish(msg("t/2", QoS::ExactlyOnce, false), None)
+                .delivered,
+            1
+        );
+        assert!(!b.attach(s("c"), false, false).await.session_present);
     }
 }

@@ -28,6 +28,7 @@ pub mod config;
 pub mod http;
 pub mod metrics;
 pub mod mqtt;
+pub mod persist;
 pub mod sys;
 pub mod tls;
 pub mod transport;
@@ -90,7 +91,28 @@ impl Server {
         };
 
         let metrics = Arc::new(metrics::Metrics::new());
-        let broker = Arc::new(broker::Broker::new(config.mqtt.max_queued, metrics));
+        let data_dir = &config.server.data_dir;
+        let (persistence, snapshot) = persist::Persistence::open(data_dir)
+            .with_context(|| format!("opening the store in {}", data_dir.display()))?;
+        let broker = Arc::new(broker::Broker::with_persistence(
+            config.mqtt.max_queued,
+            metrics,
+            persistence,
+        ));
+        let restored = broker.restore(snapshot);
+        tracing::info!(
+            sessions = restored.len(),
+            retained = broker.retained_count(),
+            "broker state restored"
+        );
+        for r in restored {
+            if let Some((will, delay)) = r.will {
+                broker.schedule_will(r.handle.clone(), r.conn, will, delay);
+            }
+            if let Some(after) = r.expires_in {
+                broker.schedule_expiry(r.handle, r.conn, after);
+            }
+        }
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut listeners = JoinSet::new();
         let connections = TaskTracker::new();
@@ -179,6 +201,10 @@ impl Server {
         if tokio::time::timeout(grace, all).await.is_err() {
             tracing::warn!("shutdown grace period over; abandoning remaining tasks");
             self.listeners.abort_all();
+        }
+        // Whatever the closing connections changed (parked sessions) reaches the disk.
+        if let Err(e) = self.broker.flush().await {
+            tracing::error!(error = %e, "final store flush failed");
         }
     }
 }

@@ -8,11 +8,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use stratus_mqtt::{
     CloseReason, ConnectReturnCode, Connection, Event, Limits, Message, MqttStr, PacketId,
     ReasonCode, RetainHandling,
 };
+use stratus_store::Completion;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio_rustls::TlsAcceptor;
@@ -119,12 +120,20 @@ struct Driver {
     held_acks: VecDeque<HeldAck>,
     /// How many of `held_acks` are QoS 0 (reading is paused while any is).
     held_qos0: usize,
+    /// The client's will as stored with its persisted session (empty for none).
+    stored_will: Bytes,
+    /// The will still pending when the connection closed (a delayed one), for the store.
+    pending_will: Bytes,
 }
 
-/// A message held back for flow control.
+/// A message whose acknowledgement is held back: for durability, then for flow control.
 struct HeldAck {
     /// The packet id to acknowledge once released; `None` for QoS 0.
     packet_id: Option<PacketId>,
+    /// The reason code of the acknowledgement (MQTT 5.0).
+    code: ReasonCode,
+    /// Resolves when the store has what the message changed.
+    durable: Option<Completion>,
     subscribers: Vec<Arc<ClientHandle>>,
     deadline: tokio::time::Instant,
 }
@@ -152,6 +161,8 @@ pub async fn run_connection<R: MqttRead, W: MqttWrite>(
         more_mail: false,
         held_acks: VecDeque::new(),
         held_qos0: 0,
+        stored_will: Bytes::new(),
+        pending_will: Bytes::new(),
     };
     let mut rbuf = BytesMut::new();
     let mut unflushed = false;
@@ -169,7 +180,7 @@ pub async fn run_connection<R: MqttRead, W: MqttWrite>(
             _ = kicked(&mut d.kicked) => d.conn.close(CloseReason::TakenOver),
             _ = mail(d.client.as_ref().map(|c| &*c.handle)) => d.deliver_mailbox(),
             _ = std::future::ready(()), if d.more_mail => d.deliver_mailbox(),
-            _ = subscribers_caught_up(d.held_acks.front(), d.ctx.broker.max_queued()) => d.release_held_ack(),
+            durable = held_released(d.held_acks.front_mut(), d.ctx.broker.max_queued()) => d.release_held_ack(durable),
             read = reader.read_into(&mut rbuf), if d.held_qos0 == 0 => match read {
                 Ok(0) | Err(_) => d.conn.close(CloseReason::TransportClosed),
                 Ok(n) => d.received(n, &mut rbuf),
@@ -235,15 +246,32 @@ async fn kicked(rx: &mut Option<oneshot::Receiver<Kick>>) -> Kick {
     }
 }
 
-/// Resolves when every subscriber of a held acknowledgement has room again, or its deadline
-/// passed (then the laggards are marked as slow consumers); never when nothing is held.
-async fn subscribers_caught_up(held: Option<&HeldAck>, max_queued: usize) {
+/// Resolves when a held acknowledgement may go: once what it changed is durable (false if the
+/// store failed) and every subscriber it congested has room again or its deadline passed (then
+/// the laggards are marked as slow consumers); never when nothing is held.
+async fn held_released(held: Option<&mut HeldAck>, max_queued: usize) -> bool {
     let Some(held) = held else {
         return pending().await;
     };
+    if let Some(completion) = held.durable.as_mut() {
+        let result = completion.await;
+        held.durable = None;
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "store write failed; acknowledgement withheld");
+                return false;
+            }
+            Err(_) => {
+                tracing::error!("store writer gone; acknowledgement withheld");
+                return false;
+            }
+        }
+    }
     for h in &held.subscribers {
         h.wait_for_space(max_queued, held.deadline).await;
     }
+    true
 }
 
 async fn mail(handle: Option<&ClientHandle>) {
@@ -308,12 +336,23 @@ impl Driver {
             .drain_into(&mut self.conn, self.ctx.broker.max_queued());
     }
 
-    fn release_held_ack(&mut self) {
+    fn release_held_ack(&mut self, durable: bool) {
+        if !durable {
+            // Never acknowledge what the store did not take: the client will retry elsewhere
+            // or after a reconnect.
+            self.ctx.broker.metrics.protocol_error("store_failure");
+            self.conn.close(CloseReason::Violation(
+                ReasonCode::UnspecifiedError,
+                "the server could not store the message",
+            ));
+            return;
+        }
         match self.held_acks.pop_front() {
             Some(HeldAck {
                 packet_id: Some(id),
+                code,
                 ..
-            }) => self.conn.acknowledge(id),
+            }) => self.conn.acknowledge_with(id, code),
             Some(_) => self.held_qos0 -= 1,
             None => {}
         }
@@ -324,11 +363,25 @@ impl Driver {
             match event {
                 Event::Connect(connect) => self.handle_connect(*connect, rbuf).await,
                 Event::Publish { message, packet_id } => {
-                    let (congested, code) = self.handle_publish(message);
-                    if !congested.is_empty() {
+                    let mut stored = false;
+                    if let (Some(id), Some(c)) = (packet_id, &self.client) {
+                        if message.qos == stratus_mqtt::QoS::ExactlyOnce {
+                            // Until PUBREL, so a resent PUBLISH is not routed twice after a restart.
+                            stored |= self.ctx.broker.store_inbound_qos2(&c.handle, id);
+                        }
+                    }
+                    let (congested, code, routed_stored) = self.handle_publish(message);
+                    stored |= routed_stored;
+                    // Only an acknowledgement promises durability; QoS 0 is not waited for.
+                    let durable = packet_id
+                        .filter(|_| stored)
+                        .and_then(|_| self.ctx.broker.persistence().map(|p| p.durable()));
+                    if !congested.is_empty() || durable.is_some() {
                         self.held_qos0 += usize::from(packet_id.is_none());
                         self.held_acks.push_back(HeldAck {
                             packet_id,
+                            code,
+                            durable,
                             subscribers: congested,
                             deadline: tokio::time::Instant::now() + self.ctx.slow_consumer_timeout,
                         });
@@ -338,7 +391,12 @@ impl Driver {
                         self.conn.acknowledge_with(id, code);
                     }
                 }
-                Event::Subscribe(sub) => self.handle_subscribe(sub),
+                Event::Session(change) => {
+                    if let Some(c) = &self.client {
+                        self.ctx.broker.store_session_change(&c.handle, change);
+                    }
+                }
+                Event::Subscribe(sub) => self.handle_subscribe(sub).await,
                 Event::Unsubscribe(filters) => {
                     if let Some(c) = &self.client {
                         for f in &filters {
@@ -406,11 +464,32 @@ impl Driver {
         } else {
             connect.client_id.clone()
         };
-        let attached = self
-            .ctx
-            .broker
-            .attach(client_id.clone(), connect.clean_session, restricted)
+        let expiry = self.conn.session_expiry();
+        let broker = &self.ctx.broker;
+        let attached = broker
+            .attach_session(client_id.clone(), connect.clean_session, restricted, expiry)
             .await;
+        if attached.handle.is_durable() {
+            self.stored_will = connect
+                .will
+                .as_ref()
+                .and_then(|w| stratus_mqtt::persist::encode_will(w).ok())
+                .unwrap_or_default();
+            broker.store_session(&attached.handle, expiry, 0, self.stored_will.clone());
+            self.conn.track_session_changes(true);
+            // CONNACK promises the session: it waits until the store has it.
+            if let Err(e) = broker.flush().await {
+                tracing::error!(client_id = %client_id, error = %e, "could not store the session");
+                broker.detach(
+                    &attached.handle,
+                    attached.conn,
+                    Some(attached.session),
+                    true,
+                );
+                self.conn.refuse(ConnectReturnCode::ServerUnavailable);
+                return;
+            }
+        }
         tracing::debug!(peer = %self.peer, client_id = %client_id, resumed = attached.session_present, "mqtt client connected");
         self.conn.accept(attached.session, attached.session_present);
         self.client = Some(Attachment {
@@ -425,16 +504,17 @@ impl Driver {
         self.conn.handle_bytes(rbuf, Instant::now());
     }
 
-    /// Routes a client's PUBLISH; returns the subscribers it congested (not the client itself)
-    /// and the reason code of its acknowledgement for MQTT 5.0 clients.
-    fn handle_publish(&mut self, message: Message) -> (Vec<Arc<ClientHandle>>, ReasonCode) {
+    /// Routes a client's PUBLISH; returns the subscribers it congested (not the client itself),
+    /// the reason code of its acknowledgement for MQTT 5.0 clients, and whether routing wrote
+    /// to the store.
+    fn handle_publish(&mut self, message: Message) -> (Vec<Arc<ClientHandle>>, ReasonCode, bool) {
         let restricted = self.client.as_ref().is_none_or(|c| c.restricted);
         if !topic_permitted(restricted, &message.topic) || message.topic.starts_with('$') {
             // MQTT 3.1.1 has no way to refuse a PUBLISH: it is acknowledged and dropped;
             // MQTT 5.0 clients get 0x87 Not authorized.
             self.ctx.broker.metrics.denied("publish");
             tracing::debug!(peer = %self.peer, topic = %message.topic, "mqtt publish denied");
-            return (Vec::new(), ReasonCode::NotAuthorized);
+            return (Vec::new(), ReasonCode::NotAuthorized, false);
         }
         let origin = self.client.as_ref().map(|c| &c.handle);
         let routed = self.ctx.broker.publish(message, origin);
@@ -446,10 +526,10 @@ impl Driver {
         let own = self.client.as_ref().map(|c| Arc::as_ptr(&c.handle));
         let mut congested = routed.congested;
         congested.retain(|h| Some(Arc::as_ptr(h)) != own);
-        (congested, code)
+        (congested, code, routed.stored)
     }
 
-    fn handle_subscribe(&mut self, sub: stratus_mqtt::Subscribe) {
+    async fn handle_subscribe(&mut self, sub: stratus_mqtt::Subscribe) {
         let Some(c) = &self.client else { return };
         let broker = &self.ctx.broker;
         // MQTT 3.1.1 clients see every refusal as 0x80.
@@ -490,13 +570,25 @@ impl Driver {
                 }
             })
             .collect();
+        if c.handle.is_durable() && codes.iter().any(|c| c.granted_qos().is_some()) {
+            // SUBACK promises the subscription: it waits until the store has it.
+            if let Err(e) = broker.flush().await {
+                tracing::error!(client_id = %c.handle.id(), error = %e, "could not store a subscription");
+                self.conn.close(CloseReason::Violation(
+                    ReasonCode::UnspecifiedError,
+                    "the server could not store the subscription",
+                ));
+                return;
+            }
+        }
         self.conn.subscribed(&sub, codes.clone());
         let restricted = c.restricted;
         for (((filter, _), code), send) in sub.filters.iter().zip(codes).zip(send_retained) {
             if let Some(granted) = code.granted_qos().filter(|_| send) {
                 let mut retained = broker.retained_for(filter);
                 retained.retain(|m| topic_permitted(restricted, &m.topic));
-                c.handle.enqueue_retained(retained, granted, id);
+                c.handle
+                    .enqueue_retained(retained, granted, id, broker.persistence());
             }
         }
     }
@@ -529,16 +621,13 @@ impl Driver {
                     // Will Delay Interval (MQTT 5.0 §3.1.3.2.2): published after the delay, or
                     // when the session ends if sooner, unless the client reconnects first.
                     tracing::debug!(peer = %self.peer, topic = %will.topic, delay = d, "will delayed");
-                    let broker = self.ctx.broker.clone();
-                    let handle = c.handle.clone();
-                    let conn = c.conn;
-                    tokio::spawn(async move {
-                        tokio::time::sleep(std::time::Duration::from_secs(d)).await;
-                        if handle.current_conn() == conn {
-                            tracing::debug!(topic = %will.topic, "publishing delayed will");
-                            broker.publish(will, None);
-                        }
-                    });
+                    self.pending_will = self.stored_will.clone();
+                    self.ctx.broker.schedule_will(
+                        c.handle.clone(),
+                        c.conn,
+                        will,
+                        std::time::Duration::from_secs(d),
+                    );
                 }
                 _ => {
                     tracing::debug!(peer = %self.peer, topic = %will.topic, "publishing will");
@@ -555,17 +644,18 @@ impl Driver {
             self.ctx.broker.metrics.mqtt_clients_connected.dec();
             let session = self.conn.take_session();
             let expiry = self.conn.session_expiry();
+            let will = std::mem::take(&mut self.pending_will);
             self.ctx
                 .broker
-                .detach(&c.handle, c.conn, session, expiry == 0);
+                .detach_session(&c.handle, c.conn, session, expiry, will);
             if expiry != 0 && expiry != u32::MAX {
                 // Session Expiry Interval: the parked session ends N s after the disconnect
                 // unless the client came back.
-                let broker = self.ctx.broker.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(std::time::Duration::from_secs(u64::from(expiry))).await;
-                    broker.expire_session(&c.handle, c.conn);
-                });
+                self.ctx.broker.schedule_expiry(
+                    c.handle,
+                    c.conn,
+                    std::time::Duration::from_secs(u64::from(expiry)),
+                );
             }
         }
     }
