@@ -65,9 +65,103 @@ pub fn matches(filter: &str, name: &str) -> bool {
     }
 }
 
+/// True when every topic name `inner` matches is also matched by `outer` (both valid
+/// filters): `a/#` covers `a/+/b` and `a`, `a/+` does not cover `a/#`.
+pub fn filter_covers(outer: &str, inner: &str) -> bool {
+    if inner == "#" && outer == "+/#" {
+        // Every topic has a first level, so `+/#` matches all that `#` does.
+        return true;
+    }
+    let mut o = outer.split('/');
+    let mut i = inner.split('/');
+    loop {
+        match (o.next(), i.next()) {
+            (Some("#"), _) => return true,
+            (_, Some("#")) => return false,
+            (Some("+"), Some(_)) => {}
+            (Some(ol), Some(il)) if ol == il && il != "+" => {}
+            (None, None) => return true,
+            // `x/#` also matches `x` itself.
+            (Some(ol), None) => return ol == "#",
+            _ => return false,
+        }
+    }
+}
+
+/// True when some topic name is matched by both filters (both valid).
+pub fn filters_overlap(a: &str, b: &str) -> bool {
+    let mut x = a.split('/');
+    let mut y = b.split('/');
+    loop {
+        match (x.next(), y.next()) {
+            (Some("#"), _) | (_, Some("#")) => return true,
+            (Some("+"), Some(_)) | (Some(_), Some("+")) => {}
+            (Some(l), Some(r)) if l == r => {}
+            (None, None) => return true,
+            (Some(rest), None) | (None, Some(rest)) => return rest == "#",
+            _ => return false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn coverage_of_one_filter_by_another() {
+        for (outer, inner) in [
+            ("#", "a/b"),
+            ("#", "#"),
+            ("a/#", "a"),
+            ("a/#", "a/+/b"),
+            ("a/#", "a/#"),
+            ("a/+", "a/b"),
+            ("a/+", "a/+"),
+            ("+/+", "a/b"),
+            ("a/b", "a/b"),
+        ] {
+            assert!(filter_covers(outer, inner), "{outer} covers {inner}");
+        }
+        for (outer, inner) in [
+            ("a/+", "a/#"),
+            ("a/b", "a/+"),
+            ("a/b", "a/b/c"),
+            ("a/b/c", "a/b"),
+            ("a/+/#", "a/#"),
+            ("a", "#"),
+            ("b/#", "a/b"),
+        ] {
+            assert!(
+                !filter_covers(outer, inner),
+                "{outer} does not cover {inner}"
+            );
+        }
+    }
+
+    #[test]
+    fn overlap_of_two_filters() {
+        for (a, b) in [
+            ("#", "secret/x"),
+            ("a/+", "+/b"),
+            ("a/#", "a"),
+            ("+/+/c", "a/#"),
+            ("a/b", "a/b"),
+        ] {
+            assert!(filters_overlap(a, b) && filters_overlap(b, a), "{a} ~ {b}");
+        }
+        for (a, b) in [
+            ("a/+", "b/+"),
+            ("a/b", "a/b/c"),
+            ("a/+", "a/b/c"),
+            ("+", "a/b"),
+        ] {
+            assert!(
+                !filters_overlap(a, b) && !filters_overlap(b, a),
+                "{a} !~ {b}"
+            );
+        }
+    }
 
     #[test]
     fn filter_validation_follows_section_4_7() {

@@ -9,6 +9,8 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+use crate::acl::AclConfig;
+
 /// Everything `stratus serve` can be told.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -116,6 +118,8 @@ pub struct MqttConfig {
     pub receive_maximum: u16,
     /// Topic Alias Maximum advertised to MQTT 5.0 clients (0: no topic aliases).
     pub topic_alias_maximum: u16,
+    /// `[mqtt.acl]`: topic access rules (see [`crate::acl`]).
+    pub acl: AclConfig,
 }
 
 impl Default for ServerConfig {
@@ -158,6 +162,7 @@ impl Default for MqttConfig {
             max_keepalive: 0,
             receive_maximum: 1024,
             topic_alias_maximum: 64,
+            acl: AclConfig::default(),
         }
     }
 }
@@ -282,6 +287,7 @@ impl Config {
         if m.max_connections == 0 {
             return bad("mqtt.max_connections", "must be at least 1");
         }
+        m.acl.validate().map_err(ConfigError)?;
         Ok(())
     }
 

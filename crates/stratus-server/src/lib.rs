@@ -23,6 +23,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod acl;
 pub mod broker;
 pub mod config;
 pub mod http;
@@ -124,6 +125,7 @@ impl Server {
             max_connections: config.mqtt.max_connections,
             open: AtomicUsize::new(0),
             slow_consumer_timeout: Duration::from_secs(config.mqtt.slow_consumer_timeout_secs),
+            acl: acl::Acl::new(config.mqtt.acl.clone()),
         });
         let mqtt_addr = mqtt_listener.local_addr()?;
         let http_addr = http_listener.local_addr()?;

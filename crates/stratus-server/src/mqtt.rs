@@ -19,6 +19,7 @@ use tokio::sync::{oneshot, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
+use crate::acl::{Acl, Who};
 use crate::broker::{Broker, ClientHandle, Kick};
 use crate::transport::{MqttRead, MqttWrite, StreamReader, StreamWriter, TcpReader, TcpWriter};
 
@@ -37,6 +38,8 @@ pub struct MqttContext {
     /// How long a publisher waits for a congested subscriber before that subscriber is
     /// disconnected as a slow consumer.
     pub slow_consumer_timeout: std::time::Duration,
+    /// Topic access rules from the config.
+    pub acl: Acl,
 }
 
 /// Accepts TCP connections until `shutdown` turns true; each runs in a task on `tasks`,
@@ -100,6 +103,17 @@ struct Attachment {
     handle: Arc<ClientHandle>,
     conn: u64,
     restricted: bool,
+    /// The user name access rules see: the CONNECT's, else the TLS identity.
+    user: Option<MqttStr>,
+}
+
+impl Attachment {
+    fn who(&self) -> Who<'_> {
+        Who {
+            user: self.user.as_deref(),
+            client_id: self.handle.id(),
+        }
+    }
 }
 
 struct Driver {
@@ -448,13 +462,6 @@ impl Driver {
                 return;
             }
         };
-        if let Some(will) = &connect.will {
-            if !topic_permitted(restricted, &will.topic) || will.topic.starts_with('$') {
-                self.ctx.broker.metrics.denied("connect");
-                self.conn.refuse(ConnectReturnCode::NotAuthorized);
-                return;
-            }
-        }
         let client_id = if connect.client_id.is_empty() {
             let id = assigned_client_id();
             if connect.protocol.is_v5() {
@@ -464,6 +471,21 @@ impl Driver {
         } else {
             connect.client_id.clone()
         };
+        let user = connect.username.clone().or_else(|| self.identity.clone());
+        if let Some(will) = &connect.will {
+            let who = Who {
+                user: user.as_deref(),
+                client_id: &client_id,
+            };
+            if !topic_permitted(restricted, &will.topic)
+                || will.topic.starts_with('$')
+                || !self.ctx.acl.may_publish(who, &will.topic)
+            {
+                self.ctx.broker.metrics.denied("connect");
+                self.conn.refuse(ConnectReturnCode::NotAuthorized);
+                return;
+            }
+        }
         let expiry = self.conn.session_expiry();
         let broker = &self.ctx.broker;
         let attached = broker
@@ -496,6 +518,7 @@ impl Driver {
             handle: attached.handle,
             conn: attached.conn,
             restricted,
+            user,
         });
         self.kicked = Some(attached.kicked);
         self.ctx.broker.metrics.mqtt_clients_connected.inc();
@@ -509,7 +532,14 @@ impl Driver {
     /// to the store.
     fn handle_publish(&mut self, message: Message) -> (Vec<Arc<ClientHandle>>, ReasonCode, bool) {
         let restricted = self.client.as_ref().is_none_or(|c| c.restricted);
-        if !topic_permitted(restricted, &message.topic) || message.topic.starts_with('$') {
+        let acl_denies = self
+            .client
+            .as_ref()
+            .is_some_and(|c| !self.ctx.acl.may_publish(c.who(), &message.topic));
+        if !topic_permitted(restricted, &message.topic)
+            || message.topic.starts_with('$')
+            || acl_denies
+        {
             // MQTT 3.1.1 has no way to refuse a PUBLISH: it is acknowledged and dropped;
             // MQTT 5.0 clients get 0x87 Not authorized.
             self.ctx.broker.metrics.denied("publish");
@@ -552,7 +582,9 @@ impl Driver {
                 if !self.conn.filter_acceptable(inner) {
                     send_retained.push(false);
                     ReasonCode::TopicFilterInvalid
-                } else if !filter_permitted(c.restricted, inner) {
+                } else if !filter_permitted(c.restricted, inner)
+                    || !self.ctx.acl.may_subscribe(c.who(), inner)
+                {
                     broker.metrics.denied("subscribe");
                     send_retained.push(false);
                     ReasonCode::NotAuthorized
