@@ -189,6 +189,26 @@ def test_topic_aliases_from_the_client_are_resolved_and_not_forwarded(server):
     assert all(not hasattr(m.properties, "TopicAlias") for m in got)
 
 
+def test_topic_aliases_to_the_client_up_to_its_maximum(server):
+    """Server → client aliases (§3.3.2.3.4): a topic's first PUBLISH carries topic and alias,
+    later ones the alias alone; never more aliases than the client's Topic Alias Maximum."""
+    c = raw.RawClient(server.mqtt_port)
+    alias_max = b"\x03\x22\x00\x01"  # CONNECT properties: Topic Alias Maximum 1
+    c.send(raw.packet(0x10, raw.mstr("MQTT") + bytes([5, 2]) + struct.pack("!H", 60) + alias_max + raw.mstr("alo")))
+    assert c.recv_packet().name == "CONNACK"
+    c.send(raw.packet(0x82, struct.pack("!H", 1) + b"\x00" + raw.mstr("alo/#") + b"\x00"))
+    assert c.recv_packet().name == "SUBACK"
+    p = C5(server.mqtt_port)
+    for t in ("alo/x", "alo/x", "alo/y"):
+        p.publish(t, b"p", qos=0)
+    bodies = [c.expect(raw.PUBLISH).body for _ in range(3)]
+    alias1 = b"\x03\x23\x00\x01"  # properties: Topic Alias 1
+    assert bodies[0] == raw.mstr("alo/x") + alias1 + b"p"
+    assert bodies[1] == raw.mstr("") + alias1 + b"p"
+    assert bodies[2] == raw.mstr("alo/y") + b"\x00" + b"p"  # maximum reached: no alias
+    p.disconnect()
+
+
 def test_v311_subscriber_gets_v5_messages_without_properties(server, clients):
     old = clients.paho(server.mqtt_port)
     old.subscribe("mix5/t", 1)

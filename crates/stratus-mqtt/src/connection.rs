@@ -307,6 +307,11 @@ pub struct Connection {
     inbound_qos1: usize,
     /// Topic aliases the client set (MQTT 5.0).
     topic_aliases: HashMap<u16, MqttStr>,
+    /// Topic aliases this side assigned for topics it sends, at most the client's Topic Alias
+    /// Maximum (MQTT 5.0 §3.3.2.3.4); the first topics sent get them, for the connection's life.
+    outbound_aliases: HashMap<MqttStr, u16>,
+    /// The client's Topic Alias Maximum (0: it accepts none).
+    client_alias_max: u16,
     /// Session Expiry Interval in seconds (0: ends with the connection; u32::MAX: never).
     session_expiry: u32,
     /// The session expiry the CONNECT asked for.
@@ -344,6 +349,8 @@ impl Connection {
             client_max_packet: None,
             inbound_qos1: 0,
             topic_aliases: HashMap::new(),
+            outbound_aliases: HashMap::new(),
+            client_alias_max: 0,
             session_expiry: 0,
             connect_session_expiry: 0,
             will_delay: 0,
@@ -668,6 +675,7 @@ impl Connection {
                 self.max_inflight = self.max_inflight.min(rm.get());
             }
             self.client_max_packet = p.maximum_packet_size.map(NonZeroU32::get);
+            self.client_alias_max = p.topic_alias_maximum.unwrap_or(0);
             self.problem_information = p.request_problem_information != Some(false);
             self.will_delay = connect
                 .will
@@ -1068,21 +1076,38 @@ impl Connection {
         // Cannot fail otherwise: the topic came from a decoded packet (≤ 65535 bytes) and the
         // payload from a packet no larger than the maximum Remaining Length.
         let start = self.transmit.len();
+        // Outbound topic alias: an existing one replaces the topic; a free one is assigned
+        // (and sent with the topic) once the packet is known to fit.
+        let (alias, new_alias) = match self.outbound_aliases.get(&m.topic) {
+            Some(&a) => (Some(a), false),
+            None if self.outbound_aliases.len() < usize::from(self.client_alias_max) => {
+                (Some(self.outbound_aliases.len() as u16 + 1), true)
+            }
+            None => (None, false),
+        };
+        let no_topic = MqttStr::default();
+        let topic = if alias.is_some() && !new_alias {
+            &no_topic
+        } else {
+            &m.topic
+        };
         let encoded = if self.protocol.is_v5() {
             let owned;
             let empty = PublishProperties::default();
             let base = m.properties.as_deref().unwrap_or(&empty);
-            let props = if m.expires_at.is_some() || !subscription_ids.is_empty() {
+            let props = if m.expires_at.is_some() || !subscription_ids.is_empty() || alias.is_some()
+            {
                 let mut p = base.clone();
                 p.message_expiry_interval = m.remaining_expiry(self.now);
                 p.subscription_identifiers = subscription_ids.to_vec();
+                p.topic_alias = alias.and_then(NonZeroU16::new);
                 owned = p;
                 &owned
             } else {
                 base
             };
             codec::encode_publish_parts_v5(
-                &m.topic,
+                topic,
                 &m.payload,
                 qos,
                 packet_id,
@@ -1112,6 +1137,9 @@ impl Connection {
                 self.transmit.truncate(start);
                 return false;
             }
+        }
+        if let (true, Some(a)) = (new_alias, alias) {
+            self.outbound_aliases.insert(m.topic.compact(), a);
         }
         self.stats.publish_sent += 1;
         self.stats.packets_sent += 1;

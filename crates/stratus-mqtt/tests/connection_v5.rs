@@ -570,3 +570,72 @@ fn no_local_on_a_shared_subscription_is_a_protocol_error() {
         Some(ReasonCode::ProtocolError)
     );
 }
+
+#[test]
+fn outbound_topic_aliases_up_to_the_client_maximum() {
+    let mut c = connect5("alias-out");
+    c.properties.topic_alias_maximum = Some(2);
+    let (mut h, _) = V5::connect(Limits::default(), c);
+    let m = |t: &str| Message::new(s(t), Bytes::from_static(b"x"), QoS::AtMostOnce, false);
+    for t in ["a/1", "a/1", "a/2", "a/3", "a/2", "a/3"] {
+        h.conn.deliver(&m(t), QoS::AtMostOnce, false);
+    }
+    let seen: Vec<(String, Option<u16>)> = h
+        .received()
+        .into_iter()
+        .map(|p| match p {
+            Packet::Publish(p) => (
+                p.topic.to_string(),
+                p.properties.topic_alias.map(|a| a.get()),
+            ),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("a/1".into(), Some(1)), // alias set with the topic
+            ("".into(), Some(1)),    // then the alias alone
+            ("a/2".into(), Some(2)),
+            ("a/3".into(), None), // maximum reached: plain topic
+            ("".into(), Some(2)),
+            ("a/3".into(), None),
+        ]
+    );
+}
+
+#[test]
+fn no_outbound_aliases_for_a_client_without_a_maximum_or_for_a_packet_too_large() {
+    let (mut h, _) = V5::connect(Limits::default(), connect5("plain"));
+    let m = Message::new(s("t"), Bytes::from_static(b"x"), QoS::AtMostOnce, false);
+    h.conn.deliver(&m, QoS::AtMostOnce, false);
+    h.conn.deliver(&m, QoS::AtMostOnce, false);
+    for p in h.received() {
+        let Packet::Publish(p) = p else { panic!() };
+        assert_eq!((p.topic.as_str(), p.properties.topic_alias), ("t", None));
+    }
+
+    let mut c = connect5("small");
+    c.properties.topic_alias_maximum = Some(5);
+    c.properties.maximum_packet_size = std::num::NonZeroU32::new(64);
+    let (mut h, _) = V5::connect(Limits::default(), c);
+    let big = Message::new(
+        s("big"),
+        Bytes::from(vec![0u8; 100]),
+        QoS::AtMostOnce,
+        false,
+    );
+    h.conn.deliver(&big, QoS::AtMostOnce, false); // dropped: too large for the client
+    let small = Message::new(s("big"), Bytes::from_static(b"ok"), QoS::AtMostOnce, false);
+    h.conn.deliver(&small, QoS::AtMostOnce, false);
+    let got = h.received();
+    assert_eq!(got.len(), 1);
+    let Packet::Publish(p) = &got[0] else {
+        panic!()
+    };
+    // The alias the dropped packet would have set was never announced: set it now.
+    assert_eq!(
+        (p.topic.as_str(), p.properties.topic_alias.map(|a| a.get())),
+        ("big", Some(1))
+    );
+}
