@@ -1,8 +1,4 @@
-//! The conformance suite every backend must pass, written once against the traits. A backend's
-//! test calls [`run_mqtt`] with a function that opens its storage afresh (the same storage each
-//! time, so that what one handle committed the next one must find).
-//!
-//! The checks panic with a message naming what broke, like assertions in a test.
+//! The broker-state checks: retained messages, sessions and everything they own.
 
 use bytes::Bytes;
 

@@ -1,0 +1,59 @@
+//! The conformance suite every backend must pass, written once against the traits.
+//!
+//! A backend's test calls [`run_all`] (or the per-kind functions) with a function that opens
+//! its storage afresh: the same storage each time, so that what one handle committed the next
+//! one must find, and empty at the start. Each check cleans up what it created, except the
+//! audit log, which is append-only: [`run_audit`] wants an empty log and
+//! [`run_audit_tamper`] a storage of its own. [`check_aggregation`] compares one aggregation
+//! against a naive computation, for property tests.
+//!
+//! The checks panic with a message naming what broke, like assertions in a test.
+
+mod audit;
+mod jobs;
+mod mqtt;
+mod registry;
+mod telemetry;
+
+pub use audit::{run_audit, run_audit_tamper};
+pub use jobs::{run_group_commit, run_jobs};
+pub use mqtt::run_mqtt;
+pub use registry::{run_clients, run_devices};
+pub use telemetry::{check_aggregation, run_telemetry, AggregationCase};
+
+use crate::devices::NewDevice;
+use crate::{Store, StoreError};
+
+/// Runs every check except the tamper test. `open` must return a new handle on the same,
+/// initially empty, storage each time it is called.
+pub fn run_all<S: Store>(open: impl Fn() -> S) {
+    run_mqtt(&open);
+    run_devices(&open);
+    run_clients(&open);
+    run_telemetry(&open);
+    run_jobs(&open);
+    run_audit(&open);
+}
+
+/// A device to register in checks.
+pub(crate) fn new_device(id: &str) -> NewDevice {
+    NewDevice {
+        id: id.into(),
+        secret_hash: format!("$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$hash-of-{id}"),
+        attributes: serde_json::json!({ "model": "t-1000" }),
+        created_at_ms: 1_700_000_000_000,
+    }
+}
+
+/// Panics unless `result` failed with an error `matches` accepts.
+#[track_caller]
+pub(crate) fn expect_err<T: std::fmt::Debug>(
+    result: Result<T, StoreError>,
+    what: &str,
+    matches: impl Fn(&StoreError) -> bool,
+) {
+    match result {
+        Err(e) if matches(&e) => {}
+        other => panic!("{what}: got {other:?}"),
+    }
+}

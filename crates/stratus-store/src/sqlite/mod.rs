@@ -1,0 +1,472 @@
+//! The embedded backend: one SQLite database file under the data dir, in WAL mode with
+//! `synchronous=FULL`, one writer connection and a pool of reader connections.
+
+mod audit;
+mod mqtt;
+mod registry;
+mod telemetry;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, TryLockError};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+use serde_json::Value as Json;
+
+use crate::audit::{AuditEntry, AuditStore, AuditVerdict};
+use crate::clients::{ClientStore, OAuthClient};
+use crate::devices::{Device, DeviceStore};
+use crate::mqtt::{MqttOp, MqttSnapshot, MqttStore};
+use crate::telemetry::{
+    AggregateQuery, Bucket, LatestValue, PointPage, PointQuery, RetentionRule, TelemetryStore,
+};
+use crate::write::{JobResults, Output, Write, WriteBackend};
+use crate::StoreError;
+
+/// The schema version this code writes (`PRAGMA user_version`). Version 1 held the MQTT
+/// tables only; version 2 adds the rest (all tables are created if missing).
+const SCHEMA_VERSION: i64 = 2;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS mqtt_retained (
+    topic TEXT PRIMARY KEY,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL,
+    properties BLOB NOT NULL,
+    expires_at_ms INTEGER
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS mqtt_sessions (
+    client_id TEXT PRIMARY KEY,
+    expiry_secs INTEGER,
+    last_seen_ms INTEGER NOT NULL,
+    will BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS mqtt_subscriptions (
+    client_id TEXT NOT NULL,
+    filter TEXT NOT NULL,
+    options INTEGER NOT NULL,
+    subscription_id INTEGER,
+    PRIMARY KEY (client_id, filter)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS mqtt_messages (
+    client_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL,
+    retain INTEGER NOT NULL,
+    properties BLOB NOT NULL,
+    packet_id INTEGER,
+    state INTEGER NOT NULL,
+    expires_at_ms INTEGER,
+    PRIMARY KEY (client_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS mqtt_inbound_qos2 (
+    client_id TEXT NOT NULL,
+    packet_id INTEGER NOT NULL,
+    PRIMARY KEY (client_id, packet_id)
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS devices (
+    id TEXT PRIMARY KEY,
+    secret_hash TEXT NOT NULL,
+    attributes TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    desired_version INTEGER NOT NULL,
+    desired TEXT NOT NULL,
+    desired_updated_ms INTEGER NOT NULL,
+    reported TEXT,
+    reported_updated_ms INTEGER,
+    firmware TEXT,
+    last_seen_ms INTEGER
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS oauth_clients (
+    client_id TEXT PRIMARY KEY,
+    secret_hash TEXT NOT NULL,
+    scopes TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS revoked_tokens (
+    jti TEXT PRIMARY KEY,
+    expires_at_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS series (
+    id INTEGER PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    UNIQUE (device_id, key)
+);
+-- num: numbers (REAL); other: booleans as INTEGER 0/1 and strings as TEXT (no affinity).
+CREATE TABLE IF NOT EXISTS points (
+    series_id INTEGER NOT NULL,
+    ts INTEGER NOT NULL,
+    num REAL,
+    other,
+    PRIMARY KEY (series_id, ts)
+) WITHOUT ROWID;
+-- per series and minute: count, sum, min and max of the numeric points.
+CREATE TABLE IF NOT EXISTS rollup_1m (
+    series_id INTEGER NOT NULL,
+    minute INTEGER NOT NULL,
+    n INTEGER NOT NULL,
+    total REAL NOT NULL,
+    lo REAL NOT NULL,
+    hi REAL NOT NULL,
+    PRIMARY KEY (series_id, minute)
+) WITHOUT ROWID;
+-- '' stands for any device / any key; keep_ms NULL for forever.
+CREATE TABLE IF NOT EXISTS retention (
+    device_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    keep_ms INTEGER,
+    PRIMARY KEY (device_id, key)
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY,
+    ts_ms INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+";
+
+/// Tuning of [`SqliteStore`].
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// Reader connections (at least 1).
+    pub readers: usize,
+    /// Bytes of the file each reader maps into memory (`PRAGMA mmap_size`); 0 disables.
+    pub mmap_size: u64,
+    /// Page cache of the writer connection, in KiB.
+    pub writer_cache_kib: u64,
+    /// Page cache of each reader connection, in KiB.
+    pub reader_cache_kib: u64,
+    /// How long a connection waits for a lock held by another process before failing.
+    pub busy_timeout: Duration,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions {
+            readers: 4,
+            mmap_size: 1 << 30,
+            writer_cache_kib: 64 * 1024,
+            reader_cache_kib: 16 * 1024,
+            busy_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The SQLite backend.
+///
+/// Writes (direct trait calls and the group committer's transactions) share the one writer
+/// connection, serialised by a mutex. Reads take a free connection from the reader pool and
+/// never wait for a commit.
+pub struct SqliteStore {
+    writer: Mutex<Connection>,
+    readers: Vec<Mutex<Connection>>,
+    next_reader: AtomicUsize,
+    path: PathBuf,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` with default options.
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        SqliteStore::open_with(path, &SqliteOptions::default())
+    }
+
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open_with(path: &Path, options: &SqliteOptions) -> Result<SqliteStore, StoreError> {
+        if let Some(dir) = path.parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir)?;
+            }
+        }
+        let writer = Connection::open(path)?;
+        writer.busy_timeout(options.busy_timeout)?;
+        let mode: String =
+            writer.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Corrupt(format!(
+                "{} cannot use write-ahead logging (journal mode {mode})",
+                path.display()
+            )));
+        }
+        writer.pragma_update(None, "synchronous", "FULL")?;
+        writer.pragma_update(None, "foreign_keys", "OFF")?;
+        writer.pragma_update(None, "temp_store", "MEMORY")?;
+        writer.pragma_update(None, "cache_size", -cache_pages(options.writer_cache_kib))?;
+        let version: i64 = writer.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::Corrupt(format!(
+                "{} has schema version {version}, newer than this Stratus ({SCHEMA_VERSION})",
+                path.display()
+            )));
+        }
+        writer.execute_batch(SCHEMA)?;
+        writer.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        let mut readers = Vec::new();
+        for _ in 0..options.readers.max(1) {
+            let reader = Connection::open_with_flags(
+                path,
+                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )?;
+            reader.busy_timeout(options.busy_timeout)?;
+            reader.pragma_update(None, "query_only", "ON")?;
+            reader.pragma_update(None, "temp_store", "MEMORY")?;
+            reader.pragma_update(None, "cache_size", -cache_pages(options.reader_cache_kib))?;
+            reader.pragma_update(
+                None,
+                "mmap_size",
+                i64::try_from(options.mmap_size).unwrap_or(i64::MAX),
+            )?;
+            readers.push(Mutex::new(reader));
+        }
+        Ok(SqliteStore {
+            writer: Mutex::new(writer),
+            readers,
+            next_reader: AtomicUsize::new(0),
+            path: path.to_owned(),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The writer connection. A panic while it was held left no transaction open (dropping a
+    /// rusqlite transaction rolls it back), so a poisoned lock is safe to take over.
+    fn writer(&self) -> MutexGuard<'_, Connection> {
+        match self.writer.lock() {
+            Ok(conn) => conn,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Runs `read` on a free reader connection (waiting for one only when all are busy).
+    fn read<R>(
+        &self,
+        read: impl FnOnce(&Connection) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        let n = self.readers.len();
+        let start = self.next_reader.fetch_add(1, Ordering::Relaxed);
+        for i in 0..n {
+            match self.readers[(start + i) % n].try_lock() {
+                Ok(conn) => return read(&conn),
+                Err(TryLockError::Poisoned(poisoned)) => return read(&poisoned.into_inner()),
+                Err(TryLockError::WouldBlock) => {}
+            }
+        }
+        let conn = match self.readers[start % n].lock() {
+            Ok(conn) => conn,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        read(&conn)
+    }
+}
+
+fn cache_pages(kib: u64) -> i64 {
+    i64::try_from(kib).unwrap_or(i64::MAX)
+}
+
+/// Applies one write to the open transaction.
+fn apply_write(conn: &Connection, write: &Write) -> Result<Output, StoreError> {
+    match write {
+        Write::Mqtt(ops) => {
+            for op in ops {
+                mqtt::apply(conn, op)?;
+            }
+            Ok(Output::Done)
+        }
+        Write::CreateDevice(new) => registry::create_device(conn, new).map(Output::Device),
+        Write::UpdateAttributes { id, update } => {
+            registry::update_attributes(conn, id, update).map(Output::Device)
+        }
+        Write::SetDeviceSecret { id, secret_hash } => {
+            registry::set_device_secret(conn, id, secret_hash).map(|()| Output::Done)
+        }
+        Write::DeleteDevice { id } => registry::delete_device(conn, id).map(|()| Output::Done),
+        Write::PutDesiredConfig {
+            id,
+            value,
+            expected_version,
+            now_ms,
+        } => {
+            registry::put_desired(conn, id, value, *expected_version, *now_ms).map(Output::Desired)
+        }
+        Write::PutReportedConfig { id, value, now_ms } => {
+            registry::put_reported(conn, id, value, *now_ms).map(Output::Reported)
+        }
+        Write::SetFirmwareState { id, state } => {
+            registry::set_firmware(conn, id, state.as_ref()).map(|()| Output::Done)
+        }
+        Write::TouchDevice { id, seen_at_ms } => {
+            registry::touch_device(conn, id, *seen_at_ms).map(|()| Output::Done)
+        }
+        Write::CreateClient(client) => registry::create_client(conn, client).map(Output::Client),
+        Write::SetClientSecret {
+            client_id,
+            secret_hash,
+        } => registry::set_client_secret(conn, client_id, secret_hash).map(|()| Output::Done),
+        Write::DeleteClient { client_id } => {
+            registry::delete_client(conn, client_id).map(|()| Output::Done)
+        }
+        Write::RevokeToken { jti, expires_at_ms } => {
+            registry::revoke_token(conn, jti, *expires_at_ms).map(|()| Output::Done)
+        }
+        Write::PurgeRevokedTokens { now_ms } => {
+            registry::purge_revoked(conn, *now_ms).map(Output::Count)
+        }
+        Write::AppendTelemetry(points) => telemetry::append(conn, points).map(Output::Count),
+        Write::SetRetention {
+            device_id,
+            key,
+            retention,
+        } => telemetry::set_retention(
+            conn,
+            device_id.as_deref(),
+            key.as_deref(),
+            retention.as_ref(),
+        )
+        .map(|()| Output::Done),
+        Write::PurgeTelemetry { now_ms } => telemetry::purge(conn, *now_ms).map(Output::Count),
+        Write::AppendAudit(entry) => audit::append(conn, entry).map(Output::Audit),
+    }
+}
+
+impl WriteBackend for SqliteStore {
+    fn commit_jobs(&self, jobs: &[Vec<Write>]) -> JobResults {
+        let mut conn = self.writer();
+        let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut results = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let mut savepoint = tx.savepoint()?;
+            let applied: Result<Vec<Output>, StoreError> =
+                job.iter().map(|w| apply_write(&savepoint, w)).collect();
+            match applied {
+                Ok(outputs) => {
+                    savepoint.commit()?;
+                    results.push(Ok(outputs));
+                }
+                Err(e) => {
+                    if savepoint.is_autocommit() {
+                        // SQLite rolled the whole transaction back (I/O error, disk full):
+                        // nothing of this group can be committed.
+                        return Err(e);
+                    }
+                    savepoint.rollback()?;
+                    savepoint.commit()?;
+                    results.push(Err(e));
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(results)
+    }
+}
+
+impl MqttStore for SqliteStore {
+    fn load_mqtt(&self) -> Result<MqttSnapshot, StoreError> {
+        self.read(|conn| {
+            let tx = conn.unchecked_transaction()?;
+            mqtt::load(&tx)
+        })
+    }
+
+    fn commit_mqtt(&self, ops: &[MqttOp]) -> Result<(), StoreError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.writer();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for op in ops {
+            mqtt::apply(&tx, op)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+impl DeviceStore for SqliteStore {
+    fn device(&self, id: &str) -> Result<Option<Device>, StoreError> {
+        self.read(|conn| registry::get_device(conn, id))
+    }
+
+    fn list_devices(&self, after: Option<&str>, limit: usize) -> Result<Vec<Device>, StoreError> {
+        self.read(|conn| registry::list_devices(conn, after, limit))
+    }
+
+    fn device_count(&self) -> Result<u64, StoreError> {
+        self.read(registry::device_count)
+    }
+}
+
+impl ClientStore for SqliteStore {
+    fn client(&self, client_id: &str) -> Result<Option<OAuthClient>, StoreError> {
+        self.read(|conn| registry::get_client(conn, client_id))
+    }
+
+    fn list_clients(&self) -> Result<Vec<OAuthClient>, StoreError> {
+        self.read(registry::list_clients)
+    }
+
+    fn is_token_revoked(&self, jti: &str) -> Result<bool, StoreError> {
+        self.read(|conn| registry::is_revoked(conn, jti))
+    }
+}
+
+impl TelemetryStore for SqliteStore {
+    fn points(&self, query: &PointQuery) -> Result<PointPage, StoreError> {
+        self.read(|conn| telemetry::points(conn, query))
+    }
+
+    fn aggregate(&self, query: &AggregateQuery) -> Result<Vec<Bucket>, StoreError> {
+        self.read(|conn| {
+            let tx = conn.unchecked_transaction()?;
+            telemetry::aggregate(&tx, query)
+        })
+    }
+
+    fn latest(&self, device_id: &str) -> Result<Vec<LatestValue>, StoreError> {
+        self.read(|conn| telemetry::latest(conn, device_id))
+    }
+
+    fn keys(&self, device_id: &str) -> Result<Vec<String>, StoreError> {
+        self.read(|conn| telemetry::keys(conn, device_id))
+    }
+
+    fn retention_rules(&self) -> Result<Vec<RetentionRule>, StoreError> {
+        self.read(telemetry::retention_rules)
+    }
+}
+
+impl AuditStore for SqliteStore {
+    fn list_audit(&self, from_seq: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        self.read(|conn| audit::list(conn, from_seq, limit))
+    }
+
+    fn verify_audit(&self) -> Result<AuditVerdict, StoreError> {
+        self.read(|conn| {
+            let tx = conn.unchecked_transaction()?;
+            audit::verify(&tx)
+        })
+    }
+}
+
+/// Parses JSON stored by this backend.
+fn parse_json(text: &str, what: &str) -> Result<Json, StoreError> {
+    serde_json::from_str(text)
+        .map_err(|e| StoreError::Corrupt(format!("stored {what} is not JSON: {e}")))
+}
+
+/// A count or limit as an SQLite integer.
+fn sql_int(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,386 @@
+//! Telemetry in SQLite: interned series, points keyed `(series_id, ts)`, per-minute rollups
+//! maintained in the inserting transaction, and retention.
+
+use std::collections::HashMap;
+
+use rusqlite::types::{Null, ValueRef};
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::sql_int;
+use crate::telemetry::{
+    bucket_start, check_scope, purge_cutoff, resolve_retention, Accumulator, AggregateQuery,
+    Bucket, LatestValue, Order, Point, PointPage, PointQuery, Retention, RetentionRule, TimedValue,
+    Value, MAX_TS_MS, MINUTE_MS, MIN_TS_MS,
+};
+use crate::write::duration_ms;
+use crate::StoreError;
+
+fn series_id(conn: &Connection, device_id: &str, key: &str) -> Result<Option<i64>, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT id FROM series WHERE device_id = ?1 AND key = ?2")?
+        .query_row(params![device_id, key], |r| r.get(0))
+        .optional()?)
+}
+
+/// The id of `(device_id, key)`, created on first use (the device must exist).
+fn intern(conn: &Connection, device_id: &str, key: &str) -> Result<i64, StoreError> {
+    if let Some(id) = series_id(conn, device_id, key)? {
+        return Ok(id);
+    }
+    let known = conn
+        .prepare_cached("SELECT 1 FROM devices WHERE id = ?1")?
+        .exists(params![device_id])?;
+    if !known {
+        return Err(StoreError::NotFound {
+            kind: "device",
+            id: device_id.into(),
+        });
+    }
+    conn.prepare_cached("INSERT INTO series (device_id, key) VALUES (?1, ?2)")?
+        .execute(params![device_id, key])?;
+    Ok(conn.last_insert_rowid())
+}
+
+pub(super) fn append(conn: &Connection, points: &[Point]) -> Result<u64, StoreError> {
+    // Validate everything before touching the database.
+    for point in points {
+        point.validate()?;
+    }
+    let mut ids: HashMap<(&str, &str), i64> = HashMap::new();
+    let mut last: Option<(&str, &str, i64)> = None;
+    let mut rollups: HashMap<(i64, i64), Accumulator> = HashMap::new();
+    let mut insert = conn.prepare_cached(
+        "INSERT OR IGNORE INTO points (series_id, ts, num, other) VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    let mut inserted = 0u64;
+    for p in points {
+        let sid = match last {
+            Some((device, key, id)) if device == p.device_id && key == p.key => id,
+            _ => {
+                let id = match ids.get(&(p.device_id.as_str(), p.key.as_str())) {
+                    Some(id) => *id,
+                    None => {
+                        let id = intern(conn, &p.device_id, &p.key)?;
+                        ids.insert((&p.device_id, &p.key), id);
+                        id
+                    }
+                };
+                last = Some((&p.device_id, &p.key, id));
+                id
+            }
+        };
+        let changed = match &p.value {
+            Value::Number(x) => insert.execute(params![sid, p.ts_ms, x, Null])?,
+            Value::Bool(b) => insert.execute(params![sid, p.ts_ms, Null, i64::from(*b)])?,
+            Value::Text(s) => insert.execute(params![sid, p.ts_ms, Null, s])?,
+        };
+        if changed > 0 {
+            inserted += 1;
+            if let Value::Number(x) = p.value {
+                rollups
+                    .entry((sid, bucket_start(p.ts_ms, MINUTE_MS)))
+                    .and_modify(|a| a.add(x))
+                    .or_insert_with(|| Accumulator::of(x));
+            }
+        }
+    }
+    let mut upsert = conn.prepare_cached(
+        "INSERT INTO rollup_1m (series_id, minute, n, total, lo, hi) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (series_id, minute) DO UPDATE SET
+             n = n + excluded.n, total = total + excluded.total,
+             lo = min(lo, excluded.lo), hi = max(hi, excluded.hi)",
+    )?;
+    for ((sid, minute), a) in rollups {
+        upsert.execute(params![sid, minute, a.count, a.sum, a.min, a.max])?;
+    }
+    Ok(inserted)
+}
+
+fn read_value(num: ValueRef<'_>, other: ValueRef<'_>) -> Result<Value, StoreError> {
+    match (num, other) {
+        (ValueRef::Real(x), _) => Ok(Value::Number(x)),
+        (ValueRef::Integer(i), _) => Ok(Value::Number(i as f64)),
+        (ValueRef::Null, ValueRef::Integer(i)) => Ok(Value::Bool(i != 0)),
+        (ValueRef::Null, ValueRef::Text(t)) => std::str::from_utf8(t)
+            .map(|s| Value::Text(s.to_owned()))
+            .map_err(|_| StoreError::Corrupt("a stored text value is not UTF-8".into())),
+        (num, other) => Err(StoreError::Corrupt(format!(
+            "a stored point has no value ({:?}, {:?})",
+            num.data_type(),
+            other.data_type()
+        ))),
+    }
+}
+
+pub(super) fn points(conn: &Connection, q: &PointQuery) -> Result<PointPage, StoreError> {
+    if q.limit == 0 {
+        return Ok(PointPage::default());
+    }
+    let Some(sid) = series_id(conn, &q.device_id, &q.key)? else {
+        return Ok(PointPage::default());
+    };
+    let (lo, hi) = q.effective_range();
+    if lo >= hi {
+        return Ok(PointPage::default());
+    }
+    let sql = match q.order {
+        Order::Ascending => {
+            "SELECT ts, num, other FROM points WHERE series_id = ?1 AND ts >= ?2 AND ts < ?3
+             ORDER BY ts LIMIT ?4"
+        }
+        Order::Descending => {
+            "SELECT ts, num, other FROM points WHERE series_id = ?1 AND ts >= ?2 AND ts < ?3
+             ORDER BY ts DESC LIMIT ?4"
+        }
+    };
+    let mut stmt = conn.prepare_cached(sql)?;
+    let mut rows = stmt.query(params![sid, lo, hi, sql_int(q.limit.saturating_add(1))])?;
+    let mut page = PointPage::default();
+    while let Some(r) = rows.next()? {
+        if page.points.len() == q.limit {
+            page.next_after_ts = page.points.last().map(|p| p.ts_ms);
+            break;
+        }
+        page.points.push(TimedValue {
+            ts_ms: r.get(0)?,
+            value: read_value(r.get_ref(1)?, r.get_ref(2)?)?,
+        });
+    }
+    Ok(page)
+}
+
+/// Adds `acc` to the bucket at the end of `out` if it is `bucket`, or starts a new one
+/// (sources are folded in time order, so buckets arrive in order).
+fn push(out: &mut Vec<(i64, Accumulator)>, bucket: i64, acc: &Accumulator) {
+    match out.last_mut() {
+        Some((last, a)) if *last == bucket => a.merge(acc),
+        _ => out.push((bucket, *acc)),
+    }
+}
+
+fn fold_raw(
+    conn: &Connection,
+    sid: i64,
+    lo: i64,
+    hi: i64,
+    interval: i64,
+    out: &mut Vec<(i64, Accumulator)>,
+) -> Result<(), StoreError> {
+    if lo >= hi {
+        return Ok(());
+    }
+    let mut stmt = conn.prepare_cached(
+        "SELECT ts, num FROM points WHERE series_id = ?1 AND ts >= ?2 AND ts < ?3
+         AND num IS NOT NULL ORDER BY ts",
+    )?;
+    let mut rows = stmt.query(params![sid, lo, hi])?;
+    while let Some(r) = rows.next()? {
+        let ts: i64 = r.get(0)?;
+        let x: f64 = r.get(1)?;
+        let bucket = bucket_start(ts, interval);
+        match out.last_mut() {
+            Some((last, a)) if *last == bucket => a.add(x),
+            _ => out.push((bucket, Accumulator::of(x))),
+        }
+    }
+    Ok(())
+}
+
+fn fold_rollups(
+    conn: &Connection,
+    sid: i64,
+    lo: i64,
+    hi: i64,
+    interval: i64,
+    out: &mut Vec<(i64, Accumulator)>,
+) -> Result<(), StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT minute, n, total, lo, hi FROM rollup_1m
+         WHERE series_id = ?1 AND minute >= ?2 AND minute < ?3 ORDER BY minute",
+    )?;
+    let mut rows = stmt.query(params![sid, lo, hi])?;
+    while let Some(r) = rows.next()? {
+        let minute: i64 = r.get(0)?;
+        let acc = Accumulator {
+            count: r.get(1)?,
+            sum: r.get(2)?,
+            min: r.get(3)?,
+            max: r.get(4)?,
+        };
+        push(out, bucket_start(minute, interval), &acc);
+    }
+    Ok(())
+}
+
+/// The first whole minute at or after `t`.
+fn ceil_minute(t: i64) -> i64 {
+    let floor = bucket_start(t, MINUTE_MS);
+    if floor == t {
+        t
+    } else {
+        floor + MINUTE_MS
+    }
+}
+
+pub(super) fn aggregate(conn: &Connection, q: &AggregateQuery) -> Result<Vec<Bucket>, StoreError> {
+    q.validate()?;
+    let Some(sid) = series_id(conn, &q.device_id, &q.key)? else {
+        return Ok(Vec::new());
+    };
+    let from = q.from_ms.max(MIN_TS_MS);
+    let to = q.to_ms.min(MAX_TS_MS + 1);
+    if from >= to {
+        return Ok(Vec::new());
+    }
+    let interval = q.interval_ms;
+    let mut out = Vec::new();
+    let (whole_from, whole_to) = (ceil_minute(from), bucket_start(to, MINUTE_MS));
+    if interval % MINUTE_MS == 0 && whole_from < whole_to {
+        // Every minute lies within one bucket: whole minutes from the rollups, the partial
+        // minutes at the edges from the points.
+        fold_raw(conn, sid, from, whole_from, interval, &mut out)?;
+        fold_rollups(conn, sid, whole_from, whole_to, interval, &mut out)?;
+        fold_raw(conn, sid, whole_to, to, interval, &mut out)?;
+    } else {
+        fold_raw(conn, sid, from, to, interval, &mut out)?;
+    }
+    Ok(out
+        .into_iter()
+        .map(|(start_ms, a)| Bucket {
+            start_ms,
+            value: a.value(q.agg),
+            count: a.count,
+        })
+        .collect())
+}
+
+pub(super) fn latest(conn: &Connection, device_id: &str) -> Result<Vec<LatestValue>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT s.key, p.ts, p.num, p.other FROM series s
+         JOIN points p ON p.series_id = s.id
+             AND p.ts = (SELECT max(ts) FROM points WHERE series_id = s.id)
+         WHERE s.device_id = ?1 ORDER BY s.key",
+    )?;
+    let mut rows = stmt.query(params![device_id])?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        out.push(LatestValue {
+            key: r.get(0)?,
+            ts_ms: r.get(1)?,
+            value: read_value(r.get_ref(2)?, r.get_ref(3)?)?,
+        });
+    }
+    Ok(out)
+}
+
+pub(super) fn keys(conn: &Connection, device_id: &str) -> Result<Vec<String>, StoreError> {
+    let mut stmt =
+        conn.prepare_cached("SELECT key FROM series WHERE device_id = ?1 ORDER BY key")?;
+    let keys = stmt
+        .query_map(params![device_id], |r| r.get(0))?
+        .collect::<Result<Vec<String>, _>>()?;
+    Ok(keys)
+}
+
+pub(super) fn set_retention(
+    conn: &Connection,
+    device_id: Option<&str>,
+    key: Option<&str>,
+    retention: Option<&Retention>,
+) -> Result<(), StoreError> {
+    check_scope(device_id, key)?;
+    let (device_id, key) = (device_id.unwrap_or(""), key.unwrap_or(""));
+    match retention {
+        None => {
+            conn.prepare_cached("DELETE FROM retention WHERE device_id = ?1 AND key = ?2")?
+                .execute(params![device_id, key])?;
+        }
+        Some(retention) => {
+            let keep_ms = match retention {
+                Retention::Forever => None,
+                Retention::For(d) => Some(duration_ms(*d)),
+            };
+            conn.prepare_cached(
+                "INSERT OR REPLACE INTO retention (device_id, key, keep_ms) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![device_id, key, keep_ms])?;
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn retention_rules(conn: &Connection) -> Result<Vec<RetentionRule>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached("SELECT device_id, key, keep_ms FROM retention ORDER BY device_id, key")?;
+    let mut rows = stmt.query([])?;
+    let mut rules = Vec::new();
+    while let Some(r) = rows.next()? {
+        let device_id: String = r.get(0)?;
+        let key: String = r.get(1)?;
+        let keep_ms: Option<i64> = r.get(2)?;
+        let retention = match keep_ms {
+            None => Retention::Forever,
+            Some(ms) => Retention::For(std::time::Duration::from_millis(
+                u64::try_from(ms)
+                    .map_err(|_| StoreError::Corrupt(format!("negative retention {ms} ms")))?,
+            )),
+        };
+        rules.push(RetentionRule {
+            device_id: (!device_id.is_empty()).then_some(device_id),
+            key: (!key.is_empty()).then_some(key),
+            retention,
+        });
+    }
+    Ok(rules)
+}
+
+pub(super) fn purge(conn: &Connection, now_ms: i64) -> Result<u64, StoreError> {
+    let rules = retention_rules(conn)?;
+    if rules.is_empty() {
+        return Ok(0);
+    }
+    let series = conn
+        .prepare_cached("SELECT id, device_id, key FROM series")?
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut deleted = 0u64;
+    for (sid, device_id, key) in series {
+        let Some(cutoff) = purge_cutoff(resolve_retention(&rules, &device_id, &key), now_ms) else {
+            continue;
+        };
+        deleted += conn
+            .prepare_cached("DELETE FROM points WHERE series_id = ?1 AND ts < ?2")?
+            .execute(params![sid, cutoff])? as u64;
+        conn.prepare_cached("DELETE FROM rollup_1m WHERE series_id = ?1 AND minute < ?2")?
+            .execute(params![sid, cutoff])?;
+        let empty = !conn
+            .prepare_cached("SELECT 1 FROM points WHERE series_id = ?1 LIMIT 1")?
+            .exists(params![sid])?;
+        if empty {
+            conn.prepare_cached("DELETE FROM rollup_1m WHERE series_id = ?1")?
+                .execute(params![sid])?;
+            conn.prepare_cached("DELETE FROM series WHERE id = ?1")?
+                .execute(params![sid])?;
+        }
+    }
+    Ok(deleted)
+}
+
+/// Removes everything a deleted device had in telemetry.
+pub(super) fn delete_device_data(conn: &Connection, device_id: &str) -> Result<(), StoreError> {
+    for sql in [
+        "DELETE FROM points WHERE series_id IN (SELECT id FROM series WHERE device_id = ?1)",
+        "DELETE FROM rollup_1m WHERE series_id IN (SELECT id FROM series WHERE device_id = ?1)",
+        "DELETE FROM series WHERE device_id = ?1",
+        "DELETE FROM retention WHERE device_id = ?1",
+    ] {
+        conn.prepare_cached(sql)?.execute(params![device_id])?;
+    }
+    Ok(())
+}
