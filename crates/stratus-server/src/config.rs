@@ -75,6 +75,8 @@ pub struct HttpConfig {
     pub port: u16,
     /// HTTPS port (when `[tls]` is configured); 0 picks a free one.
     pub tls_port: u16,
+    /// Largest request body accepted, in bytes; larger ones get 413.
+    pub max_body_bytes: usize,
 }
 
 /// `[coap]`.
@@ -136,6 +138,7 @@ impl Default for HttpConfig {
         HttpConfig {
             port: 8080,
             tls_port: 8443,
+            max_body_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -283,6 +286,9 @@ impl Config {
         }
         if m.slow_consumer_timeout_secs == 0 {
             return bad("mqtt.slow_consumer_timeout_secs", "must be at least 1");
+        }
+        if self.http.max_body_bytes < 1024 {
+            return bad("http.max_body_bytes", "must be at least 1024");
         }
         if m.max_connections == 0 {
             return bad("mqtt.max_connections", "must be at least 1");

@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Json, Router};
@@ -18,30 +18,10 @@ use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
+use crate::api::{ApiError, ApiState};
 use crate::broker::Broker;
 use crate::mqtt::{run_connection, MqttContext};
 use crate::transport::{ChannelReader, ChannelWriter};
-
-/// An API error rendered as `{"error": CODE, "error_description": TEXT}` with its status.
-#[derive(Debug)]
-pub struct ApiError {
-    /// HTTP status.
-    pub status: StatusCode,
-    /// Machine-readable code.
-    pub code: &'static str,
-    /// Human-readable description.
-    pub description: String,
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(json!({"error": self.code, "error_description": self.description})),
-        )
-            .into_response()
-    }
-}
 
 /// What the HTTP handlers share.
 #[derive(Clone)]
@@ -54,16 +34,37 @@ pub struct AppState {
     pub tasks: TaskTracker,
     /// Turns true at shutdown.
     pub shutdown: watch::Receiver<bool>,
+    /// The API's state.
+    pub api: ApiState,
 }
 
 /// The router for the HTTP and HTTPS listeners.
 pub fn router(state: AppState) -> Router {
+    let (api, openapi) = crate::api::routes().split_for_parts();
+    let openapi: Arc<str> = openapi.to_json().unwrap_or_default().into();
+    let max_body = state.api.max_body;
+    let api = api
+        .route(
+            "/api/openapi.json",
+            get(move || {
+                let doc = openapi.clone();
+                async move {
+                    (
+                        [(header::CONTENT_TYPE, "application/json")],
+                        doc.to_string(),
+                    )
+                }
+            }),
+        )
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(state.api.clone());
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/mqtt", get(mqtt_over_websocket))
-        .fallback(not_found)
         .with_state(state)
+        .merge(api)
+        .fallback(not_found)
 }
 
 async fn healthz(State(app): State<AppState>) -> impl IntoResponse {
@@ -90,11 +91,7 @@ async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
 }
 
 async fn not_found() -> ApiError {
-    ApiError {
-        status: StatusCode::NOT_FOUND,
-        code: "not_found",
-        description: "no such resource".into(),
-    }
+    ApiError::not_found("no such resource")
 }
 
 /// MQTT over WebSocket (MQTT 3.1.1 §6): binary frames carry the MQTT byte stream; the

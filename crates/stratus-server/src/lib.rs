@@ -24,12 +24,15 @@
 #![warn(missing_docs)]
 
 pub mod acl;
+pub mod api;
+pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod http;
 pub mod metrics;
 pub mod mqtt;
 pub mod persist;
+pub mod pipeline;
 pub mod sys;
 pub mod tls;
 pub mod transport;
@@ -54,6 +57,11 @@ pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 
 /// A running server: its bound addresses and the means to stop it.
 pub struct Server {
+    /// The admin secret when this start generated it (printed once; also in
+    /// `DATA_DIR/admin-secret`).
+    pub admin_secret: Option<String>,
+    /// Credentials and tokens.
+    pub auth: Arc<auth::Auth>,
     /// Where the MQTT listener is bound.
     pub mqtt_addr: SocketAddr,
     /// Where the HTTP listener is bound (MQTT over WebSocket at `/mqtt` too).
@@ -141,11 +149,40 @@ impl Server {
             Duration::from_secs(config.mqtt.sys_interval_secs),
             shutdown_rx.clone(),
         ));
+        let store = broker
+            .persistence()
+            .map(|p| p.store().clone())
+            .context("the broker has no store")?;
+        let auth = Arc::new(
+            auth::Auth::open(store.clone(), data_dir)
+                .await
+                .context("loading identities")?,
+        );
+        let revoked = store.revoked_tokens().await?;
+        auth.load_revocations(
+            revoked
+                .into_iter()
+                .map(|(jti, exp_ms)| (jti, (exp_ms / 1000).max(0) as u64))
+                .collect(),
+        )
+        .await;
+        let admin_secret = auth
+            .bootstrap_admin(data_dir, std::env::var("STRATUS_ADMIN_SECRET").ok())
+            .await
+            .context("creating the admin client")?;
+        let api_state = api::ApiState {
+            broker: broker.clone(),
+            store: store.clone(),
+            auth: auth.clone(),
+            ingest: Arc::new(pipeline::Pipeline),
+            max_body: config.http.max_body_bytes,
+        };
         let app = http::router(http::AppState {
             broker: broker.clone(),
             mqtt: ctx.clone(),
             tasks: connections.clone(),
             shutdown: shutdown_rx.clone(),
+            api: api_state,
         });
         let (mut mqtts_addr, mut https_addr) = (None, None);
         if let Some((mqtts, mqtts_listener, https, https_listener)) = tls {
@@ -179,6 +216,8 @@ impl Server {
             }
         });
         Ok(Server {
+            admin_secret,
+            auth,
             mqtt_addr,
             http_addr,
             mqtts_addr,

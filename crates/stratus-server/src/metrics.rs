@@ -5,6 +5,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram as PromHistogram};
 use prometheus_client::registry::Registry;
 
 /// Label of a protocol error counter: what the peer did wrong.
@@ -55,6 +56,39 @@ pub struct Metrics {
     pub mqtt_retained_messages: Gauge,
     /// Seconds since start (set when scraped).
     pub uptime_seconds: Gauge,
+    /// Credentials refused, by transport (`mqtt`, `http`, `coap`, `oauth`).
+    pub auth_failures: Family<TransportLabel, Counter>,
+    /// Telemetry records stored.
+    pub telemetry_records: Counter,
+    /// Telemetry points (one value of one series) stored.
+    pub telemetry_points: Counter,
+    /// Telemetry messages refused, by reason (`invalid`, `replay`, `unknown_device`, `too_large`).
+    pub telemetry_rejected: Family<ReasonLabel, Counter>,
+    /// Time from submitting a write to the store until it is durable, in seconds.
+    pub store_write_seconds: Histogram,
+}
+
+/// Label of a counter by transport.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransportLabel {
+    /// `mqtt`, `http`, `coap` or `oauth`.
+    pub transport: &'static str,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram(PromHistogram::new(exponential_buckets(0.0001, 2.0, 16)))
+    }
+}
+
+/// A latency histogram (100 µs to ~3 s buckets).
+pub struct Histogram(pub PromHistogram);
+
+impl Histogram {
+    /// Records one observation in seconds.
+    pub fn observe(&self, secs: f64) {
+        self.0.observe(secs);
+    }
 }
 
 impl Metrics {
@@ -133,6 +167,31 @@ impl Metrics {
             m.mqtt_retained_messages.clone(),
         );
         r.register(
+            "stratus_auth_failures",
+            "Credentials refused, by transport",
+            m.auth_failures.clone(),
+        );
+        r.register(
+            "stratus_telemetry_records_stored",
+            "Telemetry records stored",
+            m.telemetry_records.clone(),
+        );
+        r.register(
+            "stratus_telemetry_points_stored",
+            "Telemetry points (one value of one series) stored",
+            m.telemetry_points.clone(),
+        );
+        r.register(
+            "stratus_telemetry_rejected",
+            "Telemetry messages refused, by reason",
+            m.telemetry_rejected.clone(),
+        );
+        r.register(
+            "stratus_store_write_seconds",
+            "Time until a store write is durable",
+            m.store_write_seconds.0.clone(),
+        );
+        r.register(
             "stratus_uptime_seconds",
             "Seconds since the server started",
             m.uptime_seconds.clone(),
@@ -151,6 +210,22 @@ impl Metrics {
     /// Counts a protocol error by reason.
     pub fn protocol_error(&self, reason: &str) {
         self.mqtt_protocol_errors
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts refused credentials.
+    pub fn auth_failure(&self, transport: &'static str) {
+        self.auth_failures
+            .get_or_create(&TransportLabel { transport })
+            .inc();
+    }
+
+    /// Counts a refused telemetry message.
+    pub fn telemetry_rejected(&self, reason: &str) {
+        self.telemetry_rejected
             .get_or_create(&ReasonLabel {
                 reason: reason.to_owned(),
             })

@@ -19,42 +19,42 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use stratus_mqtt::{persist, Message, MqttStr, QoS};
 use stratus_store::{
-    Completion, GroupCommitter, MqttOp, MqttSnapshot, MqttStore, SqliteStore, StoreError,
-    StoredMessage, StoredRetained,
+    Completion, MqttOp, MqttSnapshot, StoreError, StoreHandle, StoredMessage, StoredRetained,
 };
 
 /// The file under the data dir that holds the broker's state.
 pub const DATABASE_FILE: &str = "stratus.db";
 
-/// Most operations per transaction.
-const MAX_OPS_PER_COMMIT: usize = 8192;
-
-/// The durable store as the broker uses it.
+/// The durable store as the broker uses it: the server's one [`StoreHandle`], whose group
+/// committer the broker's changes share with everything else Stratus writes.
 pub struct Persistence {
-    committer: GroupCommitter,
+    store: StoreHandle,
     next_seq: AtomicU64,
 }
 
 impl Persistence {
     /// Opens (creating if needed) the store under `data_dir` and reads what it holds.
     pub fn open(data_dir: &Path) -> Result<(Persistence, MqttSnapshot), StoreError> {
-        let store = Arc::new(SqliteStore::open(&data_dir.join(DATABASE_FILE))?);
-        let snapshot = store.load_mqtt()?;
+        let store = StoreHandle::open_sqlite(&data_dir.join(DATABASE_FILE))?;
+        let snapshot = store.store().load_mqtt()?;
         let last = snapshot
             .sessions
             .iter()
             .flat_map(|s| s.messages.iter().map(|m| m.seq))
             .max()
             .unwrap_or(0);
-        let store: Arc<dyn MqttStore> = store;
-        let committer = GroupCommitter::start(store, MAX_OPS_PER_COMMIT)?;
         Ok((
             Persistence {
-                committer,
+                store,
                 next_seq: AtomicU64::new(last + 1),
             },
             snapshot,
         ))
+    }
+
+    /// The store, for everything else the server keeps.
+    pub fn store(&self) -> &StoreHandle {
+        &self.store
     }
 
     /// A new message number (increasing across every session).
@@ -64,24 +64,24 @@ impl Persistence {
 
     /// Queues one change (written in order, batched, not awaited).
     pub fn write(&self, op: MqttOp) {
-        self.committer.submit_detached(vec![op]);
+        self.store.committer().submit_detached(vec![op]);
     }
 
     /// Queues several changes to be committed together.
     pub fn write_all(&self, ops: Vec<MqttOp>) {
         if !ops.is_empty() {
-            self.committer.submit_detached(ops);
+            self.store.committer().submit_detached(ops);
         }
     }
 
     /// Resolves once everything queued so far is durable.
     pub fn durable(&self) -> Completion {
-        self.committer.submit(Vec::new())
+        self.store.committer().submit(Vec::new())
     }
 
     /// Transactions and operations written so far.
     pub fn stats(&self) -> stratus_store::group_commit::CommitStats {
-        self.committer.stats()
+        self.store.committer().stats()
     }
 }
 

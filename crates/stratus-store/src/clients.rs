@@ -71,6 +71,10 @@ pub trait ClientStore: WriteBackend {
     /// Whether the token id was revoked (and has not been purged since).
     fn is_token_revoked(&self, jti: &str) -> Result<bool, StoreError>;
 
+    /// Every revoked token id still remembered, with when its token expires (Unix epoch ms),
+    /// for a server to mirror the list in memory at start.
+    fn revoked_tokens(&self) -> Result<Vec<(String, i64)>, StoreError>;
+
     /// Registers a client; [`StoreError::Conflict`] if the id is taken (by a client or device).
     fn create_client(&self, client: OAuthClient) -> Result<OAuthClient, StoreError> {
         self.write_one(Write::CreateClient(client))?.into_client()

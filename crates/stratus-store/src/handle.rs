@@ -252,6 +252,11 @@ impl StoreHandle {
         self.read(move |s| s.is_token_revoked(&jti)).await
     }
 
+    /// See [`ClientStore::revoked_tokens`](crate::ClientStore::revoked_tokens).
+    pub async fn revoked_tokens(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        self.read(|s| s.revoked_tokens()).await
+    }
+
     /// See [`ClientStore::create_client`](crate::ClientStore::create_client).
     pub async fn create_client(&self, client: OAuthClient) -> Result<OAuthClient, StoreError> {
         self.write_one(Write::CreateClient(client))

@@ -117,6 +117,7 @@ fn serve(args: ServeArgs) -> ExitCode {
 async fn run(config: Config) -> anyhow::Result<()> {
     // Handlers first: a signal sent as soon as the listening lines appear must be caught.
     let signals = Signals::install()?;
+    let data_dir = config.server.data_dir.clone();
     let server = Server::start(config).await?;
     println!("listening mqtt {}", server.mqtt_addr);
     println!("listening http {}", server.http_addr);
@@ -126,6 +127,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     if let Some(addr) = server.https_addr {
         println!("listening https {addr}");
+    }
+    if let Some(secret) = &server.admin_secret {
+        // Shown once; the file keeps it for `stratus device …` and the dashboard.
+        println!(
+            "admin secret {secret} (client id admin; saved to {})",
+            data_dir.join("admin-secret").display()
+        );
     }
     tracing::info!(mqtt = %server.mqtt_addr, http = %server.http_addr, "stratus is running");
     signals.wait().await;

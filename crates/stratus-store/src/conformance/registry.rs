@@ -409,6 +409,10 @@ fn revocation_list<S: Store>(open: &impl Fn() -> S) {
     assert!(s.is_token_revoked("jti-1").expect("check"));
     assert!(s.is_token_revoked("jti-2").expect("check"));
     assert!(!s.is_token_revoked("jti-3").expect("check"));
+    assert_eq!(
+        s.revoked_tokens().expect("list"),
+        vec![("jti-1".to_string(), 3_000), ("jti-2".to_string(), 2_000)]
+    );
     assert_eq!(s.purge_revoked_tokens(1_500).expect("purge"), 0);
     assert_eq!(
         s.purge_revoked_tokens(2_500).expect("purge"),

@@ -420,6 +420,10 @@ impl ClientStore for SqliteStore {
     fn is_token_revoked(&self, jti: &str) -> Result<bool, StoreError> {
         self.read(|conn| registry::is_revoked(conn, jti))
     }
+
+    fn revoked_tokens(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        self.read(registry::revoked_tokens)
+    }
 }
 
 impl TelemetryStore for SqliteStore {

@@ -330,6 +330,13 @@ pub(super) fn is_revoked(conn: &Connection, jti: &str) -> Result<bool, StoreErro
         .exists(params![jti])?)
 }
 
+pub(super) fn revoked_tokens(conn: &Connection) -> Result<Vec<(String, i64)>, StoreError> {
+    let mut stmt =
+        conn.prepare_cached("SELECT jti, expires_at_ms FROM revoked_tokens ORDER BY jti")?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
 pub(super) fn purge_revoked(conn: &Connection, now_ms: i64) -> Result<u64, StoreError> {
     let n = conn
         .prepare_cached("DELETE FROM revoked_tokens WHERE expires_at_ms <= ?1")?

@@ -1,0 +1,564 @@
+//! Identities and credentials: device and application secrets (argon2), OAuth 2.0 access
+//! tokens (HS256 JWTs), the revocation list, and the in-memory directory that keeps checking a
+//! credential cheap on every MQTT CONNECT and HTTP request.
+//!
+//! ## Why these choices
+//! - Secrets are 32 random bytes shown once (base64url) and stored only as argon2id PHC hashes
+//!   (`argon2`: the RustCrypto implementation of the password-hashing winner). Verifying one
+//!   costs tens of milliseconds on purpose, so a verified secret is remembered as a keyed
+//!   SHA-256 digest (the key is random per process): a device reconnecting with the same
+//!   secret costs one SHA-256, not one argon2.
+//! - Access tokens are JWTs signed with HMAC-SHA-256 (`jsonwebtoken`) under a 256-bit key kept
+//!   in `DATA_DIR/token.key` (mode 0600). Verifying one is a MAC and a few map lookups — no
+//!   store read — so it stays cheap on the hot path, survives restarts, and a resource server
+//!   needs nothing but the key. The price of self-contained tokens is revocation: revoked
+//!   token ids (`jti`) are kept in the store until the token would have expired and mirrored
+//!   in memory; a deleted principal's tokens stop working at once (the directory no longer
+//!   knows it), a rotated secret invalidates the tokens issued before the rotation.
+//! - The directory of principals (every device and client: id, kind, scopes, hash) is loaded
+//!   at start and kept in step by the API; a fleet of 100,000 devices is a few tens of MiB.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use base64::Engine;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use parking_lot::RwLock;
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use stratus_store::{OAuthClient, StoreError, StoreHandle};
+
+/// Scope of a device's tokens.
+pub const SCOPE_DEVICE: &str = "device";
+/// Scope that reads telemetry (HTTP queries, the stream, MQTT `devices/+/telemetry`).
+pub const SCOPE_TELEMETRY_READ: &str = "telemetry:read";
+/// Scope that manages the device registry and desired configuration.
+pub const SCOPE_DEVICES_WRITE: &str = "devices:write";
+/// Scope that uploads and assigns firmware.
+pub const SCOPE_FIRMWARE_WRITE: &str = "firmware:write";
+/// Scope that may do everything.
+pub const SCOPE_ADMIN: &str = "admin";
+/// Every scope an application may hold.
+pub const APPLICATION_SCOPES: [&str; 4] = [
+    SCOPE_TELEMETRY_READ,
+    SCOPE_DEVICES_WRITE,
+    SCOPE_FIRMWARE_WRITE,
+    SCOPE_ADMIN,
+];
+
+/// The id of the bootstrap administrator client.
+pub const ADMIN_CLIENT: &str = "admin";
+
+/// Default lifetime of an access token, in seconds.
+pub const DEFAULT_TOKEN_TTL_SECS: u64 = 3600;
+
+/// Why a credential was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// Unknown id or wrong secret (never say which).
+    #[error("invalid client credentials")]
+    BadCredentials,
+    /// The token is malformed, forged, expired, revoked, or its principal is gone.
+    #[error("invalid token: {0}")]
+    InvalidToken(&'static str),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Reading or writing the key file failed.
+    #[error("token key: {0}")]
+    Key(#[from] std::io::Error),
+}
+
+/// What kind of principal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// A device (scope `device`, confined to `devices/{id}/…`).
+    Device,
+    /// An application or the admin.
+    Client,
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// Device id or client id.
+    pub id: String,
+    /// Device or client.
+    pub kind: Kind,
+    /// Granted scopes.
+    pub scopes: Vec<String>,
+}
+
+impl Principal {
+    /// Whether the principal holds `scope` (`admin` holds every scope).
+    pub fn has_scope(&self, scope: &str) -> bool {
+        self.scopes.iter().any(|s| s == scope || s == SCOPE_ADMIN)
+    }
+
+    /// Whether this is the device `id`.
+    pub fn is_device(&self, id: &str) -> bool {
+        self.kind == Kind::Device && self.id == id
+    }
+}
+
+/// A known principal in the directory.
+#[derive(Debug, Clone)]
+struct Entry {
+    kind: Kind,
+    scopes: Vec<String>,
+    secret_hash: String,
+    /// Keyed digest of the last secret that verified against `secret_hash`.
+    verified: Option<[u8; 32]>,
+    /// Tokens issued before this (epoch seconds) are void (secret rotated).
+    tokens_valid_from: u64,
+}
+
+/// The claims of an access token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    /// Issuer: `stratus`.
+    pub iss: String,
+    /// The principal's id.
+    pub sub: String,
+    /// Space-separated scopes.
+    pub scope: String,
+    /// Device or client.
+    pub kind: Kind,
+    /// Issued at (epoch seconds).
+    pub iat: u64,
+    /// Expires at (epoch seconds).
+    pub exp: u64,
+    /// Token id, for revocation.
+    pub jti: String,
+}
+
+/// An issued access token.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// The JWT.
+    pub access_token: String,
+    /// Seconds until it expires.
+    pub expires_in: u64,
+    /// Granted scopes, space-separated.
+    pub scope: String,
+}
+
+/// Credentials, tokens and the principal directory.
+pub struct Auth {
+    store: StoreHandle,
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+    digest_key: [u8; 32],
+    directory: RwLock<HashMap<String, Entry>>,
+    revoked: RwLock<HashMap<String, u64>>,
+    token_ttl_secs: u64,
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A new random secret: 32 bytes, base64url without padding (43 characters).
+pub fn new_secret() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// The argon2id PHC hash of `secret`.
+pub fn hash_secret(secret: &str) -> String {
+    let mut salt = [0u8; 16];
+    rand::rng().fill_bytes(&mut salt);
+    // Encoding 16 random bytes as a salt and hashing with default parameters cannot fail.
+    let Ok(salt) = SaltString::encode_b64(&salt) else {
+        return String::new();
+    };
+    Argon2::default()
+        .hash_password(secret.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .unwrap_or_default()
+}
+
+fn verify_hash(secret: &str, hash: &str) -> bool {
+    PasswordHash::new(hash)
+        .map(|parsed| {
+            Argon2::default()
+                .verify_password(secret.as_bytes(), &parsed)
+                .is_ok()
+        })
+        .unwrap_or(false)
+}
+
+/// Reads the token key from `path`, creating it (mode 0600) on first start.
+fn load_or_create_key(path: &Path) -> Result<Vec<u8>, std::io::Error> {
+    match std::fs::read(path) {
+        Ok(k) if k.len() >= 32 => return Ok(k),
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{} is shorter than 32 bytes", path.display()),
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut key = vec![0u8; 32];
+    rand::rng().fill_bytes(&mut key);
+    write_private(path, &key)?;
+    Ok(key)
+}
+
+/// Writes `data` to a new file readable by the owner only.
+pub fn write_private(path: &Path, data: &[u8]) -> Result<(), std::io::Error> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(data)?;
+    f.sync_all()
+}
+
+impl Auth {
+    /// Loads every principal and revocation from the store and the token key from `data_dir`.
+    pub async fn open(store: StoreHandle, data_dir: &Path) -> Result<Auth, AuthError> {
+        let key = load_or_create_key(&data_dir.join("token.key"))?;
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_issuer(&["stratus"]);
+        validation.leeway = 0;
+        validation.set_required_spec_claims(&["exp", "iss", "sub"]);
+        let mut digest_key = [0u8; 32];
+        rand::rng().fill_bytes(&mut digest_key);
+        let auth = Auth {
+            encoding: EncodingKey::from_secret(&key),
+            decoding: DecodingKey::from_secret(&key),
+            validation,
+            digest_key,
+            directory: RwLock::new(HashMap::new()),
+            revoked: RwLock::new(HashMap::new()),
+            token_ttl_secs: DEFAULT_TOKEN_TTL_SECS,
+            store,
+        };
+        auth.reload().await?;
+        Ok(auth)
+    }
+
+    /// Re-reads the directory from the store.
+    pub async fn reload(&self) -> Result<(), AuthError> {
+        let (devices, clients) = self
+            .store
+            .read(|s| {
+                let mut devices = Vec::new();
+                let mut after: Option<String> = None;
+                loop {
+                    let page = s.list_devices(after.as_deref(), 1000)?;
+                    let last = page.last().map(|d| d.id.clone());
+                    devices.extend(page.into_iter().map(|d| (d.id, d.secret_hash)));
+                    match last {
+                        Some(l) => after = Some(l),
+                        None => break,
+                    }
+                }
+                Ok((devices, s.list_clients()?))
+            })
+            .await?;
+        let mut dir = HashMap::with_capacity(devices.len() + clients.len());
+        for (id, secret_hash) in devices {
+            dir.insert(id, Entry::device(secret_hash));
+        }
+        for c in clients {
+            dir.insert(c.client_id, Entry::client(c.scopes, c.secret_hash));
+        }
+        *self.directory.write() = dir;
+        Ok(())
+    }
+
+    /// The store behind the directory.
+    pub fn store(&self) -> &StoreHandle {
+        &self.store
+    }
+
+    /// Creates the `admin` client on first start: with `STRATUS_ADMIN_SECRET` when given,
+    /// else a generated secret written to `DATA_DIR/admin-secret` (mode 0600) and returned
+    /// so it can be printed once. Later starts change nothing (`Ok(None)`).
+    pub async fn bootstrap_admin(
+        &self,
+        data_dir: &Path,
+        from_env: Option<String>,
+    ) -> Result<Option<String>, AuthError> {
+        if self.directory.read().contains_key(ADMIN_CLIENT) {
+            return Ok(None);
+        }
+        let (secret, generated) = match from_env.filter(|s| !s.is_empty()) {
+            Some(s) => (s, false),
+            None => (new_secret(), true),
+        };
+        let client = OAuthClient {
+            client_id: ADMIN_CLIENT.to_string(),
+            secret_hash: hash_secret(&secret),
+            scopes: vec![SCOPE_ADMIN.to_string()],
+            created_at_ms: (now_secs() * 1000) as i64,
+        };
+        self.store.create_client(client.clone()).await?;
+        self.register_client(&client);
+        if generated {
+            write_private(
+                &data_dir.join("admin-secret"),
+                format!("{secret}\n").as_bytes(),
+            )?;
+            return Ok(Some(secret));
+        }
+        Ok(None)
+    }
+
+    /// Adds (or replaces) a device in the directory after it was stored.
+    pub fn register_device(&self, id: &str, secret_hash: &str) {
+        let mut dir = self.directory.write();
+        let valid_from = dir.get(id).map_or(0, |_| now_secs());
+        let mut e = Entry::device(secret_hash.to_string());
+        e.tokens_valid_from = valid_from;
+        dir.insert(id.to_string(), e);
+    }
+
+    /// Adds (or replaces) a client in the directory after it was stored.
+    pub fn register_client(&self, client: &OAuthClient) {
+        let mut dir = self.directory.write();
+        let valid_from = dir.get(&client.client_id).map_or(0, |_| now_secs());
+        let mut e = Entry::client(client.scopes.clone(), client.secret_hash.clone());
+        e.tokens_valid_from = valid_from;
+        dir.insert(client.client_id.clone(), e);
+    }
+
+    /// Removes a principal (deleted): its tokens stop working at once.
+    pub fn forget(&self, id: &str) {
+        self.directory.write().remove(id);
+    }
+
+    /// Whether `id` is a known device.
+    pub fn is_device(&self, id: &str) -> bool {
+        self.directory
+            .read()
+            .get(id)
+            .is_some_and(|e| e.kind == Kind::Device)
+    }
+
+    fn digest(&self, secret: &str) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(self.digest_key);
+        h.update(secret.as_bytes());
+        h.finalize().into()
+    }
+
+    /// Checks a client id and secret (token endpoint, MQTT password).
+    pub async fn authenticate_secret(
+        &self,
+        id: &str,
+        secret: &str,
+    ) -> Result<Principal, AuthError> {
+        let digest = self.digest(secret);
+        let (hash, principal) = {
+            let dir = self.directory.read();
+            let Some(e) = dir.get(id) else {
+                return Err(AuthError::BadCredentials);
+            };
+            let principal = e.principal(id);
+            if e.verified == Some(digest) {
+                return Ok(principal);
+            }
+            (e.secret_hash.clone(), principal)
+        };
+        let secret = secret.to_string();
+        let ok = tokio::task::spawn_blocking(move || verify_hash(&secret, &hash))
+            .await
+            .unwrap_or(false);
+        if !ok {
+            return Err(AuthError::BadCredentials);
+        }
+        if let Some(e) = self.directory.write().get_mut(id) {
+            e.verified = Some(digest);
+        }
+        Ok(principal)
+    }
+
+    /// Issues an access token for `principal`, narrowed to `requested` scopes when given
+    /// (`Err` names a scope the principal may not have: RFC 6749 `invalid_scope`).
+    pub fn issue(&self, principal: &Principal, requested: Option<&str>) -> Result<Issued, String> {
+        let scopes: Vec<String> = match requested.map(str::split_whitespace) {
+            Some(asked) => {
+                let mut out = Vec::new();
+                for s in asked {
+                    if !principal.has_scope(s)
+                        || (principal.kind == Kind::Device && s != SCOPE_DEVICE)
+                    {
+                        return Err(s.to_string());
+                    }
+                    if !out.iter().any(|o| o == s) {
+                        out.push(s.to_string());
+                    }
+                }
+                if out.is_empty() {
+                    principal.scopes.clone()
+                } else {
+                    out
+                }
+            }
+            None => principal.scopes.clone(),
+        };
+        let now = now_secs();
+        let mut jti = [0u8; 16];
+        rand::rng().fill_bytes(&mut jti);
+        let claims = Claims {
+            iss: "stratus".into(),
+            sub: principal.id.clone(),
+            scope: scopes.join(" "),
+            kind: principal.kind,
+            iat: now,
+            exp: now + self.token_ttl_secs,
+            jti: hex::encode(jti),
+        };
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .map_err(|_| "token".to_string())?;
+        Ok(Issued {
+            access_token: token,
+            expires_in: self.token_ttl_secs,
+            scope: claims.scope,
+        })
+    }
+
+    /// Verifies an access token: signature, issuer, expiry, revocation, and that its principal
+    /// still exists with a secret older than the token.
+    pub fn verify_token(&self, token: &str) -> Result<(Principal, Claims), AuthError> {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map_err(|e| match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => {
+                    AuthError::InvalidToken("the access token expired")
+                }
+                _ => AuthError::InvalidToken("the access token is malformed or not ours"),
+            })?;
+        let c = data.claims;
+        if self.revoked.read().contains_key(&c.jti) {
+            return Err(AuthError::InvalidToken("the access token was revoked"));
+        }
+        let dir = self.directory.read();
+        let Some(e) = dir.get(&c.sub) else {
+            return Err(AuthError::InvalidToken(
+                "the token's client no longer exists",
+            ));
+        };
+        if c.iat < e.tokens_valid_from || e.kind != c.kind {
+            return Err(AuthError::InvalidToken(
+                "the token predates a credential change",
+            ));
+        }
+        let scopes = c.scope.split_whitespace().map(String::from).collect();
+        Ok((
+            Principal {
+                id: c.sub.clone(),
+                kind: c.kind,
+                scopes,
+            },
+            c,
+        ))
+    }
+
+    /// MQTT: the user name is the id, the password its secret or an access token issued to it.
+    pub async fn authenticate_password(
+        &self,
+        id: &str,
+        password: &str,
+    ) -> Result<Principal, AuthError> {
+        if password.matches('.').count() == 2 {
+            if let Ok((p, _)) = self.verify_token(password) {
+                if p.id == id {
+                    return Ok(p);
+                }
+                return Err(AuthError::BadCredentials);
+            }
+        }
+        self.authenticate_secret(id, password).await
+    }
+
+    /// Revokes a token (RFC 7009): remembered until it would have expired. Unknown or invalid
+    /// tokens are ignored, as the RFC asks. Only the token's own client (or an admin) may.
+    pub async fn revoke(&self, token: &str, by: &Principal) -> Result<(), AuthError> {
+        let Ok(data) = jsonwebtoken::decode::<Claims>(token, &self.decoding, &{
+            let mut v = self.validation.clone();
+            v.validate_exp = false;
+            v
+        }) else {
+            return Ok(());
+        };
+        let c = data.claims;
+        if c.sub != by.id && !by.has_scope(SCOPE_ADMIN) {
+            return Ok(());
+        }
+        self.store
+            .revoke_token(&c.jti, (c.exp * 1000) as i64)
+            .await?;
+        self.revoked.write().insert(c.jti, c.exp);
+        Ok(())
+    }
+
+    /// Loads the revocation list (at start).
+    pub async fn load_revocations(&self, jtis: Vec<(String, u64)>) {
+        let mut r = self.revoked.write();
+        for (jti, exp) in jtis {
+            r.insert(jti, exp);
+        }
+    }
+
+    /// Drops revocations of tokens that have expired anyway.
+    pub fn prune_revocations(&self) {
+        let now = now_secs();
+        self.revoked.write().retain(|_, exp| *exp > now);
+    }
+}
+
+impl Entry {
+    fn device(secret_hash: String) -> Entry {
+        Entry {
+            kind: Kind::Device,
+            scopes: vec![SCOPE_DEVICE.to_string()],
+            secret_hash,
+            verified: None,
+            tokens_valid_from: 0,
+        }
+    }
+
+    fn client(scopes: Vec<String>, secret_hash: String) -> Entry {
+        Entry {
+            kind: Kind::Client,
+            scopes,
+            secret_hash,
+            verified: None,
+            tokens_valid_from: 0,
+        }
+    }
+
+    fn principal(&self, id: &str) -> Principal {
+        Principal {
+            id: id.to_string(),
+            kind: self.kind,
+            scopes: self.scopes.clone(),
+        }
+    }
+}
+
+/// Shared handle.
+pub type SharedAuth = Arc<Auth>;
