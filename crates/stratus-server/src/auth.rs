@@ -315,16 +315,17 @@ impl Auth {
             scopes: vec![SCOPE_ADMIN.to_string()],
             created_at_ms: (now_secs() * 1000) as i64,
         };
-        self.store.create_client(client.clone()).await?;
-        self.register_client(&client);
+        // The file first: a crash in between leaves a file that a later start overwrites,
+        // never an admin whose generated secret was shown to no one.
         if generated {
             write_private(
                 &data_dir.join("admin-secret"),
                 format!("{secret}\n").as_bytes(),
             )?;
-            return Ok(Some(secret));
         }
-        Ok(None)
+        self.store.create_client(client.clone()).await?;
+        self.register_client(&client);
+        Ok(generated.then_some(secret))
     }
 
     /// Adds (or replaces) a device in the directory after it was stored.
@@ -348,6 +349,11 @@ impl Auth {
     /// Removes a principal (deleted): its tokens stop working at once.
     pub fn forget(&self, id: &str) {
         self.directory.write().remove(id);
+    }
+
+    /// Whether `id` is a known device or client.
+    pub fn is_known(&self, id: &str) -> bool {
+        self.directory.read().contains_key(id)
     }
 
     /// Whether `id` is a known device.
@@ -497,22 +503,35 @@ impl Auth {
     /// Revokes a token (RFC 7009): remembered until it would have expired. Unknown or invalid
     /// tokens are ignored, as the RFC asks. Only the token's own client (or an admin) may.
     pub async fn revoke(&self, token: &str, by: &Principal) -> Result<(), AuthError> {
+        self.revoke_token(token, by).await.map(|_| ())
+    }
+
+    /// [`Auth::revoke`], telling which token it revoked: `None` when the token is not ours,
+    /// has expired anyway, is already revoked, or is not `by`'s to revoke.
+    pub async fn revoke_token(
+        &self,
+        token: &str,
+        by: &Principal,
+    ) -> Result<Option<Claims>, AuthError> {
         let Ok(data) = jsonwebtoken::decode::<Claims>(token, &self.decoding, &{
             let mut v = self.validation.clone();
             v.validate_exp = false;
             v
         }) else {
-            return Ok(());
+            return Ok(None);
         };
         let c = data.claims;
         if c.sub != by.id && !by.has_scope(SCOPE_ADMIN) {
-            return Ok(());
+            return Ok(None);
+        }
+        if c.exp <= now_secs() || self.revoked.read().contains_key(&c.jti) {
+            return Ok(None);
         }
         self.store
             .revoke_token(&c.jti, (c.exp * 1000) as i64)
             .await?;
-        self.revoked.write().insert(c.jti, c.exp);
-        Ok(())
+        self.revoked.write().insert(c.jti.clone(), c.exp);
+        Ok(Some(c))
     }
 
     /// Loads the revocation list (at start).

@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,8 +36,8 @@ pub enum Kick {
 /// One client id's presence in the broker.
 pub struct ClientHandle {
     id: MqttStr,
-    /// Anonymous clients may not read `devices/` topics.
-    restricted: AtomicBool,
+    /// Which topics it may receive (an [`Access`] as `u8`).
+    access: AtomicU8,
     mailbox: Mutex<Mailbox>,
     /// Signalled when the mailbox goes from empty to non-empty, or the client must be dropped.
     pub notify: Notify,
@@ -134,6 +134,18 @@ impl Mailbox {
     }
 }
 
+/// Which messages a client may receive, checked at delivery (see `policy.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Access {
+    /// Every topic.
+    Full = 0,
+    /// Nothing under `devices/` (anonymous clients, applications without `telemetry:read`).
+    NoDevices = 1,
+    /// Under `devices/`, only `devices/+/telemetry`.
+    TelemetryReader = 2,
+}
+
 /// What [`ClientHandle::deliver`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Accepted {
@@ -171,7 +183,7 @@ impl ClientHandle {
     fn new(id: MqttStr) -> Self {
         ClientHandle {
             id,
-            restricted: AtomicBool::new(true),
+            access: AtomicU8::new(Access::NoDevices as u8),
             mailbox: Mutex::new(Mailbox::default()),
             notify: Notify::new(),
             space: Notify::new(),
@@ -230,8 +242,17 @@ impl ClientHandle {
             metrics,
             persist,
         } = hub;
-        if self.restricted.load(Ordering::Relaxed) && message.topic.starts_with("devices/") {
-            return Accepted::No;
+        match self.access.load(Ordering::Relaxed) {
+            a if a == Access::NoDevices as u8 && message.topic.starts_with("devices/") => {
+                return Accepted::No;
+            }
+            a if a == Access::TelemetryReader as u8
+                && message.topic.starts_with("devices/")
+                && !stratus_mqtt::topic::matches("devices/+/telemetry", &message.topic) =>
+            {
+                return Accepted::No;
+            }
+            _ => {}
         }
         let mut mb = self.mailbox.lock();
         if mb.gone || (!mb.online && qos == QoS::AtMostOnce) {
@@ -552,8 +573,13 @@ impl Broker {
         clean_session: bool,
         restricted: bool,
     ) -> Attached {
+        let access = if restricted {
+            Access::NoDevices
+        } else {
+            Access::Full
+        };
         let expiry = if clean_session { 0 } else { u32::MAX };
-        self.attach_session(client_id, clean_session, restricted, expiry)
+        self.attach_session(client_id, clean_session, access, expiry)
             .await
     }
 
@@ -563,7 +589,7 @@ impl Broker {
         &self,
         client_id: MqttStr,
         clean_session: bool,
-        restricted: bool,
+        access: Access,
         expiry: u32,
     ) -> Attached {
         loop {
@@ -622,7 +648,7 @@ impl Broker {
             }
             handle.current_conn.store(conn, Ordering::Release);
             handle.online.store(true, Ordering::Release);
-            handle.restricted.store(restricted, Ordering::Relaxed);
+            handle.access.store(access as u8, Ordering::Relaxed);
             handle.mailbox.lock().online = true;
             return Attached {
                 handle: handle.clone(),

@@ -25,6 +25,7 @@
 
 pub mod acl;
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod broker;
 pub mod config;
@@ -33,6 +34,7 @@ pub mod metrics;
 pub mod mqtt;
 pub mod persist;
 pub mod pipeline;
+pub mod policy;
 pub mod sys;
 pub mod tls;
 pub mod transport;
@@ -122,33 +124,6 @@ impl Server {
                 broker.schedule_expiry(r.handle, r.conn, after);
             }
         }
-        let (shutdown, shutdown_rx) = watch::channel(false);
-        let mut listeners = JoinSet::new();
-        let connections = TaskTracker::new();
-
-        let ctx = Arc::new(mqtt::MqttContext {
-            broker: broker.clone(),
-            limits: config.mqtt_limits(),
-            allow_anonymous: config.auth.allow_anonymous,
-            max_connections: config.mqtt.max_connections,
-            open: AtomicUsize::new(0),
-            slow_consumer_timeout: Duration::from_secs(config.mqtt.slow_consumer_timeout_secs),
-            acl: acl::Acl::new(config.mqtt.acl.clone()),
-        });
-        let mqtt_addr = mqtt_listener.local_addr()?;
-        let http_addr = http_listener.local_addr()?;
-        listeners.spawn(mqtt::serve(
-            mqtt_listener,
-            ctx.clone(),
-            None,
-            connections.clone(),
-            shutdown_rx.clone(),
-        ));
-        listeners.spawn(sys::run(
-            broker.clone(),
-            Duration::from_secs(config.mqtt.sys_interval_secs),
-            shutdown_rx.clone(),
-        ));
         let store = broker
             .persistence()
             .map(|p| p.store().clone())
@@ -170,11 +145,41 @@ impl Server {
             .bootstrap_admin(data_dir, std::env::var("STRATUS_ADMIN_SECRET").ok())
             .await
             .context("creating the admin client")?;
+        let pipeline = Arc::new(pipeline::Pipeline);
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut listeners = JoinSet::new();
+        let connections = TaskTracker::new();
+
+        let ctx = Arc::new(mqtt::MqttContext {
+            broker: broker.clone(),
+            limits: config.mqtt_limits(),
+            allow_anonymous: config.auth.allow_anonymous,
+            max_connections: config.mqtt.max_connections,
+            open: AtomicUsize::new(0),
+            slow_consumer_timeout: Duration::from_secs(config.mqtt.slow_consumer_timeout_secs),
+            acl: acl::Acl::new(config.mqtt.acl.clone()),
+            auth: auth.clone(),
+            pipeline: pipeline.clone(),
+        });
+        let mqtt_addr = mqtt_listener.local_addr()?;
+        let http_addr = http_listener.local_addr()?;
+        listeners.spawn(mqtt::serve(
+            mqtt_listener,
+            ctx.clone(),
+            None,
+            connections.clone(),
+            shutdown_rx.clone(),
+        ));
+        listeners.spawn(sys::run(
+            broker.clone(),
+            Duration::from_secs(config.mqtt.sys_interval_secs),
+            shutdown_rx.clone(),
+        ));
         let api_state = api::ApiState {
             broker: broker.clone(),
             store: store.clone(),
             auth: auth.clone(),
-            ingest: Arc::new(pipeline::Pipeline),
+            ingest: pipeline.clone(),
             max_body: config.http.max_body_bytes,
         };
         let app = http::router(http::AppState {

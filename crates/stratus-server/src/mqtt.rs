@@ -20,6 +20,9 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
 use crate::acl::{Acl, Who};
+use crate::auth::{Auth, AuthError};
+use crate::pipeline::Pipeline;
+use crate::policy::Policy;
 use crate::broker::{Broker, ClientHandle, Kick};
 use crate::transport::{MqttRead, MqttWrite, StreamReader, StreamWriter, TcpReader, TcpWriter};
 
@@ -40,6 +43,10 @@ pub struct MqttContext {
     pub slow_consumer_timeout: std::time::Duration,
     /// Topic access rules from the config.
     pub acl: Acl,
+    /// Credentials of devices and applications.
+    pub auth: Arc<Auth>,
+    /// The telemetry pipeline (`devices/{id}/telemetry`).
+    pub pipeline: Arc<Pipeline>,
 }
 
 /// Accepts TCP connections until `shutdown` turns true; each runs in a task on `tasks`,
@@ -102,7 +109,8 @@ pub async fn serve(
 struct Attachment {
     handle: Arc<ClientHandle>,
     conn: u64,
-    restricted: bool,
+    /// What it may publish, subscribe to and receive.
+    policy: Policy,
     /// The user name access rules see: the CONNECT's, else the TLS identity.
     user: Option<MqttStr>,
 }
@@ -302,16 +310,6 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// Whether a client may publish to, or receive from, `topic_name`.
-fn topic_permitted(restricted: bool, topic_name: &str) -> bool {
-    !(restricted && (topic_name == "devices" || topic_name.starts_with("devices/")))
-}
-
-/// Whether a client may subscribe to `filter` (anonymous clients: not below `devices/`).
-fn filter_permitted(restricted: bool, filter: &str) -> bool {
-    !(restricted && filter.split('/').next() == Some("devices"))
-}
-
 impl Driver {
     fn received(&mut self, n: usize, rbuf: &mut BytesMut) {
         self.ctx.broker.metrics.mqtt_bytes_received.inc_by(n as u64);
@@ -430,29 +428,70 @@ impl Driver {
         m.mqtt_packets_sent.inc_by(stats.packets_sent);
     }
 
-    /// Authentication: a TLS client certificate, or anonymous when allowed (device
-    /// credentials arrive with the device registry).
-    fn authenticate(&self, connect: &stratus_mqtt::Connect) -> Result<bool, ConnectReturnCode> {
+    /// Authentication (SPEC "Identities"): a TLS client certificate; a known device or
+    /// client id as user name with its secret or an access token as password; or, with
+    /// `--allow-anonymous`, anyone else (a user name that is not a known id is then only a
+    /// name for the ACL rules).
+    async fn authenticate(
+        &self,
+        connect: &stratus_mqtt::Connect,
+    ) -> Result<Policy, ConnectReturnCode> {
         if self.over_limit {
             return Err(ConnectReturnCode::ServerUnavailable);
         }
         if self.identity.is_some() {
             // Authenticated by the transport (TLS client certificate).
-            return Ok(false);
+            return Ok(Policy::Full);
         }
-        if self.ctx.allow_anonymous {
-            return Ok(true);
-        }
-        if connect.username.is_some() {
-            Err(ConnectReturnCode::BadUsernameOrPassword)
-        } else {
-            Err(ConnectReturnCode::NotAuthorized)
+        let auth = &self.ctx.auth;
+        match connect.username.as_deref() {
+            Some(user) if auth.is_known(user) => {
+                let password = connect
+                    .password
+                    .as_deref()
+                    .and_then(|p| std::str::from_utf8(p).ok());
+                let result = match password {
+                    Some(pw) => auth.authenticate_password(user, pw).await,
+                    None => Err(AuthError::BadCredentials),
+                };
+                match result {
+                    Ok(principal) => Ok(Policy::for_principal(&principal)),
+                    Err(AuthError::BadCredentials | AuthError::InvalidToken(_)) => {
+                        self.auth_failed(user, "bad credentials");
+                        Err(ConnectReturnCode::BadUsernameOrPassword)
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "mqtt authentication failed");
+                        Err(ConnectReturnCode::ServerUnavailable)
+                    }
+                }
+            }
+            _ if self.ctx.allow_anonymous => Ok(Policy::Outsider),
+            Some(user) => {
+                self.auth_failed(user, "unknown user name");
+                Err(ConnectReturnCode::BadUsernameOrPassword)
+            }
+            None => {
+                self.auth_failed("anonymous", "no credentials");
+                Err(ConnectReturnCode::NotAuthorized)
+            }
         }
     }
 
+    fn auth_failed(&self, who: &str, why: &str) {
+        self.ctx.broker.metrics.auth_failure("mqtt");
+        crate::audit::record(
+            self.ctx.auth.store(),
+            who,
+            "auth.failure",
+            "mqtt",
+            serde_json::json!({"reason": why, "peer": self.peer.to_string()}),
+        );
+    }
+
     async fn handle_connect(&mut self, connect: stratus_mqtt::Connect, rbuf: &mut BytesMut) {
-        let restricted = match self.authenticate(&connect) {
-            Ok(r) => r,
+        let policy = match self.authenticate(&connect).await {
+            Ok(p) => p,
             Err(code) => {
                 if code != ConnectReturnCode::ServerUnavailable {
                     self.ctx.broker.metrics.denied("connect");
@@ -477,9 +516,7 @@ impl Driver {
                 user: user.as_deref(),
                 client_id: &client_id,
             };
-            if !topic_permitted(restricted, &will.topic)
-                || will.topic.starts_with('$')
-                || !self.ctx.acl.may_publish(who, &will.topic)
+            if !policy.may_publish(&will.topic) || !self.ctx.acl.may_publish(who, &will.topic)
             {
                 self.ctx.broker.metrics.denied("connect");
                 self.conn.refuse(ConnectReturnCode::NotAuthorized);
@@ -489,7 +526,7 @@ impl Driver {
         let expiry = self.conn.session_expiry();
         let broker = &self.ctx.broker;
         let attached = broker
-            .attach_session(client_id.clone(), connect.clean_session, restricted, expiry)
+            .attach_session(client_id.clone(), connect.clean_session, policy.access(), expiry)
             .await;
         if attached.handle.is_durable() {
             self.stored_will = connect
@@ -517,7 +554,7 @@ impl Driver {
         self.client = Some(Attachment {
             handle: attached.handle,
             conn: attached.conn,
-            restricted,
+            policy,
             user,
         });
         self.kicked = Some(attached.kicked);
@@ -531,15 +568,10 @@ impl Driver {
     /// the reason code of its acknowledgement for MQTT 5.0 clients, and whether routing wrote
     /// to the store.
     fn handle_publish(&mut self, message: Message) -> (Vec<Arc<ClientHandle>>, ReasonCode, bool) {
-        let restricted = self.client.as_ref().is_none_or(|c| c.restricted);
-        let acl_denies = self
-            .client
-            .as_ref()
-            .is_some_and(|c| !self.ctx.acl.may_publish(c.who(), &message.topic));
-        if !topic_permitted(restricted, &message.topic)
-            || message.topic.starts_with('$')
-            || acl_denies
-        {
+        let denied = self.client.as_ref().is_none_or(|c| {
+            !c.policy.may_publish(&message.topic) || !self.ctx.acl.may_publish(c.who(), &message.topic)
+        });
+        if denied {
             // MQTT 3.1.1 has no way to refuse a PUBLISH: it is acknowledged and dropped;
             // MQTT 5.0 clients get 0x87 Not authorized.
             self.ctx.broker.metrics.denied("publish");
@@ -582,7 +614,7 @@ impl Driver {
                 if !self.conn.filter_acceptable(inner) {
                     send_retained.push(false);
                     ReasonCode::TopicFilterInvalid
-                } else if !filter_permitted(c.restricted, inner)
+                } else if !c.policy.may_subscribe(inner)
                     || !self.ctx.acl.may_subscribe(c.who(), inner)
                 {
                     broker.metrics.denied("subscribe");
@@ -614,11 +646,11 @@ impl Driver {
             }
         }
         self.conn.subscribed(&sub, codes.clone());
-        let restricted = c.restricted;
+        let policy = c.policy.clone();
         for (((filter, _), code), send) in sub.filters.iter().zip(codes).zip(send_retained) {
             if let Some(granted) = code.granted_qos().filter(|_| send) {
                 let mut retained = broker.retained_for(filter);
-                retained.retain(|m| topic_permitted(restricted, &m.topic));
+                retained.retain(|m| policy.may_receive(&m.topic));
                 c.handle
                     .enqueue_retained(retained, granted, id, broker.persistence());
             }
