@@ -27,6 +27,8 @@ pub struct Config {
     pub coap: CoapConfig,
     /// `[tls]`: certificates for MQTTS, HTTPS and WSS.
     pub tls: TlsConfig,
+    /// `[telemetry]`: freshness and parsing limits of telemetry ingestion.
+    pub telemetry: crate::pipeline::TelemetryConfig,
 }
 
 /// `[tls]`. Setting `cert_file` and `key_file` starts the MQTTS and HTTPS listeners.

@@ -30,6 +30,7 @@ pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod http;
+pub mod ingest;
 pub mod metrics;
 pub mod mqtt;
 pub mod persist;
@@ -145,7 +146,11 @@ impl Server {
             .bootstrap_admin(data_dir, std::env::var("STRATUS_ADMIN_SECRET").ok())
             .await
             .context("creating the admin client")?;
-        let pipeline = Arc::new(pipeline::Pipeline);
+        let pipeline = Arc::new(pipeline::Pipeline::new(
+            store.clone(),
+            broker.clone(),
+            config.telemetry.clone(),
+        ));
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut listeners = JoinSet::new();
         let connections = TaskTracker::new();

@@ -13,7 +13,7 @@ use stratus_mqtt::{
     CloseReason, ConnectReturnCode, Connection, Event, Limits, Message, MqttStr, PacketId,
     ReasonCode, RetainHandling,
 };
-use stratus_store::Completion;
+use stratus_store::{Completion, StoreError};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio_rustls::TlsAcceptor;
@@ -21,9 +21,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::acl::{Acl, Who};
 use crate::auth::{Auth, AuthError};
-use crate::pipeline::Pipeline;
-use crate::policy::Policy;
 use crate::broker::{Broker, ClientHandle, Kick};
+use crate::ingest::ContentFormat;
+use crate::pipeline::{Accepted, Pipeline, Rejected, Source};
+use crate::policy::Policy;
 use crate::transport::{MqttRead, MqttWrite, StreamReader, StreamWriter, TcpReader, TcpWriter};
 
 /// What every MQTT connection task shares.
@@ -156,6 +157,11 @@ struct HeldAck {
     code: ReasonCode,
     /// Resolves when the store has what the message changed.
     durable: Option<Completion>,
+    /// A device's telemetry: resolves when the pipeline stored (or refused) it; the message in
+    /// `route` is then routed to subscribers (if stored) before the acknowledgement goes.
+    verdict: Option<oneshot::Receiver<Result<Accepted, Rejected>>>,
+    /// The message to route once `verdict` says it was stored.
+    route: Option<Message>,
     subscribers: Vec<Arc<ClientHandle>>,
     deadline: tokio::time::Instant,
 }
@@ -268,10 +274,21 @@ async fn kicked(rx: &mut Option<oneshot::Receiver<Kick>>) -> Kick {
     }
 }
 
-/// Resolves when a held acknowledgement may go: once what it changed is durable (false if the
-/// store failed) and every subscriber it congested has room again or its deadline passed (then
-/// the laggards are marked as slow consumers); never when nothing is held.
-async fn held_released(held: Option<&mut HeldAck>, max_queued: usize) -> bool {
+/// How a held acknowledgement ended.
+enum Released {
+    /// It may go.
+    Go,
+    /// The store failed: never acknowledge; close.
+    StoreFailed,
+    /// The telemetry pipeline's answer.
+    Telemetry(Result<Accepted, Rejected>),
+}
+
+/// Resolves when a held acknowledgement may go: once what it changed is durable (or the
+/// telemetry pipeline answered), and every subscriber it congested has room again or its
+/// deadline passed (then the laggards are marked as slow consumers); never when nothing is
+/// held.
+async fn held_released(held: Option<&mut HeldAck>, max_queued: usize) -> Released {
     let Some(held) = held else {
         return pending().await;
     };
@@ -282,18 +299,26 @@ async fn held_released(held: Option<&mut HeldAck>, max_queued: usize) -> bool {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "store write failed; acknowledgement withheld");
-                return false;
+                return Released::StoreFailed;
             }
             Err(_) => {
                 tracing::error!("store writer gone; acknowledgement withheld");
-                return false;
+                return Released::StoreFailed;
             }
         }
+    }
+    if let Some(verdict) = held.verdict.as_mut() {
+        let result = verdict.await;
+        held.verdict = None;
+        return match result {
+            Ok(r) => Released::Telemetry(r),
+            Err(_) => Released::StoreFailed,
+        };
     }
     for h in &held.subscribers {
         h.wait_for_space(max_queued, held.deadline).await;
     }
-    true
+    Released::Go
 }
 
 async fn mail(handle: Option<&ClientHandle>) {
@@ -348,15 +373,40 @@ impl Driver {
             .drain_into(&mut self.conn, self.ctx.broker.max_queued());
     }
 
-    fn release_held_ack(&mut self, durable: bool) {
-        if !durable {
-            // Never acknowledge what the store did not take: the client will retry elsewhere
-            // or after a reconnect.
-            self.ctx.broker.metrics.protocol_error("store_failure");
-            self.conn.close(CloseReason::Violation(
-                ReasonCode::UnspecifiedError,
-                "the server could not store the message",
-            ));
+    fn release_held_ack(&mut self, released: Released) {
+        let telemetry = match released {
+            Released::Go => None,
+            Released::StoreFailed => {
+                self.store_failed();
+                return;
+            }
+            Released::Telemetry(r) => Some(r),
+        };
+        if let Some(result) = telemetry {
+            let Some(held) = self.held_acks.pop_front() else {
+                return;
+            };
+            self.held_qos0 -= usize::from(held.packet_id.is_none());
+            let code = match result {
+                Ok(_) => {
+                    if let Some(message) = held.route {
+                        let origin = self.client.as_ref().map(|c| &c.handle);
+                        self.ctx.broker.publish(message, origin);
+                    }
+                    ReasonCode::Success
+                }
+                Err(Rejected::Store(e)) if !matches!(e, StoreError::Invalid(_)) => {
+                    tracing::error!(error = %e, "telemetry could not be stored");
+                    self.store_failed();
+                    return;
+                }
+                // MQTT 3.1.1 cannot refuse: the message is acknowledged, dropped and counted.
+                Err(Rejected::Replay(r)) if r.is_capacity() => ReasonCode::QuotaExceeded,
+                Err(_) => ReasonCode::PayloadFormatInvalid,
+            };
+            if let Some(id) = held.packet_id {
+                self.conn.acknowledge_with(id, code);
+            }
             return;
         }
         match self.held_acks.pop_front() {
@@ -370,11 +420,71 @@ impl Driver {
         }
     }
 
+    /// Never acknowledge what the store did not take: the client will retry after a reconnect.
+    fn store_failed(&mut self) {
+        self.ctx.broker.metrics.protocol_error("store_failure");
+        self.conn.close(CloseReason::Violation(
+            ReasonCode::UnspecifiedError,
+            "the server could not store the message",
+        ));
+    }
+
+    /// A device's telemetry goes through the pipeline; its acknowledgement (and its routing
+    /// to subscribers) waits for the verdict. Returns the message back when it is not one.
+    fn telemetry(&mut self, message: Message, packet_id: Option<PacketId>) -> Option<Message> {
+        let Some(c) = &self.client else {
+            return Some(message);
+        };
+        let Some(device) = c.policy.device() else {
+            return Some(message);
+        };
+        let is_telemetry = message
+            .topic
+            .strip_prefix("devices/")
+            .and_then(|rest| rest.strip_prefix(device))
+            == Some("/telemetry");
+        if !is_telemetry {
+            return Some(message);
+        }
+        let format = match message
+            .properties
+            .as_ref()
+            .and_then(|p| p.content_type.as_deref())
+        {
+            Some(ct) => ContentFormat::from_media_type(ct).unwrap_or(ContentFormat::Json),
+            None => ContentFormat::Json,
+        };
+        let (tx, rx) = oneshot::channel();
+        let pipeline = self.ctx.pipeline.clone();
+        let device = device.to_string();
+        let payload = message.payload.clone();
+        tokio::spawn(async move {
+            let result = pipeline
+                .ingest(&device, payload, format, Source::Mqtt)
+                .await;
+            let _ = tx.send(result);
+        });
+        self.held_qos0 += usize::from(packet_id.is_none());
+        self.held_acks.push_back(HeldAck {
+            packet_id,
+            code: ReasonCode::Success,
+            durable: None,
+            verdict: Some(rx),
+            route: Some(message),
+            subscribers: Vec::new(),
+            deadline: tokio::time::Instant::now() + self.ctx.slow_consumer_timeout,
+        });
+        None
+    }
+
     async fn handle_events(&mut self, rbuf: &mut BytesMut) {
         while let Some(event) = self.conn.poll_event() {
             match event {
                 Event::Connect(connect) => self.handle_connect(*connect, rbuf).await,
                 Event::Publish { message, packet_id } => {
+                    let Some(message) = self.telemetry(message, packet_id) else {
+                        continue;
+                    };
                     let mut stored = false;
                     if let (Some(id), Some(c)) = (packet_id, &self.client) {
                         if message.qos == stratus_mqtt::QoS::ExactlyOnce {
@@ -394,6 +504,8 @@ impl Driver {
                             packet_id,
                             code,
                             durable,
+                            verdict: None,
+                            route: None,
                             subscribers: congested,
                             deadline: tokio::time::Instant::now() + self.ctx.slow_consumer_timeout,
                         });
@@ -516,8 +628,7 @@ impl Driver {
                 user: user.as_deref(),
                 client_id: &client_id,
             };
-            if !policy.may_publish(&will.topic) || !self.ctx.acl.may_publish(who, &will.topic)
-            {
+            if !policy.may_publish(&will.topic) || !self.ctx.acl.may_publish(who, &will.topic) {
                 self.ctx.broker.metrics.denied("connect");
                 self.conn.refuse(ConnectReturnCode::NotAuthorized);
                 return;
@@ -526,7 +637,12 @@ impl Driver {
         let expiry = self.conn.session_expiry();
         let broker = &self.ctx.broker;
         let attached = broker
-            .attach_session(client_id.clone(), connect.clean_session, policy.access(), expiry)
+            .attach_session(
+                client_id.clone(),
+                connect.clean_session,
+                policy.access(),
+                expiry,
+            )
             .await;
         if attached.handle.is_durable() {
             self.stored_will = connect
@@ -569,7 +685,8 @@ impl Driver {
     /// to the store.
     fn handle_publish(&mut self, message: Message) -> (Vec<Arc<ClientHandle>>, ReasonCode, bool) {
         let denied = self.client.as_ref().is_none_or(|c| {
-            !c.policy.may_publish(&message.topic) || !self.ctx.acl.may_publish(c.who(), &message.topic)
+            !c.policy.may_publish(&message.topic)
+                || !self.ctx.acl.may_publish(c.who(), &message.topic)
         });
         if denied {
             // MQTT 3.1.1 has no way to refuse a PUBLISH: it is acknowledged and dropped;
