@@ -363,3 +363,26 @@ def test_every_acknowledged_record_survives_kill9_mid_ingest(cloud):
     for n in stored:
         batches.setdefault(n // 10, set()).add(n % 10)
     assert all(len(v) == 10 for v in batches.values())
+
+
+# ------------------------------------------------------------------ configuration over MQTT
+
+def test_desired_config_reaches_the_device_retained_and_reported_config_is_stored(cloud, device):
+    dev, secret, _ = device
+    r = requests.put(cloud.url(f"/api/v1/devices/{dev}/config"), json={"interval_s": 30}, headers=cloud.admin, timeout=10)
+    assert r.status_code == 200, r.text
+    d, got, _ = mqtt_client(cloud.srv.mqtt_port, dev, secret)
+    d.subscribe(f"devices/{dev}/config", 1)
+    m = got.get(timeout=5)  # retained: at once on (re)connect
+    assert m.retain and "interval_s" in m.payload.decode()
+    r = requests.put(cloud.url(f"/api/v1/devices/{dev}/config"), json={"interval_s": 5}, headers=cloud.admin, timeout=10)
+    assert r.status_code == 200, r.text
+    m = got.get(timeout=5)  # republished on change
+    assert '"interval_s": 5' in m.payload.decode().replace('":5', '": 5')
+    info = d.publish(f"devices/{dev}/config/reported", json.dumps({"interval_s": 5}), qos=1)
+    info.wait_for_publish(5)
+    body = requests.get(cloud.url(f"/api/v1/devices/{dev}"), headers=cloud.admin, timeout=10).json()
+    reported = body["reported"]
+    assert (reported.get("config") or reported.get("value")) == {"interval_s": 5}, body
+    d.loop_stop()
+    d.disconnect()

@@ -429,41 +429,63 @@ impl Driver {
         ));
     }
 
-    /// A device's telemetry goes through the pipeline; its acknowledgement (and its routing
-    /// to subscribers) waits for the verdict. Returns the message back when it is not one.
-    fn telemetry(&mut self, message: Message, packet_id: Option<PacketId>) -> Option<Message> {
+    /// A device's telemetry goes through the pipeline, its reported configuration to the
+    /// store; the acknowledgement (and the routing to subscribers) waits for the verdict.
+    /// Returns the message back when it is neither.
+    fn device_message(&mut self, message: Message, packet_id: Option<PacketId>) -> Option<Message> {
         let Some(c) = &self.client else {
             return Some(message);
         };
         let Some(device) = c.policy.device() else {
             return Some(message);
         };
-        let is_telemetry = message
+        let suffix = message
             .topic
             .strip_prefix("devices/")
-            .and_then(|rest| rest.strip_prefix(device))
-            == Some("/telemetry");
-        if !is_telemetry {
-            return Some(message);
-        }
-        let format = match message
-            .properties
-            .as_ref()
-            .and_then(|p| p.content_type.as_deref())
-        {
-            Some(ct) => ContentFormat::from_media_type(ct).unwrap_or(ContentFormat::Json),
-            None => ContentFormat::Json,
-        };
+            .and_then(|rest| rest.strip_prefix(device));
         let (tx, rx) = oneshot::channel();
-        let pipeline = self.ctx.pipeline.clone();
         let device = device.to_string();
         let payload = message.payload.clone();
-        tokio::spawn(async move {
-            let result = pipeline
-                .ingest(&device, payload, format, Source::Mqtt)
-                .await;
-            let _ = tx.send(result);
-        });
+        match suffix {
+            Some("/telemetry") => {
+                let format = match message
+                    .properties
+                    .as_ref()
+                    .and_then(|p| p.content_type.as_deref())
+                {
+                    Some(ct) => ContentFormat::from_media_type(ct).unwrap_or(ContentFormat::Json),
+                    None => ContentFormat::Json,
+                };
+                let pipeline = self.ctx.pipeline.clone();
+                tokio::spawn(async move {
+                    let result = pipeline
+                        .ingest(&device, payload, format, Source::Mqtt)
+                        .await;
+                    let _ = tx.send(result);
+                });
+            }
+            Some("/config/reported") => {
+                // The device's reported configuration (a JSON object), kept like the HTTP one.
+                let store = self.ctx.auth.store().clone();
+                tokio::spawn(async move {
+                    let result = match serde_json::from_slice::<serde_json::Value>(&payload) {
+                        Ok(value @ serde_json::Value::Object(_)) => store
+                            .put_reported_config(&device, value, crate::persist::now_ms() as i64)
+                            .await
+                            .map(|_| Accepted {
+                                records: 0,
+                                points: 0,
+                            })
+                            .map_err(Rejected::Store),
+                        _ => Err(Rejected::Store(StoreError::Invalid(
+                            "the reported configuration must be a JSON object".into(),
+                        ))),
+                    };
+                    let _ = tx.send(result);
+                });
+            }
+            _ => return Some(message),
+        }
         self.held_qos0 += usize::from(packet_id.is_none());
         self.held_acks.push_back(HeldAck {
             packet_id,
@@ -482,7 +504,7 @@ impl Driver {
             match event {
                 Event::Connect(connect) => self.handle_connect(*connect, rbuf).await,
                 Event::Publish { message, packet_id } => {
-                    let Some(message) = self.telemetry(message, packet_id) else {
+                    let Some(message) = self.device_message(message, packet_id) else {
                         continue;
                     };
                     let mut stored = false;
