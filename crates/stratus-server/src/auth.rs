@@ -259,6 +259,12 @@ impl Auth {
         Ok(auth)
     }
 
+    /// Sets the lifetime of the tokens issued from now on (`[auth] token_ttl_secs`).
+    pub fn with_token_ttl(mut self, secs: u64) -> Auth {
+        self.token_ttl_secs = secs.max(1);
+        self
+    }
+
     /// Re-reads the directory from the store.
     pub async fn reload(&self) -> Result<(), AuthError> {
         let (devices, clients) = self
@@ -409,9 +415,12 @@ impl Auth {
             Some(asked) => {
                 let mut out = Vec::new();
                 for s in asked {
-                    if !principal.has_scope(s)
-                        || (principal.kind == Kind::Device && s != SCOPE_DEVICE)
-                    {
+                    // `admin` holds every scope there is, not any word asked for.
+                    let exists = match principal.kind {
+                        Kind::Device => s == SCOPE_DEVICE,
+                        Kind::Client => APPLICATION_SCOPES.contains(&s),
+                    };
+                    if !exists || !principal.has_scope(s) {
                         return Err(s.to_string());
                     }
                     if !out.iter().any(|o| o == s) {
