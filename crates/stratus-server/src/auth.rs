@@ -168,6 +168,49 @@ pub fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Threads that run argon2. Each hash takes a 19 MiB working buffer; on tokio's blocking pool
+/// every thread keeps its own freed buffer in its malloc arena, so registering many devices at
+/// once grew the server by gigabytes. Two dedicated threads bound that to two buffers.
+const ARGON2_THREADS: usize = 2;
+
+type Argon2Job = Box<dyn FnOnce() + Send>;
+
+fn argon2_pool() -> &'static std::sync::Mutex<std::sync::mpsc::Sender<Argon2Job>> {
+    static POOL: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<Argon2Job>>> =
+        std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Argon2Job>();
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        for n in 0..ARGON2_THREADS {
+            let rx = rx.clone();
+            let _ = std::thread::Builder::new()
+                .name(format!("stratus-argon2-{n}"))
+                .spawn(move || loop {
+                    let job = match rx.lock() {
+                        Ok(rx) => rx.recv(),
+                        Err(_) => return,
+                    };
+                    match job {
+                        Ok(job) => job(),
+                        Err(_) => return,
+                    }
+                });
+        }
+        std::sync::Mutex::new(tx)
+    })
+}
+
+/// Runs an argon2 computation (`hash_secret`, a verification) on the bounded argon2 threads;
+/// `None` if they are gone.
+pub async fn run_argon2<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let job: Argon2Job = Box::new(move || {
+        let _ = tx.send(f());
+    });
+    argon2_pool().lock().ok()?.send(job).ok()?;
+    rx.await.ok()
+}
+
 /// A new random secret: 32 bytes, base64url without padding (43 characters).
 pub fn new_secret() -> String {
     let mut bytes = [0u8; 32];
@@ -396,7 +439,7 @@ impl Auth {
             (e.secret_hash.clone(), principal)
         };
         let secret = secret.to_string();
-        let ok = tokio::task::spawn_blocking(move || verify_hash(&secret, &hash))
+        let ok = run_argon2(move || verify_hash(&secret, &hash))
             .await
             .unwrap_or(false);
         if !ok {

@@ -5,6 +5,7 @@
 //! OpenAPI 3 document at `/api/openapi.json` is generated from the handlers' own annotations
 //! and cannot drift from what is served.
 
+pub mod audit;
 pub mod devices;
 pub mod oauth;
 pub mod telemetry;
@@ -73,6 +74,7 @@ pub fn routes() -> OpenApiRouter<ApiState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(oauth::routes())
         .merge(devices::routes())
+        .merge(audit::routes())
         .merge(telemetry::routes())
 }
 

@@ -878,9 +878,9 @@ async fn create_client(
     let scopes = client_scopes(&new.scopes)?;
     let secret = auth::new_secret();
     let hashed = secret.clone();
-    let secret_hash = tokio::task::spawn_blocking(move || auth::hash_secret(&hashed))
+    let secret_hash = auth::run_argon2(move || auth::hash_secret(&hashed))
         .await
-        .map_err(|e| ApiError::internal("hashing the secret", &e))?;
+        .ok_or_else(|| ApiError::internal("hashing the secret", &"the hashing threads are gone"))?;
     let client = state
         .store
         .create_client(OAuthClient {
