@@ -49,7 +49,7 @@ class Server:
     """One `stratus serve` process. Ports and data dir are kept across restart()."""
 
     def __init__(self, workdir: Path, name: str, args=(), env=None, config=None,
-                 anonymous=True, mqtt_port=0, http_port=0, data_dir=None):
+                 anonymous=True, mqtt_port=0, http_port=0, data_dir=None, coap_port=0):
         self.workdir = workdir
         self.name = name
         self.args = list(args)
@@ -57,6 +57,7 @@ class Server:
         self.anonymous = anonymous
         self.mqtt_port = mqtt_port  # None: do not pass --mqtt-port at all
         self.http_port = http_port
+        self.coap_port = coap_port  # None: do not pass --coap-port at all
         self.data_dir = Path(data_dir) if data_dir else workdir / f"{name}-data"
         self.config_path = None
         if config is not None:
@@ -77,6 +78,8 @@ class Server:
             cmd += ["--mqtt-port", str(mqtt_port)]
         if http_port is not None:
             cmd += ["--http-port", str(http_port)]
+        if self.coap_port is not None:
+            cmd += ["--coap-port", str(self.coap_port)]
         if self.anonymous:
             cmd.append("--allow-anonymous")
         if self.config_path is not None:
@@ -118,6 +121,8 @@ class Server:
             self.mqtt_port = self._listening["mqtt"]
         if "http" in self._listening:
             self.http_port = self._listening["http"]
+        if "coap" in self._listening and self.coap_port is not None:
+            self.coap_port = self._listening["coap"]
         return self
 
     def _drain(self, stream, tag):

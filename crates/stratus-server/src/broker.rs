@@ -401,6 +401,22 @@ impl ClientHandle {
         }
     }
 
+    /// Takes up to `max` queued messages, oldest first, for an in-process subscriber that
+    /// has no MQTT connection (see [`Broker::internal_subscriber`]). Wait on
+    /// [`ClientHandle::notify`] for more.
+    pub fn take_messages(&self, max: usize) -> Vec<Arc<Message>> {
+        let mut mb = self.mailbox.lock();
+        let n = max.min(mb.queue.len());
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            match mb.pop() {
+                Some(mail) => out.push(mail.message),
+                None => break,
+            }
+        }
+        out
+    }
+
     /// True (once) when publishers gave up waiting for this client: close its connection.
     pub fn take_overloaded(&self) -> bool {
         self.overloaded.swap(false, Ordering::AcqRel)
@@ -1009,6 +1025,24 @@ impl Broker {
         existed
     }
 
+    /// An in-process subscriber to `filter` (at QoS 0, with access to every topic) that is not
+    /// in the client registry: no MQTT client id can take it over, nothing of it is persisted,
+    /// and it is not counted as a client. Read it with [`ClientHandle::take_messages`];
+    /// remove it with [`Broker::unsubscribe`]. `None` when `name` is not a valid MQTT string.
+    pub fn internal_subscriber(&self, name: &str, filter: &str) -> Option<Arc<ClientHandle>> {
+        let handle = Arc::new(ClientHandle::new(MqttStr::try_from(name).ok()?));
+        handle.access.store(Access::Full as u8, Ordering::Relaxed);
+        handle.online.store(true, Ordering::Release);
+        handle.mailbox.lock().online = true;
+        self.add_subscription(
+            &handle,
+            filter,
+            SubscriptionOptions::new(QoS::AtMostOnce),
+            None,
+        );
+        Some(handle)
+    }
+
     /// Removes a subscription if present.
     pub fn unsubscribe(&self, handle: &Arc<ClientHandle>, filter: &str) {
         handle.record(self.persist.as_ref(), || MqttOp::SubscriptionDelete {
@@ -1530,6 +1564,26 @@ mod tests {
             1
         );
         assert_eq!(drain(&a.handle)[0].1, QoS::AtMostOnce);
+    }
+
+    #[tokio::test]
+    async fn internal_subscribers_take_messages_without_a_connection() {
+        let b = broker(100);
+        let h = b.internal_subscriber("$test", "d/+/c").unwrap();
+        assert!(b.clients.lock().is_empty(), "not a registered client");
+        b.publish(msg("d/1/c", QoS::AtLeastOnce, true), None);
+        b.publish(msg("d/2/c", QoS::AtMostOnce, false), None);
+        b.publish(msg("other", QoS::AtMostOnce, false), None);
+        let got = h.take_messages(1);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].topic.as_str(), "d/1/c");
+        let rest = h.take_messages(10);
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].topic.as_str(), "d/2/c");
+        assert!(h.take_messages(10).is_empty());
+        b.unsubscribe(&h, "d/+/c");
+        b.publish(msg("d/3/c", QoS::AtMostOnce, false), None);
+        assert!(h.take_messages(10).is_empty());
     }
 
     #[tokio::test]

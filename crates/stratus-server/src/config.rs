@@ -62,11 +62,22 @@ pub struct ServerConfig {
 }
 
 /// `[auth]`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// MQTT clients without credentials may connect and use topics outside `devices/`.
     pub allow_anonymous: bool,
+    /// Lifetime of the access tokens the token endpoint issues, in seconds (`expires_in`).
+    pub token_ttl_secs: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            allow_anonymous: false,
+            token_ttl_secs: crate::auth::DEFAULT_TOKEN_TTL_SECS,
+        }
+    }
 }
 
 /// `[http]`.
@@ -81,12 +92,33 @@ pub struct HttpConfig {
     pub max_body_bytes: usize,
 }
 
-/// `[coap]`.
+/// `[coap]` (see [`crate::coap`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CoapConfig {
     /// UDP port; 0 picks a free one.
     pub port: u16,
+    /// Start the CoAPS (DTLS 1.2 PSK) listener.
+    pub dtls: bool,
+    /// CoAPS UDP port (when `dtls` is on); 0 picks a free one.
+    pub dtls_port: u16,
+    /// Also answer `GET /.well-known/core` sent to 224.0.1.187 (and ff02::fd) on `port`.
+    pub multicast: bool,
+    /// Longest random delay before answering a multicast request, in milliseconds
+    /// (RFC 7252 §8.2 Leisure).
+    pub multicast_leisure_ms: u64,
+    /// Largest request body, whole or reassembled from Block1 (4.13 with Size1 beyond).
+    pub max_body_bytes: usize,
+    /// Largest datagram sent to a peer that has not authenticated (RFC 7252 §11.3); larger
+    /// bodies go out in smaller Block2 blocks. 0 turns the guard off.
+    pub unverified_response_limit: usize,
+    /// Requests being handled at once; more are answered 5.03.
+    pub max_pending_requests: usize,
+    /// Observers in total.
+    pub max_observers: usize,
+    /// DTLS sessions kept at once (handshaking or established); the least recently used
+    /// goes first.
+    pub max_dtls_sessions: usize,
 }
 
 /// `[mqtt]`.
@@ -147,7 +179,18 @@ impl Default for HttpConfig {
 
 impl Default for CoapConfig {
     fn default() -> Self {
-        CoapConfig { port: 5683 }
+        CoapConfig {
+            port: 5683,
+            dtls: false,
+            dtls_port: 5684,
+            multicast: false,
+            multicast_leisure_ms: 2000,
+            max_body_bytes: 1024 * 1024,
+            unverified_response_limit: 256,
+            max_pending_requests: 4096,
+            max_observers: 4096,
+            max_dtls_sessions: 4096,
+        }
     }
 }
 
@@ -294,6 +337,31 @@ impl Config {
         }
         if m.max_connections == 0 {
             return bad("mqtt.max_connections", "must be at least 1");
+        }
+        if !(1..=31_536_000).contains(&self.auth.token_ttl_secs) {
+            return bad(
+                "auth.token_ttl_secs",
+                "must be between 1 and 31536000 (a year)",
+            );
+        }
+        let c = &self.coap;
+        if c.max_body_bytes < 64 {
+            return bad("coap.max_body_bytes", "must be at least 64");
+        }
+        if c.unverified_response_limit != 0 && c.unverified_response_limit < 64 {
+            return bad(
+                "coap.unverified_response_limit",
+                "must be 0 (off) or at least 64",
+            );
+        }
+        if c.max_pending_requests == 0 || c.max_observers == 0 || c.max_dtls_sessions == 0 {
+            return bad(
+                "coap.max_pending_requests",
+                "coap.max_pending_requests, max_observers and max_dtls_sessions must be at least 1",
+            );
+        }
+        if c.multicast_leisure_ms > 60_000 {
+            return bad("coap.multicast_leisure_ms", "must be at most 60000");
         }
         m.acl.validate().map_err(ConfigError)?;
         Ok(())

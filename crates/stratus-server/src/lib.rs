@@ -19,6 +19,11 @@
 //! - `rand`: server-assigned client ids.
 //! - `smallvec`: per-message subscriber lists without a heap allocation.
 //! - `tracing`: structured logs.
+//! - `stratus-coap`: the sans-IO CoAP endpoint behind the [`coap`] listeners.
+//! - `openssl`: DTLS 1.2 PSK for CoAPS (rustls has no DTLS; see [`coap::dtls`] for why
+//!   OpenSSL rather than a pure-Rust DTLS).
+//! - `socket2`: the socket options tokio does not expose (multicast groups, shared ports,
+//!   receive buffer size) for the CoAP sockets.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -28,6 +33,7 @@ pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod broker;
+pub mod coap;
 pub mod config;
 pub mod http;
 pub mod ingest;
@@ -73,6 +79,10 @@ pub struct Server {
     pub mqtts_addr: Option<SocketAddr>,
     /// Where the HTTPS listener is bound (WSS at `/mqtt`), when `[tls]` is configured.
     pub https_addr: Option<SocketAddr>,
+    /// Where the CoAP (UDP) listener is bound.
+    pub coap_addr: SocketAddr,
+    /// Where the CoAPS (DTLS 1.2 PSK) listener is bound, when `[coap] dtls` is on.
+    pub coaps_addr: Option<SocketAddr>,
     /// The broker hub (for in-process use and tests).
     pub broker: Arc<broker::Broker>,
     shutdown: watch::Sender<bool>,
@@ -98,6 +108,18 @@ impl Server {
             let mqtts_listener = bind("MQTTS", ip, config.mqtt.tls_port).await?;
             let https_listener = bind("HTTPS", ip, config.http.tls_port).await?;
             Some((mqtts, mqtts_listener, https, https_listener))
+        } else {
+            None
+        };
+
+        let coap_socket = coap::bind_udp(ip, config.coap.port, config.coap.multicast)
+            .with_context(|| format!("binding CoAP listener on {ip}:{}", config.coap.port))?;
+        let coaps_socket = if config.coap.dtls {
+            Some(
+                coap::bind_udp(ip, config.coap.dtls_port, false).with_context(|| {
+                    format!("binding CoAPS listener on {ip}:{}", config.coap.dtls_port)
+                })?,
+            )
         } else {
             None
         };
@@ -132,7 +154,8 @@ impl Server {
         let auth = Arc::new(
             auth::Auth::open(store.clone(), data_dir)
                 .await
-                .context("loading identities")?,
+                .context("loading identities")?
+                .with_token_ttl(config.auth.token_ttl_secs),
         );
         let revoked = store.revoked_tokens().await?;
         auth.load_revocations(
@@ -213,6 +236,50 @@ impl Server {
                 shutdown_rx.clone(),
             ));
         }
+        let coap_ctx = Arc::new(coap::CoapContext {
+            auth: auth.clone(),
+            pipeline: pipeline.clone(),
+            store: store.clone(),
+            broker: broker.clone(),
+            config: config.coap.clone(),
+        });
+        let coap_addr = coap_socket.local_addr()?;
+        if config.coap.multicast {
+            match coap::bind_multicast(coap_addr.port()) {
+                Ok(sockets) => {
+                    for s in sockets {
+                        listeners.spawn(coap::serve(
+                            s,
+                            coap_ctx.clone(),
+                            coap::Mode::Multicast,
+                            shutdown_rx.clone(),
+                        ));
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "CoAP multicast (224.0.1.187) unavailable"),
+            }
+        }
+        listeners.spawn(coap::serve(
+            coap_socket,
+            coap_ctx.clone(),
+            coap::Mode::Plain,
+            shutdown_rx.clone(),
+        ));
+        let mut coaps_addr = None;
+        if let Some(socket) = coaps_socket {
+            coaps_addr = Some(socket.local_addr()?);
+            let key = coap::dtls::load_or_create_key(data_dir)
+                .with_context(|| format!("reading {}", coap::dtls::PSK_KEY_FILE))?;
+            let dtls =
+                coap::dtls::DtlsServer::new(auth.clone(), key, config.coap.max_dtls_sessions)
+                    .context("setting up DTLS")?;
+            listeners.spawn(coap::serve(
+                socket,
+                coap_ctx,
+                coap::Mode::Dtls(dtls),
+                shutdown_rx.clone(),
+            ));
+        }
         let mut http_shutdown = shutdown_rx.clone();
         listeners.spawn(async move {
             let service = app.into_make_service_with_connect_info::<SocketAddr>();
@@ -232,6 +299,8 @@ impl Server {
             http_addr,
             mqtts_addr,
             https_addr,
+            coap_addr,
+            coaps_addr,
             broker,
             shutdown,
             listeners,

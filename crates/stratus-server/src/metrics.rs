@@ -66,6 +66,28 @@ pub struct Metrics {
     pub telemetry_rejected: Family<ReasonLabel, Counter>,
     /// Time from submitting a write to the store until it is durable, in seconds.
     pub store_write_seconds: Histogram,
+    /// CoAP requests answered, by response code class (`2.xx`, `4.xx`, `5.xx`).
+    pub coap_requests: Family<CodeClassLabel, Counter>,
+    /// CoAP datagrams received (plain and decrypted DTLS).
+    pub coap_datagrams_received: Counter,
+    /// CoAP datagrams that were not valid CoAP (format errors, other versions), or DTLS
+    /// records that did not decrypt.
+    pub coap_bad_datagrams: Counter,
+    /// Retransmitted CoAP requests answered from the deduplication cache.
+    pub coap_duplicates: Counter,
+    /// CoAP observers registered now.
+    pub coap_observers: Gauge,
+    /// Notifications sent to CoAP observers.
+    pub coap_notifications: Counter,
+    /// DTLS handshakes that failed (bad PSK identity or key, protocol errors).
+    pub coap_dtls_handshake_failures: Counter,
+}
+
+/// Label of a CoAP response counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeClassLabel {
+    /// `2.xx`, `4.xx` or `5.xx`.
+    pub class: &'static str,
 }
 
 /// Label of a counter by transport.
@@ -192,6 +214,41 @@ impl Metrics {
             m.store_write_seconds.0.clone(),
         );
         r.register(
+            "stratus_coap_requests",
+            "CoAP requests answered, by response code class",
+            m.coap_requests.clone(),
+        );
+        r.register(
+            "stratus_coap_datagrams_received",
+            "CoAP datagrams received",
+            m.coap_datagrams_received.clone(),
+        );
+        r.register(
+            "stratus_coap_bad_datagrams",
+            "CoAP datagrams that were not valid CoAP or did not decrypt",
+            m.coap_bad_datagrams.clone(),
+        );
+        r.register(
+            "stratus_coap_duplicates",
+            "Retransmitted CoAP requests answered from the deduplication cache",
+            m.coap_duplicates.clone(),
+        );
+        r.register(
+            "stratus_coap_observers",
+            "CoAP observers registered now",
+            m.coap_observers.clone(),
+        );
+        r.register(
+            "stratus_coap_notifications",
+            "Notifications sent to CoAP observers",
+            m.coap_notifications.clone(),
+        );
+        r.register(
+            "stratus_coap_dtls_handshake_failures",
+            "DTLS handshakes that failed",
+            m.coap_dtls_handshake_failures.clone(),
+        );
+        r.register(
             "stratus_uptime_seconds",
             "Seconds since the server started",
             m.uptime_seconds.clone(),
@@ -229,6 +286,18 @@ impl Metrics {
             .get_or_create(&ReasonLabel {
                 reason: reason.to_owned(),
             })
+            .inc();
+    }
+
+    /// Counts a CoAP response by its code class (`class` 2, 4 or 5).
+    pub fn coap_response(&self, class: u8) {
+        let class = match class {
+            2 => "2.xx",
+            4 => "4.xx",
+            _ => "5.xx",
+        };
+        self.coap_requests
+            .get_or_create(&CodeClassLabel { class })
             .inc();
     }
 

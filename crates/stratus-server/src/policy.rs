@@ -71,7 +71,9 @@ impl Policy {
         match self {
             Policy::Full => true,
             Policy::Outsider => first != "devices",
-            Policy::TelemetryReader => first != "devices" || filter_covers(TELEMETRY_FILTER, filter),
+            Policy::TelemetryReader => {
+                first != "devices" || filter_covers(TELEMETRY_FILTER, filter)
+            }
             Policy::Device(id) => filter_covers(&format!("devices/{id}/#"), filter),
         }
     }

@@ -1,0 +1,494 @@
+//! CoAPS: DTLS 1.2 with pre-shared keys (RFC 7252 §9.1.3.1), the record layer under the same
+//! CoAP endpoint as plain UDP.
+//!
+//! ## Why OpenSSL
+//! DTLS is not in rustls. The candidates were `webrtc-dtls` (pure Rust, async, with PSK
+//! suites) and the `openssl` crate. OpenSSL won: it is the DTLS implementation libcoap itself
+//! uses (so the interop partner every CoAP user has is the reference), it has served DTLS-PSK
+//! for over a decade, and the `openssl` crate lets it run **sans-IO**: each session is an
+//! `SslStream` over an in-memory datagram queue, so one task owns the UDP socket, every
+//! session and the CoAP endpoint, exactly like the plain listener (no task, channel or lock
+//! per peer, and no async DTLS stack with its own listener to demultiplex). `webrtc-dtls`
+//! brings its own connection-per-task listener and a large dependency tree built for WebRTC
+//! certificates. The cost is a C library at build time (`libssl-dev`, linked dynamically).
+//!
+//! ## Handshake
+//! DTLS 1.2 only; cipher suites `TLS_PSK_WITH_AES_128_CCM_8` (the one RFC 7252 mandates),
+//! `TLS_PSK_WITH_AES_128_CCM`, `TLS_PSK_WITH_AES_128_GCM_SHA256`,
+//! `TLS_PSK_WITH_AES_256_GCM_SHA384`, `TLS_PSK_WITH_AES_128_CBC_SHA256`. The cookie exchange
+//! (HelloVerifyRequest, RFC 6347 §4.2.1) runs before any state is kept for long, so a spoofed
+//! source address gets one small datagram and no session; the peer is then address-verified
+//! for the CoAP amplification guard. Sessions are bounded (`[coap] max_dtls_sessions`, least
+//! recently used evicted); an unfinished handshake is dropped after 30 s, an idle session
+//! after an hour. Handshake flights are retransmitted by the client (a retransmitted client
+//! flight makes OpenSSL resend its answer), as OpenSSL's own timer API is not exposed safely.
+//!
+//! ## PSK identity and key
+//! The identity is the **device id**. The key is derived by the server:
+//!
+//! `PSK = base64url(HMAC-SHA256(K, "stratus-coap-psk/v1:" ‖ device id))`
+//!
+//! used as the 43 ASCII bytes of the base64url text (no padding), with `K` the 32 random bytes
+//! of `DATA_DIR/coap-psk.key` (mode 0600, created on the first start with CoAPS on). Text,
+//! because tools take PSKs as text (`coap-client -u ID -k PSK`, aiocoap's `{"ascii": …}`).
+//! [`device_psk`] computes it; an operator provisions a device with it as it provisions the
+//! secret, e.g. in a shell:
+//! `printf 'stratus-coap-psk/v1:%s' ID | openssl mac -digest SHA256 -macopt hexkey:$(xxd -p -c 64 coap-psk.key) -binary HMAC | basenc --base64url | tr -d '='`.
+//!
+//! Why not a key the device derives from its secret: the server keeps only the argon2 hash of
+//! the secret (by design, a stolen database must not yield credentials), so it cannot compute
+//! any function of the secret when a handshake arrives; and using the stored hash as the key
+//! would make the hash a password-equivalent. Storing a secret-derived PSK at registration
+//! would need a new column written by the registry. The trade-off of the server-derived key:
+//! it does not change when the device secret is rotated. It stops working when the device
+//! is deleted (the callback accepts only identities that are devices now); replacing
+//! `coap-psk.key` re-keys every device at once.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use openssl::error::ErrorStack;
+use openssl::ex_data::Index;
+use openssl::ssl::{
+    ErrorCode, Ssl, SslContext, SslMethod, SslOptions, SslStream, SslVerifyMode, SslVersion,
+};
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+
+use crate::auth::Auth;
+
+/// The label of the PSK derivation.
+pub const PSK_LABEL: &str = "stratus-coap-psk/v1:";
+/// The key file under the data directory.
+pub const PSK_KEY_FILE: &str = "coap-psk.key";
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60 * 60);
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+/// Largest DTLS record payload this server writes (a CoAP datagram up to ~1.3 KB fits).
+const MTU: u32 = 1400;
+const CIPHERS: &str =
+    "PSK-AES128-CCM8:PSK-AES128-CCM:PSK-AES128-GCM-SHA256:PSK-AES256-GCM-SHA384:PSK-AES128-CBC-SHA256";
+
+/// HMAC-SHA256 (RFC 2104).
+pub fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
+    let mut k = [0u8; 64];
+    if key.len() > 64 {
+        k[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        k[..key.len()].copy_from_slice(key);
+    }
+    let mut ipad = k;
+    let mut opad = k;
+    ipad.iter_mut().for_each(|b| *b ^= 0x36);
+    opad.iter_mut().for_each(|b| *b ^= 0x5c);
+    let inner = Sha256::new()
+        .chain_update(ipad)
+        .chain_update(msg)
+        .finalize();
+    Sha256::new()
+        .chain_update(opad)
+        .chain_update(inner)
+        .finalize()
+        .into()
+}
+
+/// The PSK of `device_id` under the server key `key` (see the module docs): 43 ASCII bytes.
+pub fn device_psk(key: &[u8], device_id: &str) -> String {
+    use base64::Engine;
+    let mut msg = Vec::with_capacity(PSK_LABEL.len() + device_id.len());
+    msg.extend_from_slice(PSK_LABEL.as_bytes());
+    msg.extend_from_slice(device_id.as_bytes());
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(hmac_sha256(key, &msg))
+}
+
+/// Reads `DATA_DIR/coap-psk.key`, creating it (32 random bytes, mode 0600) when missing.
+pub fn load_or_create_key(data_dir: &Path) -> std::io::Result<Vec<u8>> {
+    let path = data_dir.join(PSK_KEY_FILE);
+    match std::fs::read(&path) {
+        Ok(k) if k.len() >= 32 => return Ok(k),
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{} is shorter than 32 bytes", path.display()),
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut key = vec![0u8; 32];
+    rand::rng().fill_bytes(&mut key);
+    crate::auth::write_private(&path, &key)?;
+    Ok(key)
+}
+
+/// Datagrams in and out of one session's `SslStream`: every read returns one whole datagram,
+/// every write is one datagram.
+#[derive(Default)]
+struct Datagrams {
+    incoming: VecDeque<Vec<u8>>,
+    outgoing: Vec<Vec<u8>>,
+}
+
+impl Read for Datagrams {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self.incoming.pop_front() {
+            Some(d) => {
+                let n = d.len().min(buf.len());
+                buf[..n].copy_from_slice(&d[..n]);
+                Ok(n)
+            }
+            None => Err(std::io::ErrorKind::WouldBlock.into()),
+        }
+    }
+}
+
+impl Write for Datagrams {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.outgoing.push(buf.to_vec());
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+struct Session {
+    stream: SslStream<Datagrams>,
+    /// The device id, once the handshake is done.
+    identity: Option<String>,
+    started: Instant,
+    last_seen: Instant,
+}
+
+/// The DTLS sessions of one CoAPS socket.
+pub struct DtlsServer {
+    context: SslContext,
+    peer_index: Index<Ssl, SocketAddr>,
+    sessions: HashMap<SocketAddr, Session>,
+    max_sessions: usize,
+    next_sweep: Option<Instant>,
+    bad_records: u64,
+    failed_handshakes: u64,
+    /// Decryption buffer, reused for every record.
+    buf: Vec<u8>,
+}
+
+impl DtlsServer {
+    /// A DTLS-PSK server whose keys come from `key` (see [`device_psk`]) for identities that
+    /// are devices in `auth`.
+    pub fn new(
+        auth: Arc<Auth>,
+        key: Vec<u8>,
+        max_sessions: usize,
+    ) -> Result<DtlsServer, ErrorStack> {
+        let peer_index = Ssl::new_ex_index::<SocketAddr>()?;
+        let mut b = SslContext::builder(SslMethod::dtls_server())?;
+        b.set_min_proto_version(Some(SslVersion::DTLS1_2))?;
+        b.set_max_proto_version(Some(SslVersion::DTLS1_2))?;
+        b.set_cipher_list(CIPHERS)?;
+        b.set_verify(SslVerifyMode::NONE);
+        b.set_options(
+            SslOptions::COOKIE_EXCHANGE | SslOptions::NO_QUERY_MTU | SslOptions::NO_TICKET,
+        );
+        let mut cookie_key = [0u8; 32];
+        rand::rng().fill_bytes(&mut cookie_key);
+        let cookie = move |ssl: &openssl::ssl::SslRef| -> [u8; 32] {
+            let peer = ssl
+                .ex_data(peer_index)
+                .map(|p| p.to_string())
+                .unwrap_or_default();
+            hmac_sha256(&cookie_key, peer.as_bytes())
+        };
+        let gen = cookie;
+        b.set_cookie_generate_cb(move |ssl, out| {
+            let c = gen(ssl);
+            let n = out.len().min(c.len());
+            out[..n].copy_from_slice(&c[..n]);
+            Ok(n)
+        });
+        b.set_cookie_verify_cb(move |ssl, got| {
+            let c = cookie(ssl);
+            // Constant time is moot here (the cookie is bound to the address), but cheap.
+            got.len() == c.len() && got.iter().zip(c.iter()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0
+        });
+        b.set_psk_server_callback(move |_ssl, identity, out| {
+            let id = identity
+                .and_then(|i| std::str::from_utf8(i).ok())
+                .filter(|id| auth.is_device(id));
+            let Some(id) = id else {
+                tracing::info!(
+                    identity = %String::from_utf8_lossy(identity.unwrap_or_default()),
+                    "coaps: unknown PSK identity"
+                );
+                return Err(ErrorStack::get());
+            };
+            let psk = device_psk(&key, id);
+            let psk = psk.as_bytes();
+            if out.len() < psk.len() {
+                return Err(ErrorStack::get());
+            }
+            out[..psk.len()].copy_from_slice(psk);
+            Ok(psk.len())
+        });
+        Ok(DtlsServer {
+            context: b.build(),
+            peer_index,
+            sessions: HashMap::new(),
+            max_sessions: max_sessions.max(1),
+            next_sweep: None,
+            bad_records: 0,
+            failed_handshakes: 0,
+            buf: vec![0u8; 65_535],
+        })
+    }
+
+    /// The device id of `peer`'s established session.
+    pub fn identity(&self, peer: SocketAddr) -> Option<&str> {
+        self.sessions.get(&peer)?.identity.as_deref()
+    }
+
+    /// Sessions kept now.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// (undecryptable or unexpected datagrams, failed handshakes) since the last call.
+    pub fn take_counts(&mut self) -> (u64, u64) {
+        let out = (self.bad_records, self.failed_handshakes);
+        self.bad_records = 0;
+        self.failed_handshakes = 0;
+        out
+    }
+
+    /// When [`DtlsServer::handle_timeout`] should run next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.next_sweep
+    }
+
+    /// Drops unfinished handshakes and idle sessions; returns the peers whose established
+    /// sessions ended.
+    pub fn handle_timeout(&mut self, now: Instant) -> Vec<SocketAddr> {
+        if self.next_sweep.is_none_or(|t| t > now) {
+            return Vec::new();
+        }
+        let mut ended = Vec::new();
+        self.sessions.retain(|peer, s| {
+            let keep = match s.identity {
+                Some(_) => now.saturating_duration_since(s.last_seen) < IDLE_TIMEOUT,
+                None => now.saturating_duration_since(s.started) < HANDSHAKE_TIMEOUT,
+            };
+            if !keep && s.identity.is_some() {
+                ended.push(*peer);
+            }
+            keep
+        });
+        self.next_sweep = (!self.sessions.is_empty()).then(|| now + SWEEP_EVERY);
+        ended
+    }
+
+    /// One received datagram from `peer`: handshake progress goes to `outgoing`, decrypted
+    /// CoAP datagrams to `plain`. Returns true when this completed `peer`'s handshake.
+    pub fn on_datagram(
+        &mut self,
+        now: Instant,
+        peer: SocketAddr,
+        data: &[u8],
+        plain: &mut Vec<Vec<u8>>,
+        outgoing: &mut Vec<(SocketAddr, Bytes)>,
+    ) -> bool {
+        let hello = is_initial_client_hello(data);
+        let fresh = match self.sessions.get(&peer) {
+            Some(s) => hello && s.identity.is_some(),
+            None => true,
+        };
+        if fresh {
+            if !hello {
+                // Not for a session we have (an old one, or noise).
+                self.bad_records += 1;
+                return false;
+            }
+            if self.sessions.remove(&peer).is_none() && self.sessions.len() >= self.max_sessions {
+                self.evict_one();
+            }
+            match self.new_session(now, peer) {
+                Ok(s) => {
+                    self.sessions.insert(peer, s);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "coaps: cannot create a DTLS session");
+                    return false;
+                }
+            }
+            if self.next_sweep.is_none() {
+                self.next_sweep = Some(now + SWEEP_EVERY);
+            }
+        }
+        let Some(s) = self.sessions.get_mut(&peer) else {
+            return false;
+        };
+        s.last_seen = now;
+        s.stream.get_mut().incoming.push_back(data.to_vec());
+        let mut established = false;
+        let mut remove = false;
+        if s.identity.is_none() {
+            match s.stream.accept() {
+                Ok(()) => {
+                    let id = s
+                        .stream
+                        .ssl()
+                        .psk_identity()
+                        .map(|i| String::from_utf8_lossy(i).into_owned())
+                        .unwrap_or_default();
+                    tracing::debug!(%peer, device = %id, "coaps: session established");
+                    s.identity = Some(id);
+                    established = true;
+                }
+                Err(e) if is_retry(e.code()) => {}
+                Err(e) => {
+                    tracing::info!(%peer, error = %e, "coaps: handshake failed");
+                    self.failed_handshakes += 1;
+                    remove = true;
+                }
+            }
+        }
+        if s.identity.is_some() {
+            loop {
+                match s.stream.ssl_read(&mut self.buf) {
+                    Ok(n) => plain.push(self.buf[..n].to_vec()),
+                    Err(e) if e.code() == ErrorCode::ZERO_RETURN => {
+                        // close_notify: the client ended the session.
+                        let _ = s.stream.shutdown();
+                        remove = true;
+                        break;
+                    }
+                    Err(e) if is_retry(e.code()) => break,
+                    Err(_) => {
+                        self.bad_records += 1;
+                        remove = true;
+                        break;
+                    }
+                }
+            }
+        }
+        for d in s.stream.get_mut().outgoing.drain(..) {
+            outgoing.push((peer, Bytes::from(d)));
+        }
+        if remove {
+            self.sessions.remove(&peer);
+        }
+        established
+    }
+
+    /// Encrypts one CoAP datagram for `peer` (dropped without an established session).
+    pub fn seal(&mut self, peer: SocketAddr, data: &[u8], outgoing: &mut Vec<(SocketAddr, Bytes)>) {
+        let Some(s) = self.sessions.get_mut(&peer) else {
+            return;
+        };
+        if s.identity.is_none() {
+            return;
+        }
+        if let Err(e) = s.stream.ssl_write(data) {
+            tracing::debug!(%peer, error = %e, "coaps: cannot encrypt a datagram");
+        }
+        for d in s.stream.get_mut().outgoing.drain(..) {
+            outgoing.push((peer, Bytes::from(d)));
+        }
+    }
+
+    fn new_session(&self, now: Instant, peer: SocketAddr) -> Result<Session, ErrorStack> {
+        let mut ssl = Ssl::new(&self.context)?;
+        ssl.set_ex_data(self.peer_index, peer);
+        ssl.set_mtu(MTU)?;
+        let stream = SslStream::new(ssl, Datagrams::default())?;
+        Ok(Session {
+            stream,
+            identity: None,
+            started: now,
+            last_seen: now,
+        })
+    }
+
+    /// Evicts the least recently used session, preferring an unfinished handshake.
+    fn evict_one(&mut self) {
+        let victim = self
+            .sessions
+            .iter()
+            .min_by_key(|(_, s)| (s.identity.is_some(), s.last_seen))
+            .map(|(p, _)| *p);
+        if let Some(p) = victim {
+            self.sessions.remove(&p);
+        }
+    }
+}
+
+fn is_retry(code: ErrorCode) -> bool {
+    code == ErrorCode::WANT_READ || code == ErrorCode::WANT_WRITE
+}
+
+/// Whether `data` starts with a DTLS record holding the first ClientHello of a handshake
+/// (content type 22, epoch 0, handshake type 1, message_seq 0).
+fn is_initial_client_hello(data: &[u8]) -> bool {
+    data.len() > 18
+        && data[0] == 22
+        && data[3] == 0
+        && data[4] == 0
+        && data[13] == 1
+        && data[17] == 0
+        && data[18] == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hmac_matches_rfc_4231() {
+        // Test case 2.
+        let mac = hmac_sha256(b"Jefe", b"what do ya want for nothing?");
+        assert_eq!(
+            hex::encode(mac),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        // Test case 6: a key longer than the block.
+        let mac = hmac_sha256(
+            &[0xaa; 131],
+            b"Test Using Larger Than Block-Size Key - Hash Key First",
+        );
+        assert_eq!(
+            hex::encode(mac),
+            "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
+        );
+    }
+
+    #[test]
+    fn psk_is_bound_to_the_key_and_the_id() {
+        let a = device_psk(&[1; 32], "dev-1");
+        assert_eq!(a, device_psk(&[1; 32], "dev-1"));
+        assert_ne!(a, device_psk(&[1; 32], "dev-2"));
+        assert_ne!(a, device_psk(&[2; 32], "dev-1"));
+        assert_eq!(a.len(), 43);
+        use base64::Engine;
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(&a)
+            .unwrap();
+        assert_eq!(raw, hmac_sha256(&[1; 32], b"stratus-coap-psk/v1:dev-1"));
+    }
+
+    #[test]
+    fn client_hello_detection() {
+        let mut hello = vec![0u8; 40];
+        hello[0] = 22;
+        hello[13] = 1;
+        assert!(is_initial_client_hello(&hello));
+        hello[18] = 1; // message_seq 1: the hello after HelloVerifyRequest
+        assert!(!is_initial_client_hello(&hello));
+        assert!(!is_initial_client_hello(&[22, 254, 253]));
+    }
+}

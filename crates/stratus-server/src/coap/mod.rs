@@ -1,0 +1,675 @@
+//! The CoAP listeners: plain UDP (`coap`, 5683), DTLS 1.2 PSK (`coaps`, 5684) and the opt-in
+//! multicast discovery socket, each one tokio task driving one sans-IO
+//! [`stratus_coap::Endpoint`], with the device resources of the SPEC.
+//!
+//! ## One task per socket, nothing blocks it
+//! The task loops "receive datagrams → [`Endpoint::handle_datagram`] → send what it wants →
+//! route its events → sleep until [`Endpoint::poll_timeout`]". Resource handlers that need the
+//! store or the telemetry pipeline run as spawned tasks and hand their [`Response`] back
+//! through a channel; the endpoint then answers piggybacked, or — when a CON request waits
+//! longer than a second — with an empty ACK first and a separate CON response later (the
+//! endpoint does that by itself, `Config::separate_response_after`). Pending requests are
+//! bounded (`[coap] max_pending_requests`; beyond, the endpoint answers 5.03), so the channel
+//! is too. Retransmitted CONs are answered from the endpoint's deduplication cache: a
+//! duplicated telemetry POST is stored once.
+//!
+//! ## Resources
+//! | path | methods | answer |
+//! | --- | --- | --- |
+//! | `/.well-known/core` | GET | RFC 6690 link format with `rt`, `if`, `ct`, `obs`, `sz`; query filters (`?rt=stratus.*`); no credentials needed |
+//! | `/telemetry` | POST | a telemetry message (JSON, or CBOR with Content-Format 60) through the one pipeline: 2.04 once durable |
+//! | `/config` | GET (Observe) | the desired config document (the payload of the retained MQTT `devices/{id}/config`), ETag = version |
+//! | `/config/reported` | PUT, POST | stores the reported config (a JSON object): 2.04 |
+//! | `/firmware/{id}` | GET | firmware images (another service) — 4.04 until one exists; large bodies go out Block2 |
+//! | `/upload` | PUT, POST | a Block1 upload (reassembled up to `max_body_bytes`), ingested as one telemetry message: the way to send a large buffered batch; 2.04 (PUT) or 2.01 (POST) |
+//!
+//! Errors: unknown path 4.04, wrong method 4.05 (the endpoint answers unknown method codes
+//! itself), no or bad credentials 4.01, a token that is not a device's 4.03, invalid telemetry
+//! 4.00 with a diagnostic payload naming the record and field, a replayed message 4.09,
+//! too large 4.13 with Size1, the nonce memory full 5.03 with Max-Age 1 (retry), a store
+//! failure 5.00, an unsupported Content-Format 4.15.
+//!
+//! ## Credentials
+//! On plain UDP a request carries `?token=ACCESS_TOKEN`, the device's OAuth access token
+//! (verified with [`Auth::verify_token`]: a MAC and a map lookup, no store read). A Uri-Query
+//! option holds at most 255 bytes (RFC 7252 §5.10, a longer one is answered 4.02 Bad Option)
+//! and an access token is a JWT of about 300, so the token may be — and usually must be —
+//! split over several `token=` items, which are joined in order:
+//! `coap://host/telemetry?token=eyJ0eXAi…&token=…rest`. On CoAPS the DTLS session's PSK
+//! identity is the device id (see [`dtls`]). `token=` items are removed before link-format
+//! filtering.
+//!
+//! ## Observe
+//! `GET /config` with Observe=0 registers the client (peer, token) for its device. The
+//! listener subscribes in-process to the broker on `devices/+/config` (the retained
+//! desired-config messages the HTTP API publishes on every change) and sends each observer of
+//! that device the new document as a notification; a deleted device's observers get 4.04,
+//! which ends their observation; an observer whose access token expired or was revoked gets
+//! 4.01 instead of the next notification.
+//!
+//! ## Amplification guard (RFC 7252 §11.3)
+//! Until a peer has authenticated (a valid token or a DTLS session), every datagram sent to
+//! it is at most `[coap] unverified_response_limit` bytes (default 256, about ten times a
+//! minimal request): a larger body, such as `/.well-known/core` answered to a spoofed source
+//! address, goes out in small Block2 blocks that the real client asks for one by one. DTLS
+//! peers proved their address with the cookie exchange.
+//!
+//! ## Multicast (RFC 7252 §8, RFC 7390 §2; opt-in with `[coap] multicast = true`)
+//! A second socket bound to 224.0.1.187 (and ff02::fd when IPv6 is there) on the CoAP port
+//! answers only `GET /.well-known/core`, after a random Leisure delay of up to
+//! `multicast_leisure_ms`, and never with an error or a reset (§8.1): a discovery whose
+//! filter matches nothing gets no answer at all.
+
+pub mod dtls;
+mod resources;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rand::Rng;
+use stratus_coap::{Endpoint, Event, ExchangeId, Response, Stats, Token};
+use stratus_store::StoreHandle;
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, watch};
+
+use crate::auth::Auth;
+use crate::broker::Broker;
+use crate::config::CoapConfig;
+use crate::pipeline::Pipeline;
+
+pub use resources::link_resources;
+
+/// The CoAP multicast group of IPv4 (RFC 7252 §12.8).
+pub const MULTICAST_V4: Ipv4Addr = Ipv4Addr::new(224, 0, 1, 187);
+/// The link-local CoAP multicast group of IPv6 (RFC 7252 §12.8).
+pub const MULTICAST_V6: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0xfd);
+
+/// The largest datagram read: the UDP maximum, so nothing is ever silently truncated.
+const MAX_DATAGRAM: usize = 65_535;
+/// Datagrams read per wake-up before the task sends, routes and reads the clock again.
+const RECV_BATCH: usize = 64;
+/// Broker messages taken per wake-up.
+const NOTIFY_BATCH: usize = 256;
+/// Longest diagnostic payload of an error response.
+const MAX_DIAGNOSTIC: usize = 160;
+
+/// What every CoAP listener shares.
+pub struct CoapContext {
+    /// Credentials.
+    pub auth: Arc<Auth>,
+    /// The telemetry pipeline.
+    pub pipeline: Arc<Pipeline>,
+    /// The store (desired and reported config).
+    pub store: StoreHandle,
+    /// The broker (config changes).
+    pub broker: Arc<Broker>,
+    /// `[coap]`.
+    pub config: CoapConfig,
+}
+
+/// How a listener's socket is used.
+pub enum Mode {
+    /// Plain CoAP over UDP.
+    Plain,
+    /// CoAP over DTLS 1.2 PSK.
+    Dtls(dtls::DtlsServer),
+    /// Multicast discovery only (see the module docs).
+    Multicast,
+}
+
+impl Mode {
+    fn name(&self) -> &'static str {
+        match self {
+            Mode::Plain => "coap",
+            Mode::Dtls(_) => "coaps",
+            Mode::Multicast => "coap-multicast",
+        }
+    }
+}
+
+/// The endpoint configuration for `[coap]`.
+pub fn endpoint_config(c: &CoapConfig, mode: &Mode) -> stratus_coap::Config {
+    let guard = match mode {
+        // DTLS peers passed the cookie exchange; multicast answers are small and few.
+        Mode::Plain => (c.unverified_response_limit > 0).then_some(c.unverified_response_limit),
+        Mode::Dtls(_) | Mode::Multicast => None,
+    };
+    stratus_coap::Config {
+        max_body_size: c.max_body_bytes,
+        max_pending_requests: c.max_pending_requests,
+        max_observers: c.max_observers,
+        unverified_response_limit: guard,
+        ..stratus_coap::Config::default()
+    }
+}
+
+/// Binds the plain CoAP socket on `ip:port`. With `reuse` (multicast on), the port may be
+/// shared with the multicast socket, and the socket takes no multicast datagrams of groups it
+/// did not join itself.
+pub fn bind_udp(ip: IpAddr, port: u16, reuse: bool) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let addr = SocketAddr::new(ip, port);
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if reuse {
+        socket.set_reuse_address(true)?;
+        if ip.is_ipv4() {
+            // Linux: without this a wildcard-bound socket also gets every joined group's traffic.
+            let _ = socket.set_multicast_all_v4(false);
+        }
+    }
+    socket.set_nonblocking(true)?;
+    // Bursts of small datagrams: a larger receive buffer drops fewer under load.
+    let _ = socket.set_recv_buffer_size(4 << 20);
+    let _ = socket.set_send_buffer_size(4 << 20);
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
+}
+
+/// Binds the multicast sockets on `port`: 224.0.1.187 always (an error when that fails), and
+/// ff02::fd when IPv6 is available (skipped quietly otherwise).
+pub fn bind_multicast(port: u16) -> std::io::Result<Vec<UdpSocket>> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let mut out = Vec::new();
+    let v4 = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    v4.set_reuse_address(true)?;
+    v4.set_nonblocking(true)?;
+    v4.bind(&SocketAddr::new(MULTICAST_V4.into(), port).into())?;
+    v4.join_multicast_v4(&MULTICAST_V4, &Ipv4Addr::UNSPECIFIED)?;
+    out.push(UdpSocket::from_std(v4.into())?);
+    let v6 = (|| -> std::io::Result<UdpSocket> {
+        let s = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
+        s.set_only_v6(true)?;
+        s.set_reuse_address(true)?;
+        s.set_nonblocking(true)?;
+        s.bind(&SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port).into())?;
+        s.join_multicast_v6(&MULTICAST_V6, 0)?;
+        UdpSocket::from_std(s.into())
+    })();
+    match v6 {
+        Ok(s) => out.push(s),
+        Err(e) => tracing::debug!(error = %e, "no IPv6 CoAP multicast (ff02::fd)"),
+    }
+    Ok(out)
+}
+
+/// Serves CoAP on `socket` until `shutdown` turns true.
+pub async fn serve(
+    socket: UdpSocket,
+    ctx: Arc<CoapContext>,
+    mode: Mode,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let seed: u64 = rand::rng().random();
+    let name = mode.name();
+    let ep = match Endpoint::new(endpoint_config(&ctx.config, &mode), seed) {
+        Ok(ep) => ep,
+        Err(e) => {
+            tracing::error!(error = %e, listener = name, "bad CoAP endpoint configuration");
+            return;
+        }
+    };
+    // Only the unicast listeners serve /config observers.
+    let config_feed = match mode {
+        Mode::Multicast => None,
+        _ => ctx
+            .broker
+            .internal_subscriber(&format!("$coap/{name}"), CONFIG_FILTER),
+    };
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+    let mut driver = Driver::new(ctx, ep, mode, done_tx);
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        let deadline = driver.next_deadline();
+        let sleep = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        let config_changed = async {
+            match &config_feed {
+                Some(h) => h.notify.notified().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = crate::stopped(&mut shutdown) => break,
+            r = socket.recv_from(&mut buf) => {
+                match r {
+                    Ok((n, peer)) => {
+                        driver.on_datagram(Instant::now(), peer, &buf[..n]);
+                        // Take what else is already there before answering.
+                        for _ in 1..RECV_BATCH {
+                            match socket.try_recv_from(&mut buf) {
+                                Ok((n, peer)) => driver.on_datagram(Instant::now(), peer, &buf[..n]),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        // ICMP port unreachable from an earlier send surfaces here on Linux.
+                        tracing::trace!(error = %e, listener = name, "udp receive error");
+                    }
+                }
+            }
+            Some(done) = done_rx.recv() => {
+                let now = Instant::now();
+                driver.on_done(now, done);
+                while let Ok(done) = done_rx.try_recv() {
+                    driver.on_done(now, done);
+                }
+            }
+            _ = config_changed => {}
+            _ = sleep => {}
+        }
+        if let Some(h) = &config_feed {
+            loop {
+                let batch = h.take_messages(NOTIFY_BATCH);
+                if batch.is_empty() {
+                    break;
+                }
+                for m in batch {
+                    driver.on_config_message(Instant::now(), m.topic.as_str(), &m.payload);
+                }
+            }
+        }
+        driver.on_timers(Instant::now());
+        driver.pump(Instant::now());
+        for (peer, data) in driver.outgoing.drain(..) {
+            if let Err(e) = socket.send_to(&data, peer).await {
+                tracing::debug!(error = %e, %peer, listener = name, "udp send failed");
+            }
+        }
+        driver.sync_stats();
+    }
+    if let Some(h) = &config_feed {
+        driver.ctx.broker.unsubscribe(h, CONFIG_FILTER);
+    }
+    driver.release_observers();
+}
+
+/// The broker filter of desired-config changes.
+const CONFIG_FILTER: &str = "devices/+/config";
+
+/// A handler's answer, sent back to the listener task.
+pub(crate) enum Done {
+    /// Answer the exchange.
+    Respond {
+        exchange: ExchangeId,
+        response: Response,
+    },
+    /// Answer a `GET /config`; when it asked to observe, remember the observer.
+    Config {
+        exchange: ExchangeId,
+        response: Response,
+        observer: Option<NewObserver>,
+        device: String,
+        version: u64,
+    },
+}
+
+/// An observer to remember once its registration is answered.
+pub(crate) struct NewObserver {
+    peer: SocketAddr,
+    token: Token,
+    /// The access token it authenticated with (plain UDP), checked again before each
+    /// notification.
+    access_token: Option<String>,
+}
+
+struct Observer {
+    device: String,
+    access_token: Option<String>,
+}
+
+/// The state of one listener task, apart from its socket.
+pub(crate) struct Driver {
+    ctx: Arc<CoapContext>,
+    ep: Endpoint,
+    mode: Mode,
+    done_tx: mpsc::UnboundedSender<Done>,
+    /// Datagrams to send (already sealed for DTLS).
+    outgoing: Vec<(SocketAddr, Bytes)>,
+    observers: HashMap<(SocketAddr, Token), Observer>,
+    by_device: HashMap<String, HashSet<(SocketAddr, Token)>>,
+    /// Devices with a `GET /config` being read, and the newest document published for each
+    /// meanwhile (so an observer never misses a change that raced its registration).
+    config_reads: HashMap<String, (usize, Option<Bytes>)>,
+    /// Multicast answers waiting out their Leisure: (due, sequence) → answer.
+    leisure: BTreeMap<(Instant, u64), (ExchangeId, Response)>,
+    leisure_seq: u64,
+    last_stats: Stats,
+}
+
+impl Driver {
+    fn new(
+        ctx: Arc<CoapContext>,
+        ep: Endpoint,
+        mode: Mode,
+        done_tx: mpsc::UnboundedSender<Done>,
+    ) -> Driver {
+        Driver {
+            ctx,
+            ep,
+            mode,
+            done_tx,
+            outgoing: Vec::new(),
+            observers: HashMap::new(),
+            by_device: HashMap::new(),
+            config_reads: HashMap::new(),
+            leisure: BTreeMap::new(),
+            leisure_seq: 0,
+            last_stats: Stats::default(),
+        }
+    }
+
+    /// When the task must wake up next.
+    fn next_deadline(&self) -> Option<Instant> {
+        let mut next = self.ep.poll_timeout();
+        if let Some(((at, _), _)) = self.leisure.first_key_value() {
+            next = Some(next.map_or(*at, |n| n.min(*at)));
+        }
+        if let Mode::Dtls(d) = &self.mode {
+            if let Some(at) = d.poll_timeout() {
+                next = Some(next.map_or(at, |n| n.min(at)));
+            }
+        }
+        next
+    }
+
+    /// One received datagram (ciphertext on CoAPS).
+    fn on_datagram(&mut self, now: Instant, peer: SocketAddr, data: &[u8]) {
+        self.ctx.broker.metrics.coap_datagrams_received.inc();
+        match &mut self.mode {
+            Mode::Dtls(d) => {
+                let mut plain = Vec::new();
+                if d.on_datagram(now, peer, data, &mut plain, &mut self.outgoing) {
+                    // The cookie exchange proved the address.
+                    self.ep.set_verified(now, peer, true);
+                }
+                for p in plain {
+                    self.ep.handle_datagram(now, peer, &p);
+                }
+            }
+            _ => self.ep.handle_datagram(now, peer, data),
+        }
+        self.pump(now);
+    }
+
+    /// Handles due timers of the endpoint, the DTLS sessions and the multicast Leisure.
+    fn on_timers(&mut self, now: Instant) {
+        while self.ep.poll_timeout().is_some_and(|t| t <= now) {
+            self.ep.handle_timeout(now);
+        }
+        if let Mode::Dtls(d) = &mut self.mode {
+            for peer in d.handle_timeout(now) {
+                self.forget_peer(peer);
+            }
+        }
+        while let Some(entry) = self.leisure.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let (exchange, response) = entry.remove();
+            self.respond(now, exchange, response);
+        }
+    }
+
+    /// Drains the endpoint's transmits (sealing them for DTLS) and events.
+    fn pump(&mut self, now: Instant) {
+        loop {
+            let mut progressed = false;
+            while let Some(t) = self.ep.poll_transmit() {
+                progressed = true;
+                match &mut self.mode {
+                    Mode::Dtls(d) => d.seal(t.peer, &t.data, &mut self.outgoing),
+                    // Never an error or a reset in answer to a multicast request (§8.1).
+                    Mode::Multicast if !multicast_may_send(&t.data) => {}
+                    _ => self.outgoing.push((t.peer, t.data)),
+                }
+            }
+            while let Some(ev) = self.ep.poll_event() {
+                progressed = true;
+                self.on_event(now, ev);
+            }
+            if !progressed {
+                break;
+            }
+        }
+    }
+
+    fn on_event(&mut self, now: Instant, ev: Event) {
+        match ev {
+            Event::Request {
+                peer,
+                exchange,
+                request,
+            } => self.on_request(now, peer, exchange, request),
+            Event::ObserveCancelled { peer, token, .. } => {
+                self.remove_observer(peer, token);
+            }
+            Event::DeliveryFailed { peer, .. } => {
+                tracing::debug!(%peer, "coap separate response never acknowledged");
+            }
+            // This server sends no requests of its own.
+            Event::Response { .. } | Event::RequestFailed { .. } => {}
+        }
+    }
+
+    /// Answers `exchange`, counting the response by code class.
+    fn respond(&mut self, now: Instant, exchange: ExchangeId, response: Response) {
+        let class = response.code.class();
+        if self.ep.respond(now, exchange, response).is_ok() {
+            self.ctx.broker.metrics.coap_response(class);
+        }
+    }
+
+    fn on_done(&mut self, now: Instant, done: Done) {
+        match done {
+            Done::Respond { exchange, response } => self.respond(now, exchange, response),
+            Done::Config {
+                exchange,
+                response,
+                observer,
+                device,
+                version,
+            } => {
+                let fresher = match self.config_reads.get_mut(&device) {
+                    Some((n, newest)) => {
+                        *n -= 1;
+                        let fresher = newest.clone();
+                        if *n == 0 {
+                            self.config_reads.remove(&device);
+                        }
+                        fresher
+                    }
+                    None => None,
+                };
+                let observing = observer.is_some() && response.code.is_success();
+                self.respond(now, exchange, response);
+                let Some(o) = observer.filter(|_| observing) else {
+                    return;
+                };
+                let key = (o.peer, o.token);
+                self.observers.insert(
+                    key,
+                    Observer {
+                        device: device.clone(),
+                        access_token: o.access_token,
+                    },
+                );
+                self.by_device
+                    .entry(device.clone())
+                    .or_default()
+                    .insert(key);
+                self.ctx
+                    .broker
+                    .metrics
+                    .coap_observers
+                    .set(self.observers.len() as i64);
+                // A change published while the document was read reaches it now.
+                if let Some(doc) = fresher {
+                    if config_version(&doc).is_some_and(|v| v > version) {
+                        self.notify_one(now, key, &doc);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A retained `devices/{id}/config` message from the broker.
+    fn on_config_message(&mut self, now: Instant, topic: &str, payload: &Bytes) {
+        let Some(device) = topic
+            .strip_prefix("devices/")
+            .and_then(|t| t.strip_suffix("/config"))
+        else {
+            return;
+        };
+        if let Some((_, newest)) = self.config_reads.get_mut(device) {
+            *newest = Some(payload.clone());
+        }
+        let Some(keys) = self.by_device.get(device) else {
+            return;
+        };
+        let keys: Vec<_> = keys.iter().copied().collect();
+        for key in keys {
+            self.notify_one(now, key, payload);
+        }
+    }
+
+    /// Sends one observer the config document `doc` (empty: the device is gone).
+    fn notify_one(&mut self, now: Instant, key: (SocketAddr, Token), doc: &Bytes) {
+        let Some(obs) = self.observers.get(&key) else {
+            return;
+        };
+        let still_valid = match &obs.access_token {
+            Some(t) => self
+                .ctx
+                .auth
+                .verify_token(t)
+                .is_ok_and(|(p, _)| p.is_device(&obs.device)),
+            None => self.ctx.auth.is_device(&obs.device),
+        };
+        let response = if doc.is_empty() {
+            resources::diagnostic(stratus_coap::Code::NOT_FOUND, "the device was deleted")
+        } else if !still_valid {
+            resources::diagnostic(
+                stratus_coap::Code::UNAUTHORIZED,
+                "the observation's credentials are no longer valid",
+            )
+        } else {
+            resources::config_response(doc.clone(), config_version(doc).unwrap_or(0))
+        };
+        let ending = !response.code.is_success();
+        match self.ep.notify_observer(now, key.0, key.1, response) {
+            Ok(()) => {
+                self.ctx.broker.metrics.coap_notifications.inc();
+            }
+            Err(_) => {
+                self.remove_observer(key.0, key.1);
+                return;
+            }
+        }
+        if ending {
+            self.remove_observer(key.0, key.1);
+        }
+    }
+
+    fn remove_observer(&mut self, peer: SocketAddr, token: Token) {
+        if let Some(o) = self.observers.remove(&(peer, token)) {
+            if let Some(set) = self.by_device.get_mut(&o.device) {
+                set.remove(&(peer, token));
+                if set.is_empty() {
+                    self.by_device.remove(&o.device);
+                }
+            }
+            self.ctx
+                .broker
+                .metrics
+                .coap_observers
+                .set(self.observers.len() as i64);
+        }
+    }
+
+    /// A DTLS session ended: its observers go with it.
+    fn forget_peer(&mut self, peer: SocketAddr) {
+        let keys: Vec<_> = self
+            .observers
+            .keys()
+            .filter(|k| k.0 == peer)
+            .copied()
+            .collect();
+        for (p, t) in keys {
+            self.ep.cancel_observer(p, t);
+            self.remove_observer(p, t);
+        }
+        self.ep.set_verified(Instant::now(), peer, false);
+    }
+
+    /// Leaves the observer gauge as if this listener never existed.
+    fn release_observers(&mut self) {
+        let keys: Vec<_> = self.observers.keys().copied().collect();
+        for (p, t) in keys {
+            self.remove_observer(p, t);
+        }
+    }
+
+    /// Mirrors the endpoint's counters into the metrics.
+    fn sync_stats(&mut self) {
+        let s = self.ep.stats().clone();
+        let m = &self.ctx.broker.metrics;
+        m.coap_bad_datagrams
+            .inc_by(s.malformed.saturating_sub(self.last_stats.malformed));
+        m.coap_duplicates
+            .inc_by(s.duplicates.saturating_sub(self.last_stats.duplicates));
+        if let Mode::Dtls(d) = &mut self.mode {
+            let (bad, failed) = d.take_counts();
+            m.coap_bad_datagrams.inc_by(bad);
+            m.coap_dtls_handshake_failures.inc_by(failed);
+        }
+        self.last_stats = s;
+    }
+
+    /// Schedules a multicast answer after a random Leisure (RFC 7252 §8.2).
+    fn respond_after_leisure(&mut self, now: Instant, exchange: ExchangeId, response: Response) {
+        let max = self.ctx.config.multicast_leisure_ms;
+        let delay = if max == 0 {
+            0
+        } else {
+            rand::rng().random_range(0..=max)
+        };
+        self.leisure_seq += 1;
+        self.leisure.insert(
+            (now + Duration::from_millis(delay), self.leisure_seq),
+            (exchange, response),
+        );
+    }
+}
+
+/// The desired-config version in a config document.
+fn config_version(doc: &[u8]) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Doc {
+        version: u64,
+    }
+    serde_json::from_slice::<Doc>(doc).ok().map(|d| d.version)
+}
+
+/// Whether a datagram may answer a multicast request: not a RST, not a 4.xx/5.xx.
+fn multicast_may_send(data: &[u8]) -> bool {
+    match data {
+        [first, code, ..] => {
+            let rst = (first >> 4) & 3 == 3;
+            let class = code >> 5;
+            !rst && class != 4 && class != 5
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests;

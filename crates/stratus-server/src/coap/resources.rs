@@ -1,0 +1,414 @@
+//! The CoAP resources: routing by path and method, credentials, and the handlers (see the
+//! [module docs](super) for the table).
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use bytes::Bytes;
+use stratus_coap::link_format::{self, LinkResource};
+use stratus_coap::{Code, ContentFormat, ExchangeId, Message, Response};
+use stratus_store::StoreError;
+
+use super::{Done, Driver, Mode, NewObserver, MAX_DIAGNOSTIC};
+use crate::api::devices::config::{config_payload, parse_config, store_reported};
+use crate::auth::{AuthError, Kind};
+use crate::ingest::{self, IngestError};
+use crate::pipeline::{Rejected, Source};
+
+/// What a path names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Route {
+    WellKnownCore,
+    Telemetry,
+    Config,
+    ConfigReported,
+    Firmware(String),
+    Upload,
+    Unknown,
+}
+
+fn route(path: &[&str]) -> Route {
+    match path {
+        [".well-known", "core"] => Route::WellKnownCore,
+        ["telemetry"] => Route::Telemetry,
+        ["config"] => Route::Config,
+        ["config", "reported"] => Route::ConfigReported,
+        ["firmware", id] if !id.is_empty() => Route::Firmware((*id).to_string()),
+        ["upload"] => Route::Upload,
+        _ => Route::Unknown,
+    }
+}
+
+/// The resources `/.well-known/core` describes, for a body limit of `max_body` bytes.
+pub fn link_resources(max_body: usize) -> Vec<LinkResource> {
+    let json = ContentFormat::JSON.0;
+    let cbor = ContentFormat::CBOR.0;
+    vec![
+        LinkResource::new("/telemetry")
+            .rt("stratus.telemetry")
+            .interface("core.s")
+            .ct(json)
+            .ct(cbor)
+            .title("telemetry (POST)"),
+        LinkResource::new("/config")
+            .rt("stratus.config")
+            .interface("core.p")
+            .ct(json)
+            .observable()
+            .title("desired configuration (GET, Observe)"),
+        LinkResource::new("/config/reported")
+            .rt("stratus.config.reported")
+            .interface("core.p")
+            .ct(json)
+            .title("reported configuration (PUT)"),
+        LinkResource::new("/upload")
+            .rt("stratus.upload")
+            .interface("core.s")
+            .ct(json)
+            .ct(cbor)
+            .size(max_body as u64)
+            .title("large telemetry batch (Block1 PUT/POST)"),
+        LinkResource::new("/firmware")
+            .rt("stratus.firmware")
+            .ct(ContentFormat::OCTET_STREAM.0)
+            .title("firmware images: /firmware/{id} (Block2)"),
+    ]
+}
+
+/// An error response with a short UTF-8 diagnostic payload (RFC 7252 §5.5.2).
+pub(crate) fn diagnostic(code: Code, why: &str) -> Response {
+    let mut end = why.len().min(MAX_DIAGNOSTIC);
+    while !why.is_char_boundary(end) {
+        end -= 1;
+    }
+    Response::new(code).with_payload(Bytes::copy_from_slice(&why.as_bytes()[..end]))
+}
+
+/// A `/config` representation: the config document with ETag = version.
+pub(crate) fn config_response(doc: Bytes, version: u64) -> Response {
+    let mut r = Response::new(Code::CONTENT)
+        .with_payload(doc)
+        .with_content_format(ContentFormat::JSON);
+    r.options.set_etag(&etag(version));
+    r
+}
+
+/// The ETag of a config version: the version as a CoAP uint (big-endian, no leading zero
+/// bytes, at least one byte).
+pub(crate) fn etag(version: u64) -> Vec<u8> {
+    let bytes = version.to_be_bytes();
+    let skip = bytes.iter().take(7).take_while(|b| **b == 0).count();
+    bytes[skip..].to_vec()
+}
+
+/// The authenticated device of a request.
+struct Device {
+    id: String,
+    /// The access token it used (plain UDP).
+    token: Option<String>,
+}
+
+impl Driver {
+    /// Routes one request.
+    pub(super) fn on_request(
+        &mut self,
+        now: Instant,
+        peer: SocketAddr,
+        exchange: ExchangeId,
+        req: Message,
+    ) {
+        let path = match req.options.uri_path() {
+            Ok(p) => p,
+            Err(_) => {
+                let r = diagnostic(Code::BAD_OPTION, "Uri-Path is not UTF-8");
+                return self.respond(now, exchange, r);
+            }
+        };
+        let route = route(&path);
+        if matches!(self.mode, Mode::Multicast) {
+            return self.on_multicast(now, exchange, &req, &route);
+        }
+        let allowed: &[Code] = match route {
+            Route::WellKnownCore | Route::Config | Route::Firmware(_) => &[Code::GET],
+            Route::Telemetry => &[Code::POST],
+            Route::ConfigReported | Route::Upload => &[Code::PUT, Code::POST],
+            Route::Unknown => {
+                let r = diagnostic(Code::NOT_FOUND, "no such resource");
+                return self.respond(now, exchange, r);
+            }
+        };
+        if !allowed.contains(&req.code) {
+            return self.respond(now, exchange, Response::new(Code::METHOD_NOT_ALLOWED));
+        }
+        if route == Route::WellKnownCore {
+            let r = self.well_known_core(&req);
+            return self.respond(now, exchange, r);
+        }
+        let device = match self.authenticate(now, peer, &req) {
+            Ok(d) => d,
+            Err(r) => return self.respond(now, exchange, r),
+        };
+        match route {
+            Route::Telemetry | Route::Upload => self.telemetry(exchange, &req, device, &route),
+            Route::Config => self.get_config(exchange, peer, &req, device),
+            Route::ConfigReported => self.put_reported(exchange, &req, device),
+            Route::Firmware(id) => {
+                let r = diagnostic(Code::NOT_FOUND, &format!("no firmware {id:?}"));
+                self.respond(now, exchange, r);
+            }
+            Route::WellKnownCore | Route::Unknown => {}
+        }
+    }
+
+    /// A request that came to the multicast group: only discovery is answered.
+    fn on_multicast(&mut self, now: Instant, exchange: ExchangeId, req: &Message, route: &Route) {
+        if *route == Route::WellKnownCore && req.code == Code::GET {
+            let r = self.well_known_core(req);
+            if !r.payload.is_empty() {
+                return self.respond_after_leisure(now, exchange, r);
+            }
+        }
+        // Answered at once so the exchange is released; the answer is never sent (§8.1).
+        self.respond(now, exchange, Response::new(Code::NOT_FOUND));
+    }
+
+    fn well_known_core(&self, req: &Message) -> Response {
+        let queries: Vec<&str> = req
+            .options
+            .uri_query()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|q| !q.starts_with("token="))
+            .collect();
+        let body =
+            link_format::well_known_core(&link_resources(self.ctx.config.max_body_bytes), &queries);
+        if body.is_empty() && !queries.is_empty() {
+            // RFC 6690 §4.1: nothing matched the filter.
+            return Response::new(Code::NOT_FOUND);
+        }
+        Response::new(Code::CONTENT)
+            .with_payload(body)
+            .with_content_format(ContentFormat::LINK_FORMAT)
+    }
+
+    /// The device behind a request: its DTLS identity, or its `?token=` access token.
+    fn authenticate(
+        &mut self,
+        now: Instant,
+        peer: SocketAddr,
+        req: &Message,
+    ) -> Result<Device, Response> {
+        if let Mode::Dtls(d) = &self.mode {
+            return match d.identity(peer) {
+                Some(id) if self.ctx.auth.is_device(id) => Ok(Device {
+                    id: id.to_string(),
+                    token: None,
+                }),
+                _ => {
+                    self.ctx.broker.metrics.auth_failure("coap");
+                    Err(diagnostic(
+                        Code::UNAUTHORIZED,
+                        "the DTLS identity is no longer a device",
+                    ))
+                }
+            };
+        }
+        let parts: Vec<&str> = req
+            .options
+            .uri_query()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|q| q.strip_prefix("token="))
+            .collect();
+        let token = parts.concat();
+        if token.is_empty() {
+            self.ctx.broker.metrics.auth_failure("coap");
+            return Err(diagnostic(
+                Code::UNAUTHORIZED,
+                "credentials required: ?token=ACCESS_TOKEN",
+            ));
+        }
+        match self.ctx.auth.verify_token(&token) {
+            Ok((p, _)) => {
+                // It knows a valid token: it is who it says, at its address (§11.3).
+                self.ep.set_verified(now, peer, true);
+                if p.kind != Kind::Device {
+                    return Err(diagnostic(
+                        Code::FORBIDDEN,
+                        "the token is not a device's: CoAP resources are for devices",
+                    ));
+                }
+                Ok(Device {
+                    id: p.id,
+                    token: Some(token),
+                })
+            }
+            Err(e) => {
+                self.ctx.broker.metrics.auth_failure("coap");
+                let why = match e {
+                    AuthError::InvalidToken(why) => why,
+                    _ => "invalid token",
+                };
+                Err(diagnostic(Code::UNAUTHORIZED, why))
+            }
+        }
+    }
+
+    /// `POST /telemetry`, and `PUT`/`POST /upload` (the same, reassembled from Block1).
+    fn telemetry(&mut self, exchange: ExchangeId, req: &Message, device: Device, route: &Route) {
+        let format = match req.options.content_format() {
+            Ok(None) => ingest::ContentFormat::Json,
+            Ok(Some(cf)) => match ingest::ContentFormat::from_coap(cf.0) {
+                Some(f) => f,
+                None => {
+                    let r = diagnostic(
+                        Code::UNSUPPORTED_CONTENT_FORMAT,
+                        "telemetry is JSON (50) or CBOR (60)",
+                    );
+                    return self.spawn_done(Done::Respond {
+                        exchange,
+                        response: r,
+                    });
+                }
+            },
+            Err(_) => {
+                let r = diagnostic(Code::BAD_OPTION, "bad Content-Format");
+                return self.spawn_done(Done::Respond {
+                    exchange,
+                    response: r,
+                });
+            }
+        };
+        let ok = match (route, req.code) {
+            (Route::Upload, Code::POST) => Code::CREATED,
+            _ => Code::CHANGED,
+        };
+        let pipeline = self.ctx.pipeline.clone();
+        let payload = req.payload.clone();
+        let tx = self.done_tx.clone();
+        tokio::spawn(async move {
+            let result = pipeline
+                .ingest(&device.id, payload, format, Source::Coap)
+                .await;
+            let response = match result {
+                Ok(_) => Response::new(ok),
+                Err(e) => rejection(e),
+            };
+            let _ = tx.send(Done::Respond { exchange, response });
+        });
+    }
+
+    /// `GET /config`, Observe=0 registering.
+    fn get_config(&mut self, exchange: ExchangeId, peer: SocketAddr, req: &Message, d: Device) {
+        let observe = matches!(req.options.observe(), Ok(Some(0)));
+        let observer = observe.then(|| NewObserver {
+            peer,
+            token: req.token,
+            access_token: d.token.clone(),
+        });
+        let etags: Vec<Vec<u8>> = req
+            .options
+            .etags()
+            .into_iter()
+            .map(<[u8]>::to_vec)
+            .collect();
+        self.config_reads.entry(d.id.clone()).or_insert((0, None)).0 += 1;
+        let store = self.ctx.store.clone();
+        let tx = self.done_tx.clone();
+        tokio::spawn(async move {
+            let (response, version) = match store.device(&d.id).await {
+                Ok(Some(dev)) => {
+                    let version = dev.desired.version;
+                    let mut r = config_response(config_payload(&dev.desired), version);
+                    if etags.iter().any(|e| *e == etag(version)) {
+                        // RFC 7252 §5.10.6: the client's copy is current.
+                        r = Response::new(Code::VALID);
+                        r.options.set_etag(&etag(version));
+                    }
+                    if observe {
+                        r = r.observing();
+                    }
+                    (r, version)
+                }
+                Ok(None) => (diagnostic(Code::NOT_FOUND, "the device was deleted"), 0),
+                Err(e) => {
+                    tracing::error!(device = %d.id, error = %e, "coap: reading the config failed");
+                    (diagnostic(Code::INTERNAL_SERVER_ERROR, "store failure"), 0)
+                }
+            };
+            let _ = tx.send(Done::Config {
+                exchange,
+                response,
+                observer,
+                device: d.id,
+                version,
+            });
+        });
+    }
+
+    /// `PUT /config/reported`.
+    fn put_reported(&mut self, exchange: ExchangeId, req: &Message, d: Device) {
+        let value = match parse_config(&req.payload) {
+            Ok(v) => v,
+            Err(e) => {
+                let r = diagnostic(Code::BAD_REQUEST, &e.to_string());
+                return self.spawn_done(Done::Respond {
+                    exchange,
+                    response: r,
+                });
+            }
+        };
+        let store = self.ctx.store.clone();
+        let tx = self.done_tx.clone();
+        tokio::spawn(async move {
+            let response = match store_reported(&store, &d.id, value).await {
+                Ok(_) => Response::new(Code::CHANGED),
+                Err(StoreError::NotFound { .. }) => {
+                    diagnostic(Code::NOT_FOUND, "the device was deleted")
+                }
+                Err(StoreError::Invalid(why)) => diagnostic(Code::BAD_REQUEST, &why),
+                Err(e) => {
+                    tracing::error!(device = %d.id, error = %e, "coap: storing the reported config failed");
+                    diagnostic(Code::INTERNAL_SERVER_ERROR, "store failure")
+                }
+            };
+            let _ = tx.send(Done::Respond { exchange, response });
+        });
+    }
+
+    /// Queues an answer through the same channel as the handlers' (keeps the order simple).
+    fn spawn_done(&mut self, done: Done) {
+        let _ = self.done_tx.send(done);
+    }
+}
+
+/// The CoAP form of a refused telemetry message.
+pub(crate) fn rejection(e: Rejected) -> Response {
+    match e {
+        Rejected::Invalid(IngestError::TooLarge { len, max }) => {
+            let mut r = diagnostic(
+                Code::REQUEST_ENTITY_TOO_LARGE,
+                &format!("{len} bytes is more than the {max} bytes allowed"),
+            );
+            r.options.set_size1(u32::try_from(max).unwrap_or(u32::MAX));
+            r
+        }
+        Rejected::Invalid(e) => diagnostic(Code::BAD_REQUEST, &e.to_string()),
+        Rejected::Replay(r) if r.is_capacity() => {
+            let mut resp = diagnostic(Code::SERVICE_UNAVAILABLE, &r.to_string());
+            resp.options.set_max_age(1);
+            resp
+        }
+        Rejected::Replay(r) => diagnostic(Code::CONFLICT, &r.to_string()),
+        Rejected::Store(StoreError::NotFound { .. }) => {
+            diagnostic(Code::NOT_FOUND, "the device was deleted")
+        }
+        Rejected::Store(e @ StoreError::Invalid(_)) => {
+            diagnostic(Code::BAD_REQUEST, &e.to_string())
+        }
+        Rejected::Store(e) => {
+            tracing::error!(error = %e, "coap: storing telemetry failed");
+            diagnostic(Code::INTERNAL_SERVER_ERROR, "store failure")
+        }
+    }
+}

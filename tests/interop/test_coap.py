@@ -1,0 +1,421 @@
+"""CoAP interop: libcoap's coap-client (notls/openssl/gnutls builds) and Python aiocoap against
+`stratus serve` — discovery, telemetry (CON and NON), errors, Observe of the desired config
+after an HTTP change, Block1 uploads, a duplicated CON stored once, hostile datagrams, and
+CoAPS (DTLS 1.2 PSK).
+
+A device authenticates on plain UDP with `?token=ACCESS_TOKEN`; a JWT is longer than the
+255 bytes a Uri-Query option may hold, so it travels split over several `token=` items.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import random
+import shutil
+import socket
+import struct
+import subprocess
+import time
+
+import pytest
+import requests
+
+from cloud import ADMIN_SECRET, Cloud
+
+aiocoap = pytest.importorskip("aiocoap")
+
+COAP_CONFIG = "[coap]\ndtls = true\ndtls_port = 0\n"
+# A non-confirmable request (aiocoap ≥ 0.4.8 spells it transport_tuning).
+NON = ({"transport_tuning": aiocoap.Unreliable} if hasattr(aiocoap, "Unreliable")
+       else {"mtype": aiocoap.NON})
+
+
+def coap_client(flavour="notls"):
+    path = shutil.which(f"coap-client-{flavour}")
+    if path is None:
+        pytest.skip(f"coap-client-{flavour} (libcoap3-bin) is not installed")
+    return path
+
+
+def token_query(token: str) -> str:
+    return "&".join(f"token={token[i:i + 200]}" for i in range(0, len(token), 200))
+
+
+def token_opts(token: str) -> list:
+    """coap-client (libcoap 4.3) keeps only ~70 bytes of a URI's query: pass the token's
+    Uri-Query items (option 15) with -O instead."""
+    out = []
+    for item in token_query(token).split("&"):
+        out += ["-O", f"15,{item}"]
+    return out
+
+
+@pytest.fixture
+def srv(start_server):
+    s = start_server("coap", env={"STRATUS_ADMIN_SECRET": ADMIN_SECRET}, config=COAP_CONFIG,
+                     anonymous=False, start=False)
+    s.start(wait=("mqtt", "http", "coap", "coaps"))
+    s.coap = s.listening()["coap"]
+    s.coaps = s.listening()["coaps"]
+    return s
+
+
+@pytest.fixture
+def device(srv):
+    cloud = Cloud(srv)
+    dev, secret = cloud.add_device()
+    token = cloud.token(dev, secret)
+    return cloud, dev, secret, token
+
+
+def run_client(args, flavour="notls", timeout=20, input=None):
+    cmd = [coap_client(flavour), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=input)
+
+
+def wait_points(cloud, dev, key, n, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    pts = []
+    while time.monotonic() < deadline:
+        pts = cloud.points(dev, key)
+        if len(pts) >= n:
+            return pts
+        time.sleep(0.05)
+    return pts
+
+
+# ---- raw datagrams ---------------------------------------------------------------------
+
+def encode_options(options):
+    """options: list of (number, bytes), sorted by number."""
+    out = b""
+    last = 0
+    for num, val in sorted(options, key=lambda o: o[0]):
+        delta = num - last
+        last = num
+        def ext(v):
+            if v < 13:
+                return v, b""
+            if v < 269:
+                return 13, bytes([v - 13])
+            return 14, struct.pack(">H", v - 269)
+        d, dx = ext(delta)
+        ln, lx = ext(len(val))
+        out += bytes([(d << 4) | ln]) + dx + lx + val
+    return out
+
+
+def raw_request(mtype, code, mid, token, path, queries=(), payload=b"", content_format=None):
+    opts = [(11, seg.encode()) for seg in path.strip("/").split("/")]
+    opts += [(15, q.encode()) for q in queries]
+    if content_format is not None:
+        opts.append((12, bytes([content_format]) if content_format else b""))
+    head = bytes([0x40 | (mtype << 4) | len(token), code]) + struct.pack(">H", mid) + token
+    body = encode_options(opts)
+    if payload:
+        body += b"\xff" + payload
+    return head + body
+
+
+def parse_response(data):
+    tkl = data[0] & 0x0F
+    code = data[1]
+    mtype = (data[0] >> 4) & 3
+    mid = struct.unpack(">H", data[2:4])[0]
+    marker = data.find(b"\xff", 4 + tkl)
+    payload = data[marker + 1:] if marker >= 0 else b""
+    return mtype, f"{code >> 5}.{code & 31:02d}", mid, payload
+
+
+def udp(port, timeout=5.0):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(timeout)
+    s.connect(("127.0.0.1", port))
+    return s
+
+
+# ---- libcoap ---------------------------------------------------------------------------
+
+def test_discovery_with_libcoap_and_filters(srv):
+    out = run_client(["-m", "get", f"coap://127.0.0.1:{srv.coap}/.well-known/core"])
+    assert out.returncode == 0, out.stderr
+    doc = out.stdout
+    for href in ("</telemetry>", "</config>", "</config/reported>", "</upload>", "</firmware>"):
+        assert href in doc, doc
+    assert 'rt="stratus.config"' in doc and ";obs" in doc and 'if="core.p"' in doc and "sz=" in doc
+    out = run_client(["-m", "get", f"coap://127.0.0.1:{srv.coap}/.well-known/core?rt=stratus.config"])
+    assert out.stdout.strip().startswith('</config>;rt="stratus.config"'), out.stdout
+    assert "</telemetry>" not in out.stdout
+
+
+def test_telemetry_con_and_non_with_libcoap(device):
+    cloud, dev, _, token = device
+    port = cloud.srv.coap
+    url = f"coap://127.0.0.1:{port}/telemetry"
+    t = token_opts(token)
+    out = run_client([*t, "-m", "post", "-t", "50", "-e", '{"temperature": 20.5}', url])
+    assert out.returncode == 0 and "4." not in out.stdout + out.stderr, (out.stdout, out.stderr)
+    out = run_client([*t, "-N", "-m", "post", "-t", "50", "-e",
+                      '{"date": "2018-04-04", "time": "09:30:00", "temperature": 21.5}', url])
+    assert out.returncode == 0, out.stderr
+    pts = wait_points(cloud, dev, "temperature", 2)
+    assert sorted(p["value"] for p in pts) == [20.5, 21.5], pts
+
+
+def test_errors_with_libcoap(device):
+    cloud, dev, _, token = device
+    port = cloud.srv.coap
+    q = token_opts(token)
+    def code_of(args):
+        out = run_client(["-v", "6", *args])
+        text = out.stdout + out.stderr
+        for line in text.splitlines():
+            if "t:ACK" in line or "t:NON c:4" in line or "t:CON c:4" in line:
+                if " c:" in line:
+                    c = line.split(" c:")[1].split()[0]
+                    if c[0] in "245":
+                        return c, text
+        return None, text
+    c, text = code_of(["-m", "get", *q, f"coap://127.0.0.1:{port}/no/such"])
+    assert c == "4.04", text
+    c, text = code_of(["-m", "get", *q, f"coap://127.0.0.1:{port}/telemetry"])
+    assert c == "4.05", text
+    c, text = code_of(["-m", "post", "-e", '{"t": 1}', f"coap://127.0.0.1:{port}/telemetry"])
+    assert c == "4.01", text
+    c, text = code_of(["-m", "post", "-e", '{"t": 1}', f"coap://127.0.0.1:{port}/telemetry?token=bogus"])
+    assert c == "4.01", text
+    c, text = code_of(["-m", "post", "-e", '{"t": [1]}', *q, f"coap://127.0.0.1:{port}/telemetry"])
+    assert c == "4.00", text
+    assert 'field \\"t\\"' in text or 'field "t"' in text or "field" in text, text
+    admin_token = cloud.token("admin", ADMIN_SECRET)
+    c, text = code_of(["-m", "get", *token_opts(admin_token), f"coap://127.0.0.1:{port}/config"])
+    assert c == "4.03", text
+    c, text = code_of(["-m", "get", *q, f"coap://127.0.0.1:{port}/firmware/fw-1"])
+    assert c == "4.04", text
+
+
+def test_replay_is_4_09(device):
+    cloud, dev, _, token = device
+    url = f"coap://127.0.0.1:{cloud.srv.coap}/telemetry"
+    t = token_opts(token)
+    body = json.dumps({"sent": int(time.time() * 1000), "nonce": "coap-n1", "v": 1})
+    first = run_client([*t, "-v", "6", "-m", "post", "-t", "50", "-e", body, url])
+    assert "c:2.04" in first.stdout + first.stderr, first.stdout + first.stderr
+    again = run_client([*t, "-v", "6", "-m", "post", "-t", "50", "-e", body, url])
+    assert "c:4.09" in again.stdout + again.stderr, again.stdout + again.stderr
+    assert len(cloud.points(dev, "v")) == 1
+
+
+def test_block1_upload_with_libcoap(device, tmp_path):
+    cloud, dev, _, token = device
+    records = [{"ts": 1_700_000_000_000 + i, "level": i} for i in range(200)]
+    path = tmp_path / "batch.json"
+    path.write_text(json.dumps(records))
+    assert path.stat().st_size > 4096
+    url = f"coap://127.0.0.1:{cloud.srv.coap}/upload"
+    out = run_client([*token_opts(token), "-v", "6", "-b", "64", "-m", "put", "-t", "50", "-f", str(path), url])
+    text = out.stdout + out.stderr
+    # Each block is acknowledged 2.31 Continue; the last one's 2.04 carries the final Block1.
+    assert out.returncode == 0 and "Block1:0/M/64" in text and "c:2.04" in text, text
+    pts = wait_points(cloud, dev, "level", 200)
+    assert len(pts) == 200
+
+
+# ---- raw UDP ---------------------------------------------------------------------------
+
+def test_duplicated_con_is_stored_once(device):
+    cloud, dev, _, token = device
+    q = token_query(token).split("&")
+    mid = random.randrange(65536)
+    dgram = raw_request(0, 0x02, mid, b"\x01\x02\x03\x04", "/telemetry", q,
+                        b'{"pressure": 1013.25}', content_format=50)
+    s = udp(cloud.srv.coap)
+    replies = []
+    for _ in range(3):
+        s.send(dgram)
+        replies.append(s.recv(2048))
+    s.close()
+    assert all(r == replies[0] for r in replies), replies
+    mtype, code, rmid, _ = parse_response(replies[0])
+    assert (mtype, code, rmid) == (2, "2.04", mid)
+    time.sleep(0.3)
+    assert len(cloud.points(dev, "pressure")) == 1
+    assert cloud.metric("stratus_coap_duplicates") >= 2
+
+
+def test_hostile_datagrams_leave_the_server_serving(device):
+    cloud, dev, _, token = device
+    port = cloud.srv.coap
+    s = udp(port)
+    rnd = random.Random(7)
+    junk = [b"", b"\x00", b"\xff" * 3, b"\x80\x01\x00\x01",  # version 2
+            b"\x48\x01\x00\x01\x01",  # token length 8, truncated
+            b"\x40\x01\x00\x01\xd0",  # option with a missing extended delta
+            b"\x40\x01\x00\x01\xff",  # payload marker and no payload
+            b"\x4f\x01\x00\x01",  # token length 15 (reserved)
+            ]
+    junk += [bytes(rnd.randrange(256) for _ in range(rnd.randrange(1, 300))) for _ in range(300)]
+    good = raw_request(0, 0x02, 4242, b"\x09", "/telemetry", token_query(token).split("&"),
+                       b'{"after": 1}')
+    for j in junk:
+        s.send(j)
+    s.send(good)
+    s.settimeout(5)
+    deadline = time.monotonic() + 5
+    answered = False
+    while time.monotonic() < deadline and not answered:
+        try:
+            data = s.recv(4096)
+        except socket.timeout:
+            break
+        mtype, code, mid, _ = parse_response(data)
+        answered = mid == 4242 and code == "2.04"
+    s.close()
+    assert answered
+    assert cloud.srv.alive()
+    assert cloud.metric("stratus_coap_bad_datagrams") >= 5
+    out = run_client(["-m", "get", f"coap://127.0.0.1:{port}/.well-known/core"])
+    assert "</telemetry>" in out.stdout
+
+
+# ---- aiocoap ---------------------------------------------------------------------------
+
+def aio(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def test_aiocoap_get_post_put_and_non(device):
+    cloud, dev, _, token = device
+    base = f"coap://127.0.0.1:{cloud.srv.coap}"
+    q = token_query(token)
+
+    async def go():
+        ctx = await aiocoap.Context.create_client_context()
+        try:
+            r = await ctx.request(aiocoap.Message(code=aiocoap.GET, uri=f"{base}/.well-known/core")).response
+            assert r.code == aiocoap.CONTENT and b"</config>" in r.payload
+            r = await ctx.request(aiocoap.Message(
+                code=aiocoap.POST, uri=f"{base}/telemetry?{q}", payload=b'{"rpm": 1200}',
+                content_format=50)).response
+            assert r.code == aiocoap.CHANGED, r
+            r = await ctx.request(aiocoap.Message(
+                **NON, code=aiocoap.POST, uri=f"{base}/telemetry?{q}",
+                payload=b'{"rpm": 1300}')).response
+            assert r.code == aiocoap.CHANGED, r
+            r = await ctx.request(aiocoap.Message(
+                code=aiocoap.PUT, uri=f"{base}/config/reported?{q}",
+                payload=b'{"interval": 9}')).response
+            assert r.code == aiocoap.CHANGED, r
+            r = await ctx.request(aiocoap.Message(code=aiocoap.DELETE, uri=f"{base}/config?{q}")).response
+            assert r.code == aiocoap.METHOD_NOT_ALLOWED, r
+            r = await ctx.request(aiocoap.Message(code=aiocoap.GET, uri=f"{base}/config?{q}")).response
+            assert r.code == aiocoap.CONTENT
+            doc = json.loads(r.payload)
+            assert doc["version"] == 0 and doc["config"] == {}
+            assert r.opt.etag == b"\x00"
+        finally:
+            await ctx.shutdown()
+
+    aio(go())
+    assert sorted(p["value"] for p in wait_points(cloud, dev, "rpm", 2)) == [1200, 1300]
+    r = requests.get(cloud.url(f"/api/v1/devices/{dev}"), headers=cloud.admin, timeout=10)
+    assert r.json()["reported"]["config"] == {"interval": 9}
+
+
+def test_aiocoap_observe_gets_http_config_changes(device):
+    cloud, dev, _, token = device
+    base = f"coap://127.0.0.1:{cloud.srv.coap}"
+
+    async def go():
+        ctx = await aiocoap.Context.create_client_context()
+        try:
+            req = aiocoap.Message(code=aiocoap.GET, uri=f"{base}/config?{token_query(token)}", observe=0)
+            pr = ctx.request(req)
+            first = await pr.response
+            assert first.code == aiocoap.CONTENT and first.opt.observe is not None
+            assert json.loads(first.payload)["version"] == 0
+            notes = pr.observation.__aiter__()
+            loop = asyncio.get_running_loop()
+            for version, value in ((1, {"interval": 5}), (2, {"interval": 6, "mode": "eco"})):
+                r = await loop.run_in_executor(None, lambda: requests.put(
+                    cloud.url(f"/api/v1/devices/{dev}/config"), json=value,
+                    headers=cloud.admin, timeout=10))
+                assert r.status_code == 200, r.text
+                n = await asyncio.wait_for(notes.__anext__(), 10)
+                doc = json.loads(n.payload)
+                assert doc["version"] == version and doc["config"] == value, doc
+                assert n.opt.etag == bytes([version])
+            # Deleting the device ends the observation with 4.04.
+            r = await loop.run_in_executor(None, lambda: requests.delete(
+                cloud.url(f"/api/v1/devices/{dev}"), headers=cloud.admin, timeout=10))
+            assert r.status_code in (200, 204), r.text
+            try:
+                n = await asyncio.wait_for(notes.__anext__(), 10)
+                assert n.code == aiocoap.NOT_FOUND
+            except (StopAsyncIteration, aiocoap.error.Error):
+                pass
+        finally:
+            await ctx.shutdown()
+
+    aio(go())
+
+
+def test_libcoap_observe_gets_a_notification(device, tmp_path):
+    cloud, dev, _, token = device
+    url = f"coap://127.0.0.1:{cloud.srv.coap}/config"
+    proc = subprocess.Popen([coap_client(), *token_opts(token), "-s", "6", "-B", "8", "-m", "get", url],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and cloud.metric("stratus_coap_observers") < 1:
+            time.sleep(0.05)
+        assert cloud.metric("stratus_coap_observers") >= 1
+        r = requests.put(cloud.url(f"/api/v1/devices/{dev}/config"), json={"led": "on"},
+                         headers=cloud.admin, timeout=10)
+        assert r.status_code == 200, r.text
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # coap-client prints each representation as it comes, without a separator.
+    docs, rest, dec = [], out.strip(), json.JSONDecoder()
+    while rest.startswith("{"):
+        doc, end = dec.raw_decode(rest)
+        docs.append(doc)
+        rest = rest[end:].lstrip()
+    assert [d["version"] for d in docs][:2] == [0, 1], (out, err)
+    assert docs[1]["config"] == {"led": "on"}
+
+
+# ---- CoAPS -----------------------------------------------------------------------------
+
+def device_psk(srv, dev):
+    key = (srv.data_dir / "coap-psk.key").read_bytes()
+    mac = hmac.new(key, b"stratus-coap-psk/v1:" + dev.encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(mac).decode().rstrip("=")
+
+
+@pytest.mark.parametrize("flavour", ["openssl", "gnutls"])
+def test_dtls_psk_with_libcoap(device, flavour):
+    cloud, dev, _, _ = device
+    srv = cloud.srv
+    psk = device_psk(srv, dev)
+    url = f"coaps://127.0.0.1:{srv.coaps}"
+    out = run_client(["-v", "6", "-u", dev, "-k", psk, "-m", "post", "-t", "50",
+                      "-e", f'{{"dtls_{flavour}": 1}}', f"{url}/telemetry"], flavour=flavour)
+    text = out.stdout + out.stderr
+    assert "c:2.04" in text, text
+    assert len(wait_points(cloud, dev, f"dtls_{flavour}", 1)) == 1
+    out = run_client(["-u", dev, "-k", psk, "-m", "get", f"{url}/config"], flavour=flavour)
+    assert json.loads(out.stdout.strip().splitlines()[-1])["version"] == 0, out.stdout + out.stderr
+    # A wrong key or an unknown identity gets nothing.
+    for user, key in ((dev, "not-the-key"), ("nobody", psk)):
+        out = run_client(["-B", "3", "-u", user, "-k", key, "-m", "post", "-e", '{"x": 1}',
+                          f"{url}/telemetry"], flavour=flavour)
+        assert "2.04" not in out.stdout
+    assert cloud.points(dev, "x") == []
+    assert srv.alive()
