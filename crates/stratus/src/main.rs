@@ -1,5 +1,10 @@
 //! `stratus`: the command-line entry point. Parses arguments, loads configuration and hands
 //! over to `stratus-server`; everything of substance lives in the library crates.
+//!
+//! The admin subcommands (`stratus device`, `stratus audit`) talk to a running server over HTTP
+//! with `reqwest` (async on tokio, reusing the hyper/rustls/ring the server already builds;
+//! rustls with webpki roots so `--server https://…` works) or open a data dir's store with
+//! `stratus-store` directly.
 
 use std::io::IsTerminal;
 use std::net::IpAddr;
@@ -9,6 +14,11 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use stratus_server::{Config, Overrides, Server};
+
+mod admin;
+mod audit_cmd;
+mod device_cmd;
+mod sim;
 
 /// Stratus: an IoT cloud in one binary.
 #[derive(Parser, Debug)]
@@ -24,6 +34,12 @@ enum Command {
     Serve(ServeArgs),
     /// Load-test a broker on this machine (loopback only).
     Bench(stratus_bench::BenchArgs),
+    /// Manage devices on a running server (or on a data dir when none runs).
+    Device(device_cmd::DeviceArgs),
+    /// Verify the audit log's hash chain.
+    Audit(audit_cmd::AuditArgs),
+    /// Simulate a fleet of devices (MQTT, HTTP, CoAP) against a running server.
+    Sim(sim::SimArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -49,6 +65,10 @@ struct ServeArgs {
     /// Let MQTT clients without credentials connect and use any topic outside `devices/`.
     #[arg(long)]
     allow_anonymous: bool,
+    /// Also run a simulated fleet (a dozen devices over MQTT, HTTP and CoAP) so the dashboard
+    /// is alive at once.
+    #[arg(long)]
+    demo: bool,
 }
 
 fn main() -> ExitCode {
@@ -70,6 +90,22 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Bench(args) => stratus_bench::run(args),
+        Command::Device(args) => report(device_cmd::run(args).map(|()| true)),
+        Command::Audit(args) => report(audit_cmd::run(args)),
+        Command::Sim(args) => report(sim::run(args)),
+    }
+}
+
+/// The exit code of an admin subcommand: 0 done, 1 a negative answer (already printed) or a
+/// runtime failure, 2 a usage error; failures are printed on one line.
+fn report(result: anyhow::Result<bool>) -> ExitCode {
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("stratus: {e:#}");
+            ExitCode::from(admin::exit_code(&e))
+        }
     }
 }
 
@@ -105,7 +141,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(run(config)) {
+    match runtime.block_on(run(config, args.demo)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("stratus: {e:#}");
@@ -114,7 +150,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(config: Config, demo: bool) -> anyhow::Result<()> {
     // Handlers first: a signal sent as soon as the listening lines appear must be caught.
     let signals = Signals::install()?;
     let data_dir = config.server.data_dir.clone();
@@ -122,11 +158,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
     println!("listening mqtt {}", server.mqtt_addr);
     println!("listening http {}", server.http_addr);
     println!("listening ws {}", server.http_addr);
+    println!("listening coap {}", server.coap_addr);
     if let Some(addr) = server.mqtts_addr {
         println!("listening mqtts {addr}");
     }
     if let Some(addr) = server.https_addr {
         println!("listening https {addr}");
+    }
+    if let Some(addr) = server.coaps_addr {
+        println!("listening coaps {addr}");
     }
     if let Some(secret) = &server.admin_secret {
         // Shown once; the file keeps it for `stratus device …` and the dashboard.
@@ -135,9 +175,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
             data_dir.join("admin-secret").display()
         );
     }
+    let demo = demo.then(|| sim::start_demo(&server, &data_dir));
     tracing::info!(mqtt = %server.mqtt_addr, http = %server.http_addr, "stratus is running");
     signals.wait().await;
     tracing::info!("shutting down");
+    if let Some(fleet) = demo {
+        sim::stop_demo(fleet).await;
+    }
     server.shutdown(Duration::from_secs(4)).await;
     Ok(())
 }

@@ -1,0 +1,473 @@
+//! The CoAP transport (RFC 7252 over plain UDP): the workspace's sans-IO `stratus-coap`
+//! [`Endpoint`] in its client role, driven by one tokio `UdpSocket` — "send what it wants,
+//! feed it what arrives, wake it when it asks".
+//!
+//! Resources (SPEC "CoAP resources"): `POST /telemetry` with the JSON envelope, `GET /config`
+//! polled every [`DeviceBuilder::config_poll_interval`](crate::DeviceBuilder::config_poll_interval),
+//! `PUT /config/reported`. Every request carries the device's access token as
+//! `?token=…`; a JWT is longer than one Uri-Query option may be (255 bytes), so it is split
+//! over several `token=` items, which the server joins in order.
+//!
+//! Requests are confirmable and retransmitted by the endpoint (1 s initial timeout, 3
+//! retransmissions, so an unreachable server is noticed within about 15 s); a retransmitted
+//! POST carries the same nonce and the server's deduplication answers it from its cache, so it
+//! is stored once. Messages are kept small (about 1 KiB of records, so that a datagram with
+//! the token fits a 1280-byte IPv6 MTU), one at a time.
+//!
+//! Answers: 2.04 settles; 4.01 refreshes the token and retries once; 4.09 (replay) resends
+//! with a new envelope; 4.00 and 4.13 split the batch until the bad record is alone, then drop
+//! it; 4.03 and 4.04 mean the credentials are wrong; 5.03, other 5.xx and timeouts keep
+//! everything and back off.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use stratus_coap::{Code, ContentFormat, Endpoint, Event, Message, Request, Response};
+use tokio::net::UdpSocket;
+use tokio::time::Instant;
+
+use crate::token::TokenError;
+use crate::{record, Backoff, DesiredConfig, Error, Shared, Status};
+
+/// Most bytes of records in one CoAP message.
+const MAX_BYTES: usize = 1024;
+/// 409s a batch gets before it is split like an invalid one.
+const REPLAYS: u8 = 3;
+/// The longest `token=` item (a Uri-Query option holds at most 255 bytes).
+const TOKEN_CHUNK: usize = 240;
+
+/// CoAP settings.
+pub(crate) struct Settings {
+    pub peer: SocketAddr,
+    pub config_poll: Duration,
+}
+
+/// `coap://HOST:PORT` or `HOST:PORT` (default port 5683); resolved once.
+pub(crate) async fn resolve(url: Option<&str>, server: &reqwest::Url) -> Result<SocketAddr, Error> {
+    let target = match url {
+        Some(u) => {
+            let rest = match u.split_once("://") {
+                Some(("coap", rest)) => rest,
+                Some((scheme, _)) => {
+                    return Err(Error::config(
+                        "coap",
+                        format!(
+                        "{u:?}: scheme {scheme:?} (only coap:// is supported; coaps:// needs DTLS)"
+                    ),
+                    ))
+                }
+                None => u,
+            };
+            let rest = rest.trim_end_matches('/');
+            let has_port = match rest.rfind(']') {
+                Some(end) => rest[end..].contains(':'),
+                None => rest.contains(':'),
+            };
+            if has_port {
+                rest.to_string()
+            } else {
+                format!("{rest}:5683")
+            }
+        }
+        None => {
+            let host = server.host_str().unwrap_or("127.0.0.1");
+            if host.contains(':') && !host.starts_with('[') {
+                format!("[{host}]:5683")
+            } else {
+                format!("{host}:5683")
+            }
+        }
+    };
+    let found = tokio::net::lookup_host(target.as_str())
+        .await
+        .map_err(|e| Error::config("coap", format!("{target:?}: {e}")))?
+        .next();
+    found.ok_or_else(|| Error::config("coap", format!("{target:?} resolves to nothing")))
+}
+
+/// Why a step could not finish.
+enum Stop {
+    Transient(String),
+    Unauthorized(String),
+    Closed,
+}
+
+/// The socket and the endpoint.
+struct Client {
+    socket: UdpSocket,
+    endpoint: Endpoint,
+    peer: SocketAddr,
+    buf: Vec<u8>,
+}
+
+impl Client {
+    async fn new(peer: SocketAddr) -> Result<Client, String> {
+        let bind: SocketAddr = if peer.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let socket = UdpSocket::bind(bind).await.map_err(|e| e.to_string())?;
+        let config = stratus_coap::Config {
+            ack_timeout: Duration::from_secs(1),
+            max_retransmit: 3,
+            ..stratus_coap::Config::default()
+        };
+        let endpoint = Endpoint::new(config, rand::random()).map_err(|e| e.to_string())?;
+        Ok(Client {
+            socket,
+            endpoint,
+            peer,
+            buf: vec![0; 64 * 1024],
+        })
+    }
+
+    /// Sends one request and waits for its response.
+    async fn exchange(&mut self, shared: &Shared, request: Request) -> Result<Message, Stop> {
+        let id = self
+            .endpoint
+            .send_request(std::time::Instant::now(), self.peer, request)
+            .map_err(|e| Stop::Transient(format!("CoAP request: {e}")))?;
+        loop {
+            while let Some(t) = self.endpoint.poll_transmit() {
+                // A lost datagram is the endpoint's to retransmit.
+                let _ = self.socket.send_to(&t.data, t.peer).await;
+            }
+            while let Some(event) = self.endpoint.poll_event() {
+                match event {
+                    Event::Response {
+                        request, response, ..
+                    } if request == id => return Ok(response),
+                    Event::RequestFailed {
+                        request, reason, ..
+                    } if request == id => {
+                        return Err(Stop::Transient(format!("CoAP request failed: {reason:?}")))
+                    }
+                    Event::Request { exchange, .. } => {
+                        // A device serves nothing.
+                        let _ = self.endpoint.respond(
+                            std::time::Instant::now(),
+                            exchange,
+                            Response::new(Code::NOT_FOUND),
+                        );
+                    }
+                    _ => {}
+                }
+            }
+            while let Some(t) = self.endpoint.poll_transmit() {
+                let _ = self.socket.send_to(&t.data, t.peer).await;
+            }
+            let wake = self.endpoint.poll_timeout().map(Instant::from_std);
+            let timer = async move {
+                match wake {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shared.cancel.cancelled() => {
+                    self.endpoint.cancel_request(id);
+                    return Err(Stop::Closed);
+                }
+                received = self.socket.recv_from(&mut self.buf) => {
+                    if let Ok((n, from)) = received {
+                        self.endpoint.handle_datagram(std::time::Instant::now(), from, &self.buf[..n]);
+                    }
+                }
+                _ = timer => self.endpoint.handle_timeout(std::time::Instant::now()),
+            }
+        }
+    }
+}
+
+struct Worker {
+    shared: Arc<Shared>,
+    client: Client,
+    config_version: Option<u64>,
+    max_records: usize,
+}
+
+/// The device task.
+pub(crate) async fn run(shared: Arc<Shared>, s: Settings) {
+    let client = match Client::new(s.peer).await {
+        Ok(c) => c,
+        Err(e) => {
+            shared.set_status(Status::Offline(format!("no UDP socket: {e}")));
+            shared.cancel.cancelled().await;
+            shared.set_status(Status::Closed);
+            return;
+        }
+    };
+    let mut w = Worker {
+        max_records: shared.batch.max_records,
+        shared,
+        client,
+        config_version: None,
+    };
+    let mut backoff = Backoff::new();
+    let mut next_poll = Instant::now();
+    loop {
+        if w.shared.cancel.is_cancelled() {
+            break;
+        }
+        let result = async {
+            if Instant::now() >= next_poll {
+                w.poll_config().await?;
+                next_poll = Instant::now() + s.config_poll;
+            }
+            w.send_report().await?;
+            w.send_batch().await
+        }
+        .await;
+        match result {
+            Ok(more) => {
+                backoff.reset();
+                if more {
+                    continue;
+                }
+                tokio::select! {
+                    _ = w.shared.cancel.cancelled() => break,
+                    _ = w.shared.wake.notified() => {}
+                    _ = tokio::time::sleep_until(next_poll) => {}
+                }
+            }
+            Err(Stop::Closed) => break,
+            Err(stop) => {
+                let delay = match stop {
+                    Stop::Unauthorized(reason) => {
+                        w.shared.set_status(Status::Unauthorized(reason));
+                        backoff.next_delay().max(Duration::from_secs(5))
+                    }
+                    Stop::Transient(reason) => {
+                        w.shared.set_status(Status::Offline(reason));
+                        backoff.next_delay()
+                    }
+                    Stop::Closed => break,
+                };
+                tokio::select! {
+                    _ = w.shared.cancel.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+    w.shared.set_status(Status::Closed);
+}
+
+/// `?token=…` split into items a Uri-Query option can hold.
+fn add_token(options: &mut stratus_coap::Options, token: &str) {
+    let mut rest = token;
+    while !rest.is_empty() {
+        let mut cut = rest.len().min(TOKEN_CHUNK);
+        while !rest.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let (chunk, tail) = rest.split_at(cut);
+        options.add_uri_query(&format!("token={chunk}"));
+        rest = tail;
+    }
+}
+
+impl Worker {
+    /// One request with the access token; a 4.01 refreshes the token and retries once.
+    async fn call(
+        &mut self,
+        code: Code,
+        path: &str,
+        body: Option<String>,
+    ) -> Result<Message, Stop> {
+        for attempt in 0..2 {
+            let token = self.shared.tokens.get().await.map_err(|e| match e {
+                TokenError::Refused(r) => Stop::Unauthorized(r),
+                TokenError::Unavailable(r) => Stop::Transient(r),
+            })?;
+            let mut request = Request::new(code, path);
+            add_token(&mut request.options, &token);
+            if let Some(b) = &body {
+                request.options.set_content_format(ContentFormat::JSON);
+                request.payload = bytes::Bytes::from(b.clone());
+            }
+            let answer = self.client.exchange(&self.shared, request).await?;
+            if answer.code.class() != 5 && answer.code != Code::TOO_MANY_REQUESTS {
+                self.shared.connected();
+            }
+            if answer.code == Code::UNAUTHORIZED {
+                self.shared.tokens.invalidate(&token);
+                if attempt == 0 {
+                    continue;
+                }
+                return Err(Stop::Unauthorized(diagnostic(&answer)));
+            }
+            return Ok(answer);
+        }
+        Err(Stop::Unauthorized("4.01".into()))
+    }
+
+    async fn poll_config(&mut self) -> Result<(), Stop> {
+        let a = self.call(Code::GET, "/config", None).await?;
+        if a.code.is_success() {
+            match serde_json::from_slice::<DesiredConfig>(&a.payload) {
+                Ok(doc) => {
+                    self.config_version = Some(doc.version);
+                    self.shared.desired(doc);
+                }
+                Err(e) => {
+                    tracing::warn!(device = %self.shared.id, error = %e, "unreadable desired configuration")
+                }
+            }
+            return Ok(());
+        }
+        if a.code == Code::FORBIDDEN || a.code == Code::NOT_FOUND {
+            return Err(Stop::Unauthorized(diagnostic(&a)));
+        }
+        Err(Stop::Transient(format!(
+            "GET /config answered {}: {}",
+            code_name(a.code),
+            diagnostic(&a)
+        )))
+    }
+
+    async fn send_report(&mut self) -> Result<(), Stop> {
+        let Some(report) = self.shared.take_report() else {
+            return Ok(());
+        };
+        match self
+            .call(Code::PUT, "/config/reported", Some(report.to_string()))
+            .await
+        {
+            Ok(a) if a.code.is_success() => {
+                self.shared.report_done();
+                Ok(())
+            }
+            Ok(a) if a.code.class() == 4 && a.code != Code::TOO_MANY_REQUESTS => {
+                tracing::warn!(device = %self.shared.id, code = %code_name(a.code), "the server refused the reported configuration: {}", diagnostic(&a));
+                self.shared.report_done();
+                Ok(())
+            }
+            Ok(a) => {
+                self.shared.report_back(report);
+                Err(Stop::Transient(format!(
+                    "PUT /config/reported answered {}",
+                    code_name(a.code)
+                )))
+            }
+            Err(e) => {
+                self.shared.report_back(report);
+                Err(e)
+            }
+        }
+    }
+
+    /// Sends one batch; `Ok(true)` when more records wait.
+    async fn send_batch(&mut self) -> Result<bool, Stop> {
+        let shared = self.shared.clone();
+        let batch = shared
+            .buffer
+            .lock()
+            .take(self.max_records, shared.batch.max_bytes.min(MAX_BYTES));
+        if batch.is_empty() {
+            return Ok(false);
+        }
+        let body = record::envelope(
+            shared.tokens.server_now_ms(),
+            batch.iter().map(|e| &*e.json),
+        );
+        shared
+            .counters
+            .messages
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let a = match self.call(Code::POST, "/telemetry", Some(body)).await {
+            Ok(a) => a,
+            Err(e) => {
+                shared.requeue(batch);
+                return Err(e);
+            }
+        };
+        match a.code {
+            c if c.is_success() => {
+                shared.acked(&batch);
+                self.max_records = (self.max_records * 2).min(shared.batch.max_records);
+            }
+            Code::CONFLICT => {
+                let mut batch = batch;
+                let stale = batch.iter().map(|e| e.refusals).max().unwrap_or(0);
+                if stale + 1 >= REPLAYS {
+                    self.max_records = shared.refused(batch, REPLAYS + 1, "4.09 replay");
+                } else {
+                    for e in &mut batch {
+                        e.refusals += 1;
+                    }
+                    shared.requeue(batch);
+                }
+            }
+            Code::BAD_REQUEST | Code::REQUEST_ENTITY_TOO_LARGE => {
+                let why = format!("{}: {}", code_name(a.code), diagnostic(&a));
+                self.max_records = shared.refused(batch, 1, &why);
+            }
+            Code::FORBIDDEN | Code::NOT_FOUND => {
+                shared.requeue(batch);
+                return Err(Stop::Unauthorized(diagnostic(&a)));
+            }
+            c => {
+                shared.requeue(batch);
+                return Err(Stop::Transient(format!(
+                    "POST /telemetry answered {}: {}",
+                    code_name(c),
+                    diagnostic(&a)
+                )));
+            }
+        }
+        let more = shared.buffer.lock().queued() > 0;
+        Ok(more)
+    }
+}
+
+fn code_name(c: Code) -> String {
+    format!("{}.{:02}", c.class(), c.detail())
+}
+
+/// The diagnostic payload of an error response.
+fn diagnostic(m: &Message) -> String {
+    String::from_utf8_lossy(&m.payload)
+        .chars()
+        .take(200)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_tokens_are_split_over_query_items() {
+        let token = "a".repeat(600);
+        let mut o = stratus_coap::Options::new();
+        add_token(&mut o, &token);
+        let items = o.uri_query().unwrap();
+        assert_eq!(items.len(), 3);
+        assert!(items
+            .iter()
+            .all(|i| i.len() <= 255 && i.starts_with("token=")));
+        let joined: String = items.iter().map(|i| &i[6..]).collect();
+        assert_eq!(joined, token);
+    }
+
+    #[tokio::test]
+    async fn coap_urls_resolve() {
+        let server = reqwest::Url::parse("http://127.0.0.1:8080").unwrap();
+        assert_eq!(
+            resolve(None, &server).await.unwrap(),
+            "127.0.0.1:5683".parse().unwrap()
+        );
+        assert_eq!(
+            resolve(Some("coap://127.0.0.1:9"), &server).await.unwrap(),
+            "127.0.0.1:9".parse().unwrap()
+        );
+        assert_eq!(
+            resolve(Some("127.0.0.1"), &server).await.unwrap(),
+            "127.0.0.1:5683".parse().unwrap()
+        );
+        assert!(resolve(Some("coaps://127.0.0.1"), &server).await.is_err());
+    }
+}
