@@ -1,7 +1,9 @@
-//! Command-line arguments of `stratus bench` and their validation into a [`Plan`].
+//! Command-line arguments of `stratus bench` and their validation into a [`Plan`] (MQTT) or
+//! an [`HttpPlan`] (HTTP).
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Subcommand, ValueEnum};
@@ -26,6 +28,18 @@ pub enum BenchCommand {
     /// Exit code 1 when a scenario lost QoS 1/2 or retained messages, lost idle connections,
     /// failed or timed out.
     Mqtt(MqttArgs),
+    /// Load the HTTP API of a Stratus server on this machine: batched and single-record
+    /// telemetry ingestion and aggregation queries (the benchmarks of issue #5).
+    ///
+    /// Scenarios: ingest-batch (8 keep-alive connections POSTing batches of 1,000 records,
+    /// 5,000,000 points), ingest-single (64 keep-alive connections POSTing one record per
+    /// request, closed loop, for 10 s), aggregate (10,000,000 points of one series loaded in
+    /// batches of 10,000, then `agg=avg&interval=1m` over all of them, 5 times). Each scenario
+    /// reports its figures next to the issue's target. Registers devices `bench-<run>-N` with
+    /// the admin credentials and leaves them and their telemetry behind: use a scratch data dir.
+    /// Exit code 1 when a request failed, a check of the answers failed or a scenario timed
+    /// out (a missed target alone is not a failure).
+    Http(HttpArgs),
 }
 
 /// Arguments of `stratus bench mqtt`.
@@ -174,6 +188,237 @@ pub fn scaled(n: u64, scale: f64) -> u64 {
     ((n as f64 * scale).round() as u64).max(1)
 }
 
+/// Arguments of `stratus bench http`.
+#[derive(Args, Debug, Clone)]
+pub struct HttpArgs {
+    /// The server's base URL; only `http://` on loopback is accepted (127.0.0.0/8, ::1 or
+    /// localhost).
+    #[arg(long, value_name = "URL", default_value = DEFAULT_SERVER)]
+    pub server: String,
+    /// Scenario to run, or `all` (in the order listed).
+    #[arg(long, value_enum, default_value_t = HttpScenarioArg::All)]
+    pub scenario: HttpScenarioArg,
+    /// The admin secret (used to register the bench devices).
+    #[arg(
+        long,
+        value_name = "SECRET",
+        env = "STRATUS_ADMIN_SECRET",
+        hide_env_values = true
+    )]
+    pub admin_secret: Option<String>,
+    /// File holding the admin secret, read when neither --admin-secret nor
+    /// STRATUS_ADMIN_SECRET is given.
+    #[arg(long, value_name = "FILE", default_value = DEFAULT_ADMIN_SECRET_FILE)]
+    pub admin_secret_file: PathBuf,
+    /// Multiplies point counts and the single-record duration (0.01 is the CI smoke size);
+    /// no count goes below 1 and no duration below 1 s. Connection counts and batch sizes stay
+    /// as the scenario defines them.
+    #[arg(long, default_value_t = 1.0)]
+    pub scale: f64,
+    /// PID of the server process: its CPU time is read from /proc.
+    #[arg(long, value_name = "PID")]
+    pub server_pid: Option<u32>,
+    /// Output format: human-readable text, or one JSON object per scenario per line.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+    /// Time limit per scenario in seconds (setup and loading included); a scenario that does
+    /// not finish in time reports what it got and fails.
+    #[arg(long, value_name = "SECS", default_value_t = 300.0)]
+    pub timeout: f64,
+}
+
+/// The server `stratus bench http` loads when `--server` is not given.
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:8080";
+
+/// Where `stratus serve` writes a generated admin secret with the default data dir.
+pub const DEFAULT_ADMIN_SECRET_FILE: &str = "./stratus-data/admin-secret";
+
+/// An HTTP scenario name on the command line.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpScenarioArg {
+    /// Every scenario, in order.
+    All,
+    /// 8 connections × 625 batches of 1,000 records → points/s acknowledged (202).
+    IngestBatch,
+    /// 64 connections, one record per request, closed loop for 10 s → requests/s.
+    IngestSingle,
+    /// 10,000,000 points of one series, then avg per 1-minute bucket over all of them.
+    Aggregate,
+}
+
+/// One HTTP scenario to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpScenario {
+    /// See [`HttpScenarioArg::IngestBatch`].
+    IngestBatch,
+    /// See [`HttpScenarioArg::IngestSingle`].
+    IngestSingle,
+    /// See [`HttpScenarioArg::Aggregate`].
+    Aggregate,
+}
+
+impl HttpScenario {
+    /// Every scenario in the order `all` runs them.
+    pub const ALL: [HttpScenario; 3] = [
+        HttpScenario::IngestBatch,
+        HttpScenario::IngestSingle,
+        HttpScenario::Aggregate,
+    ];
+
+    /// The scenario's name as on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            HttpScenario::IngestBatch => "ingest-batch",
+            HttpScenario::IngestSingle => "ingest-single",
+            HttpScenario::Aggregate => "aggregate",
+        }
+    }
+}
+
+impl fmt::Display for HttpScenario {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Validated arguments of `stratus bench http`.
+#[derive(Clone)]
+pub struct HttpPlan {
+    /// The server's HTTP listener.
+    pub addr: SocketAddr,
+    /// The base URL as given (for reports), without a trailing slash.
+    pub base_url: String,
+    /// Scenarios in order.
+    pub scenarios: Vec<HttpScenario>,
+    /// The admin secret.
+    pub admin_secret: String,
+    /// Count multiplier.
+    pub scale: f64,
+    /// Server PID for /proc figures.
+    pub server_pid: Option<u32>,
+    /// Output format.
+    pub format: Format,
+    /// Per-scenario time limit.
+    pub timeout: Duration,
+}
+
+impl fmt::Debug for HttpPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpPlan")
+            .field("addr", &self.addr)
+            .field("scenarios", &self.scenarios)
+            .field("admin_secret", &"<redacted>")
+            .field("scale", &self.scale)
+            .field("server_pid", &self.server_pid)
+            .field("format", &self.format)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+impl HttpArgs {
+    /// Validates the arguments and finds the admin secret.
+    pub fn plan(&self) -> Result<HttpPlan, UsageError> {
+        let addr = loopback_http_url(&self.server)?;
+        check_scale_and_timeout(self.scale, self.timeout)?;
+        let admin_secret = match self.admin_secret.as_deref().map(str::trim) {
+            Some(s) if !s.is_empty() => s.to_string(),
+            _ => read_secret_file(&self.admin_secret_file)?,
+        };
+        let scenarios = match self.scenario {
+            HttpScenarioArg::All => HttpScenario::ALL.to_vec(),
+            HttpScenarioArg::IngestBatch => vec![HttpScenario::IngestBatch],
+            HttpScenarioArg::IngestSingle => vec![HttpScenario::IngestSingle],
+            HttpScenarioArg::Aggregate => vec![HttpScenario::Aggregate],
+        };
+        Ok(HttpPlan {
+            addr,
+            base_url: self.server.trim_end_matches('/').to_string(),
+            scenarios,
+            admin_secret,
+            scale: self.scale,
+            server_pid: self.server_pid,
+            format: self.format,
+            timeout: Duration::from_secs_f64(self.timeout),
+        })
+    }
+}
+
+fn read_secret_file(path: &std::path::Path) -> Result<String, UsageError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        UsageError(format!(
+            "no admin secret: --admin-secret and STRATUS_ADMIN_SECRET are not set and {} \
+             cannot be read ({e}); pass --admin-secret-file",
+            path.display()
+        ))
+    })?;
+    let secret = text.lines().next().unwrap_or("").trim();
+    if secret.is_empty() {
+        return Err(UsageError(format!(
+            "admin secret file {} is empty",
+            path.display()
+        )));
+    }
+    Ok(secret.to_string())
+}
+
+fn check_scale_and_timeout(scale: f64, timeout: f64) -> Result<(), UsageError> {
+    if !(scale.is_finite() && scale > 0.0) {
+        return Err(UsageError(format!(
+            "--scale must be a positive number, got {scale}"
+        )));
+    }
+    if !(timeout.is_finite() && timeout > 0.0 && timeout <= 86_400.0) {
+        return Err(UsageError(format!(
+            "--timeout must be between 0 and 86400 seconds, got {timeout}"
+        )));
+    }
+    Ok(())
+}
+
+/// The socket address of an `http://HOST[:PORT][/]` URL whose host is loopback (port 80 when
+/// none is given). Anything else — another scheme, a path, a remote host — is refused.
+pub fn loopback_http_url(url: &str) -> Result<SocketAddr, UsageError> {
+    let bad = |why: &str| UsageError(format!("--server {url:?}: {why}"));
+    let rest = match url.split_once("://") {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
+        Some((scheme, _)) => {
+            return Err(bad(&format!(
+                "only http:// is supported, not {scheme}:// (the generator targets this machine)"
+            )))
+        }
+        None => return Err(bad("expected http://HOST:PORT")),
+    };
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.contains(['/', '?', '#', '@']) {
+        return Err(bad("expected http://HOST:PORT without a path"));
+    }
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (host, after) = v6.split_once(']').ok_or_else(|| bad("unclosed ["))?;
+        (host, after.strip_prefix(':'))
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        }
+    };
+    let port = match port {
+        None => 80,
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|&p| p != 0)
+            .ok_or_else(|| bad("the port must be a number from 1 to 65535"))?,
+    };
+    let ip = loopback_host(host).map_err(|_| {
+        bad(
+            "the host is not a loopback address (127.0.0.0/8, ::1 or localhost): the load \
+             generator only targets this machine",
+        )
+    })?;
+    Ok(SocketAddr::new(ip, port))
+}
+
 /// A usage error, reported with exit code 2.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageError(pub String);
@@ -190,18 +435,7 @@ impl MqttArgs {
     /// Validates the arguments.
     pub fn plan(&self) -> Result<Plan, UsageError> {
         let ip = loopback_host(&self.host)?;
-        if !(self.scale.is_finite() && self.scale > 0.0) {
-            return Err(UsageError(format!(
-                "--scale must be a positive number, got {}",
-                self.scale
-            )));
-        }
-        if !(self.timeout.is_finite() && self.timeout > 0.0 && self.timeout <= 86_400.0) {
-            return Err(UsageError(format!(
-                "--timeout must be between 0 and 86400 seconds, got {}",
-                self.timeout
-            )));
-        }
+        check_scale_and_timeout(self.scale, self.timeout)?;
         if self.port == 0 {
             return Err(UsageError("--port must not be 0".into()));
         }
@@ -321,5 +555,74 @@ mod tests {
         assert!(a.plan().is_err());
         let plan = args().plan().unwrap();
         assert_eq!(plan.scenarios.len(), 7);
+    }
+
+    #[test]
+    fn server_urls_must_be_plain_http_on_loopback() {
+        let ok = |u: &str| loopback_http_url(u).unwrap().to_string();
+        assert_eq!(ok("http://127.0.0.1:8080"), "127.0.0.1:8080");
+        assert_eq!(ok("http://127.0.0.1:8080/"), "127.0.0.1:8080");
+        assert_eq!(ok("HTTP://localhost:9"), "127.0.0.1:9");
+        assert_eq!(ok("http://[::1]:8080"), "[::1]:8080");
+        assert_eq!(ok("http://127.0.0.1"), "127.0.0.1:80");
+        for bad in [
+            "https://127.0.0.1:8443",
+            "127.0.0.1:8080",
+            "http://10.0.0.1:8080",
+            "http://example.com:8080",
+            "http://127.0.0.1:0",
+            "http://127.0.0.1:99999",
+            "http://127.0.0.1:8080/api",
+            "http://user@127.0.0.1:8080",
+            "http://[::1:8080",
+            "http://",
+        ] {
+            assert!(loopback_http_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    fn http_args() -> HttpArgs {
+        HttpArgs {
+            server: DEFAULT_SERVER.into(),
+            scenario: HttpScenarioArg::All,
+            admin_secret: Some("s3cret".into()),
+            admin_secret_file: PathBuf::from("/nonexistent/admin-secret"),
+            scale: 1.0,
+            server_pid: None,
+            format: Format::Text,
+            timeout: 60.0,
+        }
+    }
+
+    #[test]
+    fn the_admin_secret_comes_from_the_flag_or_the_file() {
+        let plan = http_args().plan().unwrap();
+        assert_eq!(plan.admin_secret, "s3cret");
+        assert_eq!(plan.scenarios, HttpScenario::ALL);
+        assert!(!format!("{plan:?}").contains("s3cret"));
+
+        let mut a = http_args();
+        a.admin_secret = None;
+        assert!(a
+            .plan()
+            .unwrap_err()
+            .0
+            .contains("/nonexistent/admin-secret"));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("admin-secret");
+        std::fs::write(&file, "from-file\n").unwrap();
+        a.admin_secret_file = file.clone();
+        assert_eq!(a.plan().unwrap().admin_secret, "from-file");
+        a.admin_secret = Some("  ".into());
+        assert_eq!(a.plan().unwrap().admin_secret, "from-file");
+        std::fs::write(&file, "\n").unwrap();
+        assert!(a.plan().unwrap_err().0.contains("empty"));
+
+        let mut a = http_args();
+        a.scale = -1.0;
+        assert!(a.plan().is_err());
+        a.scale = 0.5;
+        a.scenario = HttpScenarioArg::Aggregate;
+        assert_eq!(a.plan().unwrap().scenarios, [HttpScenario::Aggregate]);
     }
 }

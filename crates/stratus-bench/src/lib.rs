@@ -6,6 +6,11 @@
 //! each scenario's figures, the messages it lost and the generator's own CPU time, as text or
 //! as one JSON object per scenario for `bench/compare.sh`.
 //!
+//! And behind `stratus bench http` ([`http`]): Stratus's HTTP API under the loads of issue
+//! #5 — batched and single-record telemetry ingestion over keep-alive connections, and an
+//! aggregation query over ten million stored points — with every answer checked and each
+//! figure shown next to its target.
+//!
 //! ## Why it is built this way
 //! A benchmark of a broker on a two-core machine is only as good as the generator is cheap:
 //! every CPU cycle it spends is one the broker does not get. So:
@@ -24,6 +29,10 @@
 //!   duplicates, strays from other runs and losses are told apart.
 //! - **Bounded**: counts are fixed (times `--scale`), every scenario runs under `--timeout`,
 //!   and only loopback addresses are accepted as targets.
+//! - **HTTP without a client library's extras**: hyper's bare HTTP/1.1 client connection, one
+//!   per load loop and polled inside it (no pool, no extra task); bodies come from
+//!   templates whose fixed-width timestamps are rewritten in place, so the generator does no
+//!   JSON encoding while the clock runs.
 //!
 //! ## Dependencies
 //! - `stratus-mqtt`: the codec (packets are encoded by the same code the broker decodes with).
@@ -32,6 +41,9 @@
 //! - `clap`: the `bench` subcommand's arguments; `serde`/`serde_json`: the JSON report.
 //! - `rustix`: raising the open-file limit (10,000 idle connections) without `unsafe`.
 //! - `anyhow`: errors that end a scenario and are reported with it.
+//! - `hyper` (client, http1), `hyper-util` (`TokioIo`), `http-body-util` (`Full` bodies,
+//!   collecting answers): the HTTP client, the same hyper the server is built on; `base64`:
+//!   HTTP Basic client authentication for the OAuth token endpoint.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -39,6 +51,7 @@
 pub mod args;
 pub mod client;
 pub mod group;
+pub mod http;
 pub mod procfs;
 pub mod progress;
 pub mod report;
@@ -48,13 +61,49 @@ pub mod wire;
 
 use std::process::ExitCode;
 
-pub use args::{BenchArgs, BenchCommand, MqttArgs};
+pub use args::{BenchArgs, BenchCommand, HttpArgs, MqttArgs};
 
 /// Runs `stratus bench …`: exit code 0 when every scenario passed, 1 when one lost messages
 /// it must not lose, timed out or failed, 2 for a usage error.
 pub fn run(args: BenchArgs) -> ExitCode {
     match args.command {
         BenchCommand::Mqtt(mqtt) => run_mqtt(mqtt),
+        BenchCommand::Http(http) => run_http(http),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("stratus bench: cannot start the runtime: {e}");
+            ExitCode::from(1)
+        })
+}
+
+fn run_http(args: HttpArgs) -> ExitCode {
+    let plan = match args.plan() {
+        Ok(plan) => plan,
+        Err(e) => {
+            eprintln!("stratus bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let outcome = runtime.block_on(http::run_plan(&plan));
+    runtime.shutdown_background();
+    match outcome {
+        Ok(reports) if reports.iter().all(|r| r.ok) => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("stratus bench: {e:#}");
+            ExitCode::from(1)
+        }
     }
 }
 
@@ -67,16 +116,9 @@ fn run_mqtt(args: MqttArgs) -> ExitCode {
         }
     };
     procfs::raise_open_file_limit();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("stratus bench: cannot start the runtime: {e}");
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
     let all_ok = runtime.block_on(scenarios::run_plan(&plan));
     // Aborted connection tasks may still hold sockets; do not wait for them.

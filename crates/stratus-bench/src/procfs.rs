@@ -1,5 +1,5 @@
-//! What /proc says about the generator and the broker (CPU time, resident memory), and the
-//! open-file limit.
+//! What /proc says about the generator and the broker (CPU time, resident memory), the
+//! machine's load average, and the open-file limit.
 
 use rustix::process::{getrlimit, setrlimit, Resource};
 
@@ -37,6 +37,16 @@ fn parse_vm_rss(status: &str) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// The 1-, 5- and 15-minute load averages of the machine (/proc/loadavg).
+pub fn loadavg() -> Option<[f64; 3]> {
+    parse_loadavg(&std::fs::read_to_string("/proc/loadavg").ok()?)
+}
+
+fn parse_loadavg(text: &str) -> Option<[f64; 3]> {
+    let mut fields = text.split_whitespace().map(|f| f.parse::<f64>().ok());
+    Some([fields.next()??, fields.next()??, fields.next()??])
+}
+
 /// Raises the soft open-file limit to the hard one (10,000 idle connections need as many
 /// descriptors); failures are ignored, [`open_file_limit`] tells what there is.
 pub fn raise_open_file_limit() {
@@ -64,6 +74,17 @@ mod tests {
         let stat = "1234 (tokio (rt) x) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 3 0";
         assert_eq!(parse_cpu_secs(stat), Some(3.25));
         assert_eq!(parse_cpu_secs("garbage"), None);
+    }
+
+    #[test]
+    fn load_averages_are_the_first_three_fields() {
+        assert_eq!(
+            parse_loadavg("0.52 1.10 2.00 3/456 7890\n"),
+            Some([0.52, 1.10, 2.00])
+        );
+        assert_eq!(parse_loadavg("0.52 x 2.00"), None);
+        assert_eq!(parse_loadavg(""), None);
+        assert!(loadavg().is_some());
     }
 
     #[test]
