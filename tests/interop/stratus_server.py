@@ -100,6 +100,9 @@ class Server:
         )
         for stream, tag in ((self.proc.stdout, "out"), (self.proc.stderr, "err")):
             threading.Thread(target=self._drain, args=(stream, tag), daemon=True).start()
+        if self.coap_port is not None and "mqtt" in wait and "coap" not in wait:
+            # The coap line follows the others: wait for it too, or its port is unknown.
+            wait = (*wait, "coap")
         deadline = time.monotonic() + START_TIMEOUT
         with self._cond:
             while not all(w in self._listening for w in wait):

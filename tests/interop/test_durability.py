@@ -209,6 +209,9 @@ def test_will_of_a_cleanly_disconnected_client_is_not_published_after_restart(se
     w = clients.paho(server.mqtt_port, client_id=cid, clean_session=False,
                      will=("nowill/status", b"lost", 1, True))
     w.disconnect()
+    # DISCONNECT is not acknowledged, so nothing promises it is on disk at once: the cleared
+    # will is written behind it (one group commit, about a millisecond).
+    time.sleep(0.3)
     server.kill9()
     server.start(mqtt_port=server.mqtt_port, http_port=server.http_port)
     watcher = clients.paho(server.mqtt_port)

@@ -59,12 +59,31 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state.api.clone());
     Router::new()
+        .route("/", get(index))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/mqtt", get(mqtt_over_websocket))
         .with_state(state)
         .merge(api)
         .fallback(not_found)
+}
+
+/// The landing page until the dashboard (issue 9) replaces it: what runs and where to look.
+async fn index(State(app): State<AppState>) -> impl IntoResponse {
+    let m = &app.broker.metrics;
+    let page = format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+         <title>Stratus</title></head><body><main><h1>Stratus</h1>\
+         <p>MQTT clients connected: {}. Telemetry records stored since start: {}.</p>\
+         <ul><li><a href=\"/api/openapi.json\">API description (OpenAPI 3)</a></li>\
+         <li><a href=\"/metrics\">Metrics (Prometheus)</a></li>\
+         <li><a href=\"/healthz\">Health</a></li></ul>\
+         <p>The live dashboard is not built yet.</p></main></body></html>",
+        m.mqtt_clients_connected.get(),
+        m.telemetry_records.get()
+    );
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], page)
 }
 
 async fn healthz(State(app): State<AppState>) -> impl IntoResponse {

@@ -198,6 +198,11 @@ impl Server {
             connections.clone(),
             shutdown_rx.clone(),
         ));
+        listeners.spawn(
+            pipeline
+                .clone()
+                .run_housekeeping(Duration::from_secs(300), shutdown_rx.clone()),
+        );
         listeners.spawn(sys::run(
             broker.clone(),
             Duration::from_secs(config.mqtt.sys_interval_secs),

@@ -76,6 +76,9 @@ pub struct TelemetryConfig {
     pub freshness: FreshnessConfig,
     /// Parsing limits.
     pub limits: ingest::Limits,
+    /// Default retention of every series, in days (0: keep forever). Points older than this
+    /// are purged every few minutes; per-device or per-key rules can be set in the store.
+    pub retention_days: u64,
 }
 
 /// The pipeline, shared by every transport.
@@ -186,6 +189,38 @@ impl Pipeline {
             MqttMessage::new(topic, payload, QoS::AtLeastOnce, false),
             None,
         );
+    }
+
+    /// Applies the default retention and purges expired points (and old nonces) every
+    /// `every` until `shutdown`.
+    pub async fn run_housekeeping(
+        self: Arc<Self>,
+        every: std::time::Duration,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let retention = match self.config.retention_days {
+            0 => stratus_store::Retention::Forever,
+            d => stratus_store::Retention::For(std::time::Duration::from_secs(d * 86_400)),
+        };
+        if let Err(e) = self.store.set_retention(None, None, retention).await {
+            tracing::error!(error = %e, "could not set the default retention");
+        }
+        loop {
+            tokio::select! {
+                _ = crate::stopped(&mut shutdown) => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            self.prune();
+            match self
+                .store
+                .purge_telemetry(crate::persist::now_ms() as i64)
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(points = n, "expired telemetry purged"),
+                Err(e) => tracing::error!(error = %e, "telemetry purge failed"),
+            }
+        }
     }
 
     /// Drops nonces older than the window (call now and then).

@@ -231,6 +231,13 @@ impl FromRequestParts<ApiState> for Caller {
             Ok((principal, _)) => Ok(Caller(principal)),
             Err(AuthError::InvalidToken(why)) => {
                 state.broker.metrics.auth_failure("http");
+                crate::audit::record(
+                    &state.store,
+                    "anonymous",
+                    "auth.failure",
+                    parts.uri.path(),
+                    serde_json::json!({"reason": why, "transport": "http"}),
+                );
                 Err(ApiError::invalid_token(why))
             }
             Err(e) => Err(ApiError::internal("token verification", &e)),
