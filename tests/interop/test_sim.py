@@ -111,6 +111,10 @@ def test_sim_usage_errors_exit_2(start_server, tmp_path):
 
 def test_serve_demo_runs_a_live_fleet(start_server):
     srv = start_server("demo", args=["--demo"], anonymous=False)
+    # These lines follow the listening lines the start waits for.
+    deadline = time.monotonic() + 10
+    while "admin secret in" not in srv.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
     out = srv.log()
     assert "dashboard http://127.0.0.1:" in out, out
     assert f"admin secret in {srv.data_dir / 'admin-secret'}" in out, out
