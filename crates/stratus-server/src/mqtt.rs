@@ -71,7 +71,7 @@ pub async fn serve(
                     match &tls {
                         None => {
                             let (r, w) = stream.into_split();
-                            tasks.spawn(run_connection(ctx, TcpReader(r), TcpWriter(w), peer, None, shutdown));
+                            tasks.spawn(run_connection(ctx, TcpReader::new(r), TcpWriter(w), peer, None, shutdown));
                         }
                         Some(acceptor) => {
                             let acceptor = acceptor.clone();
