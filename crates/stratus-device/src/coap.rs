@@ -27,8 +27,9 @@ use stratus_coap::{Code, ContentFormat, Endpoint, Event, Message, Request, Respo
 use tokio::net::UdpSocket;
 use tokio::time::Instant;
 
+use crate::poll::{self, Steps, Stop};
 use crate::token::TokenError;
-use crate::{record, Backoff, DesiredConfig, Error, Shared, Status};
+use crate::{record, DesiredConfig, Error, Shared, Status};
 
 /// Most bytes of records in one CoAP message.
 const MAX_BYTES: usize = 1024;
@@ -84,13 +85,6 @@ pub(crate) async fn resolve(url: Option<&str>, server: &reqwest::Url) -> Result<
         .map_err(|e| Error::config("coap", format!("{target:?}: {e}")))?
         .next();
     found.ok_or_else(|| Error::config("coap", format!("{target:?} resolves to nothing")))
-}
-
-/// Why a step could not finish.
-enum Stop {
-    Transient(String),
-    Unauthorized(String),
-    Closed,
 }
 
 /// The socket and the endpoint.
@@ -205,54 +199,7 @@ pub(crate) async fn run(shared: Arc<Shared>, s: Settings) {
         client,
         config_version: None,
     };
-    let mut backoff = Backoff::new();
-    let mut next_poll = Instant::now();
-    loop {
-        if w.shared.cancel.is_cancelled() {
-            break;
-        }
-        let result = async {
-            if Instant::now() >= next_poll {
-                w.poll_config().await?;
-                next_poll = Instant::now() + s.config_poll;
-            }
-            w.send_report().await?;
-            w.send_batch().await
-        }
-        .await;
-        match result {
-            Ok(more) => {
-                backoff.reset();
-                if more {
-                    continue;
-                }
-                tokio::select! {
-                    _ = w.shared.cancel.cancelled() => break,
-                    _ = w.shared.wake.notified() => {}
-                    _ = tokio::time::sleep_until(next_poll) => {}
-                }
-            }
-            Err(Stop::Closed) => break,
-            Err(stop) => {
-                let delay = match stop {
-                    Stop::Unauthorized(reason) => {
-                        w.shared.set_status(Status::Unauthorized(reason));
-                        backoff.next_delay().max(Duration::from_secs(5))
-                    }
-                    Stop::Transient(reason) => {
-                        w.shared.set_status(Status::Offline(reason));
-                        backoff.next_delay()
-                    }
-                    Stop::Closed => break,
-                };
-                tokio::select! {
-                    _ = w.shared.cancel.cancelled() => break,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-            }
-        }
-    }
-    w.shared.set_status(Status::Closed);
+    poll::run(&mut w, s.config_poll).await;
 }
 
 /// `?token=…` split into items a Uri-Query option can hold.
@@ -266,6 +213,27 @@ fn add_token(options: &mut stratus_coap::Options, token: &str) {
         let (chunk, tail) = rest.split_at(cut);
         options.add_uri_query(&format!("token={chunk}"));
         rest = tail;
+    }
+}
+
+impl Steps for Worker {
+    /// CoAP marks the device connected per answered request instead.
+    const CONNECTED_ON_SUCCESS: bool = false;
+
+    fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    async fn poll_config(&mut self) -> Result<(), Stop> {
+        Worker::poll_config(self).await
+    }
+
+    async fn send_report(&mut self) -> Result<(), Stop> {
+        Worker::send_report(self).await
+    }
+
+    async fn send_batch(&mut self) -> Result<bool, Stop> {
+        Worker::send_batch(self).await
     }
 }
 

@@ -12,10 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
-use tokio::time::Instant;
 
+use crate::poll::{self, Steps, Stop};
 use crate::token::TokenError;
-use crate::{record, Backoff, DesiredConfig, Shared, Status};
+use crate::{record, DesiredConfig, Shared};
 
 /// How many 409s a batch gets before it is split like an invalid one (a clock off by more
 /// than the window that the `Date` header did not explain).
@@ -25,14 +25,6 @@ const REPLAYS: u8 = 3;
 pub(crate) struct Settings {
     pub base: String,
     pub config_poll: Duration,
-}
-
-/// Why a step could not finish.
-enum Stop {
-    /// The server is unreachable or busy: keep everything, back off.
-    Transient(String),
-    /// The credentials are refused.
-    Unauthorized(String),
 }
 
 struct Answer {
@@ -58,53 +50,27 @@ pub(crate) async fn run(shared: Arc<Shared>, http: reqwest::Client, s: Settings)
         base: s.base,
         config_version: None,
     };
-    let mut backoff = Backoff::new();
-    let mut next_poll = Instant::now();
-    loop {
-        if w.shared.cancel.is_cancelled() {
-            break;
-        }
-        let result = async {
-            if Instant::now() >= next_poll {
-                w.poll_config().await?;
-                next_poll = Instant::now() + s.config_poll;
-            }
-            w.send_report().await?;
-            w.send_batch().await
-        }
-        .await;
-        match result {
-            Ok(more) => {
-                backoff.reset();
-                w.shared.connected();
-                if more {
-                    continue;
-                }
-                tokio::select! {
-                    _ = w.shared.cancel.cancelled() => break,
-                    _ = w.shared.wake.notified() => {}
-                    _ = tokio::time::sleep_until(next_poll) => {}
-                }
-            }
-            Err(stop) => {
-                let delay = match stop {
-                    Stop::Transient(reason) => {
-                        w.shared.set_status(Status::Offline(reason));
-                        backoff.next_delay()
-                    }
-                    Stop::Unauthorized(reason) => {
-                        w.shared.set_status(Status::Unauthorized(reason));
-                        backoff.next_delay().max(Duration::from_secs(5))
-                    }
-                };
-                tokio::select! {
-                    _ = w.shared.cancel.cancelled() => break,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-            }
-        }
+    poll::run(&mut w, s.config_poll).await;
+}
+
+impl Steps for Worker {
+    const CONNECTED_ON_SUCCESS: bool = true;
+
+    fn shared(&self) -> &Arc<Shared> {
+        &self.shared
     }
-    w.shared.set_status(Status::Closed);
+
+    async fn poll_config(&mut self) -> Result<(), Stop> {
+        Worker::poll_config(self).await
+    }
+
+    async fn send_report(&mut self) -> Result<(), Stop> {
+        Worker::send_report(self).await
+    }
+
+    async fn send_batch(&mut self) -> Result<bool, Stop> {
+        Worker::send_batch(self).await
+    }
 }
 
 impl Worker {

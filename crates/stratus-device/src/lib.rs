@@ -92,6 +92,7 @@ mod coap;
 mod error;
 mod http;
 mod mqtt;
+mod poll;
 mod record;
 mod token;
 
