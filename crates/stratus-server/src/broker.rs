@@ -526,6 +526,8 @@ pub struct Broker {
     pub metrics: Arc<Metrics>,
     /// When the broker started.
     pub started: Instant,
+    /// Live events (telemetry, alarms, device status, firmware) for the stream and rules.
+    pub events: crate::events::EventBus,
 }
 
 impl Broker {
@@ -541,6 +543,7 @@ impl Broker {
             persist: None,
             metrics,
             started: Instant::now(),
+            events: crate::events::EventBus::default(),
         }
     }
 
