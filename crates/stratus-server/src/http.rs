@@ -1,5 +1,6 @@
 //! The HTTP listeners (axum on HTTP and, with `[tls]`, HTTPS): health, Prometheus metrics,
-//! MQTT over WebSocket at `/mqtt`, and the JSON error shape of the API.
+//! MQTT over WebSocket at `/mqtt`, the dashboard at `/` ([`crate::dashboard`]), and the JSON
+//! error shape of the API.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -56,34 +57,16 @@ pub fn router(state: AppState) -> Router {
                 }
             }),
         )
+        .merge(crate::dashboard::routes())
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state.api.clone());
     Router::new()
-        .route("/", get(index))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/mqtt", get(mqtt_over_websocket))
         .with_state(state)
         .merge(api)
         .fallback(not_found)
-}
-
-/// The landing page until the dashboard (issue 9) replaces it: what runs and where to look.
-async fn index(State(app): State<AppState>) -> impl IntoResponse {
-    let m = &app.broker.metrics;
-    let page = format!(
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
-         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-         <title>Stratus</title></head><body><main><h1>Stratus</h1>\
-         <p>MQTT clients connected: {}. Telemetry records stored since start: {}.</p>\
-         <ul><li><a href=\"/api/openapi.json\">API description (OpenAPI 3)</a></li>\
-         <li><a href=\"/metrics\">Metrics (Prometheus)</a></li>\
-         <li><a href=\"/healthz\">Health</a></li></ul>\
-         <p>The live dashboard is not built yet.</p></main></body></html>",
-        m.mqtt_clients_connected.get(),
-        m.telemetry_records.get()
-    );
-    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], page)
 }
 
 async fn healthz(State(app): State<AppState>) -> impl IntoResponse {
@@ -191,7 +174,10 @@ pub async fn serve_https(
             },
         };
         let acceptor = acceptor.clone();
-        let service = app.clone().layer(Extension(ConnectInfo(peer)));
+        let service = app
+            .clone()
+            .layer(Extension(ConnectInfo(peer)))
+            .layer(Extension(crate::dashboard::Https));
         let mut stop = shutdown.clone();
         tasks.spawn(async move {
             let handshake =

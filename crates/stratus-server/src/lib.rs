@@ -35,6 +35,7 @@ pub mod auth;
 pub mod broker;
 pub mod coap;
 pub mod config;
+pub mod dashboard;
 pub mod events;
 pub mod http;
 pub mod ingest;

@@ -195,7 +195,9 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The caller of a request, authenticated by `Authorization: Bearer <token>` (RFC 6750 §2.1).
+/// The caller of a request, authenticated by `Authorization: Bearer <token>` (RFC 6750 §2.1)
+/// or, without that header, by the dashboard's session cookie (then a state-changing method
+/// must pass the CSRF check of [`crate::dashboard::check_csrf`], else 403).
 /// A missing, malformed, expired, revoked or foreign token is a 401 `invalid_token`.
 pub struct Caller(pub Principal);
 
@@ -214,21 +216,34 @@ impl FromRequestParts<ApiState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
-        let value = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .ok_or_else(|| ApiError::invalid_token("an access token is required"))?;
-        let token = value
-            .to_str()
-            .ok()
-            .and_then(|v| {
-                let (scheme, rest) = v.split_once(' ')?;
-                scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
-            })
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| ApiError::invalid_token("expected Authorization: Bearer <token>"))?;
+        // Without `Authorization`, the dashboard's session cookie (CSRF-checked) will do.
+        let (token, from_cookie) = match parts.headers.get(header::AUTHORIZATION) {
+            Some(value) => {
+                let token = value
+                    .to_str()
+                    .ok()
+                    .and_then(|v| {
+                        let (scheme, rest) = v.split_once(' ')?;
+                        scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+                    })
+                    .filter(|t| !t.is_empty())
+                    .ok_or_else(|| {
+                        ApiError::invalid_token("expected Authorization: Bearer <token>")
+                    })?;
+                (token, false)
+            }
+            None => match crate::dashboard::session_token(&parts.headers) {
+                Some(token) => (token, true),
+                None => return Err(ApiError::invalid_token("an access token is required")),
+            },
+        };
         match state.auth.verify_token(token) {
-            Ok((principal, _)) => Ok(Caller(principal)),
+            Ok((principal, _)) => {
+                if from_cookie {
+                    crate::dashboard::check_csrf(&parts.method, &parts.headers, token)?;
+                }
+                Ok(Caller(principal))
+            }
             Err(AuthError::InvalidToken(why)) => {
                 state.broker.metrics.auth_failure("http");
                 crate::audit::record(

@@ -476,7 +476,7 @@ pub fn introspection(auth: &Auth, caller: &Principal, token: &str) -> Introspect
 
 // ---- the shared steps of the handlers ----------------------------------------------------
 
-type Peer = Option<Extension<ConnectInfo<SocketAddr>>>;
+pub(crate) type Peer = Option<Extension<ConnectInfo<SocketAddr>>>;
 
 /// Reads a form body (400 `invalid_request` for anything else).
 fn read_form(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Params, ApiError> {
@@ -585,8 +585,8 @@ async fn missing_credentials(
     auth_failed(state, peer, endpoint, None, error).await
 }
 
-/// Verifies credentials; failures are counted and audited.
-async fn authenticate(
+/// Verifies credentials; failures are counted and audited (also the dashboard's sign-in).
+pub(crate) async fn authenticate(
     state: &ApiState,
     peer: &Peer,
     endpoint: &str,
