@@ -25,7 +25,7 @@ export async function startServer() {
   const child = spawn(bin, ['serve', '--demo', '--http-port', '0', '--mqtt-port', '0', '--coap-port', '0',
     '--data-dir', path.join(dir, 'data')], {
     cwd: dir,
-    env: { ...process.env, STRATUS_ADMIN_SECRET: secret, RUST_LOG: process.env.RUST_LOG || 'warn' },
+    env: { ...process.env, STRATUS_ADMIN_SECRET: secret },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   let stderr = '';

@@ -56,6 +56,7 @@ function route() {
   }
   const root = $('view');
   root.replaceChildren();
+  liveStatus('');
   leave = view(root, { arg, session, liveStatus }) || null;
   $('main').focus({ preventScroll: true });
 }

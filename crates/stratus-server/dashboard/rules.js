@@ -129,6 +129,7 @@ export function rulesView(root) {
     if (button.dataset.confirm !== 'yes') {
       button.dataset.confirm = 'yes';
       button.textContent = 'Confirm delete';
+      button.setAttribute('aria-label', `Confirm delete of rule ${rule.name || rule.id}`);
       return;
     }
     try {
