@@ -59,6 +59,9 @@ export function openStream(params, onEvent, onState = () => {}) {
       // Never opened: no stream on this server (or not allowed); callers poll instead.
       es.close();
       onState('unavailable');
+    } else if (es.readyState === EventSource.CLOSED) {
+      // The server refused the reconnection (signed out, stream gone): poll from now on.
+      onState('unavailable');
     } else {
       onState('retrying');
     }

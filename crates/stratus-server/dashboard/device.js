@@ -16,7 +16,7 @@ const RANGES = [
 const COLORS = ['#2563eb', '#dc2626', '#059669', '#d97706', '#7c3aed', '#0891b2', '#be185d'];
 
 /** A uPlot line chart of one series in `el`, resized with its container. */
-function lineChart(el, label, color) {
+function lineChart(el, label, color, { points = false } = {}) {
   const width = () => Math.max(240, el.clientWidth || 300);
   const plot = new window.uPlot({
     width: width(),
@@ -24,7 +24,7 @@ function lineChart(el, label, color) {
     legend: { show: false },
     cursor: { drag: { x: false, y: false } },
     scales: { x: { time: true } },
-    series: [{}, { label, stroke: color, width: 2, points: { show: false } }],
+    series: [{}, { label, stroke: color, width: 2, points: { show: points, size: 5, fill: color } }],
     axes: [{ stroke: 'currentColor', grid: { stroke: 'rgba(128,128,128,.2)' } },
       { stroke: 'currentColor', grid: { stroke: 'rgba(128,128,128,.2)' }, size: 64 }],
   }, [[], []], el);
@@ -132,6 +132,7 @@ export function deviceView(root, { arg: id, liveStatus }) {
       requestAnimationFrame(() => {
         s.pending = false;
         s.chart.plot.setData([s.xs, s.ys]);
+        if (s.xs.length < 2) s.chart.plot.setScale('x', { min: s.xs[0] - 30, max: s.xs[0] + 1 });
         s.figure.dataset.points = String(s.xs.length);
       });
     }
@@ -195,8 +196,10 @@ export function deviceView(root, { arg: id, liveStatus }) {
     try {
       const r = await get(`/api/v1/devices/${enc}/telemetry?${q}`);
       const buckets = r.buckets || [];
-      if (!historyChart) historyChart = lineChart(historyBox, key, COLORS[0]);
+      if (!historyChart) historyChart = lineChart(historyBox, key, COLORS[0], { points: true });
       historyChart.plot.setData([buckets.map((b) => b.ts / 1000), buckets.map((b) => b.value)]);
+      // The whole range, however few buckets it has (one bucket would collapse the axis).
+      historyChart.plot.setScale('x', { min: (Date.now() - range.ms) / 1000, max: Date.now() / 1000 });
       historyBox.dataset.buckets = String(buckets.length);
       historyNote.textContent = `${key}: average per ${range.interval}, ${buckets.length} buckets.`;
     } catch (e) {
