@@ -13,6 +13,7 @@ import pytest
 import requests
 
 from cloud import ADMIN_SECRET, Cloud
+from test_transports import pki, start_tls, tls_config  # noqa: F401 (pki is a fixture)
 
 
 @pytest.fixture
@@ -170,3 +171,19 @@ def test_logout_revokes_the_session(cloud):
     r = requests.get(cloud.url("/dashboard/session"), cookies={"stratus_session": token}, timeout=10)
     assert r.status_code == 401
     assert json.loads(r.text)["error"] == "invalid_token"
+
+
+def test_the_cookie_is_secure_over_https_with_curl(start_server, pki):  # noqa: F811
+    srv = start_tls(start_server, "dash-tls", config=tls_config(pki), env={"STRATUS_ADMIN_SECRET": ADMIN_SECRET})
+    base = f"https://localhost:{srv.listening()['https']}"
+    r = subprocess.run(["curl", "-sS", "--cacert", str(pki / "ca.pem"), "-D", "-", "-o", "/dev/null",
+                        "-H", "Content-Type: application/json",
+                        "--data", json.dumps({"client_id": "admin", "client_secret": ADMIN_SECRET}),
+                        f"{base}/dashboard/login"], capture_output=True, text=True, timeout=10)
+    assert r.returncode == 0, r.stderr
+    cookie = next(line for line in r.stdout.splitlines() if line.lower().startswith("set-cookie:"))
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and cookie.rstrip().endswith("; Secure")
+    token = cookie.split(":", 1)[1].strip().split(";", 1)[0].split("=", 1)[1]
+    r = subprocess.run(["curl", "-sS", "--cacert", str(pki / "ca.pem"), "-b", f"stratus_session={token}",
+                        f"{base}/dashboard/session"], capture_output=True, text=True, timeout=10)
+    assert json.loads(r.stdout)["who"] == "admin"
