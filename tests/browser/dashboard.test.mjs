@@ -1,7 +1,7 @@
 // End-to-end tests of the dashboard in Debian's chromium against `stratus serve --demo`.
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
-import { startServer, startBrowser, screenshot, signIn, adminApi } from './harness.mjs';
+import { startServer, startBrowser, screenshot, signIn, adminApi, axeViolations } from './harness.mjs';
 
 describe('dashboard', { timeout: 300000 }, () => {
   let server;
@@ -152,6 +152,18 @@ describe('dashboard', { timeout: 300000 }, () => {
     } finally {
       await phone.close();
     }
+  });
+
+  it('passes axe-core (WCAG 2.1 A/AA, serious and critical) on every view', async () => {
+    const found = [];
+    for (const view of ['fleet', 'device/demo-0003', 'alarms', 'rules', 'firmware']) {
+      await page.goto(`${server.base}/#/${view}`);
+      await page.locator('#view h1').waitFor();
+      if (view === 'fleet') await page.locator('#fleet-table tr[data-device]').first().waitFor();
+      if (view.startsWith('device')) await page.locator('figure.live canvas').first().waitFor();
+      for (const v of await axeViolations(page)) found.push(`${view}: ${v}`);
+    }
+    assert.deepEqual(found, []);
   });
 
   it('signs out: the cookie is cleared and the token no longer works', async () => {

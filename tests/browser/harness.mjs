@@ -2,7 +2,7 @@
 // ports, Debian's chromium driven by playwright-core (never a downloaded browser), and small
 // helpers (admin token, device registration, screenshots under target/screenshots/).
 import { spawn, execFile } from 'node:child_process';
-import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
+import { mkdtempSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -119,4 +119,19 @@ export async function signIn(page, server) {
   await page.locator('#client-secret').fill(server.secret);
   await page.getByRole('button', { name: 'Sign in' }).click();
   await page.locator('#fleet-table tbody tr').first().waitFor();
+}
+
+/**
+ * Runs axe-core on the page (injected through the DevTools protocol, which the page's CSP
+ * does not govern) and resolves the serious and critical WCAG A/AA violations.
+ */
+export async function axeViolations(page) {
+  const source = readFileSync(require.resolve('axe-core/axe.min.js'), 'utf8');
+  await page.evaluate(source);
+  const result = await page.evaluate(() => window.axe.run(document, {
+    runOnly: { type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa'] },
+  }));
+  return result.violations
+    .filter((v) => v.impact === 'serious' || v.impact === 'critical')
+    .map((v) => `${v.id} (${v.impact}): ${v.help} at ${v.nodes.slice(0, 3).map((n) => n.target.join(' ')).join(', ')}`);
 }
