@@ -3,9 +3,13 @@
 import { get } from './api.js';
 import { h, when, show, message, fill } from './util.js';
 
-/** The progress counts of a campaign, whatever the field is called. */
+const STATES = ['assigned', 'downloading', 'verified', 'installed', 'failed'];
+
+/** The per-state device counts of a campaign (an object under counts/progress, or top level). */
 function counts(c) {
-  const p = c.progress || c.counts || c.status_counts || {};
+  const p = c.counts || c.progress || c.status_counts || c.states || c;
+  const known = STATES.filter((k) => typeof p[k] === 'number').map((k) => [k, p[k]]);
+  if (known.length || p === c) return known;
   return Object.entries(p).filter(([, v]) => typeof v === 'number');
 }
 
@@ -23,10 +27,10 @@ export function firmwareView(root) {
       const list = Array.isArray(r) ? r : r?.campaigns || [];
       fill(campaigns, list.length ? list.map((c) => {
         const cs = counts(c);
-        const total = c.total ?? c.targets ?? cs.reduce((n, [, v]) => n + v, 0);
-        const done = (c.progress || c.counts || {}).installed ?? 0;
+        const total = (typeof c.total === 'number' ? c.total : null) ?? (Array.isArray(c.devices) ? c.devices.length : null) ?? cs.reduce((n, [, v]) => n + v, 0);
+        const done = Object.fromEntries(cs).installed ?? 0;
         return h('article', { class: 'campaign', 'data-campaign': c.id },
-          h('h3', {}, show(c.name || c.id), ' ', h('span', { class: 'badge' }, show(c.state || c.status || ''))),
+          h('h3', {}, show(c.name || c.id), ' ', (c.state || c.status) ? h('span', { class: 'badge' }, show(c.state || c.status)) : null),
           h('p', { class: 'muted' }, `firmware ${show(c.firmware || c.version)} · created ${when(c.created_at)}`),
           total ? h('progress', { max: String(total), value: String(done), 'aria-label': `${done} of ${total} installed` }) : null,
           h('ul', { class: 'counts' }, cs.map(([k, v]) => h('li', {}, h('strong', {}, String(v)), ` ${k}`))));
