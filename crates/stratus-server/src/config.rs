@@ -29,6 +29,8 @@ pub struct Config {
     pub tls: TlsConfig,
     /// `[telemetry]`: freshness and parsing limits of telemetry ingestion.
     pub telemetry: crate::pipeline::TelemetryConfig,
+    /// `[rules]`: the rules engine's action queue and device connectivity.
+    pub rules: crate::rules::service::RulesConfig,
 }
 
 /// `[tls]`. Setting `cert_file` and `key_file` starts the MQTTS and HTTPS listeners.

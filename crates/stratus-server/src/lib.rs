@@ -22,6 +22,8 @@
 //! - `stratus-coap`: the sans-IO CoAP endpoint behind the [`coap`] listeners.
 //! - `openssl`: DTLS 1.2 PSK for CoAPS (rustls has no DTLS; see [`coap::dtls`] for why
 //!   OpenSSL rather than a pure-Rust DTLS).
+//! - `cel`, `reqwest`: rule conditions and webhooks (see [`rules`] for why these).
+//! - `tokio-stream`: the broadcast-to-stream adapter behind `GET /api/v1/stream`.
 //! - `socket2`: the socket options tokio does not expose (multicast groups, shared ports,
 //!   receive buffer size) for the CoAP sockets.
 
@@ -44,6 +46,7 @@ pub mod mqtt;
 pub mod persist;
 pub mod pipeline;
 pub mod policy;
+pub mod rules;
 pub mod sys;
 pub mod tls;
 pub mod transport;
@@ -87,6 +90,8 @@ pub struct Server {
     pub coaps_addr: Option<SocketAddr>,
     /// The broker hub (for in-process use and tests).
     pub broker: Arc<broker::Broker>,
+    /// The rules engine (rules, alarms, device connectivity).
+    pub rules: Arc<rules::Rules>,
     shutdown: watch::Sender<bool>,
     listeners: JoinSet<()>,
     connections: TaskTracker,
@@ -171,11 +176,16 @@ impl Server {
             .bootstrap_admin(data_dir, std::env::var("STRATUS_ADMIN_SECRET").ok())
             .await
             .context("creating the admin client")?;
-        let pipeline = Arc::new(pipeline::Pipeline::new(
+        let rules = Arc::new(rules::Rules::new(
             store.clone(),
             broker.clone(),
-            config.telemetry.clone(),
+            config.rules.clone(),
         ));
+        rules.load().await.context("loading rules and alarms")?;
+        let pipeline = Arc::new(
+            pipeline::Pipeline::new(store.clone(), broker.clone(), config.telemetry.clone())
+                .with_rules(rules.clone()),
+        );
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut listeners = JoinSet::new();
         let connections = TaskTracker::new();
@@ -205,6 +215,7 @@ impl Server {
                 .clone()
                 .run_housekeeping(Duration::from_secs(300), shutdown_rx.clone()),
         );
+        listeners.spawn(rules.clone().run(shutdown_rx.clone()));
         listeners.spawn(sys::run(
             broker.clone(),
             Duration::from_secs(config.mqtt.sys_interval_secs),
@@ -309,6 +320,7 @@ impl Server {
             coap_addr,
             coaps_addr,
             broker,
+            rules,
             shutdown,
             listeners,
             connections,

@@ -81,6 +81,24 @@ pub struct Metrics {
     pub coap_notifications: Counter,
     /// DTLS handshakes that failed (bad PSK identity or key, protocol errors).
     pub coap_dtls_handshake_failures: Counter,
+    /// Rule conditions evaluated on telemetry records.
+    pub rules_evaluations: Counter,
+    /// Rule actions dropped because the action queue was full.
+    pub rules_actions_dropped: Counter,
+    /// Rule actions carried out (alarm writes, republishes, webhooks, config changes).
+    pub rules_actions_done: Counter,
+    /// Webhook attempts that failed (each retry counts).
+    pub rules_webhook_attempt_failures: Counter,
+    /// Webhooks given up after their last retry.
+    pub rules_webhook_failures: Counter,
+    /// Alarms raised.
+    pub alarms_raised: Counter,
+    /// Alarms open (active or acknowledged) now.
+    pub alarms_open: Gauge,
+    /// Live stream (SSE) readers connected now.
+    pub stream_readers: Gauge,
+    /// Live stream readers dropped for falling behind.
+    pub stream_dropped: Counter,
 }
 
 /// Label of a CoAP response counter.
@@ -192,6 +210,51 @@ impl Metrics {
             "stratus_auth_failures",
             "Credentials refused, by transport",
             m.auth_failures.clone(),
+        );
+        r.register(
+            "stratus_rules_evaluations",
+            "Rule conditions evaluated on telemetry records",
+            m.rules_evaluations.clone(),
+        );
+        r.register(
+            "stratus_rules_actions_dropped",
+            "Rule actions dropped because the action queue was full",
+            m.rules_actions_dropped.clone(),
+        );
+        r.register(
+            "stratus_rules_actions_done",
+            "Rule actions carried out",
+            m.rules_actions_done.clone(),
+        );
+        r.register(
+            "stratus_rules_webhook_attempt_failures",
+            "Webhook attempts that failed, retries included",
+            m.rules_webhook_attempt_failures.clone(),
+        );
+        r.register(
+            "stratus_rules_webhook_failures",
+            "Webhooks given up after their last retry",
+            m.rules_webhook_failures.clone(),
+        );
+        r.register(
+            "stratus_alarms_raised",
+            "Alarms raised",
+            m.alarms_raised.clone(),
+        );
+        r.register(
+            "stratus_alarms_open",
+            "Alarms open (active or acknowledged)",
+            m.alarms_open.clone(),
+        );
+        r.register(
+            "stratus_stream_readers",
+            "Live stream (SSE) readers connected",
+            m.stream_readers.clone(),
+        );
+        r.register(
+            "stratus_stream_dropped",
+            "Live stream readers dropped for falling behind",
+            m.stream_dropped.clone(),
         );
         r.register(
             "stratus_telemetry_records_stored",

@@ -689,6 +689,9 @@ impl Driver {
         }
         tracing::debug!(peer = %self.peer, client_id = %client_id, resumed = attached.session_present, "mqtt client connected");
         self.conn.accept(attached.session, attached.session_present);
+        if let (Some(device), Some(rules)) = (policy.device(), self.ctx.pipeline.rules()) {
+            rules.mqtt_connected(device);
+        }
         self.client = Some(Attachment {
             handle: attached.handle,
             conn: attached.conn,
@@ -845,6 +848,9 @@ impl Driver {
         self.ctx.open.fetch_sub(1, Ordering::Relaxed);
         if let Some(c) = self.client.take() {
             self.ctx.broker.metrics.mqtt_clients_connected.dec();
+            if let (Some(device), Some(rules)) = (c.policy.device(), self.ctx.pipeline.rules()) {
+                rules.mqtt_disconnected(device);
+            }
             let session = self.conn.take_session();
             let expiry = self.conn.session_expiry();
             let will = std::mem::take(&mut self.pending_will);

@@ -29,6 +29,17 @@ pub enum Source {
     Coap,
 }
 
+impl Source {
+    /// `mqtt`, `http` or `coap`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Source::Mqtt => "mqtt",
+            Source::Http => "http",
+            Source::Coap => "coap",
+        }
+    }
+}
+
 /// What was stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Accepted {
@@ -87,6 +98,7 @@ pub struct Pipeline {
     broker: Arc<Broker>,
     guard: FreshnessGuard,
     config: TelemetryConfig,
+    rules: Option<Arc<crate::rules::Rules>>,
 }
 
 impl Pipeline {
@@ -97,7 +109,19 @@ impl Pipeline {
             store,
             broker,
             config,
+            rules: None,
         }
+    }
+
+    /// Feeds every stored record to `rules` (and their devices' connectivity).
+    pub fn with_rules(mut self, rules: Arc<crate::rules::Rules>) -> Self {
+        self.rules = Some(rules);
+        self
+    }
+
+    /// The rules runtime, if any.
+    pub fn rules(&self) -> Option<&Arc<crate::rules::Rules>> {
+        self.rules.as_ref()
     }
 
     /// The parsing limits.
@@ -115,7 +139,7 @@ impl Pipeline {
         format: ContentFormat,
         source: Source,
     ) -> Result<Accepted, Rejected> {
-        let result = self.ingest_inner(device, &payload, format).await;
+        let result = self.ingest_inner(device, &payload, format, source).await;
         let metrics = &self.broker.metrics;
         match &result {
             Ok(a) => {
@@ -138,6 +162,7 @@ impl Pipeline {
         device: &str,
         payload: &[u8],
         format: ContentFormat,
+        source: Source,
     ) -> Result<Accepted, Rejected> {
         let now = crate::persist::now_ms() as i64;
         let message = ingest::parse(payload, format, &self.config.limits, now)?;
@@ -145,6 +170,32 @@ impl Pipeline {
             self.guard
                 .check_message(device, &message, self.config.require_freshness, now)?;
         let records = message.records.len();
+        // The records as JSON, for the rules and the live stream (only when someone reads).
+        let events = self.broker.events.has_readers();
+        let mut recorded: Vec<(i64, serde_json::Map<String, serde_json::Value>)> =
+            if events || self.rules.is_some() {
+                message
+                    .records
+                    .iter()
+                    .map(|r| {
+                        let values = r
+                            .values
+                            .iter()
+                            .map(|(k, v)| {
+                                let v = match v {
+                                    ingest::Value::Number(n) => serde_json::Value::from(*n),
+                                    ingest::Value::Bool(b) => serde_json::Value::Bool(*b),
+                                    ingest::Value::Text(t) => serde_json::Value::String(t.clone()),
+                                };
+                                (k.to_string(), v)
+                            })
+                            .collect();
+                        (r.ts_ms, values)
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
         let mut points = Vec::with_capacity(message.point_count());
         for r in message.records {
             for (key, value) in r.values {
@@ -174,6 +225,18 @@ impl Pipeline {
             .store_write_seconds
             .observe(started.elapsed().as_secs_f64());
         reservation.commit();
+        if let Some(rules) = &self.rules {
+            rules.on_records(device, source.label(), &recorded);
+        }
+        if events {
+            for (ts, values) in recorded.drain(..) {
+                self.broker.events.publish(crate::events::Event::Telemetry {
+                    device: device.to_owned(),
+                    ts,
+                    values,
+                });
+            }
+        }
         Ok(Accepted {
             records,
             points: count,

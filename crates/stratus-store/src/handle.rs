@@ -11,6 +11,7 @@ use crate::clients::OAuthClient;
 use crate::devices::{AttributeUpdate, DesiredConfig, Device, NewDevice, ReportedConfig};
 use crate::group_commit::GroupCommitter;
 use crate::mqtt::MqttSnapshot;
+use crate::rules::{Alarm, AlarmQuery, StoredRule};
 use crate::sqlite::{SqliteOptions, SqliteStore};
 use crate::telemetry::{
     AggregateQuery, Bucket, LatestValue, Point, PointPage, PointQuery, Retention, RetentionRule,
@@ -399,5 +400,46 @@ impl StoreHandle {
     /// See [`AuditStore::verify_audit`](crate::AuditStore::verify_audit).
     pub async fn verify_audit(&self) -> Result<AuditVerdict, StoreError> {
         self.read(|s| s.verify_audit()).await
+    }
+
+    // ---- rules and alarms ---------------------------------------------------------------
+
+    /// See [`RuleStore::rules`](crate::RuleStore::rules).
+    pub async fn rules(&self) -> Result<Vec<StoredRule>, StoreError> {
+        self.read(|s| s.rules()).await
+    }
+
+    /// See [`RuleStore::rule`](crate::RuleStore::rule).
+    pub async fn rule(&self, id: &str) -> Result<Option<StoredRule>, StoreError> {
+        let id = id.to_owned();
+        self.read(move |s| s.rule(&id)).await
+    }
+
+    /// See [`RuleStore::put_rule`](crate::RuleStore::put_rule).
+    pub async fn put_rule(&self, rule: StoredRule) -> Result<(), StoreError> {
+        self.write_one(Write::PutRule(rule)).await?.into_done()
+    }
+
+    /// See [`RuleStore::delete_rule`](crate::RuleStore::delete_rule).
+    pub async fn delete_rule(&self, id: &str) -> Result<(), StoreError> {
+        self.write_one(Write::DeleteRule { id: id.into() })
+            .await?
+            .into_done()
+    }
+
+    /// See [`RuleStore::alarms`](crate::RuleStore::alarms).
+    pub async fn alarms(&self, query: AlarmQuery) -> Result<Vec<Alarm>, StoreError> {
+        self.read(move |s| s.alarms(&query)).await
+    }
+
+    /// See [`RuleStore::alarm`](crate::RuleStore::alarm).
+    pub async fn alarm(&self, id: &str) -> Result<Option<Alarm>, StoreError> {
+        let id = id.to_owned();
+        self.read(move |s| s.alarm(&id)).await
+    }
+
+    /// See [`RuleStore::put_alarm`](crate::RuleStore::put_alarm).
+    pub async fn put_alarm(&self, alarm: Alarm) -> Result<bool, StoreError> {
+        Ok(self.write_one(Write::PutAlarm(alarm)).await?.into_count()? == 1)
     }
 }

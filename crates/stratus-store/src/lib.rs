@@ -11,6 +11,7 @@
 //! | OAuth | [`ClientStore`] | applications and the admin (client id, secret hash, scopes); revoked token ids |
 //! | telemetry | [`TelemetryStore`] | points `(device, key, ts, number/bool/text)`, per-minute rollups, retention rules |
 //! | audit | [`AuditStore`] | an append-only, SHA-256 hash-chained log |
+//! | rules | [`RuleStore`] | rule definitions (JSON, as the API accepted them) and alarms with their history |
 //!
 //! [`Store`] is all of them together; [`SqliteStore`] implements it.
 //!
@@ -119,6 +120,7 @@ pub mod devices;
 pub mod group_commit;
 pub mod handle;
 pub mod mqtt;
+pub mod rules;
 pub mod sqlite;
 pub mod telemetry;
 pub mod write;
@@ -132,6 +134,7 @@ pub use mqtt::{
     MqttOp, MqttSnapshot, MqttStore, StoredMessage, StoredRetained, StoredSession,
     StoredSubscription,
 };
+pub use rules::{Alarm, AlarmFilter, AlarmQuery, AlarmState, RuleStore, StoredRule};
 pub use sqlite::{SqliteOptions, SqliteStore};
 pub use telemetry::{
     Agg, AggregateQuery, Bucket, LatestValue, Order, Point, PointPage, PointQuery, Retention,
@@ -142,12 +145,19 @@ pub use write::{JobResults, Output, Write, WriteBackend};
 /// Everything Stratus keeps: the union of the per-kind traits. Implemented automatically by
 /// every type that implements all of them.
 pub trait Store:
-    MqttStore + WriteBackend + DeviceStore + ClientStore + TelemetryStore + AuditStore
+    MqttStore + WriteBackend + DeviceStore + ClientStore + TelemetryStore + AuditStore + RuleStore
 {
 }
 
 impl<T> Store for T where
-    T: MqttStore + WriteBackend + DeviceStore + ClientStore + TelemetryStore + AuditStore + ?Sized
+    T: MqttStore
+        + WriteBackend
+        + DeviceStore
+        + ClientStore
+        + TelemetryStore
+        + AuditStore
+        + RuleStore
+        + ?Sized
 {
 }
 

@@ -9,6 +9,7 @@ use crate::audit::{AuditEntry, NewAuditEntry};
 use crate::clients::OAuthClient;
 use crate::devices::{AttributeUpdate, DesiredConfig, Device, NewDevice, ReportedConfig};
 use crate::mqtt::MqttOp;
+use crate::rules::{Alarm, StoredRule};
 use crate::telemetry::{Point, Retention};
 use crate::StoreError;
 
@@ -124,6 +125,16 @@ pub enum Write {
     },
     /// Append to the audit log. Output: [`Output::Audit`].
     AppendAudit(NewAuditEntry),
+    /// Create or replace a rule. Output: [`Output::Done`].
+    PutRule(StoredRule),
+    /// Delete a rule ([`StoreError::NotFound`] when there is none). Output: [`Output::Done`].
+    DeleteRule {
+        /// Rule id.
+        id: String,
+    },
+    /// Store an alarm unless a version at least as new is stored. Output: [`Output::Count`],
+    /// 1 if stored, 0 if a newer version was kept.
+    PutAlarm(Alarm),
 }
 
 impl Write {

@@ -43,6 +43,12 @@ fn sqlite_passes_the_telemetry_conformance_suite() {
 }
 
 #[test]
+fn sqlite_passes_the_rule_and_alarm_conformance_suite() {
+    let (_dir, path) = temp_db("stratus.db");
+    conformance::run_rules(|| SqliteStore::open(&path).unwrap());
+}
+
+#[test]
 fn sqlite_passes_the_write_contract_conformance_suite() {
     let (_dir, path) = temp_db("stratus.db");
     conformance::run_jobs(|| SqliteStore::open(&path).unwrap());

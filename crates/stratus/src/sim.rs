@@ -903,7 +903,9 @@ pub fn start_demo(
         devices_file: data_dir.join("demo-devices.json"),
         progress: false,
     };
+    let rules = server.rules.clone();
     tokio::spawn(async move {
+        install_demo_rules(&rules).await;
         let token = match token {
             Ok(t) => t,
             Err(e) => {
@@ -925,6 +927,32 @@ pub fn start_demo(
             }
         }
     })
+}
+
+/// The demo's sample rules, installed when no rule of that id exists yet (so they can be
+/// edited or deleted and stay that way): a hot spike, a low battery, a silent device.
+pub async fn install_demo_rules(rules: &stratus_server::rules::Rules) {
+    let samples = [
+        serde_json::json!({"id": "demo-hot", "name": "Hot", "condition": "temperature > 30",
+            "severity": "major", "selector": {"id_glob": "demo-*"}}),
+        serde_json::json!({"id": "demo-battery-low", "name": "Battery low", "condition": "battery < 15",
+            "severity": "warning", "selector": {"id_glob": "demo-*"}}),
+        serde_json::json!({"id": "demo-silent", "name": "Silent for 60 s", "kind": "silent",
+            "silent_s": 60, "severity": "critical", "selector": {"id_glob": "demo-*"}}),
+    ];
+    for sample in samples {
+        let Ok(def) = serde_json::from_value::<stratus_server::rules::RuleDef>(sample) else {
+            continue;
+        };
+        let id = def.id.clone().unwrap_or_default();
+        if rules.rule(&id).is_some() {
+            continue;
+        }
+        match rules.put(def).await {
+            Ok(_) => tracing::info!(rule = %id, "demo rule installed"),
+            Err(e) => tracing::warn!(rule = %id, error = %e, "demo rule not installed"),
+        }
+    }
 }
 
 /// Stops the demo fleet (before the server stops, so its devices leave cleanly).

@@ -96,6 +96,31 @@ pub struct DeviceView {
     /// Firmware state, kept by the firmware service, if any.
     #[schema(value_type = Option<Object>)]
     pub firmware: Option<Value>,
+    /// Whether it is connected (MQTT) or was heard from recently (HTTP, CoAP).
+    #[serde(default)]
+    pub online: bool,
+    /// When it was last heard from, Unix epoch milliseconds, if ever.
+    #[serde(default)]
+    pub last_seen_ms: Option<i64>,
+    /// Its open (active or acknowledged) alarms.
+    #[serde(default)]
+    pub open_alarms: usize,
+}
+
+impl DeviceView {
+    /// Adds what the rules runtime knows: online, the latest last seen, open alarms.
+    pub fn with_status(mut self, state: &ApiState) -> Self {
+        if let Some(rules) = state.ingest.rules() {
+            let (online, seen) = rules.presence(&self.id);
+            self.online = online;
+            if seen > self.last_seen_ms {
+                self.last_seen_ms = seen;
+                self.last_seen = seen.map(rfc3339_ms);
+            }
+            self.open_alarms = rules.open_alarm_count(&self.id);
+        }
+        self
+    }
 }
 
 impl From<&Device> for DeviceView {
@@ -108,6 +133,9 @@ impl From<&Device> for DeviceView {
             desired: ConfigDocument::from(&d.desired),
             reported: d.reported.as_ref().map(ReportedDocument::from),
             firmware: d.firmware.clone(),
+            online: false,
+            last_seen_ms: d.last_seen_ms,
+            open_alarms: 0,
         }
     }
 }
@@ -476,6 +504,9 @@ async fn create_device(
     let Registered { device, secret } =
         register(&state.store, &actor, &body.id, body.attributes).await?;
     state.auth.register_device(&device.id, &device.secret_hash);
+    if let Some(rules) = state.ingest.rules() {
+        rules.device_attributes(&device.id, device.attributes.clone());
+    }
     config::republish(&state.broker, &state.store, &device.id).await;
     tracing::info!(device = %device.id, by = %actor, "device registered");
     let location = HeaderValue::from_str(&format!("/api/v1/devices/{}", device.id))
@@ -529,7 +560,10 @@ async fn list_devices(
         None
     };
     Ok(Json(DeviceList {
-        devices: page.iter().map(DeviceView::from).collect(),
+        devices: page
+            .iter()
+            .map(|d| DeviceView::from(d).with_status(&state))
+            .collect(),
         next,
     }))
 }
@@ -561,7 +595,7 @@ async fn get_device(
         .device(&id)
         .await?
         .ok_or_else(|| device_not_found(&id))?;
-    Ok(Json(DeviceView::from(&device)))
+    Ok(Json(DeviceView::from(&device).with_status(&state)))
 }
 
 /// Changes a device's attributes with an RFC 7396 merge patch of the device.
@@ -594,7 +628,10 @@ async fn patch_device(
     check_merge_patch_type(&headers)?;
     let body = json_body(body)?;
     let device = patch_attributes(&state.store, &actor, &id, body).await?;
-    Ok(Json(DeviceView::from(&device)))
+    if let Some(rules) = state.ingest.rules() {
+        rules.device_attributes(&id, device.attributes.clone());
+    }
+    Ok(Json(DeviceView::from(&device).with_status(&state)))
 }
 
 /// 415 unless the content type is absent, `application/json` or
@@ -647,6 +684,9 @@ async fn delete_device(
     valid_id(&id)?;
     remove(&state.store, &actor, &id).await?;
     state.auth.forget(&id);
+    if let Some(rules) = state.ingest.rules() {
+        rules.forget_device(&id);
+    }
     config::republish(&state.broker, &state.store, &id).await;
     config::clear_retained(&state.broker, &format!("devices/{id}/firmware"));
     tracing::info!(device = %id, by = %actor, "device deleted");
@@ -758,7 +798,8 @@ mod tests {
                 "id": "d1", "attributes": {"k": "v"}, "created_at": "1970-01-01T00:00:00.000Z",
                 "last_seen": null,
                 "desired": {"version": 2, "config": {"x": 1}, "updated_at": "1970-01-01T00:00:01.000Z"},
-                "reported": null, "firmware": null
+                "reported": null, "firmware": null,
+                "online": false, "last_seen_ms": null, "open_alarms": 0
             })
         );
     }

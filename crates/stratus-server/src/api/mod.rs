@@ -8,6 +8,8 @@
 pub mod audit;
 pub mod devices;
 pub mod oauth;
+pub mod rules;
+pub mod stream;
 pub mod telemetry;
 
 use std::sync::Arc;
@@ -76,6 +78,8 @@ pub fn routes() -> OpenApiRouter<ApiState> {
         .merge(devices::routes())
         .merge(audit::routes())
         .merge(telemetry::routes())
+        .merge(rules::routes())
+        .merge(stream::routes())
 }
 
 /// The error body of every API failure.

@@ -13,12 +13,14 @@ mod audit;
 mod jobs;
 mod mqtt;
 mod registry;
+mod rules;
 mod telemetry;
 
 pub use audit::{run_audit, run_audit_tamper};
 pub use jobs::{run_group_commit, run_jobs};
 pub use mqtt::run_mqtt;
 pub use registry::{run_clients, run_devices};
+pub use rules::run_rules;
 pub use telemetry::{check_aggregation, run_telemetry, AggregationCase};
 
 use crate::devices::NewDevice;
@@ -33,6 +35,7 @@ pub fn run_all<S: Store>(open: impl Fn() -> S) {
     run_telemetry(&open);
     run_jobs(&open);
     run_audit(&open);
+    run_rules(&open);
 }
 
 /// A device to register in checks.

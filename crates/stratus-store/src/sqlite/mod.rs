@@ -4,6 +4,7 @@
 mod audit;
 mod mqtt;
 mod registry;
+mod rules;
 mod telemetry;
 
 use std::path::{Path, PathBuf};
@@ -18,6 +19,7 @@ use crate::audit::{AuditEntry, AuditStore, AuditVerdict};
 use crate::clients::{ClientStore, OAuthClient};
 use crate::devices::{Device, DeviceStore};
 use crate::mqtt::{MqttOp, MqttSnapshot, MqttStore};
+use crate::rules::{Alarm, AlarmQuery, RuleStore, StoredRule};
 use crate::telemetry::{
     AggregateQuery, Bucket, LatestValue, PointPage, PointQuery, RetentionRule, TelemetryStore,
 };
@@ -25,8 +27,9 @@ use crate::write::{JobResults, Output, Write, WriteBackend};
 use crate::StoreError;
 
 /// The schema version this code writes (`PRAGMA user_version`). Version 1 held the MQTT
-/// tables only; version 2 adds the rest (all tables are created if missing).
-const SCHEMA_VERSION: i64 = 2;
+/// tables only; version 2 adds the rest; version 3 adds rules and alarms (all tables are
+/// created if missing).
+const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS mqtt_retained (
@@ -134,6 +137,28 @@ CREATE TABLE IF NOT EXISTS audit (
     prev_hash TEXT NOT NULL,
     hash TEXT NOT NULL
 );
+
+CREATE TABLE IF NOT EXISTS rules (
+    id TEXT PRIMARY KEY,
+    definition TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS alarms (
+    id TEXT PRIMARY KEY,
+    rule_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    severity TEXT NOT NULL,
+    state TEXT NOT NULL,
+    message TEXT NOT NULL,
+    value TEXT NOT NULL,
+    raised_at_ms INTEGER NOT NULL,
+    acked_at_ms INTEGER,
+    cleared_at_ms INTEGER,
+    version INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS alarms_by_time ON alarms (raised_at_ms DESC, id DESC);
+CREATE INDEX IF NOT EXISTS alarms_by_device ON alarms (device_id, raised_at_ms DESC);
+CREATE INDEX IF NOT EXISTS alarms_open ON alarms (state) WHERE state <> 'cleared';
 ";
 
 /// Tuning of [`SqliteStore`].
@@ -338,6 +363,9 @@ fn apply_write(conn: &Connection, write: &Write) -> Result<Output, StoreError> {
         .map(|()| Output::Done),
         Write::PurgeTelemetry { now_ms } => telemetry::purge(conn, *now_ms).map(Output::Count),
         Write::AppendAudit(entry) => audit::append(conn, entry).map(Output::Audit),
+        Write::PutRule(rule) => rules::put_rule(conn, rule).map(|()| Output::Done),
+        Write::DeleteRule { id } => rules::delete_rule(conn, id).map(|()| Output::Done),
+        Write::PutAlarm(alarm) => rules::put_alarm(conn, alarm).map(Output::Count),
     }
 }
 
@@ -461,6 +489,24 @@ impl AuditStore for SqliteStore {
             let tx = conn.unchecked_transaction()?;
             audit::verify(&tx)
         })
+    }
+}
+
+impl RuleStore for SqliteStore {
+    fn rules(&self) -> Result<Vec<StoredRule>, StoreError> {
+        self.read(rules::rules)
+    }
+
+    fn rule(&self, id: &str) -> Result<Option<StoredRule>, StoreError> {
+        self.read(|conn| rules::rule(conn, id))
+    }
+
+    fn alarms(&self, query: &AlarmQuery) -> Result<Vec<Alarm>, StoreError> {
+        self.read(|conn| rules::alarms(conn, query))
+    }
+
+    fn alarm(&self, id: &str) -> Result<Option<Alarm>, StoreError> {
+        self.read(|conn| rules::alarm(conn, id))
     }
 }
 
