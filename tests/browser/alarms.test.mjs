@@ -57,6 +57,9 @@ describe('rules, alarms and the live stream', { timeout: 300000 }, () => {
     await page.locator('#rule-devices').fill('probe-1');
     await page.getByRole('button', { name: 'Create rule' }).click();
     await page.locator('#rules-table tr[data-rule="probe-hot"]').waitFor();
+    // The editor is ready for the next rule, with its defaults back.
+    assert.equal(await page.locator('#rule-enabled').isChecked(), true);
+    assert.equal(await page.locator('#rule-severity').inputValue(), 'major');
     assert.equal(await page.locator('#rule-condition-error').textContent(), '');
     const stored = await adminApi(server, 'GET', '/api/v1/rules/probe-hot');
     assert.equal(stored.status, 200);

@@ -7,13 +7,13 @@ import { h, show, message, fill } from './util.js';
 const SEVERITIES = ['critical', 'major', 'minor', 'warning', 'info'];
 
 /** A labelled field with its own error line (described-by). */
-function field(id, label, control, help) {
+function field(id, label, control, help, wide = false) {
   control.id = id;
   const err = h('p', { class: 'error field-error', id: `${id}-error` });
   control.setAttribute('aria-describedby', [help ? `${id}-help` : '', `${id}-error`].filter(Boolean).join(' '));
   return {
     control, err,
-    el: h('div', { class: 'field' }, h('label', { for: id }, label), control,
+    el: h('div', { class: wide ? 'field wide' : 'field' }, h('label', { for: id }, label), control,
       help ? h('p', { class: 'muted help', id: `${id}-help` }, help) : null, err),
   };
 }
@@ -42,15 +42,15 @@ export function rulesView(root) {
     name: field('rule-name', 'Name', h('input', { required: true, autocomplete: 'off' })),
     kind: field('rule-kind', 'Kind', h('select', {}, h('option', { value: 'expression' }, 'expression'), h('option', { value: 'silent' }, 'silent (not heard from)'))),
     condition: field('rule-condition', 'Condition', h('textarea', { rows: '3', spellcheck: 'false' }),
-      'An expression on a record, e.g. temperature > 30 && humidity < 20; rate(temperature) is per second.'),
+      'An expression on a record, e.g. temperature > 30 && humidity < 20; rate(temperature) is per second.', true),
     silent: field('rule-silent', 'Silent for (seconds)', h('input', { type: 'number', min: '1', value: '60' })),
     forS: field('rule-for', 'Holds for (seconds, optional)', h('input', { type: 'number', min: '0' })),
-    severity: field('rule-severity', 'Severity', h('select', {}, SEVERITIES.map((s) => h('option', { value: s, selected: s === 'major' }, s)))),
+    severity: field('rule-severity', 'Severity', h('select', {}, SEVERITIES.map((s) => h('option', { value: s, selected: s === 'major' ? 'selected' : false }, s)))),
     glob: field('rule-glob', 'Device id glob (optional)', h('input', { placeholder: 'demo-*', autocomplete: 'off' })),
     devices: field('rule-devices', 'Devices (optional, comma-separated)', h('input', { autocomplete: 'off' })),
-    actions: field('rule-actions', 'Actions (optional JSON array; default raises an alarm)', h('textarea', { rows: '3', spellcheck: 'false', placeholder: '[{"type": "alarm"}]' })),
+    actions: field('rule-actions', 'Actions (optional JSON array; default raises an alarm)', h('textarea', { rows: '3', spellcheck: 'false', placeholder: '[{"type": "alarm"}]' }), undefined, true),
   };
-  const enabled = h('input', { type: 'checkbox', id: 'rule-enabled', checked: true });
+  const enabled = h('input', { type: 'checkbox', id: 'rule-enabled', checked: 'checked' });
   const formMsg = h('p', { id: 'rule-msg', role: 'status' });
   const form = h('form', { id: 'rule-form', class: 'grid-form', novalidate: true },
     Object.values(f).map((x) => x.el),
