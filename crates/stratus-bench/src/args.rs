@@ -225,6 +225,11 @@ pub struct HttpArgs {
     /// not finish in time reports what it got and fails.
     #[arg(long, value_name = "SECS", default_value_t = 300.0)]
     pub timeout: f64,
+    /// Installs N rules before the scenarios (and deletes them after) that every bench record
+    /// is evaluated against (thresholds and `rate()` of the bench series, selected by a glob
+    /// on the bench devices, never firing): run with and without to see what rules cost.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub rules: u32,
 }
 
 /// The server `stratus bench http` loads when `--server` is not given.
@@ -300,6 +305,8 @@ pub struct HttpPlan {
     pub format: Format,
     /// Per-scenario time limit.
     pub timeout: Duration,
+    /// Rules to install for the run.
+    pub rules: u32,
 }
 
 impl fmt::Debug for HttpPlan {
@@ -312,6 +319,7 @@ impl fmt::Debug for HttpPlan {
             .field("server_pid", &self.server_pid)
             .field("format", &self.format)
             .field("timeout", &self.timeout)
+            .field("rules", &self.rules)
             .finish()
     }
 }
@@ -340,6 +348,7 @@ impl HttpArgs {
             server_pid: self.server_pid,
             format: self.format,
             timeout: Duration::from_secs_f64(self.timeout),
+            rules: self.rules,
         })
     }
 }
@@ -591,6 +600,7 @@ mod tests {
             server_pid: None,
             format: Format::Text,
             timeout: 60.0,
+            rules: 0,
         }
     }
 

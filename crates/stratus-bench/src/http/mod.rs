@@ -21,6 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use bytes::Bytes;
+use hyper::Method;
 
 use crate::args::{Format, HttpPlan, HttpScenario};
 use crate::progress::{percentile, Progress};
@@ -317,6 +319,13 @@ pub async fn run_plan(plan: &HttpPlan) -> anyhow::Result<Vec<HttpReport>> {
             began.elapsed().as_secs_f64()
         );
     }
+    let rules = install_rules(&ctx, plan.rules, run).await?;
+    if plan.format == Format::Text && !rules.is_empty() {
+        println!(
+            "rules: {} installed; every record is evaluated against all of them",
+            rules.len()
+        );
+    }
     let mut reports = Vec::new();
     for (i, &scenario) in plan.scenarios.iter().enumerate() {
         if i > 0 {
@@ -333,7 +342,61 @@ pub async fn run_plan(plan: &HttpPlan) -> anyhow::Result<Vec<HttpReport>> {
         let _ = out.flush();
         reports.push(report);
     }
+    remove_rules(&ctx, &rules).await;
     Ok(reports)
+}
+
+/// Installs `n` rules over the bench series (see `--rules`): the ids installed.
+async fn install_rules(ctx: &Ctx, n: u32, run: u32) -> anyhow::Result<Vec<String>> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let admin = ctx.admin_token().await?;
+    let proto = client::Proto::new(Method::POST, "/api/v1/rules", &ctx.host, Some(&admin), true)?;
+    let mut c = Client::connect(ctx.addr).await?;
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let id = format!("bench-{run:08x}-rule-{i}");
+        let condition = if i % 2 == 0 {
+            format!(
+                "batch > {} || single > {}",
+                1e12 + f64::from(i),
+                1e12 + f64::from(i)
+            )
+        } else {
+            "rate(batch) > 1e12 || rate(single) > 1e12".to_string()
+        };
+        let body = serde_json::json!({
+            "id": id, "condition": condition, "selector": {"id_glob": format!("bench-{run:08x}-*")}
+        });
+        let answer = c.send(&proto, Bytes::from(body.to_string())).await?;
+        if answer.status != hyper::StatusCode::CREATED {
+            anyhow::bail!("POST /api/v1/rules {id}: {}", answer.describe());
+        }
+        ids.push(id);
+    }
+    Ok(ids)
+}
+
+/// Deletes the rules `install_rules` made (failures are only reported).
+async fn remove_rules(ctx: &Ctx, ids: &[String]) {
+    if ids.is_empty() {
+        return;
+    }
+    let result: anyhow::Result<()> = async {
+        let admin = ctx.admin_token().await?;
+        let mut c = Client::connect(ctx.addr).await?;
+        for id in ids {
+            let path = format!("/api/v1/rules/{id}");
+            let proto = client::Proto::new(Method::DELETE, &path, &ctx.host, Some(&admin), false)?;
+            c.send(&proto, Bytes::new()).await?;
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        eprintln!("the bench rules were not all deleted: {e:#}");
+    }
 }
 
 /// Runs one scenario under `timeout` and reports it.

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeSet;
 
-use cel::common::ast::{CallExpr, Expr, IdedExpr};
+use cel::common::ast::{operators, CallExpr, Expr, IdedExpr, LiteralValue};
 use cel::{Context, Program, Value};
 use serde_json::{Map, Value as Json};
 
@@ -25,6 +25,7 @@ pub struct ConditionError(pub String);
 pub struct Condition {
     source: String,
     expr: IdedExpr,
+    fast: Option<Fast>,
     keys: Vec<String>,
     rate_keys: Vec<String>,
 }
@@ -73,6 +74,7 @@ impl Condition {
         keys.extend(rate_keys.iter().cloned());
         Ok(Condition {
             source: source.to_owned(),
+            fast: Fast::compile(&expr),
             expr,
             keys: keys.into_iter().collect(),
             rate_keys: rate_keys.into_iter().collect(),
@@ -99,9 +101,169 @@ impl Condition {
         self.keys.iter().any(|k| values.contains_key(k))
     }
 
-    /// Evaluates against a scope built by [`Scope::new`].
+    /// Evaluates against a scope built by [`with_scope`].
     pub fn eval(&self, scope: &Context<'_, '_>) -> bool {
         matches!(Value::resolve(&self.expr, scope), Ok(Value::Bool(true)))
+    }
+
+    /// Whether it evaluates without a CEL scope ([`Condition::eval_fast`]).
+    pub fn is_fast(&self) -> bool {
+        self.fast.is_some()
+    }
+
+    /// Evaluates a condition made only of numeric comparisons of keys (or rates) with
+    /// literals joined by `&&`, `||` and `!`, directly on the record: the same answer as
+    /// [`Condition::eval`], without building a CEL scope. `None` when it is not such a
+    /// condition.
+    pub fn eval_fast(&self, values: &Map<String, Json>, rates: &[(String, f64)]) -> Option<bool> {
+        self.fast
+            .as_ref()
+            .map(|f| f.eval(values, rates) == Some(true))
+    }
+}
+
+/// The fast form of a simple condition.
+#[derive(Debug, Clone)]
+enum Fast {
+    And(Box<Fast>, Box<Fast>),
+    Or(Box<Fast>, Box<Fast>),
+    Not(Box<Fast>),
+    Cmp(Operand, Cmp, f64),
+}
+
+#[derive(Debug, Clone)]
+enum Operand {
+    Key(String),
+    Rate(String),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Cmp {
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    Eq,
+    Ne,
+}
+
+impl Cmp {
+    fn parse(op: &str) -> Option<Cmp> {
+        Some(match op {
+            operators::LESS => Cmp::Lt,
+            operators::LESS_EQUALS => Cmp::Le,
+            operators::GREATER => Cmp::Gt,
+            operators::GREATER_EQUALS => Cmp::Ge,
+            operators::EQUALS => Cmp::Eq,
+            operators::NOT_EQUALS => Cmp::Ne,
+            _ => return None,
+        })
+    }
+
+    /// `a op b` becomes `b flip(op) a`.
+    fn flip(self) -> Cmp {
+        match self {
+            Cmp::Lt => Cmp::Gt,
+            Cmp::Le => Cmp::Ge,
+            Cmp::Gt => Cmp::Lt,
+            Cmp::Ge => Cmp::Le,
+            other => other,
+        }
+    }
+
+    fn apply(self, a: f64, b: f64) -> bool {
+        match self {
+            Cmp::Lt => a < b,
+            Cmp::Le => a <= b,
+            Cmp::Gt => a > b,
+            Cmp::Ge => a >= b,
+            Cmp::Eq => a == b,
+            Cmp::Ne => a != b,
+        }
+    }
+}
+
+fn literal(e: &IdedExpr) -> Option<f64> {
+    match &e.expr {
+        Expr::Literal(LiteralValue::Double(d)) => Some(**d),
+        Expr::Literal(LiteralValue::Int(i)) => Some(**i as f64),
+        Expr::Literal(LiteralValue::UInt(u)) => Some(**u as f64),
+        Expr::Call(CallExpr {
+            func_name,
+            target: None,
+            args,
+        }) if func_name == operators::NEGATE && args.len() == 1 => literal(&args[0]).map(|v| -v),
+        _ => None,
+    }
+}
+
+fn operand(e: &IdedExpr) -> Option<Operand> {
+    match &e.expr {
+        Expr::Ident(name) => Some(
+            match name.strip_prefix("rate(").and_then(|r| r.strip_suffix(')')) {
+                Some(key) => Operand::Rate(key.to_owned()),
+                None => Operand::Key(name.clone()),
+            },
+        ),
+        _ => None,
+    }
+}
+
+impl Fast {
+    fn compile(e: &IdedExpr) -> Option<Fast> {
+        let Expr::Call(CallExpr {
+            func_name,
+            target: None,
+            args,
+        }) = &e.expr
+        else {
+            return None;
+        };
+        match (func_name.as_str(), args.as_slice()) {
+            (operators::LOGICAL_AND, [a, b]) => Some(Fast::And(
+                Box::new(Fast::compile(a)?),
+                Box::new(Fast::compile(b)?),
+            )),
+            (operators::LOGICAL_OR, [a, b]) => Some(Fast::Or(
+                Box::new(Fast::compile(a)?),
+                Box::new(Fast::compile(b)?),
+            )),
+            (operators::LOGICAL_NOT, [a]) => Some(Fast::Not(Box::new(Fast::compile(a)?))),
+            (op, [a, b]) => {
+                let cmp = Cmp::parse(op)?;
+                match (operand(a), literal(b), literal(a), operand(b)) {
+                    (Some(x), Some(v), _, _) => Some(Fast::Cmp(x, cmp, v)),
+                    (_, _, Some(v), Some(x)) => Some(Fast::Cmp(x, cmp.flip(), v)),
+                    _ => None,
+                }
+            }
+            _ => None,
+        }
+    }
+
+    /// CEL's answer: `Some(bool)`, or `None` for an error (a missing key, not a number);
+    /// `&&` and `||` absorb an error when the other side decides, as in CEL.
+    fn eval(&self, values: &Map<String, Json>, rates: &[(String, f64)]) -> Option<bool> {
+        match self {
+            Fast::And(a, b) => match (a.eval(values, rates), b.eval(values, rates)) {
+                (Some(false), _) | (_, Some(false)) => Some(false),
+                (Some(true), Some(true)) => Some(true),
+                _ => None,
+            },
+            Fast::Or(a, b) => match (a.eval(values, rates), b.eval(values, rates)) {
+                (Some(true), _) | (_, Some(true)) => Some(true),
+                (Some(false), Some(false)) => Some(false),
+                _ => None,
+            },
+            Fast::Not(a) => a.eval(values, rates).map(|b| !b),
+            Fast::Cmp(x, cmp, v) => {
+                let a = match x {
+                    Operand::Key(k) => values.get(k)?.as_f64()?,
+                    Operand::Rate(k) => rates.iter().find(|(r, _)| r == k)?.1,
+                };
+                Some(cmp.apply(a, *v))
+            }
+        }
     }
 }
 
@@ -190,12 +352,58 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// The CEL answer, checked against the fast path when there is one.
     fn eval(cond: &str, values: Json, rates: &[(String, f64)]) -> bool {
         let c = Condition::compile(cond).unwrap();
         let Json::Object(values) = values else {
             panic!("values must be an object")
         };
-        with_scope(&values, rates, |s| c.eval(s))
+        let slow = with_scope(&values, rates, |s| c.eval(s));
+        if let Some(fast) = c.eval_fast(&values, rates) {
+            assert_eq!(
+                fast, slow,
+                "fast and CEL disagree on {cond} with {values:?}"
+            );
+        }
+        slow
+    }
+
+    #[test]
+    fn simple_comparisons_take_the_fast_path_and_agree_with_cel() {
+        for c in [
+            "t > 30",
+            "30 < t",
+            "t >= -1.5 && !(h == 3)",
+            "t < 1 || rate(t) > 2",
+            "t != 4u",
+        ] {
+            assert!(Condition::compile(c).unwrap().is_fast(), "{c}");
+        }
+        for c in ["t > h", "mode == 'eco'", "t + 1 > 3", "t in [1, 2]", "door"] {
+            assert!(!Condition::compile(c).unwrap().is_fast(), "{c}");
+        }
+        let r = vec![("t".to_string(), 3.0)];
+        for values in [
+            json!({"t": 31}),
+            json!({"t": -2, "h": 3}),
+            json!({"h": 1}),
+            json!({"t": "x"}),
+            json!({"t": 0.5}),
+            json!({}),
+        ] {
+            for c in [
+                "t > 30",
+                "30 < t",
+                "t >= -1.5 && !(h == 3)",
+                "t < 1 || rate(t) > 2",
+                "h > 0 || t > 0",
+                "!(t > 0)",
+                "t > 0 && h > 0",
+            ] {
+                eval(c, values.clone(), &r);
+                eval(c, values.clone(), &[]);
+            }
+        }
     }
 
     #[test]

@@ -210,12 +210,28 @@ impl Engine {
             return (effects, 0);
         }
         let rates = self.rates(device, ts, values, &rules);
-        let holds: Vec<bool> = with_scope(values, &rates, |scope| {
-            rules
-                .iter()
-                .map(|r| r.condition.as_ref().is_some_and(|c| c.eval(scope)))
-                .collect()
-        });
+        let fast: Vec<Option<bool>> = rules
+            .iter()
+            .map(|r| {
+                r.condition
+                    .as_ref()
+                    .and_then(|c| c.eval_fast(values, &rates))
+            })
+            .collect();
+        let holds: Vec<bool> = if fast.iter().all(Option::is_some) {
+            fast.iter().map(|h| *h == Some(true)).collect()
+        } else {
+            with_scope(values, &rates, |scope| {
+                rules
+                    .iter()
+                    .zip(&fast)
+                    .map(|(r, f)| match f {
+                        Some(h) => *h,
+                        None => r.condition.as_ref().is_some_and(|c| c.eval(scope)),
+                    })
+                    .collect()
+            })
+        };
         for (rule, holds) in rules.iter().zip(holds.iter()) {
             if let Some(e) = self.apply(rule, device, *holds, values, now) {
                 effects.push(e);
