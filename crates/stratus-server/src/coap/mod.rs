@@ -20,7 +20,9 @@
 //! | `/telemetry` | POST | a telemetry message (JSON, or CBOR with Content-Format 60) through the one pipeline: 2.04 once durable |
 //! | `/config` | GET (Observe) | the desired config document (the payload of the retained MQTT `devices/{id}/config`), ETag = version |
 //! | `/config/reported` | PUT, POST | stores the reported config (a JSON object): 2.04 |
-//! | `/firmware/{id}` | GET | firmware images (another service) — 4.04 until one exists; large bodies go out Block2 |
+//! | `/firmware` | GET | the device's firmware assignment notice (JSON; 4.04 without one) |
+//! | `/firmware/{id}` | GET | the firmware image, Block2 blocks read from its file, ETag, Size2 (assigned devices only) |
+//! | `/firmware/status` | POST | a firmware status report: a word (`installed`…) or JSON |
 //! | `/upload` | PUT, POST | a Block1 upload (reassembled up to `max_body_bytes`), ingested as one telemetry message: the way to send a large buffered batch; 2.04 (PUT) or 2.01 (POST) |
 //!
 //! Errors: unknown path 4.04, wrong method 4.05 (the endpoint answers unknown method codes
@@ -108,6 +110,8 @@ pub struct CoapContext {
     pub broker: Arc<Broker>,
     /// `[coap]`.
     pub config: CoapConfig,
+    /// The firmware service (notices, images, status reports).
+    pub firmware: Arc<crate::firmware::Firmware>,
 }
 
 /// How a listener's socket is used.
