@@ -439,3 +439,41 @@ def test_campaign_by_selector_counts_states(tmp_path, keys, srv):
     assert failed["reason"] == "flash write error"
     listed = requests.get(cloud.url("/api/v1/campaigns"), headers=cloud.admin, timeout=10).json()
     assert c["id"] in [x["id"] for x in listed["campaigns"]]
+
+
+def test_aiocoap_observes_firmware_notices(tmp_path, keys, srv):
+    """A device observing CoAP `/firmware` (aiocoap) gets `null` first, then the notice of a
+    new assignment as a notification."""
+    aiocoap = pytest.importorskip("aiocoap")
+    import asyncio
+
+    trusted, _ = keys
+    cloud = Cloud(srv)
+    img, man = make_image(tmp_path, "obs.bin", 5_000, 10, trusted, "5.0.0")
+    fid = upload(cloud, img.read_bytes(), man.read_bytes()).json()["id"]
+    dev, secret = cloud.add_device()
+    token = cloud.token(dev, secret)
+    query = "&".join(f"token={token[i:i + 200]}" for i in range(0, len(token), 200))
+
+    async def go():
+        ctx = await aiocoap.Context.create_client_context()
+        try:
+            req = aiocoap.Message(code=aiocoap.GET,
+                                  uri=f"coap://127.0.0.1:{srv.coap}/firmware?{query}", observe=0)
+            pr = ctx.request(req)
+            first = await asyncio.wait_for(pr.response, 10)
+            assert first.code == aiocoap.CONTENT and first.opt.observe is not None
+            assert json.loads(first.payload) is None
+            notes = pr.observation.__aiter__()
+            loop = asyncio.get_running_loop()
+            r = await loop.run_in_executor(None, lambda: requests.post(
+                cloud.url(f"/api/v1/devices/{dev}/firmware"), json={"firmware": fid},
+                headers=cloud.admin, timeout=10))
+            assert r.status_code == 201, r.text
+            n = await asyncio.wait_for(notes.__anext__(), 10)
+            notice = json.loads(n.payload)
+            assert notice == r.json() and notice["firmware"] == fid
+        finally:
+            await ctx.shutdown()
+
+    asyncio.run(go())

@@ -75,7 +75,8 @@ pub fn link_resources(max_body: usize) -> Vec<LinkResource> {
         LinkResource::new("/firmware")
             .rt("stratus.firmware")
             .ct(json)
-            .title("firmware assignment notice (GET); images at /firmware/{id} (Block2)"),
+            .observable()
+            .title("firmware assignment notice (GET, Observe); images at /firmware/{id} (Block2)"),
         LinkResource::new("/firmware/status")
             .rt("stratus.firmware.status")
             .interface("core.s")
@@ -99,6 +100,19 @@ pub(crate) fn config_response(doc: Bytes, version: u64) -> Response {
         .with_content_format(ContentFormat::JSON);
     r.options.set_etag(&etag(version));
     r
+}
+
+/// A `/firmware` representation: the notice JSON (`null` for an empty payload: no
+/// assignment).
+pub(crate) fn notice_response(notice: Bytes) -> Response {
+    let payload = if notice.is_empty() {
+        Bytes::from_static(b"null")
+    } else {
+        notice
+    };
+    Response::new(Code::CONTENT)
+        .with_payload(payload)
+        .with_content_format(ContentFormat::JSON)
 }
 
 /// The ETag of a config version: the version as a CoAP uint (big-endian, no leading zero
@@ -164,7 +178,7 @@ impl Driver {
             Route::Config => self.get_config(exchange, peer, &req, device),
             Route::ConfigReported => self.put_reported(exchange, &req, device),
             Route::Firmware(id) => self.firmware_block(exchange, &req, device, id),
-            Route::FirmwareNotice => self.firmware_notice(exchange, device),
+            Route::FirmwareNotice => self.firmware_notice(exchange, peer, &req, device),
             Route::FirmwareStatus => self.firmware_status(exchange, &req, device),
             Route::WellKnownCore | Route::Unknown => {}
         }
@@ -401,22 +415,42 @@ impl Driver {
         });
     }
 
-    /// `GET /firmware`: the device's assignment notice (4.04 without one).
-    fn firmware_notice(&mut self, exchange: ExchangeId, d: Device) {
+    /// `GET /firmware`: the device's assignment notice (`null` without one); Observe=0
+    /// registers for the next ones.
+    fn firmware_notice(
+        &mut self,
+        exchange: ExchangeId,
+        peer: SocketAddr,
+        req: &Message,
+        d: Device,
+    ) {
+        let observe = matches!(req.options.observe(), Ok(Some(0)));
+        let observer = observe.then(|| NewObserver {
+            peer,
+            token: req.token,
+            access_token: d.token.clone(),
+        });
         let fw = self.ctx.firmware.clone();
         let tx = self.done_tx.clone();
         tokio::spawn(async move {
-            let response = match fw.notice(&d.id).await {
-                Ok(Some(notice)) => Response::new(Code::CONTENT)
-                    .with_payload(Bytes::from(serde_json::to_vec(&notice).unwrap_or_default()))
-                    .with_content_format(ContentFormat::JSON),
-                Ok(None) => diagnostic(Code::NOT_FOUND, "no firmware is assigned"),
+            let mut response = match fw.notice(&d.id).await {
+                Ok(notice) => {
+                    notice_response(Bytes::from(serde_json::to_vec(&notice).unwrap_or_default()))
+                }
                 Err(e) => {
                     tracing::error!(device = %d.id, error = %e, "coap: reading the notice failed");
                     diagnostic(Code::INTERNAL_SERVER_ERROR, "store failure")
                 }
             };
-            let _ = tx.send(Done::Respond { exchange, response });
+            if observe && response.code.is_success() {
+                response = response.observing();
+            }
+            let _ = tx.send(Done::Firmware {
+                exchange,
+                response,
+                observer,
+                device: d.id,
+            });
         });
     }
 
