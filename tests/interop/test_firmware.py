@@ -477,3 +477,33 @@ def test_aiocoap_observes_firmware_notices(tmp_path, keys, srv):
             await ctx.shutdown()
 
     asyncio.run(go())
+
+
+def test_size_limit_extra_parts_and_openapi(tmp_path, keys, start_server):
+    trusted, _ = keys
+    s = start_server("fwsmall", env={"STRATUS_ADMIN_SECRET": ADMIN_SECRET}, anonymous=False,
+                     args=["--firmware-pubkey", str(trusted / "firmware.pub")],
+                     config="[firmware]\nmax_image_bytes = 4096\n", start=False)
+    s.start(wait=("mqtt", "http"))
+    cloud = Cloud(s)
+    img, man = make_image(tmp_path, "big.bin", 10_000, 11, trusted, "1.0.0")
+    r = upload(cloud, img.read_bytes(), man.read_bytes())
+    assert r.status_code == 413 and "max_image_bytes" in r.json()["error_description"], r.text
+    assert firmware_files(s) == ([], [])
+    small, sman = make_image(tmp_path, "small.bin", 4096, 12, trusted, "1.0.0")
+    files = [("manifest", ("m", sman.read_bytes())), ("image", ("i", small.read_bytes())),
+             ("extra", ("e", b"x" * 100))]
+    r = requests.post(cloud.url("/api/v1/firmware"), files=files, headers=cloud.admin, timeout=10)
+    assert r.status_code == 400 and "extra" in r.json()["error_description"], r.text
+    assert firmware_files(s) == ([], [])
+    assert upload(cloud, small.read_bytes(), sman.read_bytes()).status_code == 201
+    # an unknown trusted-key file is a configuration error naming the key (exit 2)
+    res = subprocess.run([stratus_bin(), "serve", "--data-dir", str(tmp_path / "x"),
+                          "--firmware-pubkey", str(tmp_path / "nope.pub")],
+                         capture_output=True, text=True, timeout=20, env=clean_env())
+    assert res.returncode == 2 and "firmware.pubkeys" in res.stderr, res.stderr
+    # the API description lists the firmware routes
+    paths = requests.get(cloud.url("/api/openapi.json"), timeout=10).json()["paths"]
+    for p in ("/api/v1/firmware", "/api/v1/firmware/{id}", "/api/v1/firmware/{id}/manifest",
+              "/api/v1/devices/{id}/firmware", "/api/v1/campaigns", "/api/v1/campaigns/{id}"):
+        assert p in paths, p

@@ -215,6 +215,9 @@ async fn upload_firmware(
                 }
                 manifest_bytes = Some(bytes);
             }
+            Some("image") if image.is_some() => {
+                return Err(ApiError::bad_request("more than one part \"image\""));
+            }
             Some("image") => {
                 let temp = TempImage {
                     path: fw.temp_path(),
@@ -245,9 +248,11 @@ async fn upload_firmware(
                     .map_err(|e| ApiError::internal("syncing the image file", &e))?;
                 image = Some((temp, hasher.finish()));
             }
-            _ => {
-                // Unknown parts are drained and ignored.
-                while field.chunk().await.map_err(multipart_error)?.is_some() {}
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unexpected part {:?}: expected \"manifest\" and \"image\"",
+                    other.unwrap_or("")
+                )))
             }
         }
     }
