@@ -88,7 +88,7 @@ pub(crate) async fn resolve(url: Option<&str>, server: &reqwest::Url) -> Result<
 }
 
 /// The socket and the endpoint.
-struct Client {
+pub(crate) struct Client {
     socket: UdpSocket,
     endpoint: Endpoint,
     peer: SocketAddr,
@@ -96,7 +96,7 @@ struct Client {
 }
 
 impl Client {
-    async fn new(peer: SocketAddr) -> Result<Client, String> {
+    pub(crate) async fn new(peer: SocketAddr) -> Result<Client, String> {
         let bind: SocketAddr = if peer.is_ipv4() {
             ([0, 0, 0, 0], 0).into()
         } else {
@@ -118,7 +118,11 @@ impl Client {
     }
 
     /// Sends one request and waits for its response.
-    async fn exchange(&mut self, shared: &Shared, request: Request) -> Result<Message, Stop> {
+    pub(crate) async fn exchange(
+        &mut self,
+        cancel: &tokio_util::sync::CancellationToken,
+        request: Request,
+    ) -> Result<Message, Stop> {
         let id = self
             .endpoint
             .send_request(std::time::Instant::now(), self.peer, request)
@@ -160,7 +164,7 @@ impl Client {
                 }
             };
             tokio::select! {
-                _ = shared.cancel.cancelled() => {
+                _ = cancel.cancelled() => {
                     self.endpoint.cancel_request(id);
                     return Err(Stop::Closed);
                 }
@@ -203,7 +207,7 @@ pub(crate) async fn run(shared: Arc<Shared>, s: Settings) {
 }
 
 /// `?token=…` split into items a Uri-Query option can hold.
-fn add_token(options: &mut stratus_coap::Options, token: &str) {
+pub(crate) fn add_token(options: &mut stratus_coap::Options, token: &str) {
     let mut rest = token;
     while !rest.is_empty() {
         let mut cut = rest.len().min(TOKEN_CHUNK);
@@ -256,7 +260,7 @@ impl Worker {
                 request.options.set_content_format(ContentFormat::JSON);
                 request.payload = bytes::Bytes::from(b.clone());
             }
-            let answer = self.client.exchange(&self.shared, request).await?;
+            let answer = self.client.exchange(&self.shared.cancel, request).await?;
             if answer.code.class() != 5 && answer.code != Code::TOO_MANY_REQUESTS {
                 self.shared.connected();
             }

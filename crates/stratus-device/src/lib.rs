@@ -65,8 +65,12 @@
 //!   (about 1 KiB of records), confirmable, one at a time. CoAPS (DTLS) is not built.
 //!
 //! Firmware: a [`FirmwareHandler`] given to [`DeviceBuilder::firmware_handler`] receives the
-//! manifest JSON of the retained `devices/{id}/firmware` (MQTT only); downloading, verifying
-//! and installing are not built yet.
+//! assignment notice of the retained `devices/{id}/firmware` (MQTT); with HTTP or CoAP,
+//! [`firmware::FirmwareUpdater::poll_notice`] fetches it. [`firmware::FirmwareUpdater::apply`]
+//! checks the signed manifest (trusted key, hardware id, no downgrade), downloads over HTTP
+//! (resumed with `Range` after a dropped connection) or CoAP Block2 while hashing, verifies,
+//! hands the image to an install callback and reports `downloading`, `verified`, `installed`
+//! or `failed` with the reason (see [`firmware`]).
 //!
 //! ## Dependencies, and why
 //! - `rumqttc`: a well-kept, widely used MQTT 3.1.1/5.0 client; using it (rather than our own
@@ -81,6 +85,7 @@
 //!   sans-IO state machine; this crate only drives it with a UDP socket and a timer.
 //! - `serde`, `serde_json`: records, envelopes, configuration documents.
 //! - `httpdate`: reads the server's clock from the `Date` header.
+//! - `stratus-firmware`: manifest verification, the same code the server and the CLI run.
 //! - `parking_lot`: the short locks around the buffer; `rand`: nonces and back-off jitter;
 //!   `thiserror`: [`Error`]; `tracing`: logs; `bytes`: MQTT payloads.
 
@@ -90,6 +95,7 @@
 mod buffer;
 mod coap;
 mod error;
+pub mod firmware;
 mod http;
 mod mqtt;
 mod poll;
@@ -189,9 +195,10 @@ impl DesiredConfig {
     }
 }
 
-/// The firmware seam: called with the manifest JSON of each firmware assignment (the retained
-/// `devices/{id}/firmware`, MQTT only). Download, verification and installation are not built
-/// yet; a handler can log or stage the assignment meanwhile.
+/// The firmware seam: called with the notice JSON of each firmware assignment (the retained
+/// `devices/{id}/firmware`, MQTT only). Parse it with
+/// [`firmware::FirmwareNotice::from_json`] and hand it to a [`firmware::FirmwareUpdater`]
+/// (from a task of its own: the handler runs on the MQTT event loop).
 pub trait FirmwareHandler: Send + Sync + 'static {
     /// A firmware assignment for device `device_id` arrived.
     fn on_firmware_assignment(&self, device_id: &str, manifest: &Value);

@@ -31,6 +31,47 @@ pub struct Config {
     pub telemetry: crate::pipeline::TelemetryConfig,
     /// `[rules]`: the rules engine's action queue and device connectivity.
     pub rules: crate::rules::service::RulesConfig,
+    /// `[firmware]`: trusted signing keys and upload limits.
+    pub firmware: FirmwareConfig,
+}
+
+/// `[firmware]` (see [`crate::api::firmware`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FirmwareConfig {
+    /// Public key files (PEM or base64 of 32 bytes) whose signatures are trusted;
+    /// `--firmware-pubkey` replaces the list. Without any, every upload is refused.
+    pub pubkeys: Vec<PathBuf>,
+    /// Largest firmware image accepted, in bytes (413 beyond).
+    pub max_image_bytes: u64,
+    /// The HTTP base URL devices download from, put in assignment notices
+    /// [default: `http://` + the HTTP listener's address].
+    pub public_url: Option<String>,
+}
+
+impl Default for FirmwareConfig {
+    fn default() -> Self {
+        FirmwareConfig {
+            pubkeys: Vec::new(),
+            max_image_bytes: 64 * 1024 * 1024,
+            public_url: None,
+        }
+    }
+}
+
+impl FirmwareConfig {
+    /// Reads every configured key file; the error names the key and the file.
+    pub fn trusted_keys(&self) -> Result<stratus_firmware::TrustedKeys, ConfigError> {
+        let mut keys = stratus_firmware::TrustedKeys::new();
+        for path in &self.pubkeys {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigError(format!("firmware.pubkeys: {}: {e}", path.display())))?;
+            let key = stratus_firmware::parse_public_key(&text)
+                .map_err(|e| ConfigError(format!("firmware.pubkeys: {}: {e}", path.display())))?;
+            keys.add(key);
+        }
+        Ok(keys)
+    }
 }
 
 /// `[tls]`. Setting `cert_file` and `key_file` starts the MQTTS and HTTPS listeners.
@@ -232,6 +273,8 @@ pub struct Overrides {
     pub coap_port: Option<u16>,
     /// `--allow-anonymous` (only `true` overrides).
     pub allow_anonymous: bool,
+    /// `--firmware-pubkey` (repeatable; when given, replaces `firmware.pubkeys`).
+    pub firmware_pubkeys: Vec<PathBuf>,
 }
 
 /// A configuration that cannot be used; its message names the offending key.
@@ -275,6 +318,14 @@ impl Config {
             "auth.allow_anonymous",
             o.allow_anonymous.then_some(true.into()),
         );
+        if !o.firmware_pubkeys.is_empty() {
+            let paths: Vec<String> = o
+                .firmware_pubkeys
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect();
+            figment = figment.merge(Serialized::default("firmware.pubkeys", paths));
+        }
         let config: Config = figment.extract().map_err(|e| {
             let mut msg = String::new();
             for err in e {
@@ -365,6 +416,10 @@ impl Config {
         if c.multicast_leisure_ms > 60_000 {
             return bad("coap.multicast_leisure_ms", "must be at most 60000");
         }
+        if self.firmware.max_image_bytes < 1024 {
+            return bad("firmware.max_image_bytes", "must be at least 1024");
+        }
+        self.firmware.trusted_keys()?;
         m.acl.validate().map_err(ConfigError)?;
         Ok(())
     }
@@ -456,5 +511,57 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("mqtt.max_inflight"), "{err}");
+    }
+
+    #[test]
+    fn firmware_keys_come_from_the_file_or_the_flag_and_must_be_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = stratus_firmware::generate_key().unwrap();
+        let pem = dir.path().join("a.pub");
+        std::fs::write(
+            &pem,
+            stratus_firmware::public_key_pem(&key.verifying_key()).unwrap(),
+        )
+        .unwrap();
+        let file = dir.path().join("stratus.toml");
+        std::fs::write(
+            &file,
+            format!("[firmware]\npubkeys = [{:?}]\n", pem.display().to_string()),
+        )
+        .unwrap();
+        let c = Config::load_from_env(Some(&file), &Overrides::default(), env(&[])).unwrap();
+        assert_eq!(c.firmware.pubkeys, vec![pem.clone()]);
+        assert_eq!(c.firmware.max_image_bytes, 64 * 1024 * 1024);
+        let ids: Vec<String> = c
+            .firmware
+            .trusted_keys()
+            .unwrap()
+            .ids()
+            .map(str::to_string)
+            .collect();
+        assert_eq!(ids, vec![stratus_firmware::key_id(&key.verifying_key())]);
+
+        let missing = Overrides {
+            firmware_pubkeys: vec![dir.path().join("nope.pub")],
+            ..Default::default()
+        };
+        let err = Config::load_from_env(Some(&file), &missing, env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("firmware.pubkeys") && err.contains("nope.pub"),
+            "{err}"
+        );
+
+        let junk = dir.path().join("junk.pub");
+        std::fs::write(&junk, "not a key").unwrap();
+        let o = Overrides {
+            firmware_pubkeys: vec![junk],
+            ..Default::default()
+        };
+        let err = Config::load_from_env(None, &o, env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("firmware.pubkeys"), "{err}");
     }
 }

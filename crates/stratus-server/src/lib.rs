@@ -39,6 +39,7 @@ pub mod coap;
 pub mod config;
 pub mod dashboard;
 pub mod events;
+pub mod firmware;
 pub mod http;
 pub mod ingest;
 pub mod metrics;
@@ -92,6 +93,8 @@ pub struct Server {
     pub broker: Arc<broker::Broker>,
     /// The rules engine (rules, alarms, device connectivity).
     pub rules: Arc<rules::Rules>,
+    /// The firmware service.
+    pub firmware: Arc<firmware::Firmware>,
     shutdown: watch::Sender<bool>,
     listeners: JoinSet<()>,
     connections: TaskTracker,
@@ -221,7 +224,26 @@ impl Server {
             Duration::from_secs(config.mqtt.sys_interval_secs),
             shutdown_rx.clone(),
         ));
+        let firmware_base = config.firmware.public_url.clone().unwrap_or_else(|| {
+            let mut addr = http_addr;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            format!("http://{addr}")
+        });
+        let firmware = Arc::new(
+            firmware::Firmware::open(
+                store.clone(),
+                broker.clone(),
+                data_dir,
+                config.firmware.trusted_keys()?,
+                config.firmware.max_image_bytes,
+                firmware_base.trim_end_matches('/').to_string(),
+            )
+            .context("creating the firmware directory")?,
+        );
         let api_state = api::ApiState {
+            firmware: Some(firmware.clone()),
             broker: broker.clone(),
             store: store.clone(),
             auth: auth.clone(),
@@ -260,6 +282,7 @@ impl Server {
             store: store.clone(),
             broker: broker.clone(),
             config: config.coap.clone(),
+            firmware: firmware.clone(),
         });
         let coap_addr = coap_socket.local_addr()?;
         if config.coap.multicast {
@@ -321,6 +344,7 @@ impl Server {
             coaps_addr,
             broker,
             rules,
+            firmware,
             shutdown,
             listeners,
             connections,

@@ -484,6 +484,24 @@ impl Driver {
                     let _ = tx.send(result);
                 });
             }
+            Some("/firmware/status") => {
+                // A firmware status report (a word or JSON), kept like the HTTP and CoAP ones.
+                let store = self.ctx.auth.store().clone();
+                let broker = self.ctx.broker.clone();
+                tokio::spawn(async move {
+                    let result = match crate::firmware::parse_status(&payload) {
+                        Ok(report) => crate::firmware::report(&store, &broker, &device, report)
+                            .await
+                            .map(|_| Accepted {
+                                records: 0,
+                                points: 0,
+                            })
+                            .map_err(Rejected::Store),
+                        Err(e) => Err(Rejected::Store(e)),
+                    };
+                    let _ = tx.send(result);
+                });
+            }
             _ => return Some(message),
         }
         self.held_qos0 += usize::from(packet_id.is_none());

@@ -9,6 +9,7 @@ use serde_json::Value as Json;
 use crate::audit::{AuditEntry, AuditVerdict, NewAuditEntry};
 use crate::clients::OAuthClient;
 use crate::devices::{AttributeUpdate, DesiredConfig, Device, NewDevice, ReportedConfig};
+use crate::firmware::{Assignment, Campaign, FirmwareEvent, FirmwareRecord};
 use crate::group_commit::GroupCommitter;
 use crate::mqtt::MqttSnapshot;
 use crate::rules::{Alarm, AlarmQuery, StoredRule};
@@ -377,6 +378,46 @@ impl StoreHandle {
         self.write_one(Write::PurgeTelemetry { now_ms })
             .await?
             .into_count()
+    }
+
+    // ---- firmware -----------------------------------------------------------------------
+
+    /// See [`FirmwareStore::firmware`](crate::FirmwareStore::firmware).
+    pub async fn firmware(&self, id: &str) -> Result<Option<FirmwareRecord>, StoreError> {
+        let id = id.to_owned();
+        self.read(move |s| s.firmware(&id)).await
+    }
+
+    /// See [`FirmwareStore::list_firmware`](crate::FirmwareStore::list_firmware).
+    pub async fn list_firmware(&self) -> Result<Vec<FirmwareRecord>, StoreError> {
+        self.read(|s| s.list_firmware()).await
+    }
+
+    /// See [`FirmwareStore::campaign`](crate::FirmwareStore::campaign).
+    pub async fn campaign(&self, id: &str) -> Result<Option<Campaign>, StoreError> {
+        let id = id.to_owned();
+        self.read(move |s| s.campaign(&id)).await
+    }
+
+    /// See [`FirmwareStore::list_campaigns`](crate::FirmwareStore::list_campaigns).
+    pub async fn list_campaigns(&self) -> Result<Vec<Campaign>, StoreError> {
+        self.read(|s| s.list_campaigns()).await
+    }
+
+    /// See [`FirmwareStore::assignment`](crate::FirmwareStore::assignment).
+    pub async fn assignment(&self, device_id: &str) -> Result<Option<Assignment>, StoreError> {
+        let id = device_id.to_owned();
+        self.read(move |s| s.assignment(&id)).await
+    }
+
+    /// See [`FirmwareStore::firmware_history`](crate::FirmwareStore::firmware_history).
+    pub async fn firmware_history(
+        &self,
+        device_id: &str,
+        limit: usize,
+    ) -> Result<Vec<FirmwareEvent>, StoreError> {
+        let id = device_id.to_owned();
+        self.read(move |s| s.firmware_history(&id, limit)).await
     }
 
     // ---- audit --------------------------------------------------------------------------

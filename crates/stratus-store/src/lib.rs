@@ -12,6 +12,7 @@
 //! | telemetry | [`TelemetryStore`] | points `(device, key, ts, number/bool/text)`, per-minute rollups, retention rules |
 //! | audit | [`AuditStore`] | an append-only, SHA-256 hash-chained log |
 //! | rules | [`RuleStore`] | rule definitions (JSON, as the API accepted them) and alarms with their history |
+//! | firmware | [`FirmwareStore`] | firmware metadata (images are files under `DATA_DIR/firmware/`), campaigns, each device's assignment, status history |
 //!
 //! [`Store`] is all of them together; [`SqliteStore`] implements it.
 //!
@@ -117,6 +118,7 @@ pub mod audit;
 pub mod clients;
 pub mod conformance;
 pub mod devices;
+pub mod firmware;
 pub mod group_commit;
 pub mod handle;
 pub mod mqtt;
@@ -128,6 +130,10 @@ pub mod write;
 pub use audit::{AuditEntry, AuditStore, AuditVerdict, BrokenLink, BrokenReason, NewAuditEntry};
 pub use clients::{ClientStore, OAuthClient};
 pub use devices::{AttributeUpdate, DesiredConfig, Device, DeviceStore, NewDevice, ReportedConfig};
+pub use firmware::{
+    Assignment, Campaign, CampaignDevice, FirmwareEvent, FirmwareRecord, FirmwareStore,
+    NewCampaign, FIRMWARE_STATES,
+};
 pub use group_commit::{CommitStats, Completion, GroupCommitter, WriteCompletion};
 pub use handle::StoreHandle;
 pub use mqtt::{
@@ -145,7 +151,14 @@ pub use write::{JobResults, Output, Write, WriteBackend};
 /// Everything Stratus keeps: the union of the per-kind traits. Implemented automatically by
 /// every type that implements all of them.
 pub trait Store:
-    MqttStore + WriteBackend + DeviceStore + ClientStore + TelemetryStore + AuditStore + RuleStore
+    MqttStore
+    + WriteBackend
+    + DeviceStore
+    + ClientStore
+    + TelemetryStore
+    + AuditStore
+    + RuleStore
+    + FirmwareStore
 {
 }
 
@@ -157,6 +170,7 @@ impl<T> Store for T where
         + TelemetryStore
         + AuditStore
         + RuleStore
+        + FirmwareStore
         + ?Sized
 {
 }

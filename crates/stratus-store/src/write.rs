@@ -8,6 +8,7 @@ use serde_json::Value as Json;
 use crate::audit::{AuditEntry, NewAuditEntry};
 use crate::clients::OAuthClient;
 use crate::devices::{AttributeUpdate, DesiredConfig, Device, NewDevice, ReportedConfig};
+use crate::firmware::{FirmwareRecord, NewCampaign};
 use crate::mqtt::MqttOp;
 use crate::rules::{Alarm, StoredRule};
 use crate::telemetry::{Point, Retention};
@@ -135,6 +136,28 @@ pub enum Write {
     /// Store an alarm unless a version at least as new is stored. Output: [`Output::Count`],
     /// 1 if stored, 0 if a newer version was kept.
     PutAlarm(Alarm),
+    /// Record an uploaded firmware's metadata ([`StoreError::Conflict`] when its id is
+    /// stored). Output: [`Output::Done`].
+    PutFirmware(FirmwareRecord),
+    /// Start a campaign: the firmware and every device must exist; each device's assignment
+    /// becomes this campaign in state `assigned`, and its history records it. Output:
+    /// [`Output::Done`].
+    CreateCampaign(NewCampaign),
+    /// Record a device's status report about a firmware: appended to its history; when the
+    /// device's current assignment is that firmware, the assignment and its campaign's entry
+    /// take the state. Output: [`Output::Done`].
+    FirmwareStatus {
+        /// Device id.
+        device_id: String,
+        /// The firmware the report is about.
+        firmware_id: String,
+        /// One of [`FIRMWARE_STATES`](crate::firmware::FIRMWARE_STATES).
+        state: String,
+        /// Why, for `failed`.
+        reason: Option<String>,
+        /// When, Unix epoch milliseconds.
+        at_ms: i64,
+    },
 }
 
 impl Write {

@@ -55,6 +55,12 @@ fn sqlite_passes_the_write_contract_conformance_suite() {
 }
 
 #[test]
+fn sqlite_passes_the_firmware_conformance_suite() {
+    let (_dir, path) = temp_db("stratus.db");
+    conformance::run_firmware(|| SqliteStore::open(&path).unwrap());
+}
+
+#[test]
 fn sqlite_passes_the_audit_conformance_suite() {
     let (_dir, path) = temp_db("stratus.db");
     conformance::run_audit(|| SqliteStore::open(&path).unwrap());

@@ -220,6 +220,30 @@ impl AdminClient {
     }
 }
 
+impl AdminClient {
+    /// Sends a request with the admin token and a body of `content_type` (a multipart upload,
+    /// say); the JSON answer.
+    pub async fn send_body(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> Result<Value, RequestError> {
+        let response = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .header(reqwest::header::CONTENT_TYPE, content_type)
+            .timeout(Duration::from_secs(600))
+            .body(body)
+            .send()
+            .await
+            .map_err(request_error)?;
+        answer(response).await
+    }
+}
+
 /// The JSON of a successful answer, or the API error it carries.
 async fn answer(response: reqwest::Response) -> Result<Value, RequestError> {
     let status = response.status();

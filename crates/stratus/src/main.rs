@@ -4,7 +4,7 @@
 //! The admin subcommands (`stratus device`, `stratus audit`) talk to a running server over HTTP
 //! with `reqwest` (async on tokio, reusing the hyper/rustls/ring the server already builds;
 //! rustls with webpki roots so `--server https://…` works) or open a data dir's store with
-//! `stratus-store` directly.
+//! `stratus-store` directly. `stratus firmware` signs and verifies with `stratus-firmware`.
 
 use std::io::IsTerminal;
 use std::net::IpAddr;
@@ -18,6 +18,7 @@ use stratus_server::{Config, Overrides, Server};
 mod admin;
 mod audit_cmd;
 mod device_cmd;
+mod firmware_cmd;
 mod sim;
 
 /// Stratus: an IoT cloud in one binary.
@@ -36,6 +37,8 @@ enum Command {
     Bench(stratus_bench::BenchArgs),
     /// Manage devices on a running server (or on a data dir when none runs).
     Device(device_cmd::DeviceArgs),
+    /// Sign, verify and upload firmware (Ed25519 keys, signed manifests).
+    Firmware(firmware_cmd::FirmwareArgs),
     /// Verify the audit log's hash chain.
     Audit(audit_cmd::AuditArgs),
     /// Simulate a fleet of devices (MQTT, HTTP, CoAP) against a running server.
@@ -65,6 +68,10 @@ struct ServeArgs {
     /// Let MQTT clients without credentials connect and use any topic outside `devices/`.
     #[arg(long)]
     allow_anonymous: bool,
+    /// A public key (PEM or base64) whose firmware signatures are trusted; repeatable.
+    /// Replaces `[firmware] pubkeys` of the configuration when given.
+    #[arg(long, value_name = "FILE")]
+    firmware_pubkey: Vec<PathBuf>,
     /// Also run a simulated fleet (a dozen devices over MQTT, HTTP and CoAP) so the dashboard
     /// is alive at once.
     #[arg(long)]
@@ -91,6 +98,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Bench(args) => stratus_bench::run(args),
         Command::Device(args) => report(device_cmd::run(args).map(|()| true)),
+        Command::Firmware(args) => report(firmware_cmd::run(args)),
         Command::Audit(args) => report(audit_cmd::run(args)),
         Command::Sim(args) => report(sim::run(args)),
     }
@@ -117,6 +125,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         mqtt_port: args.mqtt_port,
         coap_port: args.coap_port,
         allow_anonymous: args.allow_anonymous,
+        firmware_pubkeys: args.firmware_pubkey,
     };
     let config = match Config::load(args.config.as_deref(), &overrides) {
         Ok(c) => c,

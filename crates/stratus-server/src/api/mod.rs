@@ -7,6 +7,7 @@
 
 pub mod audit;
 pub mod devices;
+pub mod firmware;
 pub mod oauth;
 pub mod rules;
 pub mod stream;
@@ -40,13 +41,15 @@ pub struct ApiState {
     pub ingest: Arc<crate::pipeline::Pipeline>,
     /// Largest request body accepted, in bytes (more: 413).
     pub max_body: usize,
+    /// The firmware service (`None`: the firmware routes answer 503).
+    pub firmware: Option<Arc<crate::firmware::Firmware>>,
 }
 
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "Stratus API",
-        description = "Devices, OAuth 2.0, telemetry and configuration of a Stratus IoT cloud."
+        description = "Devices, OAuth 2.0, telemetry, configuration and firmware of a Stratus IoT cloud."
     ),
     components(schemas(ErrorBody)),
     modifiers(&BearerScheme)
@@ -80,6 +83,7 @@ pub fn routes() -> OpenApiRouter<ApiState> {
         .merge(telemetry::routes())
         .merge(rules::routes())
         .merge(stream::routes())
+        .merge(firmware::routes())
 }
 
 /// The error body of every API failure.

@@ -20,7 +20,9 @@
 //! | `/telemetry` | POST | a telemetry message (JSON, or CBOR with Content-Format 60) through the one pipeline: 2.04 once durable |
 //! | `/config` | GET (Observe) | the desired config document (the payload of the retained MQTT `devices/{id}/config`), ETag = version |
 //! | `/config/reported` | PUT, POST | stores the reported config (a JSON object): 2.04 |
-//! | `/firmware/{id}` | GET | firmware images (another service) — 4.04 until one exists; large bodies go out Block2 |
+//! | `/firmware` | GET, observable | the device's firmware assignment notice (JSON; `null` without one); observers are notified of each new assignment |
+//! | `/firmware/{id}` | GET | the firmware image, Block2 blocks read from its file, ETag, Size2 (assigned devices only) |
+//! | `/firmware/status` | POST | a firmware status report: a word (`installed`…) or JSON |
 //! | `/upload` | PUT, POST | a Block1 upload (reassembled up to `max_body_bytes`), ingested as one telemetry message: the way to send a large buffered batch; 2.04 (PUT) or 2.01 (POST) |
 //!
 //! Errors: unknown path 4.04, wrong method 4.05 (the endpoint answers unknown method codes
@@ -108,6 +110,8 @@ pub struct CoapContext {
     pub broker: Arc<Broker>,
     /// `[coap]`.
     pub config: CoapConfig,
+    /// The firmware service (notices, images, status reports).
+    pub firmware: Arc<crate::firmware::Firmware>,
 }
 
 /// How a listener's socket is used.
@@ -218,6 +222,12 @@ pub async fn serve(
             .broker
             .internal_subscriber(&format!("$coap/{name}"), CONFIG_FILTER),
     };
+    let firmware_feed = match mode {
+        Mode::Multicast => None,
+        _ => ctx
+            .broker
+            .internal_subscriber(&format!("$coap/{name}/firmware"), FIRMWARE_FILTER),
+    };
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     let mut driver = Driver::new(ctx, ep, mode, done_tx);
     let mut buf = vec![0u8; MAX_DATAGRAM];
@@ -231,6 +241,12 @@ pub async fn serve(
         };
         let config_changed = async {
             match &config_feed {
+                Some(h) => h.notify.notified().await,
+                None => std::future::pending().await,
+            }
+        };
+        let firmware_changed = async {
+            match &firmware_feed {
                 Some(h) => h.notify.notified().await,
                 None => std::future::pending().await,
             }
@@ -264,7 +280,19 @@ pub async fn serve(
                 }
             }
             _ = config_changed => {}
+            _ = firmware_changed => {}
             _ = sleep => {}
+        }
+        if let Some(h) = &firmware_feed {
+            loop {
+                let batch = h.take_messages(NOTIFY_BATCH);
+                if batch.is_empty() {
+                    break;
+                }
+                for m in batch {
+                    driver.on_firmware_message(Instant::now(), m.topic.as_str(), &m.payload);
+                }
+            }
         }
         if let Some(h) = &config_feed {
             loop {
@@ -289,11 +317,16 @@ pub async fn serve(
     if let Some(h) = &config_feed {
         driver.ctx.broker.unsubscribe(h, CONFIG_FILTER);
     }
+    if let Some(h) = &firmware_feed {
+        driver.ctx.broker.unsubscribe(h, FIRMWARE_FILTER);
+    }
     driver.release_observers();
 }
 
 /// The broker filter of desired-config changes.
 const CONFIG_FILTER: &str = "devices/+/config";
+/// The broker filter of firmware assignment notices.
+const FIRMWARE_FILTER: &str = "devices/+/firmware";
 
 /// A handler's answer, sent back to the listener task.
 pub(crate) enum Done {
@@ -301,6 +334,13 @@ pub(crate) enum Done {
     Respond {
         exchange: ExchangeId,
         response: Response,
+    },
+    /// Answer a `GET /firmware`; when it asked to observe, remember the observer.
+    Firmware {
+        exchange: ExchangeId,
+        response: Response,
+        observer: Option<NewObserver>,
+        device: String,
     },
     /// Answer a `GET /config`; when it asked to observe, remember the observer.
     Config {
@@ -324,6 +364,8 @@ pub(crate) struct NewObserver {
 struct Observer {
     device: String,
     access_token: Option<String>,
+    /// `/firmware` (the assignment notice) rather than `/config`.
+    firmware: bool,
 }
 
 /// The state of one listener task, apart from its socket.
@@ -471,6 +513,18 @@ impl Driver {
     fn on_done(&mut self, now: Instant, done: Done) {
         match done {
             Done::Respond { exchange, response } => self.respond(now, exchange, response),
+            Done::Firmware {
+                exchange,
+                response,
+                observer,
+                device,
+            } => {
+                let observing = observer.is_some() && response.code.is_success();
+                self.respond(now, exchange, response);
+                if let Some(o) = observer.filter(|_| observing) {
+                    self.firmware_observer(device, o);
+                }
+            }
             Done::Config {
                 exchange,
                 response,
@@ -500,6 +554,7 @@ impl Driver {
                     Observer {
                         device: device.clone(),
                         access_token: o.access_token,
+                        firmware: false,
                     },
                 );
                 self.by_device
@@ -521,6 +576,47 @@ impl Driver {
         }
     }
 
+    /// Registers a `/firmware` observer once its first answer went out.
+    fn firmware_observer(&mut self, device: String, o: NewObserver) {
+        let key = (o.peer, o.token);
+        self.observers.insert(
+            key,
+            Observer {
+                device: device.clone(),
+                access_token: o.access_token,
+                firmware: true,
+            },
+        );
+        self.by_device.entry(device).or_default().insert(key);
+        self.ctx
+            .broker
+            .metrics
+            .coap_observers
+            .set(self.observers.len() as i64);
+    }
+
+    /// A retained `devices/{id}/firmware` notice from the broker: to the device's `/firmware`
+    /// observers.
+    fn on_firmware_message(&mut self, now: Instant, topic: &str, payload: &Bytes) {
+        let Some(device) = topic
+            .strip_prefix("devices/")
+            .and_then(|t| t.strip_suffix("/firmware"))
+        else {
+            return;
+        };
+        let Some(keys) = self.by_device.get(device) else {
+            return;
+        };
+        let keys: Vec<_> = keys
+            .iter()
+            .copied()
+            .filter(|k| self.observers.get(k).is_some_and(|o| o.firmware))
+            .collect();
+        for key in keys {
+            self.notify_one(now, key, payload);
+        }
+    }
+
     /// A retained `devices/{id}/config` message from the broker.
     fn on_config_message(&mut self, now: Instant, topic: &str, payload: &Bytes) {
         let Some(device) = topic
@@ -535,13 +631,18 @@ impl Driver {
         let Some(keys) = self.by_device.get(device) else {
             return;
         };
-        let keys: Vec<_> = keys.iter().copied().collect();
+        let keys: Vec<_> = keys
+            .iter()
+            .copied()
+            .filter(|k| self.observers.get(k).is_some_and(|o| !o.firmware))
+            .collect();
         for key in keys {
             self.notify_one(now, key, payload);
         }
     }
 
-    /// Sends one observer the config document `doc` (empty: the device is gone).
+    /// Sends one observer the config document or firmware notice `doc` (empty: the device
+    /// is gone, or for `/firmware` the notice was withdrawn).
     fn notify_one(&mut self, now: Instant, key: (SocketAddr, Token), doc: &Bytes) {
         let Some(obs) = self.observers.get(&key) else {
             return;
@@ -554,7 +655,10 @@ impl Driver {
                 .is_ok_and(|(p, _)| p.is_device(&obs.device)),
             None => self.ctx.auth.is_device(&obs.device),
         };
-        let response = if doc.is_empty() {
+        let firmware = obs.firmware;
+        let response = if firmware && still_valid {
+            resources::notice_response(doc.clone())
+        } else if doc.is_empty() {
             resources::diagnostic(stratus_coap::Code::NOT_FOUND, "the device was deleted")
         } else if !still_valid {
             resources::diagnostic(

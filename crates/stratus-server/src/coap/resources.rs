@@ -23,6 +23,8 @@ enum Route {
     Config,
     ConfigReported,
     Firmware(String),
+    FirmwareNotice,
+    FirmwareStatus,
     Upload,
     Unknown,
 }
@@ -33,6 +35,8 @@ fn route(path: &[&str]) -> Route {
         ["telemetry"] => Route::Telemetry,
         ["config"] => Route::Config,
         ["config", "reported"] => Route::ConfigReported,
+        ["firmware"] => Route::FirmwareNotice,
+        ["firmware", "status"] => Route::FirmwareStatus,
         ["firmware", id] if !id.is_empty() => Route::Firmware((*id).to_string()),
         ["upload"] => Route::Upload,
         _ => Route::Unknown,
@@ -70,8 +74,13 @@ pub fn link_resources(max_body: usize) -> Vec<LinkResource> {
             .title("large telemetry batch (Block1 PUT/POST)"),
         LinkResource::new("/firmware")
             .rt("stratus.firmware")
-            .ct(ContentFormat::OCTET_STREAM.0)
-            .title("firmware images: /firmware/{id} (Block2)"),
+            .ct(json)
+            .observable()
+            .title("firmware assignment notice (GET, Observe); images at /firmware/{id} (Block2)"),
+        LinkResource::new("/firmware/status")
+            .rt("stratus.firmware.status")
+            .interface("core.s")
+            .title("firmware status report (POST)"),
     ]
 }
 
@@ -91,6 +100,19 @@ pub(crate) fn config_response(doc: Bytes, version: u64) -> Response {
         .with_content_format(ContentFormat::JSON);
     r.options.set_etag(&etag(version));
     r
+}
+
+/// A `/firmware` representation: the notice JSON (`null` for an empty payload: no
+/// assignment).
+pub(crate) fn notice_response(notice: Bytes) -> Response {
+    let payload = if notice.is_empty() {
+        Bytes::from_static(b"null")
+    } else {
+        notice
+    };
+    Response::new(Code::CONTENT)
+        .with_payload(payload)
+        .with_content_format(ContentFormat::JSON)
 }
 
 /// The ETag of a config version: the version as a CoAP uint (big-endian, no leading zero
@@ -129,8 +151,11 @@ impl Driver {
             return self.on_multicast(now, exchange, &req, &route);
         }
         let allowed: &[Code] = match route {
-            Route::WellKnownCore | Route::Config | Route::Firmware(_) => &[Code::GET],
+            Route::WellKnownCore | Route::Config | Route::Firmware(_) | Route::FirmwareNotice => {
+                &[Code::GET]
+            }
             Route::Telemetry => &[Code::POST],
+            Route::FirmwareStatus => &[Code::POST, Code::PUT],
             Route::ConfigReported | Route::Upload => &[Code::PUT, Code::POST],
             Route::Unknown => {
                 let r = diagnostic(Code::NOT_FOUND, "no such resource");
@@ -152,10 +177,9 @@ impl Driver {
             Route::Telemetry | Route::Upload => self.telemetry(exchange, &req, device, &route),
             Route::Config => self.get_config(exchange, peer, &req, device),
             Route::ConfigReported => self.put_reported(exchange, &req, device),
-            Route::Firmware(id) => {
-                let r = diagnostic(Code::NOT_FOUND, &format!("no firmware {id:?}"));
-                self.respond(now, exchange, r);
-            }
+            Route::Firmware(id) => self.firmware_block(exchange, &req, device, id),
+            Route::FirmwareNotice => self.firmware_notice(exchange, peer, &req, device),
+            Route::FirmwareStatus => self.firmware_status(exchange, &req, device),
             Route::WellKnownCore | Route::Unknown => {}
         }
     }
@@ -376,6 +400,91 @@ impl Driver {
         });
     }
 
+    /// `GET /firmware/{id}`: one Block2 block of the image, read from its file (the block
+    /// the request asks for, block 0 of at most 1024 bytes otherwise), with ETag (the first 8
+    /// bytes of the SHA-256) and Size2. Only for a device the firmware is assigned to.
+    fn firmware_block(&mut self, exchange: ExchangeId, req: &Message, d: Device, id: String) {
+        let requested = req.options.block2().ok().flatten();
+        let szx = requested.map_or(6, |b| b.szx.min(6));
+        let num = requested.map_or(0, |b| b.num);
+        let fw = self.ctx.firmware.clone();
+        let tx = self.done_tx.clone();
+        tokio::spawn(async move {
+            let response = firmware_block(&fw, &d.id, &id, num, szx).await;
+            let _ = tx.send(Done::Respond { exchange, response });
+        });
+    }
+
+    /// `GET /firmware`: the device's assignment notice (`null` without one); Observe=0
+    /// registers for the next ones.
+    fn firmware_notice(
+        &mut self,
+        exchange: ExchangeId,
+        peer: SocketAddr,
+        req: &Message,
+        d: Device,
+    ) {
+        let observe = matches!(req.options.observe(), Ok(Some(0)));
+        let observer = observe.then(|| NewObserver {
+            peer,
+            token: req.token,
+            access_token: d.token.clone(),
+        });
+        let fw = self.ctx.firmware.clone();
+        let tx = self.done_tx.clone();
+        tokio::spawn(async move {
+            let mut response = match fw.notice(&d.id).await {
+                Ok(notice) => {
+                    notice_response(Bytes::from(serde_json::to_vec(&notice).unwrap_or_default()))
+                }
+                Err(e) => {
+                    tracing::error!(device = %d.id, error = %e, "coap: reading the notice failed");
+                    diagnostic(Code::INTERNAL_SERVER_ERROR, "store failure")
+                }
+            };
+            if observe && response.code.is_success() {
+                response = response.observing();
+            }
+            let _ = tx.send(Done::Firmware {
+                exchange,
+                response,
+                observer,
+                device: d.id,
+            });
+        });
+    }
+
+    /// `POST /firmware/status`: a status report (a word or JSON, as on MQTT).
+    fn firmware_status(&mut self, exchange: ExchangeId, req: &Message, d: Device) {
+        let report = match crate::firmware::parse_status(&req.payload) {
+            Ok(r) => r,
+            Err(e) => {
+                let r = diagnostic(Code::BAD_REQUEST, &e.to_string());
+                return self.spawn_done(Done::Respond {
+                    exchange,
+                    response: r,
+                });
+            }
+        };
+        let store = self.ctx.store.clone();
+        let broker = self.ctx.broker.clone();
+        let tx = self.done_tx.clone();
+        tokio::spawn(async move {
+            let response = match crate::firmware::report(&store, &broker, &d.id, report).await {
+                Ok(_) => Response::new(Code::CHANGED),
+                Err(StoreError::NotFound { kind, id }) => {
+                    diagnostic(Code::NOT_FOUND, &format!("{kind} {id:?} not found"))
+                }
+                Err(StoreError::Invalid(why)) => diagnostic(Code::BAD_REQUEST, &why),
+                Err(e) => {
+                    tracing::error!(device = %d.id, error = %e, "coap: storing a firmware status failed");
+                    diagnostic(Code::INTERNAL_SERVER_ERROR, "store failure")
+                }
+            };
+            let _ = tx.send(Done::Respond { exchange, response });
+        });
+    }
+
     /// Queues an answer through the same channel as the handlers' (keeps the order simple).
     fn spawn_done(&mut self, done: Done) {
         let _ = self.done_tx.send(done);
@@ -411,4 +520,80 @@ pub(crate) fn rejection(e: Rejected) -> Response {
             diagnostic(Code::INTERNAL_SERVER_ERROR, "store failure")
         }
     }
+}
+
+/// One Block2 block of firmware `id` for device `device` (see `Driver::firmware_block`).
+async fn firmware_block(
+    fw: &crate::firmware::Firmware,
+    device: &str,
+    id: &str,
+    num: u32,
+    szx: u8,
+) -> Response {
+    use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
+    if stratus_store::firmware::check_firmware_id(id).is_err() {
+        return diagnostic(Code::NOT_FOUND, "no such firmware");
+    }
+    match fw.is_assigned(device, id).await {
+        Ok(true) => {}
+        Ok(false) => {
+            return diagnostic(
+                Code::FORBIDDEN,
+                "this firmware is not assigned to this device",
+            )
+        }
+        Err(e) => {
+            tracing::error!(device, error = %e, "coap: reading the assignment failed");
+            return diagnostic(Code::INTERNAL_SERVER_ERROR, "store failure");
+        }
+    }
+    let Some(block) = stratus_coap::BlockOption::new(num, false, szx) else {
+        return diagnostic(Code::BAD_OPTION, "bad Block2");
+    };
+    let size = block.size() as u64;
+    let offset = u64::from(num) * size;
+    let mut file = match tokio::fs::File::open(fw.image_path(id)).await {
+        Ok(f) => f,
+        Err(_) => return diagnostic(Code::NOT_FOUND, "no such firmware"),
+    };
+    let total = match file.metadata().await {
+        Ok(m) => m.len(),
+        Err(_) => return diagnostic(Code::INTERNAL_SERVER_ERROR, "cannot read the image"),
+    };
+    if offset >= total && !(offset == 0 && total == 0) {
+        return diagnostic(Code::BAD_OPTION, "the block is past the end of the image");
+    }
+    let len = size.min(total - offset);
+    let mut buf = vec![0u8; len as usize];
+    let read = async {
+        file.seek(std::io::SeekFrom::Start(offset)).await?;
+        file.read_exact(&mut buf).await
+    };
+    if let Err(e) = read.await {
+        tracing::error!(firmware = %id, error = %e, "coap: reading the image failed");
+        return diagnostic(Code::INTERNAL_SERVER_ERROR, "cannot read the image");
+    }
+    let more = offset + len < total;
+    let mut r = Response::new(Code::CONTENT)
+        .with_payload(Bytes::from(buf))
+        .with_content_format(ContentFormat::OCTET_STREAM);
+    r.options
+        .set_block2(stratus_coap::BlockOption { num, more, szx });
+    // An ETag is at most 8 bytes (RFC 7252 §5.10.6): the first 8 of the SHA-256.
+    if let Ok(tag) = hex_prefix(id) {
+        r.options.set_etag(&tag);
+    }
+    if num == 0 {
+        r.options
+            .set_size2(u32::try_from(total).unwrap_or(u32::MAX));
+    }
+    r
+}
+
+fn hex_prefix(id: &str) -> Result<[u8; 8], ()> {
+    let mut out = [0u8; 8];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(id.get(2 * i..2 * i + 2).ok_or(())?, 16).map_err(|_| ())?;
+    }
+    Ok(out)
 }

@@ -359,6 +359,7 @@ async fn multicast_answers_only_discovery_and_never_errors() {
         store,
         broker: f.server.broker.clone(),
         config: cfg,
+        firmware: f.server.firmware.clone(),
     });
     let ep = Endpoint::new(endpoint_config(&ctx.config, &Mode::Multicast), 1).unwrap();
     let (tx, _rx) = mpsc::unbounded_channel();

@@ -10,6 +10,7 @@
 //! The checks panic with a message naming what broke, like assertions in a test.
 
 mod audit;
+mod firmware;
 mod jobs;
 mod mqtt;
 mod registry;
@@ -17,6 +18,7 @@ mod rules;
 mod telemetry;
 
 pub use audit::{run_audit, run_audit_tamper};
+pub use firmware::run_firmware;
 pub use jobs::{run_group_commit, run_jobs};
 pub use mqtt::run_mqtt;
 pub use registry::{run_clients, run_devices};
@@ -34,6 +36,7 @@ pub fn run_all<S: Store>(open: impl Fn() -> S) {
     run_clients(&open);
     run_telemetry(&open);
     run_jobs(&open);
+    run_firmware(&open);
     run_audit(&open);
     run_rules(&open);
 }

@@ -2,6 +2,7 @@
 //! `synchronous=FULL`, one writer connection and a pool of reader connections.
 
 mod audit;
+mod firmware;
 mod mqtt;
 mod registry;
 mod rules;
@@ -18,6 +19,7 @@ use serde_json::Value as Json;
 use crate::audit::{AuditEntry, AuditStore, AuditVerdict};
 use crate::clients::{ClientStore, OAuthClient};
 use crate::devices::{Device, DeviceStore};
+use crate::firmware::{Assignment, Campaign, FirmwareEvent, FirmwareRecord, FirmwareStore};
 use crate::mqtt::{MqttOp, MqttSnapshot, MqttStore};
 use crate::rules::{Alarm, AlarmQuery, RuleStore, StoredRule};
 use crate::telemetry::{
@@ -126,6 +128,46 @@ CREATE TABLE IF NOT EXISTS retention (
     keep_ms INTEGER,
     PRIMARY KEY (device_id, key)
 ) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS firmware (
+    id TEXT PRIMARY KEY,
+    version TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    hardware TEXT,
+    key_id TEXT NOT NULL,
+    manifest TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS firmware_campaigns (
+    id TEXT PRIMARY KEY,
+    firmware_id TEXT NOT NULL,
+    selector TEXT,
+    created_at_ms INTEGER NOT NULL,
+    seq INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS firmware_campaign_devices (
+    campaign_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT,
+    updated_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (campaign_id, device_id)
+) WITHOUT ROWID;
+-- the current assignment of each device: its last campaign.
+CREATE TABLE IF NOT EXISTS firmware_assignments (
+    device_id TEXT PRIMARY KEY,
+    campaign_id TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS firmware_history (
+    seq INTEGER PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    campaign_id TEXT,
+    firmware_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT,
+    at_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS firmware_history_device ON firmware_history (device_id, seq);
 
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY,
@@ -366,6 +408,25 @@ fn apply_write(conn: &Connection, write: &Write) -> Result<Output, StoreError> {
         Write::PutRule(rule) => rules::put_rule(conn, rule).map(|()| Output::Done),
         Write::DeleteRule { id } => rules::delete_rule(conn, id).map(|()| Output::Done),
         Write::PutAlarm(alarm) => rules::put_alarm(conn, alarm).map(Output::Count),
+        Write::PutFirmware(record) => firmware::put(conn, record).map(|()| Output::Done),
+        Write::CreateCampaign(campaign) => {
+            firmware::create_campaign(conn, campaign).map(|()| Output::Done)
+        }
+        Write::FirmwareStatus {
+            device_id,
+            firmware_id,
+            state,
+            reason,
+            at_ms,
+        } => firmware::record_status(
+            conn,
+            device_id,
+            firmware_id,
+            state,
+            reason.as_deref(),
+            *at_ms,
+        )
+        .map(|()| Output::Done),
     }
 }
 
@@ -476,6 +537,42 @@ impl TelemetryStore for SqliteStore {
 
     fn retention_rules(&self) -> Result<Vec<RetentionRule>, StoreError> {
         self.read(telemetry::retention_rules)
+    }
+}
+
+impl FirmwareStore for SqliteStore {
+    fn firmware(&self, id: &str) -> Result<Option<FirmwareRecord>, StoreError> {
+        self.read(|conn| firmware::get(conn, id))
+    }
+
+    fn list_firmware(&self) -> Result<Vec<FirmwareRecord>, StoreError> {
+        self.read(firmware::list)
+    }
+
+    fn campaign(&self, id: &str) -> Result<Option<Campaign>, StoreError> {
+        self.read(|conn| {
+            let tx = conn.unchecked_transaction()?;
+            firmware::get_campaign(&tx, id)
+        })
+    }
+
+    fn list_campaigns(&self) -> Result<Vec<Campaign>, StoreError> {
+        self.read(|conn| {
+            let tx = conn.unchecked_transaction()?;
+            firmware::list_campaigns(&tx)
+        })
+    }
+
+    fn assignment(&self, device_id: &str) -> Result<Option<Assignment>, StoreError> {
+        self.read(|conn| firmware::assignment(conn, device_id))
+    }
+
+    fn firmware_history(
+        &self,
+        device_id: &str,
+        limit: usize,
+    ) -> Result<Vec<FirmwareEvent>, StoreError> {
+        self.read(|conn| firmware::history(conn, device_id, limit))
     }
 }
 

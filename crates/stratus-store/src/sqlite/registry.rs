@@ -169,6 +169,7 @@ pub(super) fn delete_device(conn: &Connection, id: &str) -> Result<(), StoreErro
         .prepare_cached("DELETE FROM devices WHERE id = ?1")?
         .execute(params![id])?;
     changed_one(changed, "device", id)?;
+    super::firmware::delete_device(conn, id)?;
     super::telemetry::delete_device_data(conn, id)
 }
 
