@@ -35,6 +35,7 @@ describe('dashboard', { timeout: 300000 }, () => {
     await page.locator('#client-secret').fill('not-the-secret');
     await page.getByRole('button', { name: 'Sign in' }).click();
     await page.getByRole('alert').filter({ hasText: 'Sign-in failed' }).waitFor();
+    assert.equal(await page.locator('#who').isVisible(), false, 'nobody is shown as signed in');
     const cookies = await browser.context.cookies(server.base);
     assert.equal(cookies.find((c) => c.name === 'stratus_session'), undefined);
   });
@@ -192,6 +193,8 @@ describe('dashboard', { timeout: 300000 }, () => {
     const before = (await browser.context.cookies(server.base)).find((c) => c.name === 'stratus_session');
     await page.getByRole('button', { name: 'Sign out' }).click();
     await page.locator('#login-view').waitFor();
+    assert.equal(await page.getByRole('button', { name: 'Sign out' }).isVisible(), false);
+    assert.equal(await page.locator('#nav').isVisible(), false);
     const cookies = await browser.context.cookies(server.base);
     assert.equal(cookies.find((c) => c.name === 'stratus_session'), undefined);
     const r = await fetch(`${server.base}/api/v1/devices`, { headers: { Authorization: `Bearer ${before.value}` } });

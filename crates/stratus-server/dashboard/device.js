@@ -122,7 +122,7 @@ export function deviceView(root, { arg: id, liveStatus }) {
   function addPoint(key, ts, value) {
     const s = seriesFor(key);
     const x = ts / 1000;
-    if (s.xs.length && x < s.xs[s.xs.length - 1]) return; // out of order: history shows it
+    if (s.xs.length && x <= s.xs[s.xs.length - 1]) return; // seen, or out of order: history shows it
     s.xs.push(x);
     s.ys.push(value);
     const cut = (Date.now() - LIVE_WINDOW_MS) / 1000;

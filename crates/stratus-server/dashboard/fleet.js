@@ -46,6 +46,8 @@ const COLUMNS = [
 
 export function fleetView(root, { liveStatus }) {
   let devices = [];
+  let byId = new Map();
+  let frame = 0;
   let sort = { key: 'id', dir: 1 };
   let query = '';
   let timer = null;
@@ -111,6 +113,7 @@ export function fleetView(root, { liveStatus }) {
       const [list, counts] = await Promise.all([allDevices(), openAlarmCounts()]);
       for (const d of list) if (d.open_alarms === undefined && counts) d.open_alarms = counts.get(d.id) || 0;
       devices = list;
+      byId = new Map(list.map((d) => [d.id, d]));
       error.textContent = '';
       render();
     } catch (e) {
@@ -123,12 +126,14 @@ export function fleetView(root, { liveStatus }) {
   search.addEventListener('input', () => { query = search.value; render(); });
   load();
   timer = setInterval(load, 15000);
+  // Many events a second on a big fleet: one render per animation frame at most.
+  const scheduleRender = () => { if (!frame) frame = requestAnimationFrame(() => { frame = 0; render(); }); };
   const close = openStream({}, (ev) => {
-    const d = devices.find((x) => x.id === (ev.device || ev.alarm?.device));
+    const d = byId.get(ev.device || ev.alarm?.device);
     if (ev.type === 'device_status' && d) {
       d.online = ev.online;
       if (ev.last_seen) d.last_seen = ev.last_seen;
-      render();
+      scheduleRender();
     } else if (ev.type === 'telemetry' && d) {
       d.last_seen = Date.now();
     } else if (ev.type === 'alarm') {
@@ -139,5 +144,5 @@ export function fleetView(root, { liveStatus }) {
   const tick = setInterval(() => render(), 5000);
   header();
   render();
-  return () => { clearInterval(timer); clearInterval(tick); clearTimeout(refetch); close(); };
+  return () => { clearInterval(timer); clearInterval(tick); clearTimeout(refetch); cancelAnimationFrame(frame); close(); };
 }
