@@ -197,9 +197,15 @@ def test_upload_with_the_cli_and_download_with_range_etag_and_resume(tmp_path, k
     assert res.returncode == 0, res.stderr
     assert hashlib.sha256(partial.read_bytes()).hexdigest() == sha
 
-    # The same image again is a conflict; a device without an assignment may not download.
+    # The same image again is a conflict (the CLI, with --admin-secret-file, exits 1 saying
+    # so); a device without an assignment may not download.
     again = upload(cloud, data, man.read_bytes())
     assert again.status_code == 409, again.text
+    secret_file = tmp_path / "admin-secret"
+    secret_file.write_text(ADMIN_SECRET + "\n")
+    res = cli("firmware", "upload", img, man, "--server", cloud.base, "--admin-secret-file",
+              secret_file, check=False)
+    assert res.returncode == 1 and "already exists" in res.stderr, res
     dev, secret = cloud.add_device()
     r = requests.get(url, headers=cloud.device_headers(dev, secret), timeout=10)
     assert r.status_code == 403
