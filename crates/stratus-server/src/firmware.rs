@@ -23,7 +23,7 @@
 //! assignment) or JSON `{"firmware": ID?, "status" | "state": S, "reason": R?}`. Each report is
 //! one store job: the history entry, the campaign's entry for the device, the device's
 //! `firmware` state (shown in the device JSON) and its last-seen time; then an
-//! [`Event::Firmware`](crate::events::Event::Firmware) on the broker's event bus.
+//! `events::Event::Firmware` on the broker's event bus.
 //!
 //! The device's `firmware` state is
 //! `{"firmware", "version", "campaign", "state", "reason", "updated_at", "installed_version"}`;
