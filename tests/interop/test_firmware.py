@@ -136,10 +136,12 @@ def test_cli_keygen_sign_verify_and_an_independent_signature_check(tmp_path, key
 
     res = cli("firmware", "verify", img, man, "--pubkey", tmp_path / "missing.pub", check=False)
     assert res.returncode == 2
-    assert "--help" not in cli("firmware", "sign", "--help").stdout or True
     helptext = cli("firmware", "--help").stdout
     for word in ("keygen", "sign", "verify", "upload"):
         assert word in helptext
+    sign_help = cli("firmware", "sign", "--help").stdout
+    for flag in ("--key", "--version", "--hardware", "--out"):
+        assert flag in sign_help
 
 
 # ---- upload and download -----------------------------------------------------------------
@@ -195,9 +197,15 @@ def test_upload_with_the_cli_and_download_with_range_etag_and_resume(tmp_path, k
     assert res.returncode == 0, res.stderr
     assert hashlib.sha256(partial.read_bytes()).hexdigest() == sha
 
-    # The same image again is a conflict; a device without an assignment may not download.
+    # The same image again is a conflict (the CLI, with --admin-secret-file, exits 1 saying
+    # so); a device without an assignment may not download.
     again = upload(cloud, data, man.read_bytes())
     assert again.status_code == 409, again.text
+    secret_file = tmp_path / "admin-secret"
+    secret_file.write_text(ADMIN_SECRET + "\n")
+    res = cli("firmware", "upload", img, man, "--server", cloud.base, "--admin-secret-file",
+              secret_file, check=False)
+    assert res.returncode == 1 and "already exists" in res.stderr, res
     dev, secret = cloud.add_device()
     r = requests.get(url, headers=cloud.device_headers(dev, secret), timeout=10)
     assert r.status_code == 403
@@ -507,3 +515,57 @@ def test_size_limit_extra_parts_and_openapi(tmp_path, keys, start_server):
     for p in ("/api/v1/firmware", "/api/v1/firmware/{id}", "/api/v1/firmware/{id}/manifest",
               "/api/v1/devices/{id}/firmware", "/api/v1/campaigns", "/api/v1/campaigns/{id}"):
         assert p in paths, p
+
+
+def test_mqtt5_bad_reports_and_forged_notices_are_refused_not_fatal(srv):
+    """A device's malformed or unknown-firmware status, and a notice it tries to publish
+    itself, get PUBACK 0x99 on MQTT 5; the connection stays up and nothing is retained."""
+    import threading
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.properties import Properties  # noqa: F401  (paho 2 API present)
+
+    cloud = Cloud(srv)
+    dev, secret = cloud.add_device()
+    acks = {}
+    cond = threading.Condition()
+
+    def on_publish(client, userdata, mid, reason_code, properties):
+        with cond:
+            acks[mid] = reason_code.value if hasattr(reason_code, "value") else int(reason_code)
+            cond.notify_all()
+
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=dev, protocol=mqtt.MQTTv5)
+    c.username_pw_set(dev, secret)
+    c.on_publish = on_publish
+    c.connect("127.0.0.1", srv.mqtt_port)
+    c.loop_start()
+    try:
+        deadline = time.monotonic() + 5
+        while not c.is_connected() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert c.is_connected()
+
+        def ack(topic, payload, retain=False):
+            info = c.publish(topic, payload, qos=1, retain=retain)
+            with cond:
+                assert cond.wait_for(lambda: info.mid in acks, 5), topic
+                return acks[info.mid]
+
+        status = f"devices/{dev}/firmware/status"
+        assert ack(status, json.dumps({"firmware": "b" * 64, "status": "installed"})) == 0x99
+        assert ack(status, "installed") == 0x99          # no assignment to report about
+        assert ack(status, "exploded") == 0x99
+        assert ack(f"devices/{dev}/firmware", json.dumps({"firmware": "x"}), retain=True) == 0x99
+        assert c.is_connected()
+    finally:
+        c.loop_stop()
+        c.disconnect()
+    r = requests.get(cloud.url(f"/api/v1/devices/{dev}/firmware"), headers=cloud.admin, timeout=10)
+    assert r.status_code == 404
+    shown = requests.get(cloud.url(f"/api/v1/devices/{dev}"), headers=cloud.admin, timeout=10).json()
+    assert shown["firmware"] is None
+    sub = subprocess.run(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(srv.mqtt_port),
+                          "-u", dev, "-P", secret, "-t", f"devices/{dev}/firmware",
+                          "-C", "1", "-W", "2"], capture_output=True, text=True, timeout=20)
+    assert sub.stdout == "", "the forged notice was not retained"

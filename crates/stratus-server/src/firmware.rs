@@ -23,7 +23,7 @@
 //! assignment) or JSON `{"firmware": ID?, "status" | "state": S, "reason": R?}`. Each report is
 //! one store job: the history entry, the campaign's entry for the device, the device's
 //! `firmware` state (shown in the device JSON) and its last-seen time; then an
-//! [`Event::Firmware`](crate::events::Event::Firmware) on the broker's event bus.
+//! `events::Event::Firmware` on the broker's event bus.
 //!
 //! The device's `firmware` state is
 //! `{"firmware", "version", "campaign", "state", "reason", "updated_at", "installed_version"}`;
@@ -408,6 +408,134 @@ pub async fn report(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{Config, Server};
+
+    async fn server(dir: &Path) -> Server {
+        let mut c = Config::default();
+        c.server.data_dir = dir.to_path_buf();
+        c.mqtt.port = 0;
+        c.http.port = 0;
+        c.coap.port = 0;
+        Server::start(c).await.unwrap()
+    }
+
+    fn record(id: &str) -> FirmwareRecord {
+        FirmwareRecord {
+            id: id.into(),
+            version: "2.0.0".into(),
+            size: 3,
+            hardware: None,
+            key_id: "0123456789abcdef".into(),
+            manifest: json!({"version": "2.0.0"}),
+            created_at_ms: 1,
+        }
+    }
+
+    /// A campaign writes the retained notice durably (it is back after a restart), and a
+    /// status report updates history, campaign, device state and the event bus.
+    #[tokio::test]
+    async fn campaigns_notices_reports_and_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = "a".repeat(64);
+        {
+            let srv = server(dir.path()).await;
+            let fw = srv.firmware.clone();
+            let store = fw.store.clone();
+            crate::api::devices::register(&store, "admin", "d1", Value::Null)
+                .await
+                .unwrap();
+            store
+                .write(vec![Write::PutFirmware(record(&id))])
+                .await
+                .unwrap();
+            let device = store.device("d1").await.unwrap().unwrap();
+            let campaign = NewCampaign {
+                id: "c1".into(),
+                firmware_id: id.clone(),
+                devices: vec!["d1".into()],
+                selector: None,
+                created_at_ms: 5,
+            };
+            let mut events = srv.broker.events.subscribe();
+            fw.start_campaign("admin", campaign, &record(&id), &[device])
+                .await
+                .unwrap();
+            let retained = srv.broker.retained_for("devices/d1/firmware");
+            assert_eq!(retained.len(), 1);
+            let notice: Value = serde_json::from_slice(&retained[0].payload).unwrap();
+            assert_eq!(notice["firmware"], id);
+            assert_eq!(notice["campaign"], "c1");
+            assert_eq!(Some(notice.clone()), fw.notice("d1").await.unwrap());
+            let first = events.recv().await.unwrap();
+            assert!(matches!(&*first, Event::Firmware { state, .. } if state == "assigned"));
+
+            let report_in = parse_status(b"installed").unwrap();
+            let a = report(&store, &srv.broker, "d1", report_in)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                (a.campaign_id.as_str(), a.state.as_str()),
+                ("c1", "installed")
+            );
+            let e = events.recv().await.unwrap();
+            match &*e {
+                Event::Firmware {
+                    device,
+                    firmware,
+                    campaign,
+                    state,
+                    ..
+                } => {
+                    assert_eq!(
+                        (
+                            device.as_str(),
+                            firmware.as_str(),
+                            campaign.as_deref(),
+                            state.as_str()
+                        ),
+                        ("d1", id.as_str(), Some("c1"), "installed")
+                    );
+                }
+                other => panic!("unexpected event {other:?}"),
+            }
+            let d = store.device("d1").await.unwrap().unwrap();
+            let state = d.firmware.clone().unwrap();
+            assert_eq!(state["state"], "installed");
+            assert_eq!(installed_version(&d).unwrap().to_string(), "2.0.0");
+            // unknown firmware, no assignment
+            let err = report(
+                &store,
+                &srv.broker,
+                "d1",
+                parse_status(
+                    format!(
+                        "{{\"firmware\": \"{}\", \"status\": \"failed\"}}",
+                        "b".repeat(64)
+                    )
+                    .as_bytes(),
+                )
+                .unwrap(),
+            )
+            .await
+            .unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    StoreError::NotFound {
+                        kind: "firmware",
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+            srv.shutdown(std::time::Duration::from_secs(4)).await;
+        }
+        let srv = server(dir.path()).await;
+        let retained = srv.broker.retained_for("devices/d1/firmware");
+        assert_eq!(retained.len(), 1, "the notice survives a restart");
+        srv.shutdown(std::time::Duration::from_secs(4)).await;
+    }
 
     #[test]
     fn status_payloads_are_words_or_json() {

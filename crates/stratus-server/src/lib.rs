@@ -26,6 +26,11 @@
 //! - `tokio-stream`: the broadcast-to-stream adapter behind `GET /api/v1/stream`.
 //! - `socket2`: the socket options tokio does not expose (multicast groups, shared ports,
 //!   receive buffer size) for the CoAP sockets.
+//! - `stratus-firmware`: what a valid signed firmware is, shared with the CLI and the device
+//!   SDK (see [`firmware`]).
+//! - `multer`: streaming `multipart/form-data` parsing for firmware uploads (the parser behind
+//!   axum's own `Multipart`, used directly so the image streams to disk under its own size
+//!   limit instead of the API's body limit).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

@@ -484,6 +484,13 @@ impl Driver {
                     let _ = tx.send(result);
                 });
             }
+            Some("/firmware") => {
+                // The assignment notice is the cloud's to publish: a device cannot retain
+                // (or forge) its own.
+                let _ = tx.send(Err(Rejected::Store(StoreError::Invalid(
+                    "devices/{id}/firmware is published by the server".into(),
+                ))));
+            }
             Some("/firmware/status") => {
                 // A firmware status report (a word or JSON), kept like the HTTP and CoAP ones.
                 let store = self.ctx.auth.store().clone();
@@ -496,7 +503,13 @@ impl Driver {
                                 records: 0,
                                 points: 0,
                             })
-                            .map_err(Rejected::Store),
+                            // An unknown firmware is the report's fault, not the store's.
+                            .map_err(|e| match e {
+                                StoreError::NotFound { kind, id } => Rejected::Store(
+                                    StoreError::Invalid(format!("{kind} {id:?} not found")),
+                                ),
+                                other => Rejected::Store(other),
+                            }),
                         Err(e) => Err(Rejected::Store(e)),
                     };
                     let _ = tx.send(result);

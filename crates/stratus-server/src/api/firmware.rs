@@ -314,7 +314,10 @@ async fn upload_firmware(
         }),
     ];
     if let Err(e) = state.store.write(job).await {
-        let _ = tokio::fs::remove_file(&path).await;
+        // A concurrent upload of the same image stored it first: the file is that image.
+        if !matches!(e, StoreError::Conflict { .. }) {
+            let _ = tokio::fs::remove_file(&path).await;
+        }
         return Err(e.into());
     }
     tracing::info!(firmware = %id, version = %record.version, size = record.size, "firmware stored");
