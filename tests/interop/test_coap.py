@@ -25,6 +25,7 @@ import pytest
 import requests
 
 from cloud import ADMIN_SECRET, Cloud
+from stratus_server import clean_env, stratus_bin
 
 aiocoap = pytest.importorskip("aiocoap")
 
@@ -393,29 +394,71 @@ def test_libcoap_observe_gets_a_notification(device, tmp_path):
 
 # ---- CoAPS -----------------------------------------------------------------------------
 
-def device_psk(srv, dev):
-    key = (srv.data_dir / "coap-psk.key").read_bytes()
-    mac = hmac.new(key, b"stratus-coap-psk/v1:" + dev.encode(), hashlib.sha256).digest()
+def device_psk(dev, secret):
+    """The device's CoAPS key as the README documents it: computed from its secret alone."""
+    mac = hmac.new(secret.encode(), b"stratus-coap-psk/v1:" + dev.encode(), hashlib.sha256).digest()
     return base64.urlsafe_b64encode(mac).decode().rstrip("=")
+
+
+def cli_psk(dev, secret):
+    """`stratus device psk ID --secret S`."""
+    out = subprocess.run([stratus_bin(), "device", "psk", dev, "--secret", secret],
+                         capture_output=True, text=True, timeout=20, env=clean_env())
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def coaps_post(srv, dev, key, body, flavour="openssl", extra=()):
+    url = f"coaps://127.0.0.1:{srv.coaps}"
+    return run_client([*extra, "-u", dev, "-k", key, "-m", "post", "-t", "50", "-e", body,
+                       f"{url}/telemetry"], flavour=flavour)
 
 
 @pytest.mark.parametrize("flavour", ["openssl", "gnutls"])
 def test_dtls_psk_with_libcoap(device, flavour):
-    cloud, dev, _, _ = device
+    cloud, dev, secret, _ = device
     srv = cloud.srv
-    psk = device_psk(srv, dev)
+    psk = device_psk(dev, secret)
+    assert cli_psk(dev, secret) == psk
     url = f"coaps://127.0.0.1:{srv.coaps}"
-    out = run_client(["-v", "6", "-u", dev, "-k", psk, "-m", "post", "-t", "50",
-                      "-e", f'{{"dtls_{flavour}": 1}}', f"{url}/telemetry"], flavour=flavour)
+    out = coaps_post(srv, dev, psk, f'{{"dtls_{flavour}": 1}}', flavour, extra=("-v", "6"))
     text = out.stdout + out.stderr
     assert "c:2.04" in text, text
     assert len(wait_points(cloud, dev, f"dtls_{flavour}", 1)) == 1
     out = run_client(["-u", dev, "-k", psk, "-m", "get", f"{url}/config"], flavour=flavour)
     assert json.loads(out.stdout.strip().splitlines()[-1])["version"] == 0, out.stdout + out.stderr
-    # A wrong key or an unknown identity gets nothing.
-    for user, key in ((dev, "not-the-key"), ("nobody", psk)):
+    # A wrong key, a key derived from a wrong secret, or an unknown identity gets nothing.
+    for user, key in ((dev, "not-the-key"), (dev, device_psk(dev, "wrong-secret")),
+                      ("nobody", psk)):
         out = run_client(["-B", "3", "-u", user, "-k", key, "-m", "post", "-e", '{"x": 1}',
                           f"{url}/telemetry"], flavour=flavour)
         assert "2.04" not in out.stdout
     assert cloud.points(dev, "x") == []
+    assert srv.alive()
+
+
+def test_dtls_psk_follows_secret_rotation(device):
+    cloud, dev, old_secret, _ = device
+    srv = cloud.srv
+    old_psk = device_psk(dev, old_secret)
+    out = coaps_post(srv, dev, old_psk, '{"rot": 1}', extra=("-v", "6"))
+    assert "c:2.04" in out.stdout + out.stderr, out.stdout + out.stderr
+    r = requests.post(cloud.url(f"/api/v1/devices/{dev}/secret"), headers=cloud.admin, timeout=10)
+    assert r.status_code == 200, r.text
+    new_secret = r.json()["secret"]
+    new_psk = device_psk(dev, new_secret)
+    assert new_psk != old_psk
+    # The old secret's key no longer completes a handshake …
+    out = coaps_post(srv, dev, old_psk, '{"rot": 2}', extra=("-B", "3"))
+    assert "2.04" not in out.stdout + out.stderr
+    # … and the new one does.
+    out = coaps_post(srv, dev, new_psk, '{"rot": 3}', extra=("-v", "6"))
+    assert "c:2.04" in out.stdout + out.stderr, out.stdout + out.stderr
+    values = [p["value"] for p in wait_points(cloud, dev, "rot", 2)]
+    assert values == [1, 3], values
+    # The database holds the key sealed: neither PSK appears in it in clear.
+    db = (srv.data_dir / "stratus.db").read_bytes()
+    for wal in srv.data_dir.glob("stratus.db-wal"):
+        db += wal.read_bytes()
+    assert old_psk.encode() not in db and new_psk.encode() not in db
     assert srv.alive()

@@ -61,6 +61,7 @@
 //! filter matches nothing gets no answer at all.
 
 pub mod dtls;
+pub mod psk;
 mod resources;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
