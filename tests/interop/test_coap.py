@@ -1,7 +1,8 @@
 """CoAP interop: libcoap's coap-client (notls/openssl/gnutls builds) and Python aiocoap against
 `stratus serve` — discovery, telemetry (CON and NON), errors, Observe of the desired config
 after an HTTP change, Block1 uploads, a duplicated CON stored once, hostile datagrams, and
-CoAPS (DTLS 1.2 PSK).
+CoAPS (DTLS 1.2 PSK, the key derived from the device secret, replaced by a rotation), and
+multicast discovery in a network namespace (answers to discovery only, silence otherwise).
 
 A device authenticates on plain UDP with `?token=ACCESS_TOKEN`; a JWT is longer than the
 255 bytes a Uri-Query option may hold, so it travels split over several `token=` items.
@@ -25,6 +26,7 @@ import pytest
 import requests
 
 from cloud import ADMIN_SECRET, Cloud
+from stratus_server import clean_env, stratus_bin
 
 aiocoap = pytest.importorskip("aiocoap")
 
@@ -393,29 +395,164 @@ def test_libcoap_observe_gets_a_notification(device, tmp_path):
 
 # ---- CoAPS -----------------------------------------------------------------------------
 
-def device_psk(srv, dev):
-    key = (srv.data_dir / "coap-psk.key").read_bytes()
-    mac = hmac.new(key, b"stratus-coap-psk/v1:" + dev.encode(), hashlib.sha256).digest()
+def device_psk(dev, secret):
+    """The device's CoAPS key as the README documents it: computed from its secret alone."""
+    mac = hmac.new(secret.encode(), b"stratus-coap-psk/v1:" + dev.encode(), hashlib.sha256).digest()
     return base64.urlsafe_b64encode(mac).decode().rstrip("=")
+
+
+def cli_psk(dev, secret):
+    """`stratus device psk ID --secret S`."""
+    out = subprocess.run([stratus_bin(), "device", "psk", dev, "--secret", secret],
+                         capture_output=True, text=True, timeout=20, env=clean_env())
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def coaps_post(srv, dev, key, body, flavour="openssl", extra=()):
+    url = f"coaps://127.0.0.1:{srv.coaps}"
+    return run_client([*extra, "-u", dev, "-k", key, "-m", "post", "-t", "50", "-e", body,
+                       f"{url}/telemetry"], flavour=flavour)
 
 
 @pytest.mark.parametrize("flavour", ["openssl", "gnutls"])
 def test_dtls_psk_with_libcoap(device, flavour):
-    cloud, dev, _, _ = device
+    cloud, dev, secret, _ = device
     srv = cloud.srv
-    psk = device_psk(srv, dev)
+    psk = device_psk(dev, secret)
+    assert cli_psk(dev, secret) == psk
     url = f"coaps://127.0.0.1:{srv.coaps}"
-    out = run_client(["-v", "6", "-u", dev, "-k", psk, "-m", "post", "-t", "50",
-                      "-e", f'{{"dtls_{flavour}": 1}}', f"{url}/telemetry"], flavour=flavour)
+    out = coaps_post(srv, dev, psk, f'{{"dtls_{flavour}": 1}}', flavour, extra=("-v", "6"))
     text = out.stdout + out.stderr
     assert "c:2.04" in text, text
     assert len(wait_points(cloud, dev, f"dtls_{flavour}", 1)) == 1
     out = run_client(["-u", dev, "-k", psk, "-m", "get", f"{url}/config"], flavour=flavour)
     assert json.loads(out.stdout.strip().splitlines()[-1])["version"] == 0, out.stdout + out.stderr
-    # A wrong key or an unknown identity gets nothing.
-    for user, key in ((dev, "not-the-key"), ("nobody", psk)):
+    # A wrong key, a key derived from a wrong secret, or an unknown identity gets nothing.
+    for user, key in ((dev, "not-the-key"), (dev, device_psk(dev, "wrong-secret")),
+                      ("nobody", psk)):
         out = run_client(["-B", "3", "-u", user, "-k", key, "-m", "post", "-e", '{"x": 1}',
                           f"{url}/telemetry"], flavour=flavour)
         assert "2.04" not in out.stdout
     assert cloud.points(dev, "x") == []
     assert srv.alive()
+
+
+def test_dtls_psk_follows_secret_rotation(device):
+    cloud, dev, old_secret, _ = device
+    srv = cloud.srv
+    old_psk = device_psk(dev, old_secret)
+    out = coaps_post(srv, dev, old_psk, '{"rot": 1}', extra=("-v", "6"))
+    assert "c:2.04" in out.stdout + out.stderr, out.stdout + out.stderr
+    r = requests.post(cloud.url(f"/api/v1/devices/{dev}/secret"), headers=cloud.admin, timeout=10)
+    assert r.status_code == 200, r.text
+    new_secret = r.json()["secret"]
+    new_psk = device_psk(dev, new_secret)
+    assert new_psk != old_psk
+    # The old secret's key no longer completes a handshake …
+    out = coaps_post(srv, dev, old_psk, '{"rot": 2}', extra=("-B", "3"))
+    assert "2.04" not in out.stdout + out.stderr
+    # … and the new one does.
+    out = coaps_post(srv, dev, new_psk, '{"rot": 3}', extra=("-v", "6"))
+    assert "c:2.04" in out.stdout + out.stderr, out.stdout + out.stderr
+    values = [p["value"] for p in wait_points(cloud, dev, "rot", 2)]
+    assert values == [1, 3], values
+    # The database holds the key sealed: neither PSK appears in it in clear.
+    db = (srv.data_dir / "stratus.db").read_bytes()
+    for wal in srv.data_dir.glob("stratus.db-wal"):
+        db += wal.read_bytes()
+    assert old_psk.encode() not in db and new_psk.encode() not in db
+    assert srv.alive()
+
+
+# ---- multicast (RFC 7252 §8, RFC 7390 §2) ---------------------------------------------------
+
+MC_PROBE = r'''
+import json, socket, sys, time
+group, port, wait = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.1"))
+s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
+s.bind(("127.0.0.1", 0))
+for m in sys.argv[4:]:
+    s.sendto(bytes.fromhex(m), (group, port))
+out, deadline = [], time.monotonic() + wait
+while (left := deadline - time.monotonic()) > 0:
+    s.settimeout(left)
+    try:
+        out.append(s.recvfrom(65535)[0].hex())
+    except socket.timeout:
+        break
+print(json.dumps(out))
+'''
+
+
+def coap_msg(mtype, code, mid, path, payload=b"", token=b""):
+    """A CoAP message with Uri-Path options (option lengths below 13)."""
+    out = bytes([0x40 | (mtype << 4) | len(token), code]) + struct.pack("!H", mid) + token
+    delta = 11
+    for seg in path.strip("/").split("/"):
+        out += bytes([(delta << 4) | len(seg)]) + seg.encode()
+        delta = 0
+    return out + (b"\xff" + payload if payload else b"")
+
+
+@pytest.fixture
+def netns():
+    """A network namespace whose loopback carries IPv4 multicast (the host's `lo` may lack the
+    MULTICAST flag), removed by name at the end."""
+    if shutil.which("ip") is None:
+        pytest.skip("iproute2 is not installed")
+    name = f"stratus-coap-mc-{random.randrange(1 << 30):x}"
+    made = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot create a network namespace (root needed): {made.stderr.strip()}")
+    try:
+        for cmd in (["ip", "link", "set", "lo", "up"], ["ip", "link", "set", "lo", "multicast", "on"],
+                    ["ip", "route", "add", "224.0.0.0/4", "dev", "lo"]):
+            subprocess.run(["ip", "netns", "exec", name, *cmd], check=True, capture_output=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], capture_output=True)
+
+
+def test_multicast_answers_discovery_only(start_server, netns):
+    from stratus_server import Server
+
+    class NsServer(Server):
+        def command(self, mqtt_port, http_port):
+            return ["ip", "netns", "exec", netns, *super().command(mqtt_port, http_port)]
+
+    s = start_server("mc", env={"STRATUS_ADMIN_SECRET": ADMIN_SECRET},
+                     config="[coap]\nmulticast = true\nmulticast_leisure_ms = 200\n",
+                     anonymous=False, start=False)
+    s.__class__ = NsServer
+    s.start(wait=("mqtt", "http", "coap"))
+    port = s.listening()["coap"]
+
+    def probe(*msgs, group="224.0.1.187", wait=1.5):
+        out = subprocess.run(["ip", "netns", "exec", netns, "python3", "-c", MC_PROBE, group,
+                              str(port), str(wait), *(m.hex() for m in msgs)],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        return [bytes.fromhex(h) for h in json.loads(out.stdout)]
+
+    # Discovery sent to the group is answered (NON, 2.05, link format) after the Leisure.
+    answers = probe(coap_msg(1, 0x01, 0x1001, "/.well-known/core", token=b"\x01\x02"))
+    assert len(answers) == 1, answers
+    a = answers[0]
+    assert a[1] == 0x45 and a[0] >> 4 & 3 == 1 and a[4:6] == b"\x01\x02", a.hex()
+    assert b"</telemetry>" in a and b"</config>" in a, a
+    # Anything else sent to the group gets no answer at all: no 4.01, 4.04 or 4.05, no RST.
+    silent = probe(
+        coap_msg(1, 0x02, 0x1002, "/telemetry", payload=b'{"t": 1}', token=b"\x03"),
+        coap_msg(1, 0x01, 0x1003, "/nope", token=b"\x04"),
+        coap_msg(1, 0x04, 0x1004, "/config", token=b"\x05"),
+        coap_msg(0, 0x01, 0x1005, "/nope", token=b"\x06"),
+        bytes.fromhex("ffffffff"),
+    )
+    assert silent == [], [x.hex() for x in silent]
+    # The same request to the unicast address is answered 4.04: the silence is multicast's.
+    unicast = probe(coap_msg(1, 0x01, 0x1006, "/nope", token=b"\x07"), group="127.0.0.1", wait=1.0)
+    assert [x[1] for x in unicast] == [0x84], [x.hex() for x in unicast]
+    assert s.alive()

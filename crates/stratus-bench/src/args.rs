@@ -1,5 +1,5 @@
-//! Command-line arguments of `stratus bench` and their validation into a [`Plan`] (MQTT) or
-//! an [`HttpPlan`] (HTTP).
+//! Command-line arguments of `stratus bench` and their validation into a [`Plan`] (MQTT), an
+//! [`HttpPlan`] (HTTP) or a [`CoapPlan`] (CoAP).
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -40,6 +40,16 @@ pub enum BenchCommand {
     /// Exit code 1 when a request failed, a check of the answers failed or a scenario timed
     /// out (a missed target alone is not a failure).
     Http(HttpArgs),
+    /// Load the CoAP listener of a Stratus server on this machine: 64 clients (UDP sockets)
+    /// send confirmable `POST /telemetry?token=…` requests in a closed loop for 10 s
+    /// (issue #6: at least 40,000 requests/s), reporting requests/s, p50/p99/max latency,
+    /// errors and timeouts.
+    ///
+    /// Registers one device `bench-<run>-coap` with the admin credentials over HTTP (`--server`)
+    /// and leaves it and its telemetry behind: use a scratch data dir. Exit code 1 when a
+    /// request failed or timed out, or the run timed out (a missed target alone is not a
+    /// failure).
+    Coap(CoapArgs),
 }
 
 /// Arguments of `stratus bench mqtt`.
@@ -230,6 +240,131 @@ pub struct HttpArgs {
     /// on the bench devices, never firing): run with and without to see what rules cost.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub rules: u32,
+}
+
+/// Arguments of `stratus bench coap`.
+#[derive(Args, Debug, Clone)]
+pub struct CoapArgs {
+    /// The server's HTTP base URL, used to register the device and get its access token; only
+    /// `http://` on loopback is accepted.
+    #[arg(long, value_name = "URL", default_value = DEFAULT_SERVER)]
+    pub server: String,
+    /// The CoAP listener: `coap://HOST:PORT` on loopback (default: the host of --server, port
+    /// 5683).
+    #[arg(long, value_name = "URL")]
+    pub coap: Option<String>,
+    /// The admin secret (used to register the bench device).
+    #[arg(
+        long,
+        value_name = "SECRET",
+        env = "STRATUS_ADMIN_SECRET",
+        hide_env_values = true
+    )]
+    pub admin_secret: Option<String>,
+    /// File holding the admin secret, read when neither --admin-secret nor
+    /// STRATUS_ADMIN_SECRET is given.
+    #[arg(long, value_name = "FILE", default_value = DEFAULT_ADMIN_SECRET_FILE)]
+    pub admin_secret_file: PathBuf,
+    /// Multiplies the duration of the closed loop (10 s at 1; 0.01 is the CI smoke size); it
+    /// never goes below 1 s. The client count stays 64.
+    #[arg(long, default_value_t = 1.0)]
+    pub scale: f64,
+    /// PID of the server process: its CPU time is read from /proc.
+    #[arg(long, value_name = "PID")]
+    pub server_pid: Option<u32>,
+    /// Output format: human-readable text, or one JSON object per line.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+    /// Time limit of the run in seconds (setup included); a run that does not finish in time
+    /// reports what it got and fails.
+    #[arg(long, value_name = "SECS", default_value_t = 120.0)]
+    pub timeout: f64,
+}
+
+/// Validated arguments of `stratus bench coap`.
+#[derive(Clone)]
+pub struct CoapPlan {
+    /// The server's HTTP listener (registration, tokens).
+    pub http_addr: SocketAddr,
+    /// The base URL as given (for reports), without a trailing slash.
+    pub base_url: String,
+    /// The server's CoAP listener.
+    pub coap_addr: SocketAddr,
+    /// The admin secret.
+    pub admin_secret: String,
+    /// Duration multiplier.
+    pub scale: f64,
+    /// Server PID for /proc figures.
+    pub server_pid: Option<u32>,
+    /// Output format.
+    pub format: Format,
+    /// Time limit of the run.
+    pub timeout: Duration,
+}
+
+impl fmt::Debug for CoapPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CoapPlan")
+            .field("http_addr", &self.http_addr)
+            .field("coap_addr", &self.coap_addr)
+            .field("admin_secret", &"<redacted>")
+            .field("scale", &self.scale)
+            .field("server_pid", &self.server_pid)
+            .field("format", &self.format)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+impl CoapArgs {
+    /// Validates the arguments and finds the admin secret.
+    pub fn plan(&self) -> Result<CoapPlan, UsageError> {
+        let http_addr = loopback_http_url(&self.server)?;
+        check_scale_and_timeout(self.scale, self.timeout)?;
+        let coap_addr = match &self.coap {
+            Some(url) => loopback_coap_url(url)?,
+            None => SocketAddr::new(http_addr.ip(), 5683),
+        };
+        let admin_secret = match self.admin_secret.as_deref().map(str::trim) {
+            Some(s) if !s.is_empty() => s.to_string(),
+            _ => read_secret_file(&self.admin_secret_file)?,
+        };
+        Ok(CoapPlan {
+            http_addr,
+            base_url: self.server.trim_end_matches('/').to_string(),
+            coap_addr,
+            admin_secret,
+            scale: self.scale,
+            server_pid: self.server_pid,
+            format: self.format,
+            timeout: Duration::from_secs_f64(self.timeout),
+        })
+    }
+}
+
+/// The socket address of a `coap://HOST[:PORT][/]` URL whose host is loopback (port 5683 when
+/// none is given).
+pub fn loopback_coap_url(url: &str) -> Result<SocketAddr, UsageError> {
+    let bad = |why: &str| UsageError(format!("--coap {url:?}: {why}"));
+    let rest = match url.split_once("://") {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("coap") => rest,
+        Some((scheme, _)) => {
+            return Err(bad(&format!("only coap:// is supported, not {scheme}://")))
+        }
+        None => return Err(bad("expected coap://HOST:PORT")),
+    };
+    // The same authority rules as http://, with CoAP's default port.
+    let as_http = format!("http://{rest}");
+    let has_port = match rest.rfind(']') {
+        Some(end) => rest[end..].contains(':'),
+        None => rest.trim_end_matches('/').contains(':'),
+    };
+    let addr = loopback_http_url(&as_http).map_err(|e| bad(&e.0))?;
+    Ok(if has_port {
+        addr
+    } else {
+        SocketAddr::new(addr.ip(), 5683)
+    })
 }
 
 /// The server `stratus bench http` loads when `--server` is not given.
@@ -564,6 +699,44 @@ mod tests {
         assert!(a.plan().is_err());
         let plan = args().plan().unwrap();
         assert_eq!(plan.scenarios.len(), 7);
+    }
+
+    #[test]
+    fn coap_urls_must_be_coap_on_loopback() {
+        let ok = |u: &str| loopback_coap_url(u).unwrap().to_string();
+        assert_eq!(ok("coap://127.0.0.1:5683"), "127.0.0.1:5683");
+        assert_eq!(ok("coap://127.0.0.1"), "127.0.0.1:5683");
+        assert_eq!(ok("coap://[::1]:9000/"), "[::1]:9000");
+        assert_eq!(ok("coap://localhost"), "127.0.0.1:5683");
+        for bad in [
+            "coaps://127.0.0.1:5684",
+            "http://127.0.0.1:5683",
+            "coap://10.0.0.1:5683",
+            "coap://127.0.0.1:0",
+            "coap://127.0.0.1/telemetry",
+            "127.0.0.1:5683",
+        ] {
+            assert!(loopback_coap_url(bad).is_err(), "{bad}");
+        }
+        let a = CoapArgs {
+            server: "http://127.0.0.1:8080".into(),
+            coap: None,
+            admin_secret: Some("s".into()),
+            admin_secret_file: PathBuf::from("/nonexistent"),
+            scale: 1.0,
+            server_pid: None,
+            format: Format::Text,
+            timeout: 60.0,
+        };
+        let plan = a.plan().unwrap();
+        assert_eq!(plan.coap_addr.to_string(), "127.0.0.1:5683");
+        assert!(!format!("{plan:?}").contains("\"s\""));
+        let mut b = a.clone();
+        b.scale = 0.0;
+        assert!(b.plan().is_err());
+        b = a.clone();
+        b.coap = Some("coap://192.168.0.1".into());
+        assert!(b.plan().is_err());
     }
 
     #[test]

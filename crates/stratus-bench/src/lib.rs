@@ -11,6 +11,10 @@
 //! aggregation query over ten million stored points — with every answer checked and each
 //! figure shown next to its target.
 //!
+//! And behind `stratus bench coap` ([`coap`]): confirmable telemetry POSTs from 64 UDP
+//! clients in a closed loop against the CoAP listener (issue #6), with requests/s, latency
+//! percentiles and timeouts.
+//!
 //! ## Why it is built this way
 //! A benchmark of a broker on a two-core machine is only as good as the generator is cheap:
 //! every CPU cycle it spends is one the broker does not get. So:
@@ -36,6 +40,8 @@
 //!
 //! ## Dependencies
 //! - `stratus-mqtt`: the codec (packets are encoded by the same code the broker decodes with).
+//! - `stratus-coap`: the CoAP codec, for the same reason (the bench's one request datagram is
+//!   encoded by it once and then patched).
 //! - `tokio`: sockets and timers; `futures-util`: `FuturesUnordered`, to drive many
 //!   connections from one task.
 //! - `clap`: the `bench` subcommand's arguments; `serde`/`serde_json`: the JSON report.
@@ -50,6 +56,7 @@
 
 pub mod args;
 pub mod client;
+pub mod coap;
 pub mod group;
 pub mod http;
 pub mod procfs;
@@ -61,7 +68,7 @@ pub mod wire;
 
 use std::process::ExitCode;
 
-pub use args::{BenchArgs, BenchCommand, HttpArgs, MqttArgs};
+pub use args::{BenchArgs, BenchCommand, CoapArgs, HttpArgs, MqttArgs};
 
 /// Runs `stratus bench …`: exit code 0 when every scenario passed, 1 when one lost messages
 /// it must not lose, timed out or failed, 2 for a usage error.
@@ -69,6 +76,31 @@ pub fn run(args: BenchArgs) -> ExitCode {
     match args.command {
         BenchCommand::Mqtt(mqtt) => run_mqtt(mqtt),
         BenchCommand::Http(http) => run_http(http),
+        BenchCommand::Coap(coap) => run_coap(coap),
+    }
+}
+
+fn run_coap(args: CoapArgs) -> ExitCode {
+    let plan = match args.plan() {
+        Ok(plan) => plan,
+        Err(e) => {
+            eprintln!("stratus bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let outcome = runtime.block_on(coap::run_plan(&plan));
+    runtime.shutdown_background();
+    match outcome {
+        Ok(report) if report.ok => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("stratus bench: {e:#}");
+            ExitCode::from(1)
+        }
     }
 }
 

@@ -4,7 +4,8 @@
 //! [`Code`]s, and the [`Endpoint`] — the message layer of one local UDP socket with
 //! deduplication, retransmission, piggybacked and separate responses, Observe (RFC 7641),
 //! Block-wise transfers (RFC 7959) and an amplification guard — as a sans-IO state machine,
-//! plus the CoRE [`link_format`] (RFC 6690) for `/.well-known/core`.
+//! plus the CoRE [`link_format`] (RFC 6690) for `/.well-known/core`, and the derivation of a
+//! device's CoAPS pre-shared key from its secret ([`psk`]).
 //!
 //! ## Sans-IO
 //! Nothing here opens a socket, reads a clock or draws entropy from the OS. The server crate
@@ -41,6 +42,9 @@
 //! - `rand`: a seeded `StdRng` (ChaCha) for message IDs, unguessable tokens (§5.3.1) and the
 //!   `ACK_RANDOM_FACTOR` jitter; seeded by the caller, so tests are deterministic.
 //! - `thiserror`: error enums that name the rule that was broken.
+//! - `sha2`, `base64`: the CoAPS pre-shared key of a device ([`psk`]), an HMAC-SHA256 of its
+//!   secret in base64url, computed here so that the server and the device SDK share one
+//!   definition (both already depend on this crate; both already link these two crates).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -54,6 +58,7 @@ pub mod link_format;
 pub mod message;
 pub mod observe;
 pub mod option;
+pub mod psk;
 mod timer;
 
 pub use code::{Code, CodeKind};

@@ -1,12 +1,15 @@
-//! The CoAP transport (RFC 7252 over plain UDP): the workspace's sans-IO `stratus-coap`
-//! [`Endpoint`] in its client role, driven by one tokio `UdpSocket` — "send what it wants,
-//! feed it what arrives, wake it when it asks".
+//! The CoAP transport (RFC 7252 over UDP, or over DTLS 1.2 PSK for `coaps://`): the
+//! workspace's sans-IO `stratus-coap` [`Endpoint`] in its client role, driven by one tokio
+//! `UdpSocket` — "send what it wants, feed it what arrives, wake it when it asks".
 //!
 //! Resources (SPEC "CoAP resources"): `POST /telemetry` with the JSON envelope, `GET /config`
 //! polled every [`DeviceBuilder::config_poll_interval`](crate::DeviceBuilder::config_poll_interval),
-//! `PUT /config/reported`. Every request carries the device's access token as
+//! `PUT /config/reported`. On plain UDP every request carries the device's access token as
 //! `?token=…`; a JWT is longer than one Uri-Query option may be (255 bytes), so it is split
-//! over several `token=` items, which the server joins in order.
+//! over several `token=` items, which the server joins in order. On CoAPS the DTLS session
+//! authenticates the device (PSK identity = device id, key derived from the secret, see
+//! [`crate::dtls`]) and no token is needed: the handshake runs before the first request and
+//! again after a request timed out (the server may have lost the session).
 //!
 //! Requests are confirmable and retransmitted by the endpoint (1 s initial timeout, 3
 //! retransmissions, so an unreachable server is noticed within about 15 s); a retransmitted
@@ -27,6 +30,7 @@ use stratus_coap::{Code, ContentFormat, Endpoint, Event, Message, Request, Respo
 use tokio::net::UdpSocket;
 use tokio::time::Instant;
 
+use crate::dtls::{DtlsClient, HandshakeError};
 use crate::poll::{self, Steps, Stop};
 use crate::token::TokenError;
 use crate::{record, DesiredConfig, Error, Shared, Status};
@@ -42,20 +46,29 @@ const TOKEN_CHUNK: usize = 240;
 pub(crate) struct Settings {
     pub peer: SocketAddr,
     pub config_poll: Duration,
+    /// CoAPS: (PSK identity, PSK).
+    pub dtls: Option<(String, String)>,
 }
 
-/// `coap://HOST:PORT` or `HOST:PORT` (default port 5683); resolved once.
-pub(crate) async fn resolve(url: Option<&str>, server: &reqwest::Url) -> Result<SocketAddr, Error> {
+/// `coap://HOST:PORT`, `coaps://HOST:PORT` or `HOST:PORT` (default port 5683, 5684 for
+/// coaps); resolved once. Returns the address and whether it is CoAPS.
+pub(crate) async fn resolve(
+    url: Option<&str>,
+    server: &reqwest::Url,
+) -> Result<(SocketAddr, bool), Error> {
+    let mut secure = false;
     let target = match url {
         Some(u) => {
             let rest = match u.split_once("://") {
                 Some(("coap", rest)) => rest,
+                Some(("coaps", rest)) => {
+                    secure = true;
+                    rest
+                }
                 Some((scheme, _)) => {
                     return Err(Error::config(
                         "coap",
-                        format!(
-                        "{u:?}: scheme {scheme:?} (only coap:// is supported; coaps:// needs DTLS)"
-                    ),
+                        format!("{u:?}: scheme {scheme:?} (coap:// or coaps://)"),
                     ))
                 }
                 None => u,
@@ -67,6 +80,8 @@ pub(crate) async fn resolve(url: Option<&str>, server: &reqwest::Url) -> Result<
             };
             if has_port {
                 rest.to_string()
+            } else if secure {
+                format!("{rest}:5684")
             } else {
                 format!("{rest}:5683")
             }
@@ -84,7 +99,9 @@ pub(crate) async fn resolve(url: Option<&str>, server: &reqwest::Url) -> Result<
         .await
         .map_err(|e| Error::config("coap", format!("{target:?}: {e}")))?
         .next();
-    found.ok_or_else(|| Error::config("coap", format!("{target:?} resolves to nothing")))
+    found
+        .map(|a| (a, secure))
+        .ok_or_else(|| Error::config("coap", format!("{target:?} resolves to nothing")))
 }
 
 /// The socket and the endpoint.
@@ -93,10 +110,12 @@ pub(crate) struct Client {
     endpoint: Endpoint,
     peer: SocketAddr,
     buf: Vec<u8>,
+    /// CoAPS.
+    dtls: Option<DtlsClient>,
 }
 
 impl Client {
-    pub(crate) async fn new(peer: SocketAddr) -> Result<Client, String> {
+    pub(crate) async fn new(peer: SocketAddr, dtls: Option<DtlsClient>) -> Result<Client, String> {
         let bind: SocketAddr = if peer.is_ipv4() {
             ([0, 0, 0, 0], 0).into()
         } else {
@@ -114,7 +133,58 @@ impl Client {
             endpoint,
             peer,
             buf: vec![0; 64 * 1024],
+            dtls,
         })
+    }
+
+    /// Sends one CoAP datagram (sealed on CoAPS). A lost datagram is the endpoint's to
+    /// retransmit.
+    async fn transmit(&mut self, data: &[u8], to: SocketAddr) {
+        match &mut self.dtls {
+            Some(d) => {
+                for record in d.seal(data) {
+                    let _ = self.socket.send_to(&record, to).await;
+                }
+            }
+            None => {
+                let _ = self.socket.send_to(data, to).await;
+            }
+        }
+    }
+
+    /// Feeds one received datagram to the endpoint (opened first on CoAPS).
+    async fn receive(&mut self, n: usize, from: SocketAddr) {
+        let now = std::time::Instant::now();
+        match &mut self.dtls {
+            Some(d) => {
+                if from != self.peer {
+                    return;
+                }
+                let (plain, replies) = d.open(&self.buf[..n]);
+                for r in replies {
+                    let _ = self.socket.send_to(&r, from).await;
+                }
+                for p in plain {
+                    self.endpoint.handle_datagram(now, from, &p);
+                }
+            }
+            None => self.endpoint.handle_datagram(now, from, &self.buf[..n]),
+        }
+    }
+
+    /// On CoAPS, makes sure a session is established.
+    async fn ensure_session(&mut self) -> Result<(), Stop> {
+        let Some(d) = &mut self.dtls else {
+            return Ok(());
+        };
+        if d.is_established() {
+            return Ok(());
+        }
+        match d.handshake(&self.socket, self.peer).await {
+            Ok(()) => Ok(()),
+            Err(HandshakeError::Refused(why)) => Err(Stop::Unauthorized(why)),
+            Err(HandshakeError::Unreachable(why)) => Err(Stop::Transient(why)),
+        }
     }
 
     /// Sends one request and waits for its response.
@@ -123,14 +193,17 @@ impl Client {
         cancel: &tokio_util::sync::CancellationToken,
         request: Request,
     ) -> Result<Message, Stop> {
+        tokio::select! {
+            _ = cancel.cancelled() => return Err(Stop::Closed),
+            r = self.ensure_session() => r?,
+        }
         let id = self
             .endpoint
             .send_request(std::time::Instant::now(), self.peer, request)
             .map_err(|e| Stop::Transient(format!("CoAP request: {e}")))?;
         loop {
             while let Some(t) = self.endpoint.poll_transmit() {
-                // A lost datagram is the endpoint's to retransmit.
-                let _ = self.socket.send_to(&t.data, t.peer).await;
+                self.transmit(&t.data, t.peer).await;
             }
             while let Some(event) = self.endpoint.poll_event() {
                 match event {
@@ -140,7 +213,11 @@ impl Client {
                     Event::RequestFailed {
                         request, reason, ..
                     } if request == id => {
-                        return Err(Stop::Transient(format!("CoAP request failed: {reason:?}")))
+                        // The server may have lost the DTLS session: handshake again.
+                        if let Some(d) = &mut self.dtls {
+                            d.reset();
+                        }
+                        return Err(Stop::Transient(format!("CoAP request failed: {reason:?}")));
                     }
                     Event::Request { exchange, .. } => {
                         // A device serves nothing.
@@ -154,7 +231,7 @@ impl Client {
                 }
             }
             while let Some(t) = self.endpoint.poll_transmit() {
-                let _ = self.socket.send_to(&t.data, t.peer).await;
+                self.transmit(&t.data, t.peer).await;
             }
             let wake = self.endpoint.poll_timeout().map(Instant::from_std);
             let timer = async move {
@@ -170,7 +247,7 @@ impl Client {
                 }
                 received = self.socket.recv_from(&mut self.buf) => {
                     if let Ok((n, from)) = received {
-                        self.endpoint.handle_datagram(std::time::Instant::now(), from, &self.buf[..n]);
+                        self.receive(n, from).await;
                     }
                 }
                 _ = timer => self.endpoint.handle_timeout(std::time::Instant::now()),
@@ -188,7 +265,17 @@ struct Worker {
 
 /// The device task.
 pub(crate) async fn run(shared: Arc<Shared>, s: Settings) {
-    let client = match Client::new(s.peer).await {
+    let dtls = match s.dtls.as_ref().map(|(id, psk)| DtlsClient::new(id, psk)) {
+        None => None,
+        Some(Ok(d)) => Some(d),
+        Some(Err(e)) => {
+            shared.set_status(Status::Offline(format!("no DTLS context: {e}")));
+            shared.cancel.cancelled().await;
+            shared.set_status(Status::Closed);
+            return;
+        }
+    };
+    let client = match Client::new(s.peer, dtls).await {
         Ok(c) => c,
         Err(e) => {
             shared.set_status(Status::Offline(format!("no UDP socket: {e}")));
@@ -249,13 +336,21 @@ impl Worker {
         path: &str,
         body: Option<String>,
     ) -> Result<Message, Stop> {
+        let secure = self.client.dtls.is_some();
         for attempt in 0..2 {
-            let token = self.shared.tokens.get().await.map_err(|e| match e {
-                TokenError::Refused(r) => Stop::Unauthorized(r),
-                TokenError::Unavailable(r) => Stop::Transient(r),
-            })?;
             let mut request = Request::new(code, path);
-            add_token(&mut request.options, &token);
+            // On CoAPS the session authenticates the device.
+            let token = if secure {
+                String::new()
+            } else {
+                self.shared.tokens.get().await.map_err(|e| match e {
+                    TokenError::Refused(r) => Stop::Unauthorized(r),
+                    TokenError::Unavailable(r) => Stop::Transient(r),
+                })?
+            };
+            if !secure {
+                add_token(&mut request.options, &token);
+            }
             if let Some(b) = &body {
                 request.options.set_content_format(ContentFormat::JSON);
                 request.payload = bytes::Bytes::from(b.clone());
@@ -265,6 +360,9 @@ impl Worker {
                 self.shared.connected();
             }
             if answer.code == Code::UNAUTHORIZED {
+                if secure {
+                    return Err(Stop::Unauthorized(diagnostic(&answer)));
+                }
                 self.shared.tokens.invalidate(&token);
                 if attempt == 0 {
                     continue;
@@ -430,16 +528,26 @@ mod tests {
         let server = reqwest::Url::parse("http://127.0.0.1:8080").unwrap();
         assert_eq!(
             resolve(None, &server).await.unwrap(),
-            "127.0.0.1:5683".parse().unwrap()
+            ("127.0.0.1:5683".parse().unwrap(), false)
         );
         assert_eq!(
             resolve(Some("coap://127.0.0.1:9"), &server).await.unwrap(),
-            "127.0.0.1:9".parse().unwrap()
+            ("127.0.0.1:9".parse().unwrap(), false)
         );
         assert_eq!(
             resolve(Some("127.0.0.1"), &server).await.unwrap(),
-            "127.0.0.1:5683".parse().unwrap()
+            ("127.0.0.1:5683".parse().unwrap(), false)
         );
-        assert!(resolve(Some("coaps://127.0.0.1"), &server).await.is_err());
+        assert_eq!(
+            resolve(Some("coaps://127.0.0.1"), &server).await.unwrap(),
+            ("127.0.0.1:5684".parse().unwrap(), true)
+        );
+        assert_eq!(
+            resolve(Some("coaps://127.0.0.1:7/"), &server)
+                .await
+                .unwrap(),
+            ("127.0.0.1:7".parse().unwrap(), true)
+        );
+        assert!(resolve(Some("http://127.0.0.1"), &server).await.is_err());
     }
 }

@@ -512,7 +512,7 @@ impl FirmwareUpdater {
         peer: SocketAddr,
         request: Request,
     ) -> Result<stratus_coap::Message, String> {
-        let mut client = crate::coap::Client::new(peer).await?;
+        let mut client = crate::coap::Client::new(peer, None).await?;
         client
             .exchange(&self.cancel, request)
             .await
@@ -537,7 +537,7 @@ impl FirmwareUpdater {
             file.set_len(0).await.map_err(io)?;
             hasher = ImageHasher::new();
         }
-        let mut client = crate::coap::Client::new(peer)
+        let mut client = crate::coap::Client::new(peer, None)
             .await
             .map_err(FirmwareError::Download)?;
         let mut failures = 0;

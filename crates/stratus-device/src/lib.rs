@@ -62,7 +62,10 @@
 //! - [`Transport::Coap`]: RFC 7252 over UDP with the workspace's sans-IO `stratus-coap`
 //!   endpoint as the client: `POST /telemetry?token=…` (the access token split over
 //!   `token=` query items), `GET /config` polled, `PUT /config/reported`; small messages
-//!   (about 1 KiB of records), confirmable, one at a time. CoAPS (DTLS) is not built.
+//!   (about 1 KiB of records), confirmable, one at a time. With a `coaps://` URL
+//!   ([`DeviceBuilder::coap`]) the same runs over DTLS 1.2 PSK: identity = device id, key =
+//!   [`stratus_coap::psk::device_psk`] of the secret (what the server stores at registration
+//!   and rotation), no access token.
 //!
 //! Firmware: a [`FirmwareHandler`] given to [`DeviceBuilder::firmware_handler`] receives the
 //! assignment notice of the retained `devices/{id}/firmware` (MQTT); with HTTP or CoAP,
@@ -82,7 +85,10 @@
 //!   Mozilla roots plus any CA given with [`DeviceBuilder::root_certificate_pem`].
 //! - `tokio`, `tokio-util`: one task per device (plus one per MQTT connection), cancellation.
 //! - `stratus-coap`: the CoAP message layer (codec, retransmission, deduplication) as a
-//!   sans-IO state machine; this crate only drives it with a UDP socket and a timer.
+//!   sans-IO state machine; this crate only drives it with a UDP socket and a timer. It also
+//!   defines the CoAPS PSK derivation the server uses.
+//! - `openssl`: DTLS 1.2 PSK for CoAPS (rustls has no DTLS); the library the server and
+//!   libcoap use, driven sans-IO over an in-memory datagram queue as the server drives it.
 //! - `serde`, `serde_json`: records, envelopes, configuration documents.
 //! - `httpdate`: reads the server's clock from the `Date` header.
 //! - `stratus-firmware`: manifest verification, the same code the server and the CLI run.
@@ -94,6 +100,7 @@
 
 mod buffer;
 mod coap;
+mod dtls;
 mod error;
 pub mod firmware;
 mod http;
@@ -498,7 +505,8 @@ impl DeviceBuilder {
     }
 
     /// The CoAP server: `coap://HOST:PORT` or `HOST:PORT` (default: the server's host, port
-    /// 5683).
+    /// 5683), or `coaps://HOST:PORT` (DTLS 1.2 PSK, default port 5684) for CoAPS, where the
+    /// device authenticates with the PSK derived from its secret instead of a token.
     pub fn coap(mut self, url: impl Into<String>) -> Self {
         self.coap = Some(url.into());
         self
@@ -656,14 +664,19 @@ impl DeviceBuilder {
         } else {
             None
         };
+        let coaps = coap.is_some_and(|(_, secure)| secure);
         let buffer = Buffer::open(self.capacity, self.overflow, self.buffer_file.as_deref())?;
         let found = buffer.len() as u64;
         let tokens = Tokens::new(http.clone(), &base, &self.id, &self.secret);
         if let Some((token, valid_for)) = self.token {
             tokens.seed(token, valid_for);
         }
-        let needs_token =
-            self.transport != Transport::Mqtt || self.password == MqttPassword::AccessToken;
+        // CoAPS authenticates with the PSK instead.
+        let needs_token = match self.transport {
+            Transport::Mqtt => self.password == MqttPassword::AccessToken,
+            Transport::Coap => !coaps,
+            Transport::Http => true,
+        };
         if needs_token {
             match tokens.get().await {
                 Ok(_) => {}
@@ -696,11 +709,17 @@ impl DeviceBuilder {
         shared.counters.accepted.store(found, Ordering::Relaxed);
         let task = match (mqtt, coap) {
             (Some(settings), _) => tokio::spawn(mqtt::run(shared.clone(), settings)),
-            (None, Some(peer)) => tokio::spawn(coap::run(
+            (None, Some((peer, secure))) => tokio::spawn(coap::run(
                 shared.clone(),
                 coap::Settings {
                     peer,
                     config_poll: self.config_poll,
+                    dtls: secure.then(|| {
+                        (
+                            self.id.clone(),
+                            stratus_coap::psk::device_psk(&self.secret, &self.id),
+                        )
+                    }),
                 },
             )),
             (None, None) => tokio::spawn(http::run(

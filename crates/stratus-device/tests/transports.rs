@@ -105,6 +105,113 @@ async fn coap_round_trip() {
     round_trip(Transport::Coap, MqttVersion::V5).await;
 }
 
+/// A server with CoAPS (DTLS 1.2 PSK) on a free port.
+async fn coaps_server() -> TestServer {
+    TestServer::start_with(|c, _| {
+        c.coap.dtls = true;
+        c.coap.dtls_port = 0;
+    })
+    .await
+}
+
+async fn coaps_device(srv: &TestServer, id: &str, secret: &str) -> Device {
+    Device::builder(srv.url(), id, secret)
+        .coap(srv.coaps_url())
+        .transport(Transport::Coap)
+        .config_poll_interval(Duration::from_millis(200))
+        .max_batch(7)
+        .build()
+        .await
+        .expect("device builds")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coaps_round_trip() {
+    let srv = coaps_server().await;
+    let id = "rt-coaps";
+    let secret = srv.add_device(id).await;
+    let mut dev = coaps_device(&srv, id, &secret).await;
+    for v in 0..20 {
+        dev.send(Record::new().with("v", v)).unwrap();
+    }
+    dev.flush(FLUSH).await.expect("all acknowledged over DTLS");
+    assert_eq!(dev.stats().records_acked, 20);
+    assert_eq!(stored_values(&srv, id).await, (0..20).collect::<Vec<_>>());
+    assert_eq!(dev.status(), Status::Connected);
+
+    let first = tokio::time::timeout(FLUSH, dev.next_config())
+        .await
+        .expect("config in time")
+        .unwrap();
+    assert_eq!(first.version, 0);
+    srv.put_config(id, json!({"interval_s": 7})).await;
+    let next = tokio::time::timeout(FLUSH, dev.next_config())
+        .await
+        .expect("new config in time")
+        .unwrap();
+    assert_eq!(next.get("interval_s"), Some(&json!(7)));
+    dev.report_config(next.config.clone()).unwrap();
+    dev.flush(FLUSH).await.expect("report acknowledged");
+    let view = srv.device_view(id).await;
+    assert_eq!(
+        view["reported"]["config"],
+        json!({"interval_s": 7}),
+        "{view}"
+    );
+    dev.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coaps_refuses_a_wrong_secret_and_follows_a_rotation() {
+    let srv = coaps_server().await;
+    let id = "coaps-rot";
+    let old = srv.add_device(id).await;
+
+    // A wrong secret derives a wrong PSK: the handshake fails, nothing is stored.
+    let dev = coaps_device(&srv, id, "not-the-secret").await;
+    dev.send(Record::new().with("v", 1)).unwrap();
+    let refused = eventually(Duration::from_secs(30), || async {
+        matches!(dev.status(), Status::Unauthorized(_))
+    })
+    .await;
+    assert!(refused, "{:?}", dev.status());
+    assert_eq!(dev.stats().records_acked, 0);
+    dev.close().await;
+
+    // After a rotation the old secret's PSK is refused and the new one works.
+    let new = srv.rotate_secret(id).await;
+    let stale = coaps_device(&srv, id, &old).await;
+    stale.send(Record::new().with("v", 2)).unwrap();
+    let refused = eventually(Duration::from_secs(30), || async {
+        matches!(stale.status(), Status::Unauthorized(_))
+    })
+    .await;
+    assert!(refused, "{:?}", stale.status());
+    stale.close().await;
+    let fresh = coaps_device(&srv, id, &new).await;
+    fresh.send(Record::new().with("v", 3)).unwrap();
+    fresh
+        .flush(FLUSH)
+        .await
+        .expect("acknowledged with the new PSK");
+    assert_eq!(stored_values(&srv, id).await, vec![3]);
+    fresh.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coaps_refuses_an_unknown_identity_at_once() {
+    let srv = coaps_server().await;
+    let dev = coaps_device(&srv, "nobody-here", "whatever").await;
+    dev.send(Record::new().with("v", 1)).unwrap();
+    // The server's PSK callback fails: a fatal alert, not a timeout.
+    let refused = eventually(Duration::from_secs(5), || async {
+        matches!(dev.status(), Status::Unauthorized(_))
+    })
+    .await;
+    assert!(refused, "{:?}", dev.status());
+    dev.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_credentials_fail_the_build() {
     let srv = TestServer::start().await;

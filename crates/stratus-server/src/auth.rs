@@ -33,6 +33,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use stratus_store::{OAuthClient, StoreError, StoreHandle};
 
+use crate::coap::psk::PskSealer;
+
 /// Scope of a device's tokens.
 pub const SCOPE_DEVICE: &str = "device";
 /// Scope that reads telemetry (HTTP queries, the stream, MQTT `devices/+/telemetry`).
@@ -117,6 +119,8 @@ struct Entry {
     verified: Option<[u8; 32]>,
     /// Tokens issued before this (epoch seconds) are void (secret rotated).
     tokens_valid_from: u64,
+    /// A device's CoAPS pre-shared key, sealed (see [`crate::coap::psk`]).
+    coap_psk: Option<Vec<u8>>,
 }
 
 /// The claims of an access token.
@@ -159,6 +163,7 @@ pub struct Auth {
     directory: RwLock<HashMap<String, Entry>>,
     revoked: RwLock<HashMap<String, u64>>,
     token_ttl_secs: u64,
+    psk: PskSealer,
 }
 
 /// Seconds since the Unix epoch.
@@ -340,6 +345,7 @@ impl Auth {
     /// Loads every principal and revocation from the store and the token key from `data_dir`.
     pub async fn open(store: StoreHandle, data_dir: &Path) -> Result<Auth, AuthError> {
         let key = load_or_create_key(&data_dir.join("token.key"))?;
+        let psk = PskSealer::load_or_create(data_dir)?;
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_issuer(&["stratus"]);
         validation.leeway = 0;
@@ -355,6 +361,7 @@ impl Auth {
             revoked: RwLock::new(HashMap::new()),
             token_ttl_secs: DEFAULT_TOKEN_TTL_SECS,
             store,
+            psk,
         };
         auth.reload().await?;
         Ok(auth)
@@ -368,7 +375,7 @@ impl Auth {
 
     /// Re-reads the directory from the store.
     pub async fn reload(&self) -> Result<(), AuthError> {
-        let (devices, clients) = self
+        let (devices, clients, psks) = self
             .store
             .read(|s| {
                 let mut devices = Vec::new();
@@ -382,12 +389,17 @@ impl Auth {
                         None => break,
                     }
                 }
-                Ok((devices, s.list_clients()?))
+                Ok((devices, s.list_clients()?, s.coap_psks()?))
             })
             .await?;
         let mut dir = HashMap::with_capacity(devices.len() + clients.len());
         for (id, secret_hash) in devices {
             dir.insert(id, Entry::device(secret_hash));
+        }
+        for (id, sealed) in psks {
+            if let Some(e) = dir.get_mut(&id) {
+                e.coap_psk = Some(sealed);
+            }
         }
         for c in clients {
             dir.insert(c.client_id, Entry::client(c.scopes, c.secret_hash));
@@ -435,13 +447,32 @@ impl Auth {
         Ok(generated.then_some(secret))
     }
 
-    /// Adds (or replaces) a device in the directory after it was stored.
-    pub fn register_device(&self, id: &str, secret_hash: &str) {
+    /// Adds (or replaces) a device in the directory after it was stored, with its sealed
+    /// CoAPS key when it has one.
+    pub fn register_device(&self, id: &str, secret_hash: &str, coap_psk: Option<Vec<u8>>) {
         let mut dir = self.directory.write();
         let valid_from = dir.get(id).map_or(0, |_| now_secs());
         let mut e = Entry::device(secret_hash.to_string());
         e.tokens_valid_from = valid_from;
+        e.coap_psk = coap_psk;
         dir.insert(id.to_string(), e);
+    }
+
+    /// Seals and opens the devices' CoAPS keys (`DATA_DIR/coap-psk.key`).
+    pub fn psk_sealer(&self) -> &PskSealer {
+        &self.psk
+    }
+
+    /// The CoAPS pre-shared key of device `id`: `None` for an unknown device, one without a
+    /// stored key (registered before keys were stored and not rotated since), or a key that
+    /// does not open.
+    pub fn coap_psk(&self, id: &str) -> Option<String> {
+        let sealed = {
+            let dir = self.directory.read();
+            let e = dir.get(id).filter(|e| e.kind == Kind::Device)?;
+            e.coap_psk.clone()?
+        };
+        self.psk.open(id, &sealed)
     }
 
     /// Adds (or replaces) a client in the directory after it was stored.
@@ -667,6 +698,7 @@ impl Entry {
             secret_hash,
             verified: None,
             tokens_valid_from: 0,
+            coap_psk: None,
         }
     }
 
@@ -677,6 +709,7 @@ impl Entry {
             secret_hash,
             verified: None,
             tokens_valid_from: 0,
+            coap_psk: None,
         }
     }
 

@@ -441,9 +441,15 @@ mod tests {
             let srv = server(dir.path()).await;
             let fw = srv.firmware.clone();
             let store = fw.store.clone();
-            crate::api::devices::register(&store, "admin", "d1", Value::Null)
-                .await
-                .unwrap();
+            crate::api::devices::register(
+                &store,
+                srv.auth.psk_sealer(),
+                "admin",
+                "d1",
+                Value::Null,
+            )
+            .await
+            .unwrap();
             store
                 .write(vec![Write::PutFirmware(record(&id))])
                 .await

@@ -314,11 +314,8 @@ impl Server {
         let mut coaps_addr = None;
         if let Some(socket) = coaps_socket {
             coaps_addr = Some(socket.local_addr()?);
-            let key = coap::dtls::load_or_create_key(data_dir)
-                .with_context(|| format!("reading {}", coap::dtls::PSK_KEY_FILE))?;
-            let dtls =
-                coap::dtls::DtlsServer::new(auth.clone(), key, config.coap.max_dtls_sessions)
-                    .context("setting up DTLS")?;
+            let dtls = coap::dtls::DtlsServer::new(auth.clone(), config.coap.max_dtls_sessions)
+                .context("setting up DTLS")?;
             listeners.spawn(coap::serve(
                 socket,
                 coap_ctx,

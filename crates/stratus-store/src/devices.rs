@@ -164,6 +164,10 @@ pub trait DeviceStore: WriteBackend {
     /// How many devices are registered.
     fn device_count(&self) -> Result<u64, StoreError>;
 
+    /// Every device that has a sealed CoAPS pre-shared key, with it (see
+    /// [`Write::SetCoapPsk`]).
+    fn coap_psks(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+
     /// Registers a device; [`StoreError::Conflict`] if the id is taken (by a device or client).
     fn create_device(&self, new: NewDevice) -> Result<Device, StoreError> {
         self.write_one(Write::CreateDevice(new))?.into_device()

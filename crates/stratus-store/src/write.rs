@@ -37,6 +37,14 @@ pub enum Write {
         /// The new argon2 hash string (PHC format), computed by the caller.
         secret_hash: String,
     },
+    /// Set (or, with `None`, clear) a device's sealed CoAPS pre-shared key: opaque bytes the
+    /// server sealed (the store never sees the key in clear). Output: [`Output::Done`].
+    SetCoapPsk {
+        /// Device id.
+        id: String,
+        /// The sealed key, or `None` to remove it.
+        sealed: Option<Vec<u8>>,
+    },
     /// Delete a device with its telemetry and its retention rules (the writer is busy for as
     /// long as deleting its points takes). Output: [`Output::Done`].
     DeleteDevice {

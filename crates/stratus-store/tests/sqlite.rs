@@ -644,3 +644,55 @@ fn acknowledged_telemetry_batches_survive_kill_9_whole() {
         .sum();
     assert_eq!(per_minute, counts.len() as u64 * CRASH_POINTS as u64);
 }
+
+/// Sealed CoAPS keys: set, replaced, cleared, gone with the device, kept across a reopen
+/// (the column is added to a database that lacks it, once).
+#[test]
+fn coap_keys_are_kept_per_device() {
+    let (_dir, path) = temp_db("psk.db");
+    {
+        let s = SqliteStore::open(&path).unwrap();
+        s.create_device(device_new("a")).unwrap();
+        s.create_device(device_new("b")).unwrap();
+        assert!(s.coap_psks().unwrap().is_empty());
+        let set = |id: &str, sealed: Option<Vec<u8>>| {
+            s.write_one(Write::SetCoapPsk {
+                id: id.into(),
+                sealed,
+            })
+        };
+        set("a", Some(vec![1, 2, 3])).unwrap();
+        set("b", Some(vec![9])).unwrap();
+        set("b", Some(vec![7, 7])).unwrap();
+        assert_eq!(
+            s.coap_psks().unwrap(),
+            vec![
+                ("a".to_string(), vec![1, 2, 3]),
+                ("b".to_string(), vec![7, 7])
+            ]
+        );
+        assert!(matches!(
+            set("nobody", Some(vec![1])),
+            Err(StoreError::NotFound { .. })
+        ));
+        assert!(matches!(
+            set("a", Some(vec![])),
+            Err(StoreError::Invalid(_))
+        ));
+        assert!(matches!(
+            set("a", Some(vec![0; 2000])),
+            Err(StoreError::Invalid(_))
+        ));
+        set("b", None).unwrap();
+        assert_eq!(s.coap_psks().unwrap().len(), 1);
+    }
+    // Reopened (the column exists now): still there; deleting the device removes its key.
+    let s = SqliteStore::open(&path).unwrap();
+    assert_eq!(
+        s.coap_psks().unwrap(),
+        vec![("a".to_string(), vec![1, 2, 3])]
+    );
+    s.delete_device("a").unwrap();
+    assert!(s.coap_psks().unwrap().is_empty());
+    assert_eq!(s.device("b").unwrap().unwrap().id, "b");
+}

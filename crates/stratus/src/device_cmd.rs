@@ -1,4 +1,4 @@
-//! `stratus device add|list|show|rm|rotate-secret`: the device registry from the command
+//! `stratus device add|list|show|rm|rotate-secret|psk`: the device registry from the command
 //! line, through a running server's HTTP API (as the `admin` client) or, with `--data-dir`,
 //! directly on a data dir's store.
 //!
@@ -19,6 +19,7 @@ use clap::Subcommand;
 use reqwest::Method;
 use serde_json::{json, Map, Value};
 use stratus_server::api::devices::{self as registry, CreatedDevice, DeviceView, SecretView};
+use stratus_server::coap::psk::PskSealer;
 use stratus_store::StoreHandle;
 
 use crate::admin::{self, AdminClient, RequestError, ServerArgs, UsageError};
@@ -35,6 +36,7 @@ Examples:
   stratus device add pump-7 --attr site=north --attr floor=2
   stratus device list --json
   stratus device rotate-secret pump-7
+  stratus device psk pump-7 --secret \"$SECRET\"   (the CoAPS key: coap-client -u pump-7 -k KEY)
   stratus device rm pump-7 --data-dir /var/lib/stratus")]
 pub struct DeviceArgs {
     #[command(flatten)]
@@ -78,6 +80,16 @@ enum DeviceCommand {
         /// Device id.
         id: String,
     },
+    /// Print a device's CoAPS pre-shared key, computed from its secret (no server needed):
+    /// base64url(HMAC-SHA256(secret, "stratus-coap-psk/v1:" + id)) without padding. The PSK
+    /// identity is the device id, e.g. `coap-client -u ID -k PSK coaps://host/telemetry`.
+    Psk {
+        /// Device id (the PSK identity).
+        id: String,
+        /// The device's secret.
+        #[arg(long, env = "STRATUS_DEVICE_SECRET", hide_env_values = true)]
+        secret: String,
+    },
 }
 
 /// Runs `stratus device …`.
@@ -85,9 +97,18 @@ pub fn run(args: DeviceArgs) -> anyhow::Result<()> {
     if let DeviceCommand::Add { id, .. }
     | DeviceCommand::Show { id }
     | DeviceCommand::Rm { id }
-    | DeviceCommand::RotateSecret { id } = &args.command
+    | DeviceCommand::RotateSecret { id }
+    | DeviceCommand::Psk { id, .. } = &args.command
     {
         registry::check_device_id(id).map_err(|e| UsageError(e.to_string()))?;
+    }
+    if let DeviceCommand::Psk { id, secret } = &args.command {
+        // Pure computation: no server, no store.
+        print!(
+            "{}",
+            render(&args.command, &psk_answer(id, secret), args.json)
+        );
+        return Ok(());
     }
     let attributes = match &args.command {
         DeviceCommand::Add { attrs, .. } => parse_attributes(attrs)?,
@@ -121,7 +142,7 @@ fn parse_attributes(pairs: &[String]) -> anyhow::Result<Value> {
 /// Where the registry is.
 enum Backend {
     Server(AdminClient),
-    Store(StoreHandle),
+    Store(StoreHandle, PskSealer),
 }
 
 fn open_store(dir: &Path) -> anyhow::Result<StoreHandle> {
@@ -137,10 +158,20 @@ fn open_store(dir: &Path) -> anyhow::Result<StoreHandle> {
     StoreHandle::open_sqlite(&db).with_context(|| format!("opening {}", db.display()))
 }
 
+/// The data dir's CoAPS key sealer (`coap-psk.key`, created when missing, as the server does).
+fn open_sealer(dir: &Path) -> anyhow::Result<PskSealer> {
+    PskSealer::load_or_create(dir).with_context(|| {
+        format!(
+            "reading {}",
+            dir.join(stratus_server::coap::psk::PSK_KEY_FILE).display()
+        )
+    })
+}
+
 impl Backend {
     async fn open(args: &DeviceArgs) -> anyhow::Result<Backend> {
         if let Some(dir) = &args.data_dir {
-            return Ok(Backend::Store(open_store(dir)?));
+            return Ok(Backend::Store(open_store(dir)?, open_sealer(dir)?));
         }
         let base = args.server.base_url();
         let secret = args.server.admin_secret()?;
@@ -156,7 +187,10 @@ impl Backend {
                     "stratus: no server at {base} ({why}); using the data dir {} directly",
                     fallback.display()
                 );
-                Ok(Backend::Store(open_store(&fallback)?))
+                Ok(Backend::Store(
+                    open_store(&fallback)?,
+                    open_sealer(&fallback)?,
+                ))
             }
             Err(e) => Err(admin::with_server(e, &base)),
         }
@@ -173,6 +207,7 @@ impl Backend {
                         Some(json!({"id": id, "attributes": attributes})),
                     ),
                     DeviceCommand::List => return list_all(client).await,
+                    DeviceCommand::Psk { id, secret } => return Ok(psk_answer(id, secret)),
                     DeviceCommand::Show { id } => {
                         (Method::GET, format!("/api/v1/devices/{id}"), None)
                     }
@@ -189,7 +224,7 @@ impl Backend {
                     _ => answer,
                 })
             }
-            Backend::Store(store) => execute_on_store(store, command, attributes).await,
+            Backend::Store(store, psk) => execute_on_store(store, psk, command, attributes).await,
         }
     }
 }
@@ -226,6 +261,7 @@ fn actor() -> String {
 
 async fn execute_on_store(
     store: &StoreHandle,
+    psk: &PskSealer,
     command: &DeviceCommand,
     attributes: Value,
 ) -> anyhow::Result<Value> {
@@ -233,7 +269,7 @@ async fn execute_on_store(
     let not_found = |id: &str| anyhow::anyhow!("device {id:?} not found");
     Ok(match command {
         DeviceCommand::Add { id, .. } => {
-            let r = registry::register(store, &actor, id, attributes).await?;
+            let r = registry::register(store, psk, &actor, id, attributes).await?;
             serde_json::to_value(CreatedDevice {
                 device: DeviceView::from(&r.device),
                 secret: r.secret,
@@ -261,12 +297,22 @@ async fn execute_on_store(
             json!({"id": id, "deleted": true})
         }
         DeviceCommand::RotateSecret { id } => {
-            let (secret, _hash) = registry::rotate_secret(store, &actor, id).await?;
+            let rotated = registry::rotate_secret(store, psk, &actor, id).await?;
             serde_json::to_value(SecretView {
                 id: id.clone(),
-                secret,
+                secret: rotated.secret,
             })?
         }
+        DeviceCommand::Psk { id, secret } => psk_answer(id, secret),
+    })
+}
+
+/// `{"id", "identity", "psk"}`: the CoAPS credentials of device `id` with secret `secret`.
+fn psk_answer(id: &str, secret: &str) -> Value {
+    json!({
+        "id": id,
+        "identity": id,
+        "psk": stratus_server::coap::psk::device_psk(secret, id),
     })
 }
 
@@ -302,6 +348,7 @@ fn render(command: &DeviceCommand, out: &Value, as_json: bool) -> String {
         DeviceCommand::Rm { .. } => format!("deleted device {}\n", text(out, "id")),
         DeviceCommand::Show { .. } => render_device(out),
         DeviceCommand::List => render_table(out.as_array().map_or(&[][..], Vec::as_slice)),
+        DeviceCommand::Psk { .. } => format!("{}\n", text(out, "psk")),
     }
 }
 
@@ -430,33 +477,43 @@ mod tests {
         let db = dir.path().join(stratus_server::persist::DATABASE_FILE);
         admin::block_on(async {
             let store = StoreHandle::open_sqlite(&db)?;
+            let psk = PskSealer::load_or_create(dir.path())?;
             let add = DeviceCommand::Add {
                 id: "d1".into(),
                 attrs: vec![],
             };
-            let created = execute_on_store(&store, &add, json!({"k": 1})).await?;
+            let created = execute_on_store(&store, &psk, &add, json!({"k": 1})).await?;
             assert_eq!(created["attributes"], json!({"k": 1}));
             assert_eq!(created["secret"].as_str().unwrap().len(), 43);
             let shown = execute_on_store(
                 &store,
+                &psk,
                 &DeviceCommand::Show { id: "d1".into() },
                 Value::Null,
             )
             .await?;
             assert!(shown.get("secret").is_none());
             assert!(!shown.to_string().contains("argon2"));
-            let listed = execute_on_store(&store, &DeviceCommand::List, Value::Null).await?;
+            let listed = execute_on_store(&store, &psk, &DeviceCommand::List, Value::Null).await?;
             assert_eq!(listed.as_array().unwrap().len(), 1);
             let rotated = execute_on_store(
                 &store,
+                &psk,
                 &DeviceCommand::RotateSecret { id: "d1".into() },
                 Value::Null,
             )
             .await?;
             assert_ne!(rotated["secret"], created["secret"]);
-            execute_on_store(&store, &DeviceCommand::Rm { id: "d1".into() }, Value::Null).await?;
+            execute_on_store(
+                &store,
+                &psk,
+                &DeviceCommand::Rm { id: "d1".into() },
+                Value::Null,
+            )
+            .await?;
             let gone = execute_on_store(
                 &store,
+                &psk,
                 &DeviceCommand::Show { id: "d1".into() },
                 Value::Null,
             )

@@ -55,8 +55,10 @@ pub struct SimArgs {
     /// MQTT broker as HOST:PORT [default: the server's host, port 1883].
     #[arg(long, value_name = "HOST:PORT")]
     pub mqtt: Option<String>,
-    /// CoAP server as HOST:PORT [default: the server's host, port 5683].
-    #[arg(long, value_name = "HOST:PORT")]
+    /// CoAP server as HOST:PORT or coap://HOST:PORT, or coaps://HOST:PORT for CoAPS (DTLS 1.2
+    /// PSK: each device's key is derived from its secret) [default: the server's host, port
+    /// 5683].
+    #[arg(long, value_name = "URL")]
     pub coap: Option<String>,
     /// MQTT protocol version: 5 or 3.1.1.
     #[arg(long, default_value = "5", value_name = "V")]

@@ -218,7 +218,7 @@ pub struct Extra {
 }
 
 /// A tag for this run: device ids of other runs are told apart by it.
-fn run_tag() -> u32 {
+pub fn run_tag() -> u32 {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos() ^ d.as_secs() as u32)

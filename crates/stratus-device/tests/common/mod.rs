@@ -18,6 +18,7 @@ pub struct TestServer {
     pub mqtt: SocketAddr,
     pub mqtts: Option<SocketAddr>,
     pub coap: SocketAddr,
+    pub coaps: Option<SocketAddr>,
     pub admin_secret: String,
     pub dir: tempfile::TempDir,
     client: reqwest::Client,
@@ -60,6 +61,9 @@ impl TestServer {
         config.http.port = server.http_addr.port();
         config.mqtt.port = server.mqtt_addr.port();
         config.coap.port = server.coap_addr.port();
+        if let Some(a) = server.coaps_addr {
+            config.coap.dtls_port = a.port();
+        }
         if let Some(a) = server.mqtts_addr {
             config.mqtt.tls_port = a.port();
         }
@@ -71,6 +75,7 @@ impl TestServer {
             mqtt: server.mqtt_addr,
             mqtts: server.mqtts_addr,
             coap: server.coap_addr,
+            coaps: server.coaps_addr,
             server: Some(server),
             config,
             admin_secret,
@@ -89,6 +94,26 @@ impl TestServer {
 
     pub fn coap_url(&self) -> String {
         format!("coap://{}", self.coap)
+    }
+
+    /// `coaps://…` (the server must have been started with `[coap] dtls` on).
+    pub fn coaps_url(&self) -> String {
+        format!("coaps://{}", self.coaps.expect("CoAPS is on"))
+    }
+
+    /// Rotates a device's secret; the new one.
+    pub async fn rotate_secret(&self, id: &str) -> String {
+        let admin = self.admin().await;
+        let r = self
+            .client
+            .post(format!("{}/api/v1/devices/{id}/secret", self.url()))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .expect("rotate");
+        assert_eq!(r.status().as_u16(), 200, "rotate {id}");
+        let v: Value = r.json().await.expect("json");
+        v["secret"].as_str().expect("secret").to_string()
     }
 
     pub fn data_dir(&self) -> PathBuf {

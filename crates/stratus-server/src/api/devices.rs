@@ -34,8 +34,16 @@
 //! or neither is. The same job writes the retained MQTT config message the change implies, so
 //! it survives a crash right after the answer.
 //!
+//! ## CoAPS keys
+//! Registration and secret rotation are the moments the server knows a device's secret in
+//! clear: both also store the device's CoAPS pre-shared key (derived from the secret,
+//! [`stratus_coap::psk::device_psk`]) sealed under `DATA_DIR/coap-psk.key`
+//! ([`PskSealer`]) in the same job, so the DTLS handshake can look it up. A rotation replaces
+//! it: the old PSK stops working with the old secret. A device registered before keys were
+//! stored has none until its next rotation.
+//!
 //! The registry operations ([`register`], [`rotate_secret`], [`remove`], [`patch_attributes`]) take only
-//! a [`StoreHandle`], so `stratus device --data-dir` runs the very same code on a stopped
+//! a [`StoreHandle`] (and the [`PskSealer`]), so `stratus device --data-dir` runs the very same code on a stopped
 //! server's store. The handlers add what a live server needs: the principal directory
 //! ([`Auth`](crate::auth::Auth)) and the live broker's retained messages.
 
@@ -60,6 +68,7 @@ use utoipa_axum::routes;
 use self::config::{ConfigDocument, ReportedDocument};
 use super::{ApiError, ApiState, Caller, ErrorBody};
 use crate::auth::{hash_secret, new_secret, SCOPE_DEVICES_WRITE};
+use crate::coap::psk::PskSealer;
 
 /// Default page size of `GET /api/v1/devices`.
 pub const DEFAULT_PAGE: usize = 100;
@@ -199,6 +208,19 @@ pub struct Registered {
     pub device: Device,
     /// Its secret.
     pub secret: String,
+    /// Its CoAPS pre-shared key, sealed (as stored).
+    pub coap_psk: Option<Vec<u8>>,
+}
+
+/// A new secret, its hash and the sealed CoAPS key derived from it (as stored).
+#[derive(Debug, Clone)]
+pub struct Rotated {
+    /// The new secret (the only time it exists in clear).
+    pub secret: String,
+    /// Its argon2 hash.
+    pub secret_hash: String,
+    /// The new CoAPS pre-shared key, sealed.
+    pub coap_psk: Option<Vec<u8>>,
 }
 
 /// Now, Unix epoch milliseconds.
@@ -259,6 +281,7 @@ fn unexpected(what: &str) -> StoreError {
 /// job. Errors: [`StoreError::Invalid`] (bad id or attributes), [`StoreError::Conflict`].
 pub async fn register(
     store: &StoreHandle,
+    psk: &PskSealer,
     actor: &str,
     id: &str,
     attributes: Value,
@@ -274,6 +297,7 @@ pub async fn register(
         other => other,
     };
     let (secret, secret_hash) = new_secret_and_hash().await?;
+    let coap_psk = psk.seal_for_secret(id, &secret);
     let now = now_ms();
     let initial = stratus_store::DesiredConfig {
         version: 0,
@@ -287,6 +311,10 @@ pub async fn register(
             attributes: attributes.clone(),
             created_at_ms: now,
         }),
+        Write::SetCoapPsk {
+            id: id.to_string(),
+            sealed: coap_psk.clone(),
+        },
         audit(
             actor,
             "device.create",
@@ -298,18 +326,23 @@ pub async fn register(
     job.extend(config::retained_write(id, &initial));
     let mut outputs = store.write(job).await?.into_iter();
     match outputs.next() {
-        Some(Output::Device(device)) => Ok(Registered { device, secret }),
+        Some(Output::Device(device)) => Ok(Registered {
+            device,
+            secret,
+            coap_psk,
+        }),
         _ => Err(unexpected("the new device")),
     }
 }
 
-/// Gives device `id` a new secret and audits it (`device.secret.rotate`, no detail); returns
-/// the secret and its hash (for the principal directory).
+/// Gives device `id` a new secret and CoAPS key and audits it (`device.secret.rotate`, no
+/// detail); returns the secret, its hash and the sealed key (for the principal directory).
 pub async fn rotate_secret(
     store: &StoreHandle,
+    psk: &PskSealer,
     actor: &str,
     id: &str,
-) -> Result<(String, String), StoreError> {
+) -> Result<Rotated, StoreError> {
     check_device_id(id)?;
     if store.device(id).await?.is_none() {
         return Err(StoreError::NotFound {
@@ -318,6 +351,7 @@ pub async fn rotate_secret(
         });
     }
     let (secret, hash) = new_secret_and_hash().await?;
+    let coap_psk = psk.seal_for_secret(id, &secret);
     let now = now_ms();
     store
         .write(vec![
@@ -325,10 +359,18 @@ pub async fn rotate_secret(
                 id: id.to_string(),
                 secret_hash: hash.clone(),
             },
+            Write::SetCoapPsk {
+                id: id.to_string(),
+                sealed: coap_psk.clone(),
+            },
             audit(actor, "device.secret.rotate", id, Value::Null, now),
         ])
         .await?;
-    Ok((secret, hash))
+    Ok(Rotated {
+        secret,
+        secret_hash: hash,
+        coap_psk,
+    })
 }
 
 /// Deletes device `id` with its telemetry, audits it (`device.delete`), and removes its
@@ -501,9 +543,21 @@ async fn create_device(
     let body: NewDeviceBody = serde_json::from_value(json_body(body)?)
         .map_err(|e| ApiError::bad_request(format!("bad device: {e}")))?;
     valid_id(&body.id)?;
-    let Registered { device, secret } =
-        register(&state.store, &actor, &body.id, body.attributes).await?;
-    state.auth.register_device(&device.id, &device.secret_hash);
+    let Registered {
+        device,
+        secret,
+        coap_psk,
+    } = register(
+        &state.store,
+        state.auth.psk_sealer(),
+        &actor,
+        &body.id,
+        body.attributes,
+    )
+    .await?;
+    state
+        .auth
+        .register_device(&device.id, &device.secret_hash, coap_psk);
     if let Some(rules) = state.ingest.rules() {
         rules.device_attributes(&device.id, device.attributes.clone());
     }
@@ -715,10 +769,15 @@ async fn rotate_device_secret(
 ) -> Result<Json<SecretView>, ApiError> {
     let actor = caller.require(SCOPE_DEVICES_WRITE)?.id.clone();
     valid_id(&id)?;
-    let (secret, hash) = rotate_secret(&state.store, &actor, &id).await?;
-    state.auth.register_device(&id, &hash);
+    let rotated = rotate_secret(&state.store, state.auth.psk_sealer(), &actor, &id).await?;
+    state
+        .auth
+        .register_device(&id, &rotated.secret_hash, rotated.coap_psk);
     tracing::info!(device = %id, by = %actor, "device secret rotated");
-    Ok(Json(SecretView { id, secret }))
+    Ok(Json(SecretView {
+        id,
+        secret: rotated.secret,
+    }))
 }
 
 #[cfg(test)]

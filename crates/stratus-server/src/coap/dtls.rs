@@ -24,30 +24,30 @@
 //! flight makes OpenSSL resend its answer), as OpenSSL's own timer API is not exposed safely.
 //!
 //! ## PSK identity and key
-//! The identity is the **device id**. The key is derived by the server:
+//! The identity is the **device id**; the key is derived from the device's secret, so the
+//! device (and the SDK) computes it without asking anyone:
 //!
-//! `PSK = base64url(HMAC-SHA256(K, "stratus-coap-psk/v1:" ‖ device id))`
+//! `PSK = base64url_nopad(HMAC-SHA256(key = device secret (UTF-8), "stratus-coap-psk/v1:" ‖ device id))`
 //!
-//! used as the 43 ASCII bytes of the base64url text (no padding), with `K` the 32 random bytes
-//! of `DATA_DIR/coap-psk.key` (mode 0600, created on the first start with CoAPS on). Text,
-//! because tools take PSKs as text (`coap-client -u ID -k PSK`, aiocoap's `{"ascii": …}`).
-//! [`device_psk`] computes it; an operator provisions a device with it as it provisions the
-//! secret, e.g. in a shell:
-//! `printf 'stratus-coap-psk/v1:%s' ID | openssl mac -digest SHA256 -macopt hexkey:$(xxd -p -c 64 coap-psk.key) -binary HMAC | basenc --base64url | tr -d '='`.
+//! used as the 43 ASCII bytes of the base64url text ([`stratus_coap::psk::device_psk`], the
+//! one definition the server and the SDK share; `stratus device psk ID --secret S` prints
+//! it). Text, because tools take PSKs as text (`coap-client -u ID -k PSK`, aiocoap's
+//! `{"ascii": …}`).
 //!
-//! Why not a key the device derives from its secret: the server keeps only the argon2 hash of
-//! the secret (by design, a stolen database must not yield credentials), so it cannot compute
-//! any function of the secret when a handshake arrives; and using the stored hash as the key
-//! would make the hash a password-equivalent. Storing a secret-derived PSK at registration
-//! would need a new column written by the registry. The trade-off of the server-derived key:
-//! it does not change when the device secret is rotated. It stops working when the device
-//! is deleted (the callback accepts only identities that are devices now); replacing
-//! `coap-psk.key` re-keys every device at once.
+//! The server keeps only the argon2 hash of a secret, so it cannot compute the key at
+//! handshake time. It computes it when it knows the secret in clear — at registration and at
+//! secret rotation (HTTP API and `stratus device --data-dir`) — and stores it in the device
+//! record sealed with AES-256-GCM under `DATA_DIR/coap-psk.key` ([`super::psk`]), so a
+//! stolen database alone yields no key. The PSK callback opens the sealed key of the
+//! identity from the in-memory principal directory (no store read in the handshake).
+//! Consequences: rotating the secret replaces the PSK (the old one stops working at once);
+//! deleting the device ends it; a device registered before keys were stored has no PSK until
+//! its next rotation (`POST /api/v1/devices/{id}/secret`); losing `coap-psk.key` voids every
+//! stored PSK (rotate the secrets to re-key).
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -58,14 +58,9 @@ use openssl::ssl::{
     ErrorCode, Ssl, SslContext, SslMethod, SslOptions, SslStream, SslVerifyMode, SslVersion,
 };
 use rand::RngCore;
-use sha2::{Digest, Sha256};
+use stratus_coap::psk::hmac_sha256;
 
 use crate::auth::Auth;
-
-/// The label of the PSK derivation.
-pub const PSK_LABEL: &str = "stratus-coap-psk/v1:";
-/// The key file under the data directory.
-pub const PSK_KEY_FILE: &str = "coap-psk.key";
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60 * 60);
@@ -74,58 +69,6 @@ const SWEEP_EVERY: Duration = Duration::from_secs(5);
 const MTU: u32 = 1400;
 const CIPHERS: &str =
     "PSK-AES128-CCM8:PSK-AES128-CCM:PSK-AES128-GCM-SHA256:PSK-AES256-GCM-SHA384:PSK-AES128-CBC-SHA256";
-
-/// HMAC-SHA256 (RFC 2104).
-pub fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
-    let mut k = [0u8; 64];
-    if key.len() > 64 {
-        k[..32].copy_from_slice(&Sha256::digest(key));
-    } else {
-        k[..key.len()].copy_from_slice(key);
-    }
-    let mut ipad = k;
-    let mut opad = k;
-    ipad.iter_mut().for_each(|b| *b ^= 0x36);
-    opad.iter_mut().for_each(|b| *b ^= 0x5c);
-    let inner = Sha256::new()
-        .chain_update(ipad)
-        .chain_update(msg)
-        .finalize();
-    Sha256::new()
-        .chain_update(opad)
-        .chain_update(inner)
-        .finalize()
-        .into()
-}
-
-/// The PSK of `device_id` under the server key `key` (see the module docs): 43 ASCII bytes.
-pub fn device_psk(key: &[u8], device_id: &str) -> String {
-    use base64::Engine;
-    let mut msg = Vec::with_capacity(PSK_LABEL.len() + device_id.len());
-    msg.extend_from_slice(PSK_LABEL.as_bytes());
-    msg.extend_from_slice(device_id.as_bytes());
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(hmac_sha256(key, &msg))
-}
-
-/// Reads `DATA_DIR/coap-psk.key`, creating it (32 random bytes, mode 0600) when missing.
-pub fn load_or_create_key(data_dir: &Path) -> std::io::Result<Vec<u8>> {
-    let path = data_dir.join(PSK_KEY_FILE);
-    match std::fs::read(&path) {
-        Ok(k) if k.len() >= 32 => return Ok(k),
-        Ok(_) => {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("{} is shorter than 32 bytes", path.display()),
-            ))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let mut key = vec![0u8; 32];
-    rand::rng().fill_bytes(&mut key);
-    crate::auth::write_private(&path, &key)?;
-    Ok(key)
-}
 
 /// Datagrams in and out of one session's `SslStream`: every read returns one whole datagram,
 /// every write is one datagram.
@@ -181,13 +124,8 @@ pub struct DtlsServer {
 }
 
 impl DtlsServer {
-    /// A DTLS-PSK server whose keys come from `key` (see [`device_psk`]) for identities that
-    /// are devices in `auth`.
-    pub fn new(
-        auth: Arc<Auth>,
-        key: Vec<u8>,
-        max_sessions: usize,
-    ) -> Result<DtlsServer, ErrorStack> {
+    /// A DTLS-PSK server whose identities are the devices of `auth` with a stored PSK.
+    pub fn new(auth: Arc<Auth>, max_sessions: usize) -> Result<DtlsServer, ErrorStack> {
         let peer_index = Ssl::new_ex_index::<SocketAddr>()?;
         let mut b = SslContext::builder(SslMethod::dtls_server())?;
         b.set_min_proto_version(Some(SslVersion::DTLS1_2))?;
@@ -219,17 +157,16 @@ impl DtlsServer {
             got.len() == c.len() && got.iter().zip(c.iter()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0
         });
         b.set_psk_server_callback(move |_ssl, identity, out| {
-            let id = identity
+            let psk = identity
                 .and_then(|i| std::str::from_utf8(i).ok())
-                .filter(|id| auth.is_device(id));
-            let Some(id) = id else {
+                .and_then(|id| auth.coap_psk(id));
+            let Some(psk) = psk else {
                 tracing::info!(
                     identity = %String::from_utf8_lossy(identity.unwrap_or_default()),
-                    "coaps: unknown PSK identity"
+                    "coaps: unknown PSK identity, or a device without a stored PSK"
                 );
                 return Err(ErrorStack::get());
             };
-            let psk = device_psk(&key, id);
             let psk = psk.as_bytes();
             if out.len() < psk.len() {
                 return Err(ErrorStack::get());
@@ -447,39 +384,6 @@ fn is_initial_client_hello(data: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hmac_matches_rfc_4231() {
-        // Test case 2.
-        let mac = hmac_sha256(b"Jefe", b"what do ya want for nothing?");
-        assert_eq!(
-            hex::encode(mac),
-            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
-        );
-        // Test case 6: a key longer than the block.
-        let mac = hmac_sha256(
-            &[0xaa; 131],
-            b"Test Using Larger Than Block-Size Key - Hash Key First",
-        );
-        assert_eq!(
-            hex::encode(mac),
-            "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
-        );
-    }
-
-    #[test]
-    fn psk_is_bound_to_the_key_and_the_id() {
-        let a = device_psk(&[1; 32], "dev-1");
-        assert_eq!(a, device_psk(&[1; 32], "dev-1"));
-        assert_ne!(a, device_psk(&[1; 32], "dev-2"));
-        assert_ne!(a, device_psk(&[2; 32], "dev-1"));
-        assert_eq!(a.len(), 43);
-        use base64::Engine;
-        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(&a)
-            .unwrap();
-        assert_eq!(raw, hmac_sha256(&[1; 32], b"stratus-coap-psk/v1:dev-1"));
-    }
 
     #[test]
     fn client_hello_detection() {

@@ -63,6 +63,7 @@
 //! filter matches nothing gets no answer at all.
 
 pub mod dtls;
+pub mod psk;
 mod resources;
 
 use std::collections::{BTreeMap, HashMap, HashSet};

@@ -28,12 +28,18 @@ async fn start(config: impl FnOnce(&mut Config)) -> Fixture {
     config(&mut c);
     let server = Server::start(c).await.unwrap();
     let store = server.broker.persistence().unwrap().store().clone();
-    let reg = crate::api::devices::register(&store, "admin", "dev-1", serde_json::Value::Null)
-        .await
-        .unwrap();
+    let reg = crate::api::devices::register(
+        &store,
+        server.auth.psk_sealer(),
+        "admin",
+        "dev-1",
+        serde_json::Value::Null,
+    )
+    .await
+    .unwrap();
     server
         .auth
-        .register_device("dev-1", &reg.device.secret_hash);
+        .register_device("dev-1", &reg.device.secret_hash, reg.coap_psk);
     let token = server
         .auth
         .issue(

@@ -277,6 +277,7 @@ impl SqliteStore {
             )));
         }
         writer.execute_batch(SCHEMA)?;
+        registry::add_coap_psk_column(&writer)?;
         writer.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         let mut readers = Vec::new();
         for _ in 0..options.readers.max(1) {
@@ -358,6 +359,9 @@ fn apply_write(conn: &Connection, write: &Write) -> Result<Output, StoreError> {
         }
         Write::SetDeviceSecret { id, secret_hash } => {
             registry::set_device_secret(conn, id, secret_hash).map(|()| Output::Done)
+        }
+        Write::SetCoapPsk { id, sealed } => {
+            registry::set_coap_psk(conn, id, sealed.as_deref()).map(|()| Output::Done)
         }
         Write::DeleteDevice { id } => registry::delete_device(conn, id).map(|()| Output::Done),
         Write::PutDesiredConfig {
@@ -494,6 +498,10 @@ impl DeviceStore for SqliteStore {
 
     fn device_count(&self) -> Result<u64, StoreError> {
         self.read(registry::device_count)
+    }
+
+    fn coap_psks(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.read(registry::coap_psks)
     }
 }
 

@@ -164,6 +164,49 @@ pub(super) fn set_device_secret(conn: &Connection, id: &str, hash: &str) -> Resu
     changed_one(changed, "device", id)
 }
 
+/// Adds `devices.coap_psk` (a sealed CoAPS key, see [`Write::SetCoapPsk`]) to a database
+/// created before it existed. Older Stratus versions ignore the column.
+///
+/// [`Write::SetCoapPsk`]: crate::Write::SetCoapPsk
+pub(super) fn add_coap_psk_column(conn: &Connection) -> Result<(), StoreError> {
+    let present: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info('devices') WHERE name = 'coap_psk'",
+        [],
+        |r| r.get(0),
+    )?;
+    if present == 0 {
+        conn.execute_batch("ALTER TABLE devices ADD COLUMN coap_psk BLOB")?;
+    }
+    Ok(())
+}
+
+/// Longest sealed key accepted (a sealed 43-byte key is 72 bytes).
+const MAX_SEALED_PSK: usize = 1024;
+
+pub(super) fn set_coap_psk(
+    conn: &Connection,
+    id: &str,
+    sealed: Option<&[u8]>,
+) -> Result<(), StoreError> {
+    if sealed.is_some_and(|s| s.is_empty() || s.len() > MAX_SEALED_PSK) {
+        return Err(StoreError::Invalid(format!(
+            "a sealed CoAPS key must hold 1 to {MAX_SEALED_PSK} bytes"
+        )));
+    }
+    let changed = conn
+        .prepare_cached("UPDATE devices SET coap_psk = ?2 WHERE id = ?1")?
+        .execute(params![id, sealed])?;
+    changed_one(changed, "device", id)
+}
+
+pub(super) fn coap_psks(conn: &Connection) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, coap_psk FROM devices WHERE coap_psk IS NOT NULL ORDER BY id",
+    )?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
 pub(super) fn delete_device(conn: &Connection, id: &str) -> Result<(), StoreError> {
     let changed = conn
         .prepare_cached("DELETE FROM devices WHERE id = ?1")?
