@@ -129,6 +129,11 @@ def test_invalid_rules_are_400_naming_the_position(cloud):
                 {"kind": "silent"}, {"condition": "t > 1", "actions": [{"type": "webhook", "url": "ftp://x"}]}]:
         r = requests.post(cloud.url("/api/v1/rules"), json=bad, headers=cloud.admin, timeout=10)
         assert r.status_code == 400 and r.json()["error"] == "invalid_rule", (bad, r.text)
+    for hostile in ["(" * 5000 + "a" + ")" * 5000, "!" * 3000 + "a", " + ".join(["a"] * 200) + " > 1",
+                    "a > 1 &&", "'unterminated", "\u0000", "a" * 100000]:
+        r = requests.post(cloud.url("/api/v1/rules"), json={"condition": hostile}, headers=cloud.admin, timeout=10)
+        assert r.status_code in (400, 413) and r.json()["error"] in ("invalid_rule", "payload_too_large"), r.text
+    assert requests.get(cloud.url("/healthz"), timeout=10).status_code == 200
     dev, secret = cloud.add_device()
     h = cloud.device_headers(dev, secret)
     r = requests.post(cloud.url("/api/v1/rules"), json={"condition": "t > 1"}, headers=h, timeout=10)

@@ -13,7 +13,98 @@ use cel::{Context, Program, Value};
 use serde_json::{Map, Value as Json};
 
 /// Longest accepted condition, in bytes.
-pub const MAX_CONDITION_LEN: usize = 4096;
+pub const MAX_CONDITION_LEN: usize = 2048;
+
+/// Deepest accepted nesting of brackets, and most operator characters: the parser and the
+/// evaluator recurse, so hostile input must not get to build a deep tree.
+pub const MAX_NESTING: usize = 32;
+/// See [`MAX_NESTING`].
+pub const MAX_OPERATORS: usize = 256;
+
+/// Deepest accepted expression tree.
+pub const MAX_DEPTH: usize = 24;
+
+/// Stack of the compiling thread.
+const COMPILE_STACK: usize = 64 << 20;
+
+/// The depth of an expression tree; `None` for map and message literals.
+fn depth(e: &IdedExpr) -> Option<usize> {
+    let children = match &e.expr {
+        Expr::Call(c) => {
+            let mut d = 0;
+            if let Some(t) = &c.target {
+                d = depth(t)?;
+            }
+            for a in &c.args {
+                d = d.max(depth(a)?);
+            }
+            d
+        }
+        Expr::Select(s) => depth(&s.operand)?,
+        Expr::List(l) => {
+            let mut d = 0;
+            for el in &l.elements {
+                d = d.max(depth(el)?);
+            }
+            d
+        }
+        Expr::Comprehension(c) => [
+            &c.iter_range,
+            &c.accu_init,
+            &c.loop_cond,
+            &c.loop_step,
+            &c.result,
+        ]
+        .into_iter()
+        .map(depth)
+        .try_fold(0, |acc, d| d.map(|d| acc.max(d)))?,
+        Expr::Map(_) | Expr::Struct(_) => return None,
+        _ => 0,
+    };
+    Some(children + 1)
+}
+
+/// Refuses conditions whose tree would be too deep to parse and evaluate safely.
+fn check_shape(source: &str) -> Result<(), ConditionError> {
+    let (mut depth, mut deepest, mut operators) = (0usize, 0usize, 0usize);
+    let mut in_string: Option<char> = None;
+    let mut escaped = false;
+    for c in source.chars() {
+        if let Some(q) = in_string {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == q {
+                in_string = None;
+            }
+            continue;
+        }
+        match c {
+            '"' | '\'' => in_string = Some(c),
+            '(' | '[' | '{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            ')' | ']' | '}' => depth = depth.saturating_sub(1),
+            '!' | '-' | '+' | '*' | '/' | '%' | '<' | '>' | '=' | '&' | '|' | '?' | ':' | '.' => {
+                operators += 1
+            }
+            _ => {}
+        }
+    }
+    if deepest > MAX_NESTING {
+        return Err(ConditionError(format!(
+            "the condition nests brackets deeper than {MAX_NESTING}"
+        )));
+    }
+    if operators > MAX_OPERATORS {
+        return Err(ConditionError(format!(
+            "the condition has more than {MAX_OPERATORS} operator characters"
+        )));
+    }
+    Ok(())
+}
 
 /// A condition that did not compile; the text names the line and column (1-based).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -36,8 +127,26 @@ pub fn rate_variable(key: &str) -> String {
 }
 
 impl Condition {
-    /// Compiles `source`.
+    /// Compiles `source`. The CEL parser recurses deeply (a dozen nested parentheses take
+    /// 2 MiB of stack in a debug build), so compiling runs on its own thread with a large
+    /// stack; the tree it builds is then refused if deeper than [`MAX_DEPTH`], which keeps
+    /// evaluation on the ingestion path shallow.
     pub fn compile(source: &str) -> Result<Condition, ConditionError> {
+        let source = source.to_owned();
+        std::thread::Builder::new()
+            .name("cel-compile".into())
+            .stack_size(COMPILE_STACK)
+            .spawn(move || Condition::compile_here(&source))
+            .map_err(|e| ConditionError(format!("cannot compile now: {e}")))?
+            .join()
+            .unwrap_or_else(|_| {
+                Err(ConditionError(
+                    "invalid condition at line 1 column 1: cannot be parsed".into(),
+                ))
+            })
+    }
+
+    fn compile_here(source: &str) -> Result<Condition, ConditionError> {
         if source.trim().is_empty() {
             return Err(ConditionError("the condition is empty".into()));
         }
@@ -46,6 +155,7 @@ impl Condition {
                 "the condition must be at most {MAX_CONDITION_LEN} bytes"
             )));
         }
+        check_shape(source)?;
         // The CEL parser is generated code; it must not take the server down on odd input.
         let compiled = std::panic::catch_unwind(|| Program::compile(source)).map_err(|_| {
             ConditionError("invalid condition at line 1 column 1: cannot be parsed".into())
@@ -63,6 +173,19 @@ impl Condition {
             }
         })?;
         let mut expr = program.expression().clone();
+        match depth(&expr) {
+            Some(d) if d <= MAX_DEPTH => {}
+            Some(_) => {
+                return Err(ConditionError(format!(
+                    "the condition nests deeper than {MAX_DEPTH} operations"
+                )))
+            }
+            None => {
+                return Err(ConditionError(
+                    "map and message literals are not supported in conditions".into(),
+                ))
+            }
+        }
         let mut rate_keys = BTreeSet::new();
         rewrite_rates(&mut expr, &mut rate_keys)?;
         let references = program.references();
@@ -470,5 +593,24 @@ mod tests {
         assert!(Condition::compile("   ").is_err());
         assert!(Condition::compile("rate(1 + 2) > 3").is_err());
         assert!(Condition::compile(&"a".repeat(5000)).is_err());
+    }
+
+    #[test]
+    fn hostile_shapes_are_refused_before_parsing() {
+        let deep = format!("{}a{}", "(".repeat(500), ")".repeat(500));
+        assert!(Condition::compile(&deep).unwrap_err().0.contains("nests"));
+        let long = vec!["a > 1"; 300].join(" && ");
+        assert!(Condition::compile(&long).is_err());
+        assert!(Condition::compile(&"!".repeat(1000)).is_err());
+        assert!(Condition::compile(&format!("{}1", "-".repeat(1000))).is_err());
+        let ok = format!("{}a > 1{}", "(".repeat(30), ")".repeat(30));
+        assert!(
+            Condition::compile(&ok).is_ok(),
+            "parentheses add no depth to the tree"
+        );
+        let chain = format!("{} > 1", vec!["a"; 30].join(" + "));
+        assert!(Condition::compile(&chain).unwrap_err().0.contains("deeper"));
+        assert!(Condition::compile("{'a': 1}['a'] == t").is_err());
+        assert!(Condition::compile("mode == '((((((((((((((((((((((((((((((((((((('").is_ok());
     }
 }

@@ -60,7 +60,9 @@ struct Track {
 #[derive(Debug)]
 pub struct Engine {
     rules: Vec<Arc<CompiledRule>>,
-    tracks: HashMap<(String, String), Track>,
+    /// Device → rule → state (device first: a record looks its device up once, without
+    /// allocating).
+    tracks: HashMap<String, HashMap<String, Track>>,
     last_seen: HashMap<String, i64>,
     previous: HashMap<String, HashMap<String, (i64, f64)>>,
     attributes: HashMap<String, Json>,
@@ -102,20 +104,15 @@ impl Engine {
             return (false, Vec::new());
         };
         let rule = self.rules.remove(i);
-        let keys: Vec<_> = self
-            .tracks
-            .keys()
-            .filter(|(r, _)| r == id)
-            .cloned()
-            .collect();
         let mut effects = Vec::new();
-        for key in keys {
-            if let Some(t) = self.tracks.remove(&key) {
+        for inner in self.tracks.values_mut() {
+            if let Some(t) = inner.remove(id) {
                 if let Some(alarm) = t.alarm {
                     effects.push(clear(&rule, alarm, now));
                 }
             }
         }
+        self.tracks.retain(|_, inner| !inner.is_empty());
         (true, effects)
     }
 
@@ -126,7 +123,9 @@ impl Engine {
         }
         let track = self
             .tracks
-            .entry((alarm.rule.clone(), alarm.device.clone()))
+            .entry(alarm.device.clone())
+            .or_default()
+            .entry(alarm.rule.clone())
             .or_default();
         track.since = Some(alarm.raised_at_ms);
         track.alarm = Some(alarm);
@@ -147,7 +146,7 @@ impl Engine {
         self.attributes.remove(device);
         self.last_seen.remove(device);
         self.previous.remove(device);
-        self.tracks.retain(|(_, d), _| d != device);
+        self.tracks.remove(device);
     }
 
     /// Remembers when a device was last heard from (from the store at start).
@@ -158,7 +157,10 @@ impl Engine {
 
     /// Open alarms now.
     pub fn open_alarms(&self) -> impl Iterator<Item = &Alarm> {
-        self.tracks.values().filter_map(|t| t.alarm.as_ref())
+        self.tracks
+            .values()
+            .flat_map(HashMap::values)
+            .filter_map(|t| t.alarm.as_ref())
     }
 
     /// Whether a rule of any kind applies to the device (for skipping work).
@@ -174,12 +176,14 @@ impl Engine {
     pub fn seen(&mut self, device: &str, now: i64) -> Vec<Effect> {
         self.set_last_seen(device, now);
         let mut effects = Vec::new();
+        let Some(inner) = self.tracks.get_mut(device) else {
+            return effects;
+        };
         for rule in &self.rules {
             if rule.def.kind != Kind::Silent {
                 continue;
             }
-            let key = (rule.id.clone(), device.to_owned());
-            if let Some(t) = self.tracks.remove(&key) {
+            if let Some(t) = inner.remove(rule.id.as_str()) {
                 if let Some(alarm) = t.alarm {
                     effects.push(clear(rule, alarm, now));
                 }
@@ -196,20 +200,61 @@ impl Engine {
         values: &Map<String, Json>,
         now: i64,
     ) -> (Vec<Effect>, u64) {
+        self.on_records(device, &[(ts, values.clone())], now)
+    }
+
+    /// The stored records of one message of `device`, in order (each `(ts, values)`):
+    /// the device's rules are selected once, then each record is evaluated.
+    pub fn on_records(
+        &mut self,
+        device: &str,
+        records: &[(i64, Map<String, Json>)],
+        now: i64,
+    ) -> (Vec<Effect>, u64) {
         let mut effects = self.seen(device, now);
-        let rules: Vec<Arc<CompiledRule>> = self
+        let selected: Vec<Arc<CompiledRule>> = self
             .rules
             .iter()
-            .filter(|r| {
-                r.condition.as_ref().is_some_and(|c| c.reads_any(values))
-                    && self.selected(r, device)
-            })
+            .filter(|r| r.condition.is_some() && self.selected(r, device))
             .cloned()
+            .collect();
+        let mut evaluations = 0;
+        if selected.is_empty() {
+            return (effects, 0);
+        }
+        let mut rate_keys: Vec<String> = selected
+            .iter()
+            .filter_map(|r| r.condition.as_ref())
+            .flat_map(|c| c.rate_keys().iter().cloned())
+            .collect();
+        rate_keys.sort();
+        rate_keys.dedup();
+        for (ts, values) in records {
+            let (fx, n) = self.evaluate(device, &selected, &rate_keys, *ts, values, now);
+            effects.extend(fx);
+            evaluations += n;
+        }
+        (effects, evaluations)
+    }
+
+    fn evaluate(
+        &mut self,
+        device: &str,
+        selected: &[Arc<CompiledRule>],
+        rate_keys: &[String],
+        ts: i64,
+        values: &Map<String, Json>,
+        now: i64,
+    ) -> (Vec<Effect>, u64) {
+        let mut effects = Vec::new();
+        let rules: Vec<&Arc<CompiledRule>> = selected
+            .iter()
+            .filter(|r| r.condition.as_ref().is_some_and(|c| c.reads_any(values)))
             .collect();
         if rules.is_empty() {
             return (effects, 0);
         }
-        let rates = self.rates(device, ts, values, &rules);
+        let rates = self.rates(device, ts, values, rate_keys);
         let fast: Vec<Option<bool>> = rules
             .iter()
             .map(|r| {
@@ -247,31 +292,34 @@ impl Engine {
         device: &str,
         ts: i64,
         values: &Map<String, Json>,
-        rules: &[Arc<CompiledRule>],
+        wanted: &[String],
     ) -> Vec<(String, f64)> {
         let mut rates = Vec::new();
-        let mut wanted: Vec<&String> = rules
-            .iter()
-            .filter_map(|r| r.condition.as_ref())
-            .flat_map(|c| c.rate_keys())
-            .collect();
         if wanted.is_empty() {
             return rates;
         }
-        wanted.sort();
-        wanted.dedup();
-        let previous = self.previous.entry(device.to_owned()).or_default();
+        if !self.previous.contains_key(device) {
+            self.previous.insert(device.to_owned(), HashMap::new());
+        }
+        let Some(previous) = self.previous.get_mut(device) else {
+            return rates;
+        };
         for key in wanted {
             let Some(v) = values.get(key).and_then(Json::as_f64) else {
                 continue;
             };
-            if let Some((pts, pv)) = previous.get(key) {
-                if ts > *pts {
-                    rates.push((key.clone(), (v - pv) * 1000.0 / (ts - pts) as f64));
+            match previous.get_mut(key) {
+                Some((pts, pv)) => {
+                    if ts > *pts {
+                        rates.push((key.clone(), (v - *pv) * 1000.0 / (ts - *pts) as f64));
+                    }
+                    if ts >= *pts {
+                        (*pts, *pv) = (ts, v);
+                    }
                 }
-            }
-            if previous.get(key).is_none_or(|(pts, _)| ts >= *pts) {
-                previous.insert(key.clone(), (ts, v));
+                None => {
+                    previous.insert(key.clone(), (ts, v));
+                }
             }
         }
         rates
@@ -286,10 +334,14 @@ impl Engine {
         values: &Map<String, Json>,
         now: i64,
     ) -> Option<Effect> {
-        let key = (rule.id.clone(), device.to_owned());
         if holds {
             let due = rule.def.for_s.saturating_mul(1000) as i64;
-            let t = self.tracks.entry(key).or_default();
+            let t = self
+                .tracks
+                .entry(device.to_owned())
+                .or_default()
+                .entry(rule.id.clone())
+                .or_default();
             let since = *t.since.get_or_insert(now);
             if t.alarm.is_none() {
                 t.values = values.clone();
@@ -311,7 +363,11 @@ impl Engine {
             }
             None
         } else {
-            let t = self.tracks.remove(&key)?;
+            let inner = self.tracks.get_mut(device)?;
+            let t = inner.remove(rule.id.as_str())?;
+            if inner.is_empty() {
+                self.tracks.remove(device);
+            }
             t.alarm.map(|alarm| clear(rule, alarm, now))
         }
     }
@@ -321,7 +377,11 @@ impl Engine {
         let mut effects = Vec::new();
         let by_id: HashMap<&str, &Arc<CompiledRule>> =
             self.rules.iter().map(|r| (r.id.as_str(), r)).collect();
-        for ((rule_id, device), t) in self.tracks.iter_mut() {
+        let tracks = self
+            .tracks
+            .iter_mut()
+            .flat_map(|(d, inner)| inner.iter_mut().map(move |(r, t)| (r, d, t)));
+        for (rule_id, device, t) in tracks {
             let (Some(since), None) = (t.since, &t.alarm) else {
                 continue;
             };
@@ -366,7 +426,9 @@ impl Engine {
                 }
                 let t = self
                     .tracks
-                    .entry((rule.id.clone(), device.clone()))
+                    .entry(device.clone())
+                    .or_default()
+                    .entry(rule.id.clone())
                     .or_default();
                 if t.alarm.is_some() {
                     continue;
@@ -398,6 +460,7 @@ impl Engine {
         let alarm = self
             .tracks
             .values_mut()
+            .flat_map(HashMap::values_mut)
             .filter_map(|t| t.alarm.as_mut())
             .find(|a| a.id == id)?;
         if alarm.state == AlarmState::Active {

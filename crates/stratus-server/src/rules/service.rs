@@ -324,21 +324,14 @@ impl Rules {
     ) {
         let now = now_ms() as i64;
         self.announce_heard(device, transport, now);
-        let mut effects = Vec::new();
-        let mut evaluations = 0;
-        let missing_attributes;
-        {
+        let (missing_attributes, (effects, evaluations)) = {
             let mut engine = self.engine.lock();
-            missing_attributes = self
+            let missing = self
                 .needs_attributes
                 .load(std::sync::atomic::Ordering::Relaxed)
                 && !engine.knows_attributes(device);
-            for (ts, values) in records {
-                let (fx, n) = engine.on_record(device, *ts, values, now);
-                effects.extend(fx);
-                evaluations += n;
-            }
-        }
+            (missing, engine.on_records(device, records, now))
+        };
         if missing_attributes {
             self.wanted_attributes.lock().insert(device.to_owned());
         }
@@ -362,7 +355,12 @@ impl Rules {
     fn announce_heard(&self, device: &str, transport: &'static str, now: i64) {
         let event = {
             let mut all = self.presence.lock();
-            let p = all.entry(device.to_owned()).or_default();
+            if !all.contains_key(device) {
+                all.insert(device.to_owned(), Presence::default());
+            }
+            let Some(p) = all.get_mut(device) else {
+                return;
+            };
             p.last_seen = p.last_seen.max(now);
             let changed = !p.online;
             if changed {
