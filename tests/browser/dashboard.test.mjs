@@ -3,6 +3,13 @@ import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { startServer, startBrowser, screenshot, signIn, adminApi, axeViolations } from './harness.mjs';
 
+/** Opens the device view of `id` and waits until it is that view with its config loaded. */
+async function openDevice(page, base, id) {
+  await page.goto(`${base}/#/device/${id}`);
+  await page.waitForFunction((want) => document.querySelector('#view h1 .mono')?.textContent === want
+    && /Version \d+/.test(document.querySelector('#desired-help')?.textContent || ''), id);
+}
+
 describe('dashboard', { timeout: 300000 }, () => {
   let server;
   let browser;
@@ -103,9 +110,8 @@ describe('dashboard', { timeout: 300000 }, () => {
   });
 
   it('edits the desired config and sees the device report it', async () => {
-    await page.goto(`${server.base}/#/device/demo-0001`);
+    await openDevice(page, server.base, 'demo-0001');
     const editor = page.locator('#desired-config');
-    await page.waitForFunction(() => /Version \d+/.test(document.querySelector('#desired-help')?.textContent || ''));
     await editor.fill(JSON.stringify({ interval_s: 2, label: 'browser' }, null, 2));
     await page.getByRole('button', { name: 'Save desired config' }).click();
     await page.locator('#desired-msg').filter({ hasText: /Saved as version \d+/ }).waitFor();
@@ -117,9 +123,20 @@ describe('dashboard', { timeout: 300000 }, () => {
     await screenshot(page, 'device-config');
   });
 
+  it('refuses a desired config that is not a JSON object, at the field', async () => {
+    await openDevice(page, server.base, 'demo-0004');
+    const before = (await adminApi(server, 'GET', '/api/v1/devices/demo-0004/config')).body.version;
+    for (const text of ['[1, 2]', '{"interval_s": ']) {
+      await page.locator('#desired-config').fill(text);
+      await page.getByRole('button', { name: 'Save desired config' }).click();
+      await page.locator('#desired-msg').filter({ hasText: /^Not saved:/ }).waitFor();
+      assert.equal(await page.locator('#desired-config').getAttribute('aria-invalid'), 'true');
+    }
+    assert.equal((await adminApi(server, 'GET', '/api/v1/devices/demo-0004/config')).body.version, before);
+  });
+
   it('answers a stale If-Match with a reload, not an overwrite', async () => {
-    await page.goto(`${server.base}/#/device/demo-0002`);
-    await page.waitForFunction(() => /Version \d+/.test(document.querySelector('#desired-help')?.textContent || ''));
+    await openDevice(page, server.base, 'demo-0002');
     await page.locator('#desired-config').fill('{"interval_s": 3}');
     // Someone else changes it meanwhile.
     const other = await adminApi(server, 'PUT', '/api/v1/devices/demo-0002/config', { interval_s: 4 });

@@ -221,6 +221,8 @@ export function deviceView(root, { arg: id, liveStatus }) {
 
   function showDesired(doc, force = false) {
     if (!doc) return;
+    // An answer that left before our own save landed: versions only grow, keep the newer.
+    if (!force && desiredVersion !== null && doc.version < desiredVersion) return;
     const changed = doc.version !== desiredVersion;
     desiredVersion = doc.version;
     desiredMeta.textContent = `Version ${doc.version}, updated ${when(doc.updated_at)}. Saving sends If-Match: "${doc.version}".`;
