@@ -346,6 +346,8 @@ def test_assignment_reaches_mqtt_coap_and_http_and_status_reports_count(tmp_path
     notice = r.json()
     campaign = notice["campaign"]
     assert notice["firmware"] == fid and notice["manifest"] == json.loads(man.read_text())
+    # the notice reads as the manifest too (its fields repeated at the top level)
+    assert {k: notice[k] for k in notice["manifest"]} == notice["manifest"]
     assert notice["url"] == cloud.url(f"/api/v1/firmware/{fid}")
     assert notice["coap"] == f"/firmware/{fid}"
 

@@ -14,6 +14,11 @@
 //! 4. hands the verified file to the install callback, then reports `installed` (or `failed`
 //!    with the callback's reason) and remembers the new version.
 //!
+//! A notice for the version already installed (the retained notice again after a reconnect)
+//! is a no-op. [`FirmwareUpdater::handler`] plugs an updater into
+//! [`DeviceBuilder::firmware_handler`](crate::DeviceBuilder::firmware_handler) so MQTT
+//! notices are applied on their own.
+//!
 //! Reports go over the transport used for the download: HTTP
 //! `POST /api/v1/devices/{id}/firmware` or CoAP `POST /firmware/status`.
 
@@ -120,6 +125,8 @@ pub struct FirmwareUpdater {
     installed: Mutex<Option<Version>>,
     dir: PathBuf,
     cancel: CancellationToken,
+    /// One update at a time.
+    busy: tokio::sync::Mutex<()>,
 }
 
 /// Builds a [`FirmwareUpdater`].
@@ -198,6 +205,7 @@ impl FirmwareUpdaterBuilder {
             installed: Mutex::new(installed),
             dir: self.dir,
             cancel: CancellationToken::new(),
+            busy: tokio::sync::Mutex::new(()),
         })
     }
 }
@@ -345,8 +353,16 @@ impl FirmwareUpdater {
     where
         F: FnOnce(&Path, &Manifest) -> Result<(), String>,
     {
+        let _one_at_a_time = self.busy.lock().await;
         let m = &notice.manifest;
         let id = notice.firmware.as_str();
+        // The retained notice comes again after every reconnect: what is installed is done.
+        if let (Ok(offered), Some(installed)) = (m.parsed_version(), self.installed_version()) {
+            if offered == installed {
+                tracing::debug!(device = %self.id, firmware = id, "firmware already installed");
+                return Ok(installed);
+            }
+        }
         if m.sha256 != notice.firmware || !is_firmware_id(id) {
             let e = FirmwareError::Notice("the notice's firmware id is not its sha256".into());
             return Err(self.fail(via, id, e).await);
@@ -599,6 +615,46 @@ impl FirmwareUpdater {
         }
         file.sync_all().await.map_err(io)?;
         Ok(hasher.finish())
+    }
+}
+
+impl FirmwareUpdater {
+    /// A [`FirmwareHandler`](crate::FirmwareHandler) for
+    /// [`DeviceBuilder::firmware_handler`](crate::DeviceBuilder::firmware_handler): every notice
+    /// that arrives over MQTT is applied in a task of its own (one at a time), downloading
+    /// over `via` and installing with `install`.
+    pub fn handler<F>(
+        self: std::sync::Arc<Self>,
+        via: FirmwareTransport,
+        install: F,
+    ) -> impl crate::FirmwareHandler
+    where
+        F: Fn(&Path, &Manifest) -> Result<(), String> + Send + Sync + 'static,
+    {
+        let install = std::sync::Arc::new(install);
+        move |_: &str, notice: &serde_json::Value| {
+            let notice = match FirmwareNotice::from_json(notice) {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!(error = %e, "ignoring a firmware notice");
+                    return;
+                }
+            };
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                tracing::warn!("no tokio runtime to apply a firmware notice on");
+                return;
+            };
+            let updater = self.clone();
+            let install = install.clone();
+            runtime.spawn(async move {
+                if let Err(e) = updater
+                    .apply(&notice, via, |path, m| install(path, m))
+                    .await
+                {
+                    tracing::warn!(firmware = %notice.firmware, error = %e, "firmware update failed");
+                }
+            });
+        }
     }
 }
 

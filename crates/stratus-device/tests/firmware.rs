@@ -14,7 +14,7 @@ use std::time::Duration;
 use common::{eventually, TestServer};
 use parking_lot::Mutex;
 use serde_json::{json, Value};
-use stratus_device::firmware::{FirmwareNotice, FirmwareTransport, FirmwareUpdater, VerifyError};
+use stratus_device::firmware::{FirmwareTransport, FirmwareUpdater, VerifyError};
 use stratus_device::{Device, Transport};
 use stratus_firmware::{ImageDigest, SigningKey};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -214,18 +214,30 @@ async fn two_devices_update_over_mqtt_coap_and_resumed_http() {
     let secret_a = f.srv.add_device("ota-a").await;
     let secret_b = f.srv.add_device("ota-b").await;
 
-    // Device A runs the SDK over MQTT; its firmware handler passes notices on.
-    let (tx, mut notices) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    // Device A runs the SDK over MQTT; its updater applies each notice it gets there,
+    // downloading over CoAP Block2.
+    let updater_a = Arc::new(f.updater("ota-a", &secret_a, HARDWARE));
+    let installed = Arc::new(Mutex::new(Vec::new()));
+    let sink = installed.clone();
     let dev_a = Device::builder(f.srv.url(), "ota-a", &secret_a)
         .mqtt(f.srv.mqtt_url())
         .transport(Transport::Mqtt)
-        .firmware_handler(move |_: &str, notice: &Value| {
-            let _ = tx.send(notice.clone());
-        })
+        .firmware_handler(updater_a.clone().handler(
+            FirmwareTransport::Coap(f.srv.coap),
+            move |path, m| {
+                if m.version != "2.0.0" {
+                    return Err(format!("unexpected version {}", m.version));
+                }
+                sink.lock()
+                    .push(std::fs::read(path).map_err(|e| e.to_string())?);
+                Ok(())
+            },
+        ))
         .build()
         .await
         .unwrap();
 
+    let started = std::time::Instant::now();
     let campaign = f
         .admin_json(
             reqwest::Method::POST,
@@ -235,37 +247,24 @@ async fn two_devices_update_over_mqtt_coap_and_resumed_http() {
         .await;
     assert_eq!(campaign["counts"]["assigned"], 2);
 
-    // A: the notice over MQTT, the image over CoAP Block2.
-    let notice = tokio::time::timeout(Duration::from_secs(10), notices.recv())
-        .await
-        .expect("a notice over MQTT")
-        .unwrap();
-    let notice = FirmwareNotice::from_json(&notice).unwrap();
-    assert_eq!(
-        (notice.firmware.as_str(), notice.campaign.as_deref()),
-        (fid.as_str(), Some("e2e"))
-    );
-    let updater_a = f.updater("ota-a", &secret_a, HARDWARE);
-    let installed = Arc::new(Mutex::new(Vec::new()));
-    let sink = installed.clone();
-    let started = std::time::Instant::now();
-    let v = updater_a
-        .apply(&notice, FirmwareTransport::Coap(f.srv.coap), |path, m| {
-            let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
-            assert_eq!(m.version, "2.0.0");
-            sink.lock().push(bytes);
-            Ok(())
-        })
-        .await
-        .expect("A installs over CoAP");
+    // A: the notice over MQTT, the image over CoAP Block2, installed without help.
+    let a_installed = eventually(Duration::from_secs(30), || async {
+        updater_a.installed_version().map(|v| v.to_string()) == Some("2.0.0".into())
+    })
+    .await;
+    assert!(a_installed, "A installed 2.0.0 from its MQTT notice");
     eprintln!(
-        "1 MiB over CoAP Block2 (1024-byte blocks): {:?}",
+        "A: MQTT notice + 1 MiB over CoAP Block2 (1024-byte blocks) + verify + install: {:?}",
         started.elapsed()
     );
-    assert_eq!(v.to_string(), "2.0.0");
     assert!(
         installed.lock()[0] == data,
         "the installed image is the uploaded one"
+    );
+    let notice = updater_a.poll_notice().await.unwrap().expect("assigned");
+    assert_eq!(
+        (notice.firmware.as_str(), notice.campaign.as_deref()),
+        (fid.as_str(), Some("e2e"))
     );
 
     // B: polls over HTTP; the first download connection is cut after 300 KB.
@@ -319,17 +318,19 @@ async fn two_devices_update_over_mqtt_coap_and_resumed_http() {
     let shown = f.srv.device_view("ota-a").await;
     assert_eq!(shown["firmware"]["installed_version"], "2.0.0");
 
-    // The same firmware again is a downgrade for A: refused before any download.
-    let err = updater_a
+    // The same notice again (as after a reconnect) is a no-op: nothing downloaded or reported.
+    let v = updater_a
         .apply(&notice, FirmwareTransport::Coap(f.srv.coap), |_, _| {
-            panic!("must not install")
+            panic!("must not install twice")
         })
         .await
-        .unwrap_err();
-    assert!(
-        matches!(err.verify_error(), Some(VerifyError::Downgrade { .. })),
-        "{err}"
-    );
+        .expect("already installed");
+    assert_eq!(v.to_string(), "2.0.0");
+    let c = f
+        .admin_json(reqwest::Method::GET, "/api/v1/campaigns/e2e", None)
+        .await;
+    assert_eq!(c["counts"]["installed"], 2, "{c}");
+    assert_eq!(installed.lock().len(), 2);
     dev_a.close().await;
 }
 

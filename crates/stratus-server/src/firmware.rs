@@ -10,8 +10,11 @@
 //! ## The assignment notice
 //! ```json
 //! {"firmware": "<sha256>", "campaign": "<id>" | null, "manifest": {…signed manifest…},
-//!  "url": "http://HOST:PORT/api/v1/firmware/<sha256>", "coap": "/firmware/<sha256>"}
+//!  "url": "http://HOST:PORT/api/v1/firmware/<sha256>", "coap": "/firmware/<sha256>",
+//!  "version": …, "size": …, "sha256": …, "signature": …, "key_id": …, "hardware": …}
 //! ```
+//! (the manifest's own fields are repeated at the top level: the notice reads as the
+//! manifest JSON the SPEC's topic table announces, with the distribution details added)
 //! retained (QoS 1) on `devices/{id}/firmware` — written in the same store job as the
 //! campaign, so it survives a crash — served by `GET /api/v1/devices/{id}/firmware` and by
 //! CoAP `GET /firmware` (observable).
@@ -106,15 +109,23 @@ impl Firmware {
             .join(format!("{:032x}", rand::random::<u128>()))
     }
 
-    /// The notice of an assignment of `record`.
+    /// The notice of an assignment of `record`: the manifest's fields (so the SPEC's
+    /// "manifest JSON" reading holds), plus `firmware`, `campaign`, the manifest itself under
+    /// `manifest`, and the download locations `url` and `coap`.
     pub fn notice_for(&self, campaign: Option<&str>, record: &FirmwareRecord) -> Value {
-        json!({
-            "firmware": record.id,
-            "campaign": campaign,
-            "manifest": record.manifest,
-            "url": format!("{}/api/v1/firmware/{}", self.base_url, record.id),
-            "coap": format!("/firmware/{}", record.id),
-        })
+        let mut notice = match &record.manifest {
+            Value::Object(fields) => fields.clone(),
+            _ => serde_json::Map::new(),
+        };
+        notice.insert("firmware".into(), record.id.clone().into());
+        notice.insert("campaign".into(), campaign.into());
+        notice.insert("manifest".into(), record.manifest.clone());
+        notice.insert(
+            "url".into(),
+            format!("{}/api/v1/firmware/{}", self.base_url, record.id).into(),
+        );
+        notice.insert("coap".into(), format!("/firmware/{}", record.id).into());
+        Value::Object(notice)
     }
 
     /// Device `id`'s current notice, if it has an assignment.

@@ -221,20 +221,22 @@ impl AdminClient {
 }
 
 impl AdminClient {
-    /// Sends a request with the admin token and a body of `content_type` (a multipart upload,
-    /// say); the JSON answer.
+    /// Sends a request with the admin token and a (streamed) body of `content_type` and
+    /// `length` bytes (a multipart upload, say); the JSON answer.
     pub async fn send_body(
         &self,
         method: Method,
         path: &str,
         content_type: &str,
-        body: Vec<u8>,
+        length: u64,
+        body: reqwest::Body,
     ) -> Result<Value, RequestError> {
         let response = self
             .http
             .request(method, format!("{}{path}", self.base))
             .bearer_auth(&self.token)
             .header(reqwest::header::CONTENT_TYPE, content_type)
+            .header(reqwest::header::CONTENT_LENGTH, length)
             .timeout(Duration::from_secs(600))
             .body(body)
             .send()

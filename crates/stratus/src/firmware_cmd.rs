@@ -219,38 +219,56 @@ fn verify(image: &Path, manifest_path: &Path, pubkey: &Path) -> anyhow::Result<b
     }
 }
 
+/// Uploads as `multipart/form-data` (manifest part, then image part), streaming the image
+/// from its file.
 fn upload(image: &Path, manifest_path: &Path, server: &ServerArgs) -> anyhow::Result<()> {
+    use futures_util::StreamExt as _;
     let manifest = read_manifest(manifest_path)?;
-    let bytes =
-        std::fs::read(image).with_context(|| format!("reading the image {}", image.display()))?;
     let base = server.base_url();
     let secret = server.admin_secret()?;
     let boundary = format!("stratus-{:032x}", rand::random::<u128>());
-    let mut body = Vec::with_capacity(bytes.len() + 1024);
-    body.extend_from_slice(
-        format!(
-            "--{boundary}\r\nContent-Disposition: form-data; name=\"manifest\"; \
-             filename=\"manifest.json\"\r\nContent-Type: application/json\r\n\r\n"
-        )
-        .as_bytes(),
-    );
-    body.extend_from_slice(manifest.to_json_pretty().as_bytes());
-    body.extend_from_slice(
+    let mut head = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"manifest\"; \
+         filename=\"manifest.json\"\r\nContent-Type: application/json\r\n\r\n"
+    )
+    .into_bytes();
+    head.extend_from_slice(manifest.to_json_pretty().as_bytes());
+    head.extend_from_slice(
         format!(
             "\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; \
              filename=\"image.bin\"\r\nContent-Type: application/octet-stream\r\n\r\n"
         )
         .as_bytes(),
     );
-    body.extend_from_slice(&bytes);
-    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let tail = format!("\r\n--{boundary}--\r\n").into_bytes();
     let content_type = format!("multipart/form-data; boundary={boundary}");
+    let image = image.to_path_buf();
     admin::block_on(async move {
+        let file = tokio::fs::File::open(&image)
+            .await
+            .map_err(|e| UsageError(format!("cannot read the image {}: {e}", image.display())))?;
+        let size = file
+            .metadata()
+            .await
+            .with_context(|| format!("reading {}", image.display()))?
+            .len();
+        let length = head.len() as u64 + size + tail.len() as u64;
+        let head = bytes::Bytes::from(head);
+        let tail = bytes::Bytes::from(tail);
+        let body = futures_util::stream::once(async move { Ok::<_, std::io::Error>(head) })
+            .chain(tokio_util::io::ReaderStream::with_capacity(file, 64 * 1024))
+            .chain(futures_util::stream::once(async move { Ok(tail) }));
         let client = AdminClient::connect(base.clone(), &secret)
             .await
             .map_err(|e| admin::with_server(e, &base))?;
         let answer = client
-            .send_body(Method::POST, "/api/v1/firmware", &content_type, body)
+            .send_body(
+                Method::POST,
+                "/api/v1/firmware",
+                &content_type,
+                length,
+                reqwest::Body::wrap_stream(body),
+            )
             .await
             .map_err(|e| admin::with_server(e, &base))?;
         let id = answer

@@ -4,7 +4,9 @@
 //! The admin subcommands (`stratus device`, `stratus audit`) talk to a running server over HTTP
 //! with `reqwest` (async on tokio, reusing the hyper/rustls/ring the server already builds;
 //! rustls with webpki roots so `--server https://…` works) or open a data dir's store with
-//! `stratus-store` directly. `stratus firmware` signs and verifies with `stratus-firmware`.
+//! `stratus-store` directly. `stratus firmware` signs and verifies with `stratus-firmware`;
+//! its `upload` streams the image from the file into the multipart body (reqwest's `stream`
+//! feature with tokio-util's `ReaderStream`, `futures-util` and `bytes` to chain the parts).
 
 use std::io::IsTerminal;
 use std::net::IpAddr;

@@ -382,6 +382,8 @@ pub(crate) struct Driver {
     /// Devices with a `GET /config` being read, and the newest document published for each
     /// meanwhile (so an observer never misses a change that raced its registration).
     config_reads: HashMap<String, (usize, Option<Bytes>)>,
+    /// The same for `GET /firmware` and the assignment notices.
+    firmware_reads: HashMap<String, (usize, Option<Bytes>)>,
     /// Multicast answers waiting out their Leisure: (due, sequence) → answer.
     leisure: BTreeMap<(Instant, u64), (ExchangeId, Response)>,
     leisure_seq: u64,
@@ -404,6 +406,7 @@ impl Driver {
             observers: HashMap::new(),
             by_device: HashMap::new(),
             config_reads: HashMap::new(),
+            firmware_reads: HashMap::new(),
             leisure: BTreeMap::new(),
             leisure_seq: 0,
             last_stats: Stats::default(),
@@ -520,10 +523,27 @@ impl Driver {
                 observer,
                 device,
             } => {
+                let fresher = match self.firmware_reads.get_mut(&device) {
+                    Some((n, newest)) => {
+                        *n -= 1;
+                        let fresher = newest.clone();
+                        if *n == 0 {
+                            self.firmware_reads.remove(&device);
+                        }
+                        fresher
+                    }
+                    None => None,
+                };
                 let observing = observer.is_some() && response.code.is_success();
+                let sent = response.payload.clone();
                 self.respond(now, exchange, response);
                 if let Some(o) = observer.filter(|_| observing) {
+                    let key = (o.peer, o.token);
                     self.firmware_observer(device, o);
+                    // A notice published while the store was read reaches it now.
+                    if let Some(doc) = fresher.filter(|d| *d != sent) {
+                        self.notify_one(now, key, &doc);
+                    }
                 }
             }
             Done::Config {
@@ -605,6 +625,9 @@ impl Driver {
         else {
             return;
         };
+        if let Some((_, newest)) = self.firmware_reads.get_mut(device) {
+            *newest = Some(payload.clone());
+        }
         let Some(keys) = self.by_device.get(device) else {
             return;
         };

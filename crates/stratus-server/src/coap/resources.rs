@@ -430,6 +430,10 @@ impl Driver {
             token: req.token,
             access_token: d.token.clone(),
         });
+        self.firmware_reads
+            .entry(d.id.clone())
+            .or_insert((0, None))
+            .0 += 1;
         let fw = self.ctx.firmware.clone();
         let tx = self.done_tx.clone();
         tokio::spawn(async move {
