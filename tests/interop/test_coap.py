@@ -20,6 +20,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import threading
 import time
 
 import pytest
@@ -556,3 +557,81 @@ def test_multicast_answers_discovery_only(start_server, netns):
     unicast = probe(coap_msg(1, 0x01, 0x1006, "/nope", token=b"\x07"), group="127.0.0.1", wait=1.0)
     assert [x[1] for x in unicast] == [0x84], [x.hex() for x in unicast]
     assert s.alive()
+
+
+def dtls_records(d: bytes):
+    """(content type, epoch, payload) of each DTLS record in a datagram."""
+    out, off = [], 0
+    while off + 13 <= len(d):
+        length = struct.unpack("!H", d[off + 11:off + 13])[0]
+        out.append((d[off], d[off + 3:off + 5], d[off + 13:off + 13 + length]))
+        off += 13 + length
+    return out
+
+
+def test_dtls_server_resends_a_lost_flight(device):
+    """RFC 6347 §4.2.4 through a lossy proxy: the server's ServerHello flight is dropped the
+    first time, and every retransmission of the client's handshake flights is dropped too, so
+    only the server's own timer can complete the handshake (coap-client then gets 2.04)."""
+    cloud, dev, secret, _ = device
+    srv = cloud.srv
+    front = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    front.bind(("127.0.0.1", 0))
+    back = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    back.connect(("127.0.0.1", srv.coaps))
+    stats = {"server_dropped": 0, "server_resent": 0, "client_dropped": 0}
+    stop = threading.Event()
+
+    def key(d):
+        return tuple((t, e, p) for t, e, p in dtls_records(d))
+
+    def run():
+        client, seen_c, seen_s = None, set(), set()
+        front.settimeout(0.05)
+        back.settimeout(0.05)
+        while not stop.is_set():
+            try:
+                d, client = front.recvfrom(65535)
+                recs = dtls_records(d)
+                k = key(d)
+                if recs and recs[0][0] == 22 and recs[0][1] == b"\0\0" and k in seen_c:
+                    stats["client_dropped"] += 1  # a client retransmission: lost
+                else:
+                    seen_c.add(k)
+                    back.send(d)
+            except socket.timeout:
+                pass
+            try:
+                d = back.recv(65535)
+                recs = dtls_records(d)
+                k = key(d)
+                flight = (recs and recs[0][0] == 22 and recs[0][1] == b"\0\0"
+                          and recs[0][2][:1] in (b"\x02", b"\x0c", b"\x0e"))
+                if flight and k not in seen_s:
+                    seen_s.add(k)
+                    stats["server_dropped"] += 1  # the first ServerHello flight: lost
+                    continue
+                if flight:
+                    stats["server_resent"] += 1
+                if client is not None:
+                    front.sendto(d, client)
+            except socket.timeout:
+                pass
+
+    proxy = threading.Thread(target=run, daemon=True)
+    proxy.start()
+    try:
+        port = front.getsockname()[1]
+        out = run_client(["-v", "6", "-u", dev, "-k", device_psk(dev, secret), "-m", "post",
+                          "-t", "50", "-e", '{"lossy": 1}',
+                          f"coaps://127.0.0.1:{port}/telemetry"], flavour="openssl", timeout=40)
+    finally:
+        stop.set()
+        proxy.join(5)
+        front.close()
+        back.close()
+    text = out.stdout + out.stderr
+    assert "c:2.04" in text, (stats, text[-2000:])
+    assert stats["server_dropped"] >= 1 and stats["server_resent"] >= 1, stats
+    assert len(wait_points(cloud, dev, "lossy", 1)) == 1
+    assert srv.alive()

@@ -20,8 +20,12 @@
 //! source address gets one small datagram and no session; the peer is then address-verified
 //! for the CoAP amplification guard. Sessions are bounded (`[coap] max_dtls_sessions`, least
 //! recently used evicted); an unfinished handshake is dropped after 30 s, an idle session
-//! after an hour. Handshake flights are retransmitted by the client (a retransmitted client
-//! flight makes OpenSSL resend its answer), as OpenSSL's own timer API is not exposed safely.
+//! after an hour. The server retransmits its own handshake flight (ServerHello…ServerHelloDone)
+//! when the client's next flight does not come within the timer — 1 s, doubling up to 60 s
+//! (RFC 6347 §4.2.4) — by resending the same datagrams; a retransmitted client flight also
+//! makes OpenSSL resend its answer. The HelloVerifyRequest is never resent (the client
+//! repeats its ClientHello), and the final flight is answered again on the client's
+//! retransmitted Finished by OpenSSL.
 //!
 //! ## PSK identity and key
 //! The identity is the **device id**; the key is derived from the device's secret, so the
@@ -65,6 +69,10 @@ use crate::auth::Auth;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
+/// The first handshake retransmission timer (RFC 6347 §4.2.4.1).
+const INITIAL_RESEND_EVERY: Duration = Duration::from_secs(1);
+/// The longest handshake retransmission timer.
+const MAX_RESEND_EVERY: Duration = Duration::from_secs(60);
 /// Largest DTLS record payload this server writes (a CoAP datagram up to ~1.3 KB fits).
 const MTU: u32 = 1400;
 const CIPHERS: &str =
@@ -108,6 +116,12 @@ struct Session {
     identity: Option<String>,
     started: Instant,
     last_seen: Instant,
+    /// The server's last handshake flight, resent until the client's next flight arrives.
+    flight: Vec<Bytes>,
+    /// When the flight is resent next (`None`: nothing to resend).
+    resend_at: Option<Instant>,
+    /// The current retransmission interval (1 s, doubling up to 60 s).
+    resend_every: Duration,
 }
 
 /// The DTLS sessions of one CoAPS socket.
@@ -119,6 +133,9 @@ pub struct DtlsServer {
     next_sweep: Option<Instant>,
     bad_records: u64,
     failed_handshakes: u64,
+    /// The earliest `resend_at` of any session.
+    next_resend: Option<Instant>,
+    resent_flights: u64,
     /// Decryption buffer, reused for every record.
     buf: Vec<u8>,
 }
@@ -182,6 +199,8 @@ impl DtlsServer {
             next_sweep: None,
             bad_records: 0,
             failed_handshakes: 0,
+            next_resend: None,
+            resent_flights: 0,
             buf: vec![0u8; 65_535],
         })
     }
@@ -206,12 +225,22 @@ impl DtlsServer {
 
     /// When [`DtlsServer::handle_timeout`] should run next.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.next_sweep
+        match (self.next_sweep, self.next_resend) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
-    /// Drops unfinished handshakes and idle sessions; returns the peers whose established
-    /// sessions ended.
-    pub fn handle_timeout(&mut self, now: Instant) -> Vec<SocketAddr> {
+    /// Resends handshake flights whose timer expired (into `outgoing`), drops unfinished
+    /// handshakes and idle sessions; returns the peers whose established sessions ended.
+    pub fn handle_timeout(
+        &mut self,
+        now: Instant,
+        outgoing: &mut Vec<(SocketAddr, Bytes)>,
+    ) -> Vec<SocketAddr> {
+        if self.next_resend.is_some_and(|t| t <= now) {
+            self.resend_due(now, outgoing);
+        }
         if self.next_sweep.is_none_or(|t| t > now) {
             return Vec::new();
         }
@@ -228,6 +257,42 @@ impl DtlsServer {
         });
         self.next_sweep = (!self.sessions.is_empty()).then(|| now + SWEEP_EVERY);
         ended
+    }
+
+    /// RFC 6347 §4.2.4: a flight not followed by the client's next one within the timer is
+    /// sent again, with the timer doubled (up to [`MAX_RESEND_EVERY`]). The same datagrams
+    /// are resent: the client drops a record it already has (replay window) and takes one it
+    /// never received.
+    fn resend_due(&mut self, now: Instant, outgoing: &mut Vec<(SocketAddr, Bytes)>) {
+        let mut next: Option<Instant> = None;
+        for (peer, s) in &mut self.sessions {
+            let Some(at) = s.resend_at else {
+                continue;
+            };
+            if s.identity.is_some() || s.flight.is_empty() {
+                s.resend_at = None;
+                continue;
+            }
+            if at <= now {
+                for d in &s.flight {
+                    outgoing.push((*peer, d.clone()));
+                }
+                self.resent_flights += 1;
+                s.resend_every = (s.resend_every * 2).min(MAX_RESEND_EVERY);
+                s.resend_at = Some(now + s.resend_every);
+                tracing::debug!(%peer, every = ?s.resend_every, "coaps: handshake flight resent");
+            }
+            next = match (next, s.resend_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        self.next_resend = next;
+    }
+
+    /// Handshake flights resent since the server started.
+    pub fn resent_flights(&self) -> u64 {
+        self.resent_flights
     }
 
     /// One received datagram from `peer`: handshake progress goes to `outgoing`, decrypted
@@ -314,8 +379,27 @@ impl DtlsServer {
                 }
             }
         }
-        for d in s.stream.get_mut().outgoing.drain(..) {
-            outgoing.push((peer, Bytes::from(d)));
+        let flight: Vec<Bytes> = s
+            .stream
+            .get_mut()
+            .outgoing
+            .drain(..)
+            .map(Bytes::from)
+            .collect();
+        outgoing.extend(flight.iter().map(|d| (peer, d.clone())));
+        if s.identity.is_some() {
+            // The last flight is not timed: the client's retransmitted Finished makes
+            // OpenSSL send it again.
+            s.flight.clear();
+            s.resend_at = None;
+        } else if !flight.is_empty() && !is_hello_verify_request(&flight[0]) {
+            // A HelloVerifyRequest is not resent (RFC 6347 §4.2.1: the server stays
+            // stateless until the cookie comes back).
+            s.flight = flight;
+            s.resend_every = INITIAL_RESEND_EVERY;
+            let at = now + INITIAL_RESEND_EVERY;
+            s.resend_at = Some(at);
+            self.next_resend = Some(self.next_resend.map_or(at, |t| t.min(at)));
         }
         if remove {
             self.sessions.remove(&peer);
@@ -349,6 +433,9 @@ impl DtlsServer {
             identity: None,
             started: now,
             last_seen: now,
+            flight: Vec::new(),
+            resend_at: None,
+            resend_every: INITIAL_RESEND_EVERY,
         })
     }
 
@@ -367,6 +454,11 @@ impl DtlsServer {
 
 fn is_retry(code: ErrorCode) -> bool {
     code == ErrorCode::WANT_READ || code == ErrorCode::WANT_WRITE
+}
+
+/// Whether `data` starts with a DTLS handshake record holding a HelloVerifyRequest.
+fn is_hello_verify_request(data: &[u8]) -> bool {
+    data.len() > 13 && data[0] == 22 && data[13] == 3
 }
 
 /// Whether `data` starts with a DTLS record holding the first ClientHello of a handshake
@@ -394,5 +486,119 @@ mod tests {
         hello[18] = 1; // message_seq 1: the hello after HelloVerifyRequest
         assert!(!is_initial_client_hello(&hello));
         assert!(!is_initial_client_hello(&[22, 254, 253]));
+    }
+
+    /// A DTLS client over in-memory datagrams (what the device SDK does over a socket).
+    fn client(id: &str, psk: &str) -> SslStream<Datagrams> {
+        let mut b = SslContext::builder(SslMethod::dtls_client()).unwrap();
+        b.set_max_proto_version(Some(SslVersion::DTLS1_2)).unwrap();
+        b.set_cipher_list(CIPHERS).unwrap();
+        b.set_options(SslOptions::NO_QUERY_MTU | SslOptions::NO_TICKET);
+        let (id, psk) = (id.as_bytes().to_vec(), psk.as_bytes().to_vec());
+        b.set_psk_client_callback(move |_, _, id_out, psk_out| {
+            id_out[..id.len()].copy_from_slice(&id);
+            id_out[id.len()] = 0;
+            psk_out[..psk.len()].copy_from_slice(&psk);
+            Ok(psk.len())
+        });
+        let mut ssl = Ssl::new(&b.build()).unwrap();
+        ssl.set_mtu(MTU).unwrap();
+        SslStream::new(ssl, Datagrams::default()).unwrap()
+    }
+
+    /// Drives the client one step; the datagrams it wants sent, and whether it is done.
+    fn step(c: &mut SslStream<Datagrams>) -> (Vec<Vec<u8>>, bool) {
+        let done = match c.connect() {
+            Ok(()) => true,
+            Err(e) if is_retry(e.code()) => false,
+            Err(e) => panic!("client handshake failed: {e}"),
+        };
+        (std::mem::take(&mut c.get_mut().outgoing), done)
+    }
+
+    /// RFC 6347 §4.2.4: the server's ServerHello flight is lost once and the client's own
+    /// retransmissions are lost too; only the server's timer can complete the handshake — and
+    /// does, 1 s later (virtual time), then after 2 s more for a second loss.
+    #[tokio::test]
+    async fn the_server_resends_a_lost_flight_on_its_timer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            stratus_store::StoreHandle::open_sqlite(&dir.path().join("stratus.db")).unwrap();
+        let auth = Arc::new(Auth::open(store, dir.path()).await.unwrap());
+        let sealed = auth.psk_sealer().seal_for_secret("dev-1", "s3cret");
+        auth.register_device("dev-1", "$argon2id$unused", sealed);
+        let mut server = DtlsServer::new(auth, 8).unwrap();
+        let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let psk = stratus_coap::psk::device_psk("s3cret", "dev-1");
+        let mut c = client("dev-1", &psk);
+        let t0 = Instant::now();
+        let mut out = Vec::new();
+        let mut plain = Vec::new();
+
+        // ClientHello → HelloVerifyRequest (never resent).
+        let (hello, _) = step(&mut c);
+        for d in &hello {
+            server.on_datagram(t0, peer, d, &mut plain, &mut out);
+        }
+        assert_eq!(out.len(), 1);
+        assert!(is_hello_verify_request(&out[0].1));
+        c.get_mut().incoming.push_back(out.remove(0).1.to_vec());
+        // ClientHello with the cookie → ServerHello…ServerHelloDone, lost.
+        let (hello2, _) = step(&mut c);
+        for d in &hello2 {
+            server.on_datagram(t0, peer, d, &mut plain, &mut out);
+        }
+        assert!(!out.is_empty());
+        out.clear();
+        let first_resend = server.poll_timeout().unwrap();
+        assert_eq!(first_resend, t0 + Duration::from_secs(1));
+        // Nothing before the timer.
+        assert!(server
+            .handle_timeout(t0 + Duration::from_millis(900), &mut out)
+            .is_empty());
+        assert!(out.is_empty());
+        // At 1 s the same flight goes out again; lost again. The next is 2 s later.
+        server.handle_timeout(t0 + Duration::from_secs(1), &mut out);
+        assert!(!out.is_empty());
+        out.clear();
+        assert_eq!(server.poll_timeout(), Some(t0 + Duration::from_secs(3)));
+        // At 3 s it goes out again and this time arrives.
+        server.handle_timeout(t0 + Duration::from_secs(3), &mut out);
+        assert_eq!(server.resent_flights(), 2);
+        for (to, d) in out.drain(..) {
+            assert_eq!(to, peer);
+            c.get_mut().incoming.push_back(d.to_vec());
+        }
+        // The client finishes: ClientKeyExchange, ChangeCipherSpec, Finished → the server's
+        // Finished; both sides are established and nothing is timed any more.
+        let mut done = false;
+        let mut established = false;
+        for _ in 0..10 {
+            let (to_server, finished) = step(&mut c);
+            for d in &to_server {
+                established |=
+                    server.on_datagram(t0 + Duration::from_secs(3), peer, d, &mut plain, &mut out);
+            }
+            for (_, d) in out.drain(..) {
+                c.get_mut().incoming.push_back(d.to_vec());
+            }
+            if finished {
+                done = true;
+                break;
+            }
+        }
+        assert!(done && established);
+        assert_eq!(server.identity(peer), Some("dev-1"));
+        // The stale timer (3 s + 4 s) finds nothing to resend and goes away.
+        assert_eq!(server.next_resend, Some(t0 + Duration::from_secs(7)));
+        server.handle_timeout(t0 + Duration::from_secs(7), &mut out);
+        assert!(out.is_empty(), "nothing is resent after the handshake");
+        assert_eq!(server.next_resend, None);
+        // Application data flows.
+        c.ssl_write(b"coap").unwrap();
+        for d in std::mem::take(&mut c.get_mut().outgoing) {
+            server.on_datagram(t0 + Duration::from_secs(7), peer, &d, &mut plain, &mut out);
+        }
+        assert_eq!(plain, vec![b"coap".to_vec()]);
     }
 }

@@ -452,7 +452,7 @@ impl Driver {
             self.ep.handle_timeout(now);
         }
         if let Mode::Dtls(d) = &mut self.mode {
-            for peer in d.handle_timeout(now) {
+            for peer in d.handle_timeout(now, &mut self.outgoing) {
                 self.forget_peer(peer);
             }
         }
