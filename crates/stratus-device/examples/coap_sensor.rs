@@ -6,7 +6,9 @@
 //!     --server http://127.0.0.1:8080 --coap 127.0.0.1:5683 --id door-1 --secret SECRET
 //! ```
 //! The HTTP server is needed for the access token only; `--server`, `--id` and `--secret` may
-//! also come from `STRATUS_SERVER`, `STRATUS_DEVICE_ID` and `STRATUS_DEVICE_SECRET`.
+//! also come from `STRATUS_SERVER`, `STRATUS_DEVICE_ID` and `STRATUS_DEVICE_SECRET`. With
+//! `--coap coaps://127.0.0.1:5684` (a server with `[coap] dtls = true`) it runs over DTLS 1.2
+//! PSK instead: the key is derived from the secret and no token is needed.
 
 use std::time::Duration;
 
@@ -19,7 +21,8 @@ struct Args {
     /// The server's HTTP base URL (the token endpoint lives there).
     #[arg(long, env = "STRATUS_SERVER", default_value = "http://127.0.0.1:8080")]
     server: String,
-    /// The CoAP server [default: the server's host, port 5683].
+    /// The CoAP server: HOST:PORT, coap://HOST:PORT or coaps://HOST:PORT [default: the server's
+    /// host, port 5683].
     #[arg(long, env = "STRATUS_COAP")]
     coap: Option<String>,
     /// Device id.
