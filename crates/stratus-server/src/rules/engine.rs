@@ -319,7 +319,13 @@ impl Engine {
                     .collect()
             })
         };
+        // A rule that does not hold changes nothing unless the device has state (the usual
+        // case: skip the per-rule lookups).
+        let tracked = self.tracks.contains_key(device);
         for (rule, holds) in rules.iter().zip(holds.iter()) {
+            if !*holds && !tracked {
+                continue;
+            }
             if let Some(e) = self.apply(rule, device, *holds, values, now) {
                 effects.push(e);
             }
