@@ -68,6 +68,18 @@ pub struct Engine {
     attributes: HashMap<String, Json>,
     id_prefix: String,
     next_id: u64,
+    /// Each device's expression rules and their `rate()` keys, valid while `generation`
+    /// (bumped by any change of rules or attributes) is unchanged.
+    selections: HashMap<String, Selection>,
+    generation: u64,
+}
+
+/// The expression rules that select a device.
+#[derive(Debug)]
+struct Selection {
+    generation: u64,
+    rules: Arc<[Arc<CompiledRule>]>,
+    rate_keys: Arc<[String]>,
 }
 
 impl Engine {
@@ -81,6 +93,8 @@ impl Engine {
             attributes: HashMap::new(),
             id_prefix: id_prefix.to_owned(),
             next_id: 0,
+            selections: HashMap::new(),
+            generation: 0,
         }
     }
 
@@ -91,6 +105,7 @@ impl Engine {
 
     /// Adds or replaces a rule (open alarms of a replaced rule stay open).
     pub fn put_rule(&mut self, rule: CompiledRule) {
+        self.generation += 1;
         let rule = Arc::new(rule);
         match self.rules.binary_search_by(|r| r.id.cmp(&rule.id)) {
             Ok(i) => self.rules[i] = rule,
@@ -104,6 +119,7 @@ impl Engine {
             return (false, Vec::new());
         };
         let rule = self.rules.remove(i);
+        self.generation += 1;
         let mut effects = Vec::new();
         for inner in self.tracks.values_mut() {
             if let Some(t) = inner.remove(id) {
@@ -133,6 +149,7 @@ impl Engine {
 
     /// Remembers a device's attributes (for attribute selectors).
     pub fn set_attributes(&mut self, device: &str, attributes: Json) {
+        self.selections.remove(device);
         self.attributes.insert(device.to_owned(), attributes);
     }
 
@@ -144,6 +161,7 @@ impl Engine {
     /// Forgets a device (deleted): its tracks and what was remembered about it.
     pub fn forget_device(&mut self, device: &str) {
         self.attributes.remove(device);
+        self.selections.remove(device);
         self.last_seen.remove(device);
         self.previous.remove(device);
         self.tracks.remove(device);
@@ -151,8 +169,12 @@ impl Engine {
 
     /// Remembers when a device was last heard from (from the store at start).
     pub fn set_last_seen(&mut self, device: &str, at: i64) {
-        let e = self.last_seen.entry(device.to_owned()).or_insert(at);
-        *e = (*e).max(at);
+        match self.last_seen.get_mut(device) {
+            Some(e) => *e = (*e).max(at),
+            None => {
+                self.last_seen.insert(device.to_owned(), at);
+            }
+        }
     }
 
     /// Open alarms now.
@@ -212,29 +234,49 @@ impl Engine {
         now: i64,
     ) -> (Vec<Effect>, u64) {
         let mut effects = self.seen(device, now);
-        let selected: Vec<Arc<CompiledRule>> = self
-            .rules
-            .iter()
-            .filter(|r| r.condition.is_some() && self.selected(r, device))
-            .cloned()
-            .collect();
+        let (selected, rate_keys) = self.selection(device);
         let mut evaluations = 0;
         if selected.is_empty() {
             return (effects, 0);
         }
-        let mut rate_keys: Vec<String> = selected
-            .iter()
-            .filter_map(|r| r.condition.as_ref())
-            .flat_map(|c| c.rate_keys().iter().cloned())
-            .collect();
-        rate_keys.sort();
-        rate_keys.dedup();
         for (ts, values) in records {
             let (fx, n) = self.evaluate(device, &selected, &rate_keys, *ts, values, now);
             effects.extend(fx);
             evaluations += n;
         }
         (effects, evaluations)
+    }
+
+    /// The device's expression rules and their `rate()` keys (cached).
+    fn selection(&mut self, device: &str) -> (Arc<[Arc<CompiledRule>]>, Arc<[String]>) {
+        if let Some(s) = self.selections.get(device) {
+            if s.generation == self.generation {
+                return (s.rules.clone(), s.rate_keys.clone());
+            }
+        }
+        let rules: Arc<[Arc<CompiledRule>]> = self
+            .rules
+            .iter()
+            .filter(|r| r.condition.is_some() && self.selected(r, device))
+            .cloned()
+            .collect();
+        let mut rate_keys: Vec<String> = rules
+            .iter()
+            .filter_map(|r| r.condition.as_ref())
+            .flat_map(|c| c.rate_keys().iter().cloned())
+            .collect();
+        rate_keys.sort();
+        rate_keys.dedup();
+        let rate_keys: Arc<[String]> = rate_keys.into();
+        self.selections.insert(
+            device.to_owned(),
+            Selection {
+                generation: self.generation,
+                rules: rules.clone(),
+                rate_keys: rate_keys.clone(),
+            },
+        );
+        (rules, rate_keys)
     }
 
     fn evaluate(
@@ -277,7 +319,13 @@ impl Engine {
                     .collect()
             })
         };
+        // A rule that does not hold changes nothing unless the device has state (the usual
+        // case: skip the per-rule lookups).
+        let tracked = self.tracks.contains_key(device);
         for (rule, holds) in rules.iter().zip(holds.iter()) {
+            if !*holds && !tracked {
+                continue;
+            }
             if let Some(e) = self.apply(rule, device, *holds, values, now) {
                 effects.push(e);
             }
