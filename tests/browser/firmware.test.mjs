@@ -143,6 +143,27 @@ describe('firmware views against the real campaigns API', { timeout: 300000 }, (
     assert.match(await page.locator('#firmware-state').textContent(), /Reasonflash write error/);
   });
 
+  it('has no horizontal scroll at 375 px with a campaign and a firmware state', async () => {
+    const phone = await browser.context.newPage();
+    try {
+      await phone.setViewportSize({ width: 375, height: 812 });
+      for (const view of ['firmware', 'device/demo-0001']) {
+        await phone.goto(`${server.base}/#/${view}`);
+        if (view === 'firmware') {
+          await phone.locator(`article.campaign[data-campaign="${CAMPAIGN}"] summary`).click();
+          await phone.locator('#images tr[data-firmware]').waitFor();
+        } else {
+          await phone.locator('#firmware-state .badge[data-state="installed"]').waitFor();
+        }
+        const { scroll, client } = await phone.evaluate(() => ({ scroll: document.documentElement.scrollWidth, client: document.documentElement.clientWidth }));
+        assert.ok(scroll <= client, `${view}: scrollWidth ${scroll} > clientWidth ${client}`);
+        await screenshot(phone, view === 'firmware' ? 'firmware-campaign-375' : 'device-firmware-375');
+      }
+    } finally {
+      await phone.close();
+    }
+  });
+
   it('passes axe-core on the firmware view with a campaign, without script errors', async () => {
     await page.goto(`${server.base}/#/firmware`);
     await page.locator(`article.campaign[data-campaign="${CAMPAIGN}"] li[data-state="failed"]`).filter({ hasText: '1 failed' }).waitFor();
