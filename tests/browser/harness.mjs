@@ -17,13 +17,19 @@ export const SCREENSHOTS = path.join(ROOT, 'target', 'screenshots');
 export const CHROMIUM = process.env.CHROMIUM_BIN || '/usr/bin/chromium';
 export const run = promisify(execFile);
 
-/** Starts `stratus serve --demo`; resolves {base, mqttPort, secret, stop()}. */
-export async function startServer() {
-  const bin = process.env.STRATUS_BIN || path.join(ROOT, 'target', 'debug', 'stratus');
+/** The stratus binary under test. */
+export const BIN = process.env.STRATUS_BIN || path.join(ROOT, 'target', 'debug', 'stratus');
+
+/**
+ * Starts `stratus serve --demo` with `args` appended (e.g. `['--firmware-pubkey', FILE]`);
+ * resolves {base, mqttPort, secret, dataDir, stop()}.
+ */
+export async function startServer({ args = [] } = {}) {
+  const bin = BIN;
   const dir = mkdtempSync(path.join(tmpdir(), 'stratus-browser-'));
   const secret = `browser-${Math.random().toString(36).slice(2)}${Date.now()}`;
   const child = spawn(bin, ['serve', '--demo', '--http-port', '0', '--mqtt-port', '0', '--coap-port', '0',
-    '--data-dir', path.join(dir, 'data')], {
+    '--data-dir', path.join(dir, 'data'), ...args], {
     cwd: dir,
     env: { ...process.env, STRATUS_ADMIN_SECRET: secret },
     stdio: ['ignore', 'pipe', 'pipe'],
@@ -46,6 +52,7 @@ export async function startServer() {
     base: `http://127.0.0.1:${ports.http}`,
     mqttPort: ports.mqtt,
     secret,
+    dataDir: path.join(dir, 'data'),
     stderr: () => stderr,
     async stop() {
       if (child.exitCode === null) {

@@ -20,7 +20,11 @@
 //! notices are applied on their own.
 //!
 //! Reports go over the transport used for the download: HTTP
-//! `POST /api/v1/devices/{id}/firmware` or CoAP `POST /firmware/status`.
+//! `POST /api/v1/devices/{id}/firmware` or CoAP `POST /firmware/status` — unless the updater
+//! is tied to an MQTT [`Device`](crate::Device) with [`FirmwareUpdater::report_over`]: then
+//! they are published (QoS 1, JSON `{"firmware", "status", "reason"}`) on
+//! `devices/{id}/firmware/status` over the device's own connection, and go over HTTP/CoAP
+//! only when that connection is down or does not acknowledge within 10 s.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -39,6 +43,9 @@ pub use stratus_firmware::{
 };
 
 use crate::token::{TokenError, Tokens};
+
+/// How long a status report waits for its MQTT PUBACK before going over HTTP/CoAP instead.
+const MQTT_REPORT_WAIT: Duration = Duration::from_secs(10);
 
 /// Attempts at a download (HTTP: requests; CoAP: per block) before giving up.
 const ATTEMPTS: u32 = 8;
@@ -114,6 +121,65 @@ impl FirmwareError {
     }
 }
 
+/// A status report queued for the MQTT connection, and who waits for its acknowledgement
+/// (`Ok` on PUBACK success, `Err` with the reason on a refusal).
+pub(crate) struct StatusJob {
+    pub payload: Vec<u8>,
+    pub done: tokio::sync::oneshot::Sender<Result<(), String>>,
+}
+
+/// A device's MQTT connection as a way to send firmware status reports (from
+/// [`Device::firmware_status_link`](crate::Device::firmware_status_link)).
+#[derive(Clone)]
+pub struct StatusLink {
+    shared: std::sync::Weak<crate::Shared>,
+}
+
+impl std::fmt::Debug for StatusLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StatusLink").finish_non_exhaustive()
+    }
+}
+
+/// Why a report did not go over MQTT.
+enum MqttReport {
+    /// The device is gone, not connected, or did not get an answer in time: try HTTP/CoAP.
+    Unavailable,
+    /// The server refused it (an MQTT 5 PUBACK error code).
+    Refused(String),
+}
+
+impl StatusLink {
+    pub(crate) fn new(shared: std::sync::Weak<crate::Shared>) -> StatusLink {
+        StatusLink { shared }
+    }
+
+    /// Publishes `body` on `devices/{id}/firmware/status` and waits for the PUBACK.
+    async fn send(&self, body: &serde_json::Value) -> Result<(), MqttReport> {
+        let rx = {
+            let Some(shared) = self.shared.upgrade() else {
+                return Err(MqttReport::Unavailable);
+            };
+            if shared.cancel.is_cancelled() || *shared.status.borrow() != crate::Status::Connected {
+                return Err(MqttReport::Unavailable);
+            }
+            let (done, rx) = tokio::sync::oneshot::channel();
+            shared.firmware_status.lock().push_back(StatusJob {
+                payload: body.to_string().into_bytes(),
+                done,
+            });
+            shared.wake.notify_one();
+            rx
+        };
+        match tokio::time::timeout(MQTT_REPORT_WAIT, rx).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(why))) => Err(MqttReport::Refused(why)),
+            // Dropped unsent (the device closed) or no PUBACK in time.
+            Ok(Err(_)) | Err(_) => Err(MqttReport::Unavailable),
+        }
+    }
+}
+
 /// Downloads, verifies and installs firmware for one device (see the module docs).
 pub struct FirmwareUpdater {
     id: String,
@@ -127,6 +193,8 @@ pub struct FirmwareUpdater {
     cancel: CancellationToken,
     /// One update at a time.
     busy: tokio::sync::Mutex<()>,
+    /// The MQTT device connection reports go over first, if any.
+    mqtt: Mutex<Option<StatusLink>>,
 }
 
 /// Builds a [`FirmwareUpdater`].
@@ -206,6 +274,7 @@ impl FirmwareUpdaterBuilder {
             dir: self.dir,
             cancel: CancellationToken::new(),
             busy: tokio::sync::Mutex::new(()),
+            mqtt: Mutex::new(None),
         })
     }
 }
@@ -276,7 +345,18 @@ impl FirmwareUpdater {
         }
     }
 
-    /// Reports a state (`downloading`, `verified`, `installed`, `failed`) about `firmware`.
+    /// Sends the status reports over `device`'s MQTT connection from now on (see the module
+    /// docs); a device on HTTP or CoAP changes nothing. Returns whether it will.
+    pub fn report_over(&self, device: &crate::Device) -> bool {
+        let link = device.firmware_status_link();
+        let over_mqtt = link.is_some();
+        *self.mqtt.lock() = link;
+        over_mqtt
+    }
+
+    /// Reports a state (`downloading`, `verified`, `installed`, `failed`) about `firmware`:
+    /// over the MQTT device given to [`report_over`](Self::report_over) when it is connected,
+    /// otherwise over `via`.
     pub async fn report(
         &self,
         via: FirmwareTransport,
@@ -285,6 +365,20 @@ impl FirmwareUpdater {
         reason: Option<&str>,
     ) -> Result<(), FirmwareError> {
         let body = json!({"firmware": firmware, "status": state, "reason": reason});
+        let link = self.mqtt.lock().clone();
+        if let Some(link) = link {
+            match link.send(&body).await {
+                Ok(()) => return Ok(()),
+                Err(MqttReport::Refused(why)) => {
+                    return Err(FirmwareError::Download(format!(
+                        "the status report was refused ({why})"
+                    )))
+                }
+                Err(MqttReport::Unavailable) => {
+                    tracing::debug!(device = %self.id, "MQTT is down; reporting {state} over {via:?}")
+                }
+            }
+        }
         for _ in 0..3 {
             let token = self.tokens.get().await.map_err(token_error)?;
             let status = match via {

@@ -73,7 +73,9 @@
 //! checks the signed manifest (trusted key, hardware id, no downgrade), downloads over HTTP
 //! (resumed with `Range` after a dropped connection) or CoAP Block2 while hashing, verifies,
 //! hands the image to an install callback and reports `downloading`, `verified`, `installed`
-//! or `failed` with the reason (see [`firmware`]).
+//! or `failed` with the reason (see [`firmware`]) — over HTTP/CoAP, or on
+//! `devices/{id}/firmware/status` over the device's MQTT connection once
+//! [`firmware::FirmwareUpdater::report_over`] ties the updater to an MQTT [`Device`].
 //!
 //! ## Dependencies, and why
 //! - `rumqttc`: a well-kept, widely used MQTT 3.1.1/5.0 client; using it (rather than our own
@@ -292,6 +294,11 @@ pub(crate) struct Shared {
     pub firmware: Option<Arc<dyn FirmwareHandler>>,
     pub batch: BatchLimits,
     pub tokens: Tokens,
+    /// Whether the background task speaks MQTT (firmware status reports can go over it).
+    pub mqtt: bool,
+    /// Firmware status reports waiting to be published on `devices/{id}/firmware/status`
+    /// (MQTT only), each with who waits for its PUBACK.
+    pub firmware_status: Mutex<std::collections::VecDeque<firmware::StatusJob>>,
 }
 
 impl Shared {
@@ -705,6 +712,8 @@ impl DeviceBuilder {
             firmware: self.firmware,
             batch: self.batch,
             tokens,
+            mqtt: mqtt.is_some(),
+            firmware_status: Mutex::new(std::collections::VecDeque::new()),
         });
         shared.counters.accepted.store(found, Ordering::Relaxed);
         let task = match (mqtt, coap) {
@@ -867,6 +876,15 @@ impl Device {
         self.shared.report.lock().pending = Some(config);
         self.shared.wake.notify_one();
         Ok(())
+    }
+
+    /// Where firmware status reports can go over this device's own connection: `Some` when
+    /// the transport is MQTT (`devices/{id}/firmware/status`), `None` otherwise. Give it to
+    /// [`firmware::FirmwareUpdater::report_over`].
+    pub fn firmware_status_link(&self) -> Option<firmware::StatusLink> {
+        self.shared
+            .mqtt
+            .then(|| firmware::StatusLink::new(Arc::downgrade(&self.shared)))
     }
 
     /// Counters since the device was built.

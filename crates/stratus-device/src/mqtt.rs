@@ -22,6 +22,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::buffer::Entry;
+use crate::firmware::StatusJob;
 use crate::{
     record, token::TokenError, Backoff, DesiredConfig, Error, MqttPassword, MqttVersion, Shared,
     Status,
@@ -363,6 +364,7 @@ fn v5_error(e: rumqttc::v5::ConnectionError) -> LinkEvent {
 enum Sent {
     Telemetry(Vec<Entry>),
     Report(Value),
+    FirmwareStatus(StatusJob),
 }
 
 impl Sent {
@@ -370,6 +372,8 @@ impl Sent {
         match self {
             Sent::Telemetry(entries) => shared.requeue(entries),
             Sent::Report(v) => shared.report_back(v),
+            // Sent again on the next connection (at least once, as QoS 1 promises).
+            Sent::FirmwareStatus(job) => shared.firmware_status.lock().push_front(job),
         }
     }
 }
@@ -447,6 +451,7 @@ struct Session<'a> {
     shared: &'a Shared,
     telemetry_topic: String,
     report_topic: String,
+    firmware_status_topic: String,
     window: usize,
     /// Published, packet id not yet known (in request order).
     unnumbered: VecDeque<Sent>,
@@ -465,6 +470,7 @@ async fn session(shared: &Shared, s: &Settings, mut link: Link) -> Outcome {
         shared,
         telemetry_topic: format!("devices/{id}/telemetry"),
         report_topic: format!("devices/{id}/config/reported"),
+        firmware_status_topic: format!("devices/{id}/firmware/status"),
         window: s.window,
         unnumbered: VecDeque::new(),
         in_flight: HashMap::new(),
@@ -543,6 +549,20 @@ impl Session<'_> {
                 }
             }
         }
+        loop {
+            let Some(job) = shared.firmware_status.lock().pop_front() else {
+                break;
+            };
+            if job.done.is_closed() {
+                continue; // nobody waits any more: it went over HTTP/CoAP
+            }
+            if link.publish(self.firmware_status_topic.clone(), job.payload.clone()) {
+                self.unnumbered.push_back(Sent::FirmwareStatus(job));
+            } else {
+                shared.firmware_status.lock().push_front(job);
+                break;
+            }
+        }
         if self.paused_until.is_some() {
             return;
         }
@@ -585,6 +605,14 @@ impl Session<'_> {
                     shared.report_done();
                 }
             }
+            Sent::FirmwareStatus(job) => match refusal {
+                None => drop(job.done.send(Ok(()))),
+                Some(Refusal::Busy) => shared.firmware_status.lock().push_back(job),
+                Some(Refusal::Invalid) => drop(
+                    job.done
+                        .send(Err("MQTT PUBACK refused the firmware status".into())),
+                ),
+            },
             Sent::Telemetry(batch) => {
                 self.telemetry -= 1;
                 match refusal {

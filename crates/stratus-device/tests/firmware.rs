@@ -2,7 +2,9 @@
 //! over MQTT and downloads 1 MiB over CoAP Block2, another polls over HTTP and downloads
 //! through a proxy that cuts the connection halfway, resuming with Range; both verify and
 //! report `installed`, and the campaign counts 2. The SDK refuses an image altered in
-//! transit, firmware for other hardware and a downgrade, and reports why.
+//! transit, firmware for other hardware and a downgrade, and reports why. An updater tied to
+//! an MQTT device reports on `devices/{id}/firmware/status` over that connection (seen by an
+//! admin subscriber), and over HTTP once the device is closed.
 
 mod common;
 
@@ -445,4 +447,148 @@ async fn the_sdk_refuses_tampered_foreign_and_older_firmware() {
         .expect("installs");
     let v = f.srv.device_view("ota-c").await;
     assert_eq!(v["firmware"]["state"], "installed");
+}
+
+/// What an admin subscriber sees on `topic`: the payloads, in order.
+async fn watch(
+    srv: &TestServer,
+    topic: &str,
+) -> (Arc<Mutex<Vec<Value>>>, tokio::task::JoinHandle<()>) {
+    let mut o = rumqttc::MqttOptions::new("fw-watch", srv.mqtt.ip().to_string(), srv.mqtt.port());
+    o.set_credentials("admin", srv.admin_secret.clone());
+    let (client, mut el) = rumqttc::AsyncClient::new(o, 10);
+    client
+        .subscribe(topic, rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
+    let mut subscribed_tx = Some(subscribed_tx);
+    let out = seen.clone();
+    let task = tokio::spawn(async move {
+        let _client = client;
+        while let Ok(e) = el.poll().await {
+            match e {
+                rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) => {
+                    if let Some(tx) = subscribed_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) => {
+                    if let Ok(v) = serde_json::from_slice::<Value>(&p.payload) {
+                        out.lock().push(v);
+                    }
+                }
+                _ => {}
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), subscribed)
+        .await
+        .expect("SUBACK in time")
+        .expect("subscribed");
+    (seen, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_updater_tied_to_an_mqtt_device_reports_over_mqtt() {
+    let f = Fixture::start().await;
+    let data = image(100_000, 7);
+    let fid = f.upload(&data, "2.0.0").await;
+    let secret = f.srv.add_device("ota-m").await;
+    let (seen, watcher) = watch(&f.srv, "devices/ota-m/firmware/status").await;
+
+    let updater = f.updater("ota-m", &secret, HARDWARE);
+    let dev = Device::builder(f.srv.url(), "ota-m", &secret)
+        .mqtt(f.srv.mqtt_url())
+        .transport(Transport::Mqtt)
+        .build()
+        .await
+        .unwrap();
+    dev.wait_connected(Duration::from_secs(10)).await.unwrap();
+    assert!(
+        updater.report_over(&dev),
+        "an MQTT device carries the reports"
+    );
+
+    f.admin_json(
+        reqwest::Method::POST,
+        "/api/v1/devices/ota-m/firmware",
+        Some(json!({"firmware": fid})),
+    )
+    .await;
+    let notice = updater.poll_notice().await.unwrap().expect("assigned");
+    updater
+        .apply(&notice, FirmwareTransport::Http, |_, _| Ok(()))
+        .await
+        .expect("installed");
+
+    // Every report went over MQTT (routed to the admin subscriber), and only once each.
+    let all_seen = eventually(Duration::from_secs(10), || async { seen.lock().len() >= 3 }).await;
+    assert!(all_seen, "seen over MQTT: {:?}", seen.lock());
+    let states: Vec<String> = seen
+        .lock()
+        .iter()
+        .map(|v| {
+            assert_eq!(v["firmware"], fid.as_str());
+            v["status"].as_str().unwrap_or_default().to_string()
+        })
+        .collect();
+    assert_eq!(states, ["downloading", "verified", "installed"]);
+    let history = |v: &Value| -> Vec<String> {
+        v["devices"][0]["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["state"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let campaign = notice.campaign.clone().expect("a campaign");
+    let c = f
+        .admin_json(
+            reqwest::Method::GET,
+            &format!("/api/v1/campaigns/{campaign}"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        history(&c),
+        ["assigned", "downloading", "verified", "installed"],
+        "{c}"
+    );
+
+    // With the device closed, a report goes over HTTP instead (not seen on the topic).
+    dev.close().await;
+    updater
+        .report(FirmwareTransport::Http, &fid, "failed", Some("rolled back"))
+        .await
+        .expect("reported over HTTP");
+    let c = f
+        .admin_json(
+            reqwest::Method::GET,
+            &format!("/api/v1/campaigns/{campaign}"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        history(&c).last().map(String::as_str),
+        Some("failed"),
+        "{c}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        seen.lock().len(),
+        3,
+        "the HTTP report is not an MQTT message"
+    );
+
+    // A device on HTTP does not carry reports.
+    let http_dev = Device::builder(f.srv.url(), "ota-m", &secret)
+        .transport(Transport::Http)
+        .build()
+        .await
+        .unwrap();
+    assert!(!f.updater("ota-m", &secret, HARDWARE).report_over(&http_dev));
+    http_dev.close().await;
+    watcher.abort();
 }

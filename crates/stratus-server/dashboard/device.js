@@ -57,7 +57,7 @@ export function deviceView(root, { arg: id, liveStatus }) {
   const desiredMsg = h('p', { id: 'desired-msg', role: 'status' });
   const reported = h('pre', { id: 'reported-config', class: 'code', tabindex: '0' }, '—');
   const reportedMeta = h('p', { class: 'muted', id: 'reported-meta' });
-  const firmware = h('pre', { id: 'firmware-state', class: 'code', tabindex: '0' }, '—');
+  const firmware = h('div', { id: 'firmware-state' }, h('p', { class: 'muted' }, '—'));
   const alarms = h('ul', { id: 'device-alarms', class: 'plain' });
   const error = h('p', { class: 'error', role: 'alert' });
 
@@ -245,13 +245,31 @@ export function deviceView(root, { arg: id, liveStatus }) {
     }
   }
 
+  /** The device's firmware state as the firmware service keeps it: {firmware, version,
+   *  campaign, state, reason, updated_at, installed_version}. */
+  function showFirmware(fw) {
+    if (!fw) {
+      fill(firmware, h('p', { class: 'muted' }, 'No firmware assigned or reported.'));
+      return;
+    }
+    const row = (k, v) => (v === null || v === undefined ? [] : [h('dt', {}, k), h('dd', {}, v)]);
+    fill(firmware, h('dl', { class: 'facts' },
+      row('State', h('span', { class: `badge fw-${fw.state}`, 'data-state': fw.state }, show(fw.state))),
+      row('Version', fw.version),
+      row('Installed version', fw.installed_version),
+      row('Campaign', fw.campaign),
+      row('Reason', fw.reason),
+      row('Updated', fw.updated_at ? when(fw.updated_at) : null),
+      row('Firmware id', fw.firmware ? h('span', { class: 'mono ellipsis', title: fw.firmware }, fw.firmware) : null)));
+  }
+
   async function loadDevice(first = false) {
     try {
       device = await get(`/api/v1/devices/${enc}`);
       showStatus(device.online, device.last_seen);
       showDesired(device.desired, first);
       showReported(device.reported);
-      firmware.textContent = device.firmware ? JSON.stringify(device.firmware, null, 2) : 'No firmware state reported.';
+      showFirmware(device.firmware);
     } catch (e) {
       if (e.status === 403) {
         // A telemetry:read client: the registry is not readable, the desired config is.
@@ -320,7 +338,8 @@ export function deviceView(root, { arg: id, liveStatus }) {
     } else if (ev.type === 'device_status' && ev.device === id) {
       showStatus(ev.online, ev.last_seen);
     } else if (ev.type === 'firmware' && ev.device === id) {
-      firmware.textContent = JSON.stringify(ev, null, 2);
+      // The event names the firmware and the state; the registry has the versions too.
+      loadDevice(false);
     } else if (ev.type === 'alarm') {
       loadAlarms();
     }

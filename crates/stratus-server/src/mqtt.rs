@@ -484,13 +484,6 @@ impl Driver {
                     let _ = tx.send(result);
                 });
             }
-            Some("/firmware") => {
-                // The assignment notice is the cloud's to publish: a device cannot retain
-                // (or forge) its own.
-                let _ = tx.send(Err(Rejected::Store(StoreError::Invalid(
-                    "devices/{id}/firmware is published by the server".into(),
-                ))));
-            }
             Some("/firmware/status") => {
                 // A firmware status report (a word or JSON), kept like the HTTP and CoAP ones.
                 let store = self.ctx.auth.store().clone();

@@ -2,7 +2,10 @@
 //! (SPEC "MQTT topics"): a device only under `devices/{its id}/`; an application with
 //! `telemetry:read` also receives `devices/+/telemetry`; anonymous clients and other
 //! applications stay outside `devices/`; admins and TLS client-certificate identities may use
-//! any topic. Nobody publishes to `$` topics. The config's topic ACL rules apply on top.
+//! any topic. Nobody publishes to `$` topics, and a device does not publish to its
+//! cloud → device topics (`devices/{id}/config`, `devices/{id}/firmware`: the desired config
+//! and the firmware notice are the server's to retain). The config's topic ACL rules apply
+//! on top.
 
 use stratus_mqtt::topic::{filter_covers, matches};
 
@@ -24,6 +27,9 @@ pub enum Policy {
 }
 
 const TELEMETRY_FILTER: &str = "devices/+/telemetry";
+
+/// The topics under `devices/{id}` that only the cloud publishes (SPEC "MQTT topics").
+const CLOUD_TO_DEVICE: [&str; 2] = ["/config", "/firmware"];
 
 fn under_devices(topic: &str) -> bool {
     topic == "devices" || topic.starts_with("devices/")
@@ -59,7 +65,7 @@ impl Policy {
             Policy::Device(id) => topic
                 .strip_prefix("devices/")
                 .and_then(|rest| rest.strip_prefix(id.as_str()))
-                .is_some_and(|rest| rest.starts_with('/')),
+                .is_some_and(|rest| rest.starts_with('/') && !CLOUD_TO_DEVICE.contains(&rest)),
         }
     }
 
@@ -114,6 +120,11 @@ mod tests {
         assert!(!p.may_publish("devices/d10/telemetry"));
         assert!(!p.may_publish("devices/d1"));
         assert!(!p.may_publish("other"));
+        // The cloud → device topics are the server's; their device → cloud neighbours are not.
+        assert!(!p.may_publish("devices/d1/config"));
+        assert!(!p.may_publish("devices/d1/firmware"));
+        assert!(p.may_publish("devices/d1/config/reported"));
+        assert!(p.may_publish("devices/d1/firmware/status"));
         assert!(p.may_subscribe("devices/d1/config"));
         assert!(p.may_subscribe("devices/d1/#"));
         assert!(!p.may_subscribe("devices/+/config"));
