@@ -22,7 +22,19 @@ from stratus_server import clean_env, stratus_bin
 
 ADMIN_SECRET = "s3cret"
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
-DEVICE_KEYS = {"id", "attributes", "created_at", "last_seen", "desired", "reported", "firmware"}
+DEVICE_KEYS = {
+    "id",
+    "attributes",
+    "created_at",
+    "last_seen",
+    "desired",
+    "reported",
+    "firmware",
+    # connectivity and alarms (rules engine)
+    "online",
+    "last_seen_ms",
+    "open_alarms",
+}
 
 
 class Api:
