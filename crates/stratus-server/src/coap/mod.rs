@@ -523,17 +523,7 @@ impl Driver {
                 observer,
                 device,
             } => {
-                let fresher = match self.firmware_reads.get_mut(&device) {
-                    Some((n, newest)) => {
-                        *n -= 1;
-                        let fresher = newest.clone();
-                        if *n == 0 {
-                            self.firmware_reads.remove(&device);
-                        }
-                        fresher
-                    }
-                    None => None,
-                };
+                let fresher = finish_read(&mut self.firmware_reads, &device);
                 let observing = observer.is_some() && response.code.is_success();
                 let sent = response.payload.clone();
                 self.respond(now, exchange, response);
@@ -553,17 +543,7 @@ impl Driver {
                 device,
                 version,
             } => {
-                let fresher = match self.config_reads.get_mut(&device) {
-                    Some((n, newest)) => {
-                        *n -= 1;
-                        let fresher = newest.clone();
-                        if *n == 0 {
-                            self.config_reads.remove(&device);
-                        }
-                        fresher
-                    }
-                    None => None,
-                };
+                let fresher = finish_read(&mut self.config_reads, &device);
                 let observing = observer.is_some() && response.code.is_success();
                 self.respond(now, exchange, response);
                 let Some(o) = observer.filter(|_| observing) else {
@@ -797,6 +777,18 @@ fn multicast_may_send(data: &[u8]) -> bool {
         }
         _ => false,
     }
+}
+
+/// One store read of `device`'s observable document finished: counts it off the reads in flight
+/// and returns the newest document published while it ran, if any.
+fn finish_read(reads: &mut HashMap<String, (usize, Option<Bytes>)>, device: &str) -> Option<Bytes> {
+    let (n, newest) = reads.get_mut(device)?;
+    *n -= 1;
+    let fresher = newest.clone();
+    if *n == 0 {
+        reads.remove(device);
+    }
+    fresher
 }
 
 #[cfg(test)]
