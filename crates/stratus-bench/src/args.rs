@@ -325,10 +325,7 @@ impl CoapArgs {
             Some(url) => loopback_coap_url(url)?,
             None => SocketAddr::new(http_addr.ip(), 5683),
         };
-        let admin_secret = match self.admin_secret.as_deref().map(str::trim) {
-            Some(s) if !s.is_empty() => s.to_string(),
-            _ => read_secret_file(&self.admin_secret_file)?,
-        };
+        let admin_secret = admin_secret(self.admin_secret.as_deref(), &self.admin_secret_file)?;
         Ok(CoapPlan {
             http_addr,
             base_url: self.server.trim_end_matches('/').to_string(),
@@ -464,10 +461,7 @@ impl HttpArgs {
     pub fn plan(&self) -> Result<HttpPlan, UsageError> {
         let addr = loopback_http_url(&self.server)?;
         check_scale_and_timeout(self.scale, self.timeout)?;
-        let admin_secret = match self.admin_secret.as_deref().map(str::trim) {
-            Some(s) if !s.is_empty() => s.to_string(),
-            _ => read_secret_file(&self.admin_secret_file)?,
-        };
+        let admin_secret = admin_secret(self.admin_secret.as_deref(), &self.admin_secret_file)?;
         let scenarios = match self.scenario {
             HttpScenarioArg::All => HttpScenario::ALL.to_vec(),
             HttpScenarioArg::IngestBatch => vec![HttpScenario::IngestBatch],
@@ -485,6 +479,15 @@ impl HttpArgs {
             timeout: Duration::from_secs_f64(self.timeout),
             rules: self.rules,
         })
+    }
+}
+
+/// The admin secret: `--admin-secret` (or its environment variable) when set and not blank,
+/// otherwise the first line of the secret file.
+fn admin_secret(given: Option<&str>, file: &std::path::Path) -> Result<String, UsageError> {
+    match given.map(str::trim) {
+        Some(s) if !s.is_empty() => Ok(s.to_string()),
+        _ => read_secret_file(file),
     }
 }
 
