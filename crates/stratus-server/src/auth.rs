@@ -223,27 +223,19 @@ pub fn new_secret() -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
-/// Runs argon2 into `out` with a working memory reused per thread: allocating and freeing the
-/// 19 MiB buffer for every hash let glibc raise its mmap threshold and keep the freed buffers in
-/// its heaps (the server grew by ~1.7 MiB per registered device); reused, each argon2 thread
-/// holds one buffer for good.
+/// Runs argon2 into `out` with a working memory (19 MiB with the default parameters) allocated
+/// for this hash and freed after it. Large enough that the allocator maps it from the kernel and
+/// unmaps it on free (`stratus` pins glibc's mmap threshold at start-up, see its `main.rs`), so
+/// no hash leaves memory behind: an earlier per-thread cache kept 19 MiB per thread that ever
+/// hashed, the start-up admin hash alone doubled the idle server's RSS.
 fn argon2_into(
     argon2: &Argon2<'_>,
     secret: &[u8],
     salt: &[u8],
     out: &mut [u8],
 ) -> Result<(), argon2::Error> {
-    thread_local! {
-        static BLOCKS: std::cell::RefCell<Vec<argon2::Block>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    BLOCKS.with(|blocks| {
-        let mut blocks = blocks.borrow_mut();
-        let needed = argon2.params().block_count();
-        if blocks.len() < needed {
-            blocks.resize(needed, argon2::Block::default());
-        }
-        argon2.hash_password_into_with_memory(secret, salt, out, &mut blocks[..needed])
-    })
+    let mut blocks = vec![argon2::Block::default(); argon2.params().block_count()];
+    argon2.hash_password_into_with_memory(secret, salt, out, &mut blocks[..])
 }
 
 /// The argon2id PHC hash of `secret` (default parameters, 16-byte salt, 32-byte output).

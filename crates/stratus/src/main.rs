@@ -7,8 +7,11 @@
 //! `stratus-store` directly. `stratus firmware` signs and verifies with `stratus-firmware`;
 //! its `upload` streams the image from the file into the multipart body (reqwest's `stream`
 //! feature with tokio-util's `ReaderStream`, `futures-util` and `bytes` to chain the parts).
+//! `libc` for one call, glibc's `mallopt`, made first thing in `main` (see `alloc_tuning`).
 
 use std::io::IsTerminal;
+
+use alloc_tuning::pin_mmap_threshold;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -18,6 +21,7 @@ use clap::{Parser, Subcommand};
 use stratus_server::{Config, Overrides, Server};
 
 mod admin;
+mod alloc_tuning;
 mod audit_cmd;
 mod device_cmd;
 mod firmware_cmd;
@@ -81,6 +85,7 @@ struct ServeArgs {
 }
 
 fn main() -> ExitCode {
+    pin_mmap_threshold();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
