@@ -468,6 +468,21 @@ impl Connection {
         self.events.pop_front()
     }
 
+    /// Gives back the memory of queues that are empty now (events, outgoing bytes, pending
+    /// acknowledgements), for a connection about to sit idle: they are allocated again when
+    /// traffic returns.
+    pub fn release_idle_memory(&mut self) {
+        if self.events.is_empty() {
+            self.events = VecDeque::new();
+        }
+        if self.transmit.is_empty() {
+            self.transmit = BytesMut::new();
+        }
+        if self.acks.is_empty() {
+            self.acks = VecDeque::new();
+        }
+    }
+
     /// Counters since the last call.
     pub fn take_stats(&mut self) -> Stats {
         std::mem::take(&mut self.stats)

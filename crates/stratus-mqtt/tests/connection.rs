@@ -905,3 +905,18 @@ fn released_inbound_qos2_ids_are_reported_and_nothing_without_tracking() {
     quiet.send(Packet::PubRel(PubAck::new(6)));
     assert!(session_changes(&quiet.events()).is_empty());
 }
+
+#[test]
+fn an_idle_connection_gives_back_its_queues_and_keeps_working() {
+    let mut h = Harness::connected(Limits::default(), connect_packet("c1"));
+    assert!(h.conn.transmit().capacity() > 0, "CONNACK was written");
+    h.conn.release_idle_memory();
+    assert_eq!(h.conn.transmit().capacity(), 0);
+    // Traffic after the release allocates again and is answered as before.
+    h.send(publish(Some(7), QoS::AtLeastOnce, false));
+    assert!(matches!(h.events().as_slice(), [Event::Publish { .. }]));
+    h.conn.acknowledge(7);
+    assert_eq!(h.received(), vec![Packet::PubAck(PubAck::new(7))]);
+    h.conn.release_idle_memory();
+    assert_eq!(h.conn.transmit().capacity(), 0);
+}

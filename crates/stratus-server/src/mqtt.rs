@@ -170,8 +170,8 @@ struct HeldAck {
 /// authenticated name from the transport (a TLS client certificate's CN), if any.
 pub async fn run_connection<R: MqttRead, W: MqttWrite>(
     ctx: Arc<MqttContext>,
-    mut reader: R,
-    mut writer: W,
+    reader: R,
+    writer: W,
     peer: SocketAddr,
     identity: Option<MqttStr>,
     mut shutdown: watch::Receiver<bool>,
@@ -192,41 +192,26 @@ pub async fn run_connection<R: MqttRead, W: MqttWrite>(
         stored_will: Bytes::new(),
         pending_will: Bytes::new(),
     };
-    let mut rbuf = BytesMut::new();
-    let mut unflushed = false;
+    let mut io = Io {
+        reader,
+        writer,
+        rbuf: BytesMut::new(),
+        unflushed: false,
+    };
     loop {
-        d.handle_events(&mut rbuf).await;
-        if d.conn.is_closed() {
-            break;
-        }
-        let deadline = d.conn.poll_timeout();
-        let wants_write = !d.conn.transmit().is_empty();
-        // Unbiased: a busy mailbox must not starve reading the client's acknowledgements.
-        // (select! drops every future before running a handler, so handlers may mutate `d`.)
-        tokio::select! {
-            _ = crate::stopped(&mut shutdown) => d.conn.close(CloseReason::ServerShutdown),
-            _ = kicked(&mut d.kicked) => d.conn.close(CloseReason::TakenOver),
-            _ = mail(d.client.as_ref().map(|c| &*c.handle)) => d.deliver_mailbox(),
-            _ = std::future::ready(()), if d.more_mail => d.deliver_mailbox(),
-            durable = held_released(d.held_acks.front_mut(), d.ctx.broker.max_queued()) => d.release_held_ack(durable),
-            read = reader.read_into(&mut rbuf), if d.held_qos0 == 0 => match read {
-                Ok(0) | Err(_) => d.conn.close(CloseReason::TransportClosed),
-                Ok(n) => d.received(n, &mut rbuf),
-            },
-            written = write_or_flush(&mut writer, d.conn.pending_transmit()), if wants_write || unflushed => match written {
-                Ok(0) => unflushed = false,
-                Ok(n) => {
-                    d.sent(n);
-                    unflushed = true;
-                }
-                Err(e) => {
-                    tracing::debug!(peer = %d.peer, error = %e, "mqtt write failed");
-                    d.conn.close(CloseReason::TransportClosed);
-                }
-            },
-            _ = sleep_until(deadline) => d.conn.handle_timeout(Instant::now()),
+        // The busy loop is boxed: its select and handler futures (kilobytes) exist only while
+        // there is traffic. A quiet connection is parked in this small frame instead: no read
+        // buffer, no read future, one wait on the socket, its mailbox, a take-over, the
+        // shutdown and its keep-alive deadline.
+        match Box::pin(d.run_busy(&mut io, &mut shutdown)).await {
+            Busy::Closed => break,
+            Busy::Quiet => {
+                io.rbuf = BytesMut::new();
+                d.park(&io.reader, &mut shutdown).await;
+            }
         }
     }
+    let mut writer = io.writer;
     // Flush the last words (CONNACK refusals, SUBACKs) with a bound, then close.
     let last = d.conn.transmit().split().freeze();
     let metrics = d.ctx.broker.metrics.clone();
@@ -246,6 +231,96 @@ pub async fn run_connection<R: MqttRead, W: MqttWrite>(
     };
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), farewell).await;
     d.finish();
+}
+
+/// A connection's transport halves and what sits between them and the state machine.
+struct Io<R, W> {
+    reader: R,
+    writer: W,
+    /// Bytes read and not yet decoded; empty (no allocation) while the connection is quiet.
+    rbuf: BytesMut,
+    /// Bytes were written since the last flush.
+    unflushed: bool,
+}
+
+/// Why the busy loop returned.
+enum Busy {
+    /// The connection closed.
+    Closed,
+    /// Nothing to read, write, deliver or wait for: the connection can be parked.
+    Quiet,
+}
+
+impl Driver {
+    /// Reads, feeds, routes, delivers and writes until the connection closes or, on a transport
+    /// that can wait without reading, falls quiet.
+    async fn run_busy<R: MqttRead, W: MqttWrite>(
+        &mut self,
+        io: &mut Io<R, W>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Busy {
+        let parks = io.reader.parks();
+        loop {
+            self.handle_events(&mut io.rbuf).await;
+            if self.conn.is_closed() {
+                return Busy::Closed;
+            }
+            let deadline = self.conn.poll_timeout();
+            let wants_write = !self.conn.transmit().is_empty();
+            if parks
+                && !wants_write
+                && !io.unflushed
+                && !self.more_mail
+                && self.held_acks.is_empty()
+                && io.rbuf.is_empty()
+            {
+                return Busy::Quiet;
+            }
+            // Unbiased: a busy mailbox must not starve reading the client's acknowledgements.
+            // (select! drops every future before running a handler, so handlers may mutate `self`.)
+            tokio::select! {
+                _ = crate::stopped(shutdown) => self.conn.close(CloseReason::ServerShutdown),
+                _ = kicked(&mut self.kicked) => self.conn.close(CloseReason::TakenOver),
+                _ = mail(self.client.as_ref().map(|c| &*c.handle)) => self.deliver_mailbox(),
+                _ = std::future::ready(()), if self.more_mail => self.deliver_mailbox(),
+                durable = held_released(self.held_acks.front_mut(), self.ctx.broker.max_queued()) => self.release_held_ack(durable),
+                read = io.reader.read_into(&mut io.rbuf), if self.held_qos0 == 0 => match read {
+                    Ok(0) | Err(_) => self.conn.close(CloseReason::TransportClosed),
+                    Ok(n) => self.received(n, &mut io.rbuf),
+                },
+                written = write_or_flush(&mut io.writer, self.conn.pending_transmit()), if wants_write || io.unflushed => match written {
+                    Ok(0) => io.unflushed = false,
+                    Ok(n) => {
+                        self.sent(n);
+                        io.unflushed = true;
+                    }
+                    Err(e) => {
+                        tracing::debug!(peer = %self.peer, error = %e, "mqtt write failed");
+                        self.conn.close(CloseReason::TransportClosed);
+                    }
+                },
+                _ = sleep_until(deadline) => self.conn.handle_timeout(Instant::now()),
+            }
+        }
+    }
+
+    /// Waits, holding as little as possible, until a quiet connection has something to do:
+    /// input on the socket, mail, a take-over, the shutdown or its next deadline.
+    async fn park<R: MqttRead>(&mut self, reader: &R, shutdown: &mut watch::Receiver<bool>) {
+        self.conn.release_idle_memory();
+        self.held_acks = VecDeque::new();
+        let deadline = self.conn.poll_timeout();
+        tokio::select! {
+            _ = crate::stopped(shutdown) => self.conn.close(CloseReason::ServerShutdown),
+            _ = kicked(&mut self.kicked) => self.conn.close(CloseReason::TakenOver),
+            _ = mail(self.client.as_ref().map(|c| &*c.handle)) => self.deliver_mailbox(),
+            ready = reader.readable() => if let Err(e) = ready {
+                tracing::debug!(peer = %self.peer, error = %e, "mqtt socket failed");
+                self.conn.close(CloseReason::TransportClosed);
+            },
+            _ = sleep_until(deadline) => self.conn.handle_timeout(Instant::now()),
+        }
+    }
 }
 
 /// Writes some of `data`, or when there is nothing left to write, flushes (returning 0).
