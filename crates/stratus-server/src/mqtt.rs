@@ -198,16 +198,17 @@ pub async fn run_connection<R: MqttRead, W: MqttWrite>(
         rbuf: BytesMut::new(),
         unflushed: false,
     };
+    let mut readable = false;
     loop {
         // The busy loop is boxed: its select and handler futures (kilobytes) exist only while
         // there is traffic. A quiet connection is parked in this small frame instead: no read
         // buffer, no read future, one wait on the socket, its mailbox, a take-over, the
         // shutdown and its keep-alive deadline.
-        match Box::pin(d.run_busy(&mut io, &mut shutdown)).await {
+        match Box::pin(d.run_busy(&mut io, &mut shutdown, readable)).await {
             Busy::Closed => break,
             Busy::Quiet => {
                 io.rbuf = BytesMut::new();
-                d.park(&io.reader, &mut shutdown).await;
+                readable = d.park(&io.reader, &mut shutdown).await;
             }
         }
     }
@@ -253,13 +254,16 @@ enum Busy {
 
 impl Driver {
     /// Reads, feeds, routes, delivers and writes until the connection closes or, on a transport
-    /// that can wait without reading, falls quiet.
+    /// that can wait without reading, falls quiet. `readable`: woken by input, so it reads
+    /// before it may call itself quiet.
     async fn run_busy<R: MqttRead, W: MqttWrite>(
         &mut self,
         io: &mut Io<R, W>,
         shutdown: &mut watch::Receiver<bool>,
+        readable: bool,
     ) -> Busy {
         let parks = io.reader.parks();
+        let mut may_park = parks && !readable;
         loop {
             self.handle_events(&mut io.rbuf).await;
             if self.conn.is_closed() {
@@ -267,7 +271,7 @@ impl Driver {
             }
             let deadline = self.conn.poll_timeout();
             let wants_write = !self.conn.transmit().is_empty();
-            if parks
+            if may_park
                 && !wants_write
                 && !io.unflushed
                 && !self.more_mail
@@ -284,9 +288,12 @@ impl Driver {
                 _ = mail(self.client.as_ref().map(|c| &*c.handle)) => self.deliver_mailbox(),
                 _ = std::future::ready(()), if self.more_mail => self.deliver_mailbox(),
                 durable = held_released(self.held_acks.front_mut(), self.ctx.broker.max_queued()) => self.release_held_ack(durable),
-                read = io.reader.read_into(&mut io.rbuf), if self.held_qos0 == 0 => match read {
-                    Ok(0) | Err(_) => self.conn.close(CloseReason::TransportClosed),
-                    Ok(n) => self.received(n, &mut io.rbuf),
+                read = io.reader.read_into(&mut io.rbuf), if self.held_qos0 == 0 => {
+                    may_park = parks;
+                    match read {
+                        Ok(0) | Err(_) => self.conn.close(CloseReason::TransportClosed),
+                        Ok(n) => self.received(n, &mut io.rbuf),
+                    }
                 },
                 written = write_or_flush(&mut io.writer, self.conn.pending_transmit()), if wants_write || io.unflushed => match written {
                     Ok(0) => io.unflushed = false,
@@ -305,8 +312,13 @@ impl Driver {
     }
 
     /// Waits, holding as little as possible, until a quiet connection has something to do:
-    /// input on the socket, mail, a take-over, the shutdown or its next deadline.
-    async fn park<R: MqttRead>(&mut self, reader: &R, shutdown: &mut watch::Receiver<bool>) {
+    /// input on the socket, mail, a take-over, the shutdown or its next deadline. Returns
+    /// whether input woke it.
+    async fn park<R: MqttRead>(
+        &mut self,
+        reader: &R,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> bool {
         self.conn.release_idle_memory();
         self.held_acks = VecDeque::new();
         let deadline = self.conn.poll_timeout();
@@ -314,12 +326,16 @@ impl Driver {
             _ = crate::stopped(shutdown) => self.conn.close(CloseReason::ServerShutdown),
             _ = kicked(&mut self.kicked) => self.conn.close(CloseReason::TakenOver),
             _ = mail(self.client.as_ref().map(|c| &*c.handle)) => self.deliver_mailbox(),
-            ready = reader.readable() => if let Err(e) = ready {
-                tracing::debug!(peer = %self.peer, error = %e, "mqtt socket failed");
-                self.conn.close(CloseReason::TransportClosed);
+            ready = reader.readable() => match ready {
+                Ok(()) => return true,
+                Err(e) => {
+                    tracing::debug!(peer = %self.peer, error = %e, "mqtt socket failed");
+                    self.conn.close(CloseReason::TransportClosed);
+                }
             },
             _ = sleep_until(deadline) => self.conn.handle_timeout(Instant::now()),
         }
+        false
     }
 }
 
