@@ -244,6 +244,10 @@ struct Io<R, W> {
     unflushed: bool,
 }
 
+/// How long a connection stays in its busy loop after it fell quiet before it is parked: a
+/// client that talks several times a second never pays for parking and waking.
+const PARK_AFTER: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Why the busy loop returned.
 enum Busy {
     /// The connection closed.
@@ -264,12 +268,14 @@ impl Driver {
     ) -> Busy {
         let parks = io.reader.parks();
         let mut may_park = parks && !readable;
+        // When the connection last became quiet; it parks once that lasted PARK_AFTER.
+        let mut quiet_since: Option<Instant> = None;
         loop {
             self.handle_events(&mut io.rbuf).await;
             if self.conn.is_closed() {
                 return Busy::Closed;
             }
-            let deadline = self.conn.poll_timeout();
+            let mut deadline = self.conn.poll_timeout();
             let wants_write = !self.conn.transmit().is_empty();
             if may_park
                 && !wants_write
@@ -278,18 +284,29 @@ impl Driver {
                 && self.held_acks.is_empty()
                 && io.rbuf.is_empty()
             {
-                return Busy::Quiet;
+                let now = Instant::now();
+                let park_at = *quiet_since.get_or_insert(now) + PARK_AFTER;
+                if now >= park_at {
+                    return Busy::Quiet;
+                }
+                deadline = Some(deadline.map_or(park_at, |d| d.min(park_at)));
+            } else {
+                quiet_since = None;
             }
             // Unbiased: a busy mailbox must not starve reading the client's acknowledgements.
             // (select! drops every future before running a handler, so handlers may mutate `self`.)
             tokio::select! {
                 _ = crate::stopped(shutdown) => self.conn.close(CloseReason::ServerShutdown),
                 _ = kicked(&mut self.kicked) => self.conn.close(CloseReason::TakenOver),
-                _ = mail(self.client.as_ref().map(|c| &*c.handle)) => self.deliver_mailbox(),
+                _ = mail(self.client.as_ref().map(|c| &*c.handle)) => {
+                    quiet_since = None;
+                    self.deliver_mailbox();
+                }
                 _ = std::future::ready(()), if self.more_mail => self.deliver_mailbox(),
                 durable = held_released(self.held_acks.front_mut(), self.ctx.broker.max_queued()) => self.release_held_ack(durable),
                 read = io.reader.read_into(&mut io.rbuf), if self.held_qos0 == 0 => {
                     may_park = parks;
+                    quiet_since = None;
                     match read {
                         Ok(0) | Err(_) => self.conn.close(CloseReason::TransportClosed),
                         Ok(n) => self.received(n, &mut io.rbuf),
