@@ -291,7 +291,7 @@ pub struct Connection {
     protocol: ProtocolVersion,
     keep_alive: Option<Duration>,
     last_received: Instant,
-    will: Option<LastWill>,
+    will: Option<Box<LastWill>>,
     session: Option<Session>,
     acks: VecDeque<PendingAck>,
     transmit: BytesMut,
@@ -701,7 +701,7 @@ impl Connection {
             self.session_expiry = if connect.clean_session { 0 } else { u32::MAX };
         }
         self.connect_session_expiry = self.session_expiry;
-        self.will = connect.will.clone();
+        self.will = connect.will.clone().map(Box::new);
         self.phase = Phase::Authenticating;
         self.events.push_back(Event::Connect(Box::new(connect)));
     }
@@ -1196,7 +1196,7 @@ impl Connection {
             .filter(|_| was_connected && reason.publishes_will());
         self.events.push_back(Event::Closed {
             reason,
-            will: will.map(|w| Message::from_will(w, now)),
+            will: will.map(|w| Message::from_will(*w, now)),
         });
     }
 }

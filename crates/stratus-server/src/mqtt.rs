@@ -212,11 +212,16 @@ pub async fn run_connection<R: MqttRead, W: MqttWrite>(
             }
         }
     }
-    let mut writer = io.writer;
-    // Flush the last words (CONNACK refusals, SUBACKs) with a bound, then close.
+    // Flush the last words (CONNACK refusals, SUBACKs) with a bound, then close. Boxed like
+    // the busy loop, so its futures take no room in a parked connection's task.
     let last = d.conn.transmit().split().freeze();
-    let metrics = d.ctx.broker.metrics.clone();
-    let farewell = async {
+    Box::pin(farewell(io.writer, last, d.ctx.broker.metrics.clone())).await;
+    d.finish();
+}
+
+/// Writes `last` and closes the transport, for one second at most.
+async fn farewell<W: MqttWrite>(mut writer: W, last: Bytes, metrics: Arc<crate::metrics::Metrics>) {
+    let flush = async {
         let mut rest = &last[..];
         while !rest.is_empty() {
             match writer.write_some(rest).await {
@@ -230,8 +235,7 @@ pub async fn run_connection<R: MqttRead, W: MqttWrite>(
         let _ = writer.flush().await;
         let _ = writer.close().await;
     };
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), farewell).await;
-    d.finish();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), flush).await;
 }
 
 /// A connection's transport halves and what sits between them and the state machine.
