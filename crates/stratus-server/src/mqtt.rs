@@ -638,7 +638,9 @@ impl Driver {
     async fn handle_events(&mut self, rbuf: &mut BytesMut) {
         while let Some(event) = self.conn.poll_event() {
             match event {
-                Event::Connect(connect) => self.handle_connect(*connect, rbuf).await,
+                // Boxed, like the subscribe below: their awaits (argon2, the store) are rare and
+                // large, and would otherwise size every connection's busy loop.
+                Event::Connect(connect) => Box::pin(self.handle_connect(*connect, rbuf)).await,
                 Event::Publish { message, packet_id } => {
                     let Some(message) = self.device_message(message, packet_id) else {
                         continue;
@@ -678,7 +680,7 @@ impl Driver {
                         self.ctx.broker.store_session_change(&c.handle, change);
                     }
                 }
-                Event::Subscribe(sub) => self.handle_subscribe(sub).await,
+                Event::Subscribe(sub) => Box::pin(self.handle_subscribe(sub)).await,
                 Event::Unsubscribe(filters) => {
                     if let Some(c) = &self.client {
                         for f in &filters {
