@@ -40,13 +40,16 @@
 //!   AGPL-licensed and its errors carry no position.
 //! - `reqwest` (already in the workspace): the webhook client, with timeouts and rustls.
 
+pub mod batch;
 pub mod condition;
 pub mod engine;
+mod index;
 pub mod service;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as Json};
 
+pub use batch::Batch;
 pub use condition::{Condition, ConditionError};
 pub use engine::Engine;
 pub use service::Rules;
