@@ -292,6 +292,7 @@ impl Engine {
         let mut candidates: Vec<u32> = Vec::new();
         let mut rates: Vec<(u32, f64)> = Vec::new();
         let mut read: Vec<u64> = vec![0; index.words()];
+        let mut has_tracks = self.tracks.contains_key(device);
         for record in batch.records() {
             candidates.clear();
             rates.clear();
@@ -328,7 +329,11 @@ impl Engine {
                 continue;
             }
             // The rules with state for the device follow every record they read.
-            let tracked = self.tracks.get(device).filter(|t| !t.is_empty());
+            let tracked = if has_tracks {
+                self.tracks.get(device).filter(|t| !t.is_empty())
+            } else {
+                None
+            };
             if slotted == 1 && tracked.is_none() {
                 evaluations += index.reader_count(last_slot);
             } else {
@@ -395,6 +400,7 @@ impl Engine {
                     effects.push(e);
                 }
             }
+            has_tracks = self.tracks.contains_key(device);
         }
         if rated.iter().any(|r| *r) {
             let known = match self.previous.get_mut(device) {
@@ -952,22 +958,30 @@ mod tests {
             let mut conditions = Vec::new();
             for i in 0..30 {
                 let source = random_condition(&mut g, 3);
-                let r = rule(json!({"id": format!("r{i:02}"), "condition": source}));
+                let for_s = [0, 0, 1, 2][i % 4];
+                let r =
+                    rule(json!({"id": format!("r{i:02}"), "condition": source, "for_s": for_s}));
                 fast_rules += usize::from(r.condition.as_ref().unwrap().is_fast());
-                conditions.push((format!("r{i:02}"), r.condition.clone().unwrap()));
+                conditions.push((
+                    format!("r{i:02}"),
+                    r.condition.clone().unwrap(),
+                    for_s * 1000,
+                ));
                 e.put_rule(r);
             }
             let mut rate_keys: Vec<String> = conditions
                 .iter()
-                .flat_map(|(_, c)| c.rate_keys().iter().cloned())
+                .flat_map(|(_, c, _)| c.rate_keys().iter().cloned())
                 .collect();
             rate_keys.sort();
             rate_keys.dedup();
             // The reference: open (device, rule) pairs and each device's previous values.
-            let mut open: std::collections::BTreeSet<(String, String)> = Default::default();
+            // (device, rule) → since when it holds, and whether it fired.
+            let mut state: HashMap<(String, String), (i64, bool)> = HashMap::new();
             let mut previous: HashMap<(String, String), (i64, f64)> = HashMap::new();
             let mut ts = 1_000i64;
             for message in 0..30 {
+                let now = message * 700;
                 let device = ["d1", "d2"][g.below(2)].to_owned();
                 let n = 1 + g.below(4);
                 let mut records = Vec::new();
@@ -1000,7 +1014,7 @@ mod tests {
                             }
                         }
                     }
-                    for (id, c) in &conditions {
+                    for (id, c, due) in &conditions {
                         if !c.reads_any(values) {
                             continue;
                         }
@@ -1011,14 +1025,20 @@ mod tests {
                         }
                         let pair = (device.clone(), id.clone());
                         if holds {
-                            open.insert(pair);
+                            let (since, fired) = state.entry(pair).or_insert((now, false));
+                            *fired |= now - *since >= *due;
                         } else {
-                            open.remove(&pair);
+                            state.remove(&pair);
                         }
                     }
                 }
                 let batch = Batch::from_maps(records.iter().map(|(t, v)| (*t, v)));
-                let (_, evaluations) = e.on_records(&device, &batch, message);
+                let (_, evaluations) = e.on_records(&device, &batch, now);
+                let open: std::collections::BTreeSet<(String, String)> = state
+                    .iter()
+                    .filter(|(_, (_, fired))| *fired)
+                    .map(|(pair, _)| pair.clone())
+                    .collect();
                 let got: std::collections::BTreeSet<(String, String)> = e
                     .open_alarms()
                     .map(|a| (a.device.clone(), a.rule.clone()))
@@ -1029,7 +1049,7 @@ mod tests {
                     "round {round} message {message}: {records:?}\nrules {:?}",
                     conditions
                         .iter()
-                        .map(|(i, c)| (i, c.source()))
+                        .map(|(i, c, _)| (i, c.source()))
                         .collect::<Vec<_>>()
                 );
                 assert_eq!(evaluations, expected_evaluations);

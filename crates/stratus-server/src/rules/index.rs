@@ -126,14 +126,17 @@ impl Atoms {
 
     /// Adds the rules of the comparisons true for the number `v` to `out`.
     fn true_for(&self, v: f64, out: &mut Vec<u32>) {
-        let n = self
-            .above
-            .partition_point(|&(c, strict, _)| c < v || (c == v && !strict));
-        out.extend(self.above[..n].iter().map(|a| a.2));
-        let n = self
-            .below
-            .partition_point(|&(c, strict, _)| c > v || (c == v && !strict));
-        out.extend(self.below[..n].iter().map(|a| a.2));
+        let above = |&(c, strict, _): &(f64, bool, u32)| c < v || (c == v && !strict);
+        // The usual case, a value below every threshold, costs one comparison.
+        if self.above.first().is_some_and(above) {
+            let n = self.above.partition_point(above);
+            out.extend(self.above[..n].iter().map(|a| a.2));
+        }
+        let below = |&(c, strict, _): &(f64, bool, u32)| c > v || (c == v && !strict);
+        if self.below.first().is_some_and(below) {
+            let n = self.below.partition_point(below);
+            out.extend(self.below[..n].iter().map(|a| a.2));
+        }
         if !self.equal.is_empty() {
             let from = self.equal.partition_point(|&(c, _)| c < v);
             let to = self.equal.partition_point(|&(c, _)| c <= v);
