@@ -467,12 +467,15 @@ impl Engine {
     ) -> Option<Effect> {
         if holds {
             let due = rule.def.for_s.saturating_mul(1000) as i64;
-            let t = self
-                .tracks
-                .entry(device.to_owned())
-                .or_default()
-                .entry(rule.id.clone())
-                .or_default();
+            // A rule that keeps holding finds its track without allocating.
+            if !self.tracks.contains_key(device) {
+                self.tracks.insert(device.to_owned(), HashMap::new());
+            }
+            let inner = self.tracks.get_mut(device)?;
+            if !inner.contains_key(rule.id.as_str()) {
+                inner.insert(rule.id.clone(), Track::default());
+            }
+            let t = inner.get_mut(rule.id.as_str())?;
             let since = *t.since.get_or_insert(now);
             if t.alarm.is_none() {
                 t.values = record.to_map();
