@@ -53,8 +53,8 @@ impl Effect {
 struct Track {
     /// Since when the condition holds (ms), if it does.
     since: Option<i64>,
-    /// The values that last made it hold.
-    values: Map<String, Json>,
+    /// The values that last made it hold (shared by the rules that held for one record).
+    values: Arc<Map<String, Json>>,
     /// The open alarm while the rule has fired.
     alarm: Option<Alarm>,
 }
@@ -77,6 +77,35 @@ pub struct Engine {
     /// The indexes built for `generation`, by the identity of their rules.
     indexes: (u64, HashMap<Vec<usize>, Arc<Index>>),
     generation: u64,
+}
+
+/// A device's state of the rules of its index during one message: `(position, rule id,
+/// state)`, few per device.
+#[derive(Default)]
+struct Tracks(Vec<(u32, String, Track)>);
+
+impl Tracks {
+    fn get_or_insert(&mut self, pos: u32, rule: &CompiledRule) -> &mut Track {
+        let i = match self.0.iter().position(|t| t.0 == pos) {
+            Some(i) => i,
+            None => {
+                self.0.push((pos, rule.id.clone(), Track::default()));
+                self.0.len() - 1
+            }
+        };
+        &mut self.0[i].2
+    }
+
+    fn remove(&mut self, pos: u32) -> Option<Track> {
+        let i = self.0.iter().position(|t| t.0 == pos)?;
+        Some(self.0.swap_remove(i).2)
+    }
+}
+
+/// Whether bit `pos` of a rule bit set is set.
+fn bit(bits: &[u64], pos: u32) -> bool {
+    bits.get(pos as usize / 64)
+        .is_some_and(|w| w & (1 << (pos % 64)) != 0)
 }
 
 /// The expression rules that select a device.
@@ -290,9 +319,26 @@ impl Engine {
         }
         let mut evaluations = 0;
         let mut candidates: Vec<u32> = Vec::new();
+        let mut marked: Vec<u64> = vec![0; index.words()];
         let mut rates: Vec<(u32, f64)> = Vec::new();
         let mut read: Vec<u64> = vec![0; index.words()];
-        let mut has_tracks = self.tracks.contains_key(device);
+        // The device's state of the indexed rules, taken out for the message (no lookup by
+        // device and rule id per record), put back at the end.
+        let (device_key, mut others) = match self.tracks.remove_entry(device) {
+            Some((k, m)) => (Some(k), m),
+            None => (None, HashMap::new()),
+        };
+        let mut tracks = Tracks::default();
+        if !others.is_empty() {
+            for (id, t) in std::mem::take(&mut others) {
+                match index.position(&id) {
+                    Some(pos) => tracks.0.push((pos, id, t)),
+                    None => {
+                        others.insert(id, t);
+                    }
+                }
+            }
+        }
         for record in batch.records() {
             candidates.clear();
             rates.clear();
@@ -329,12 +375,7 @@ impl Engine {
                 continue;
             }
             // The rules with state for the device follow every record they read.
-            let tracked = if has_tracks {
-                self.tracks.get(device).filter(|t| !t.is_empty())
-            } else {
-                None
-            };
-            if slotted == 1 && tracked.is_none() {
+            if slotted == 1 && tracks.0.is_empty() {
                 evaluations += index.reader_count(last_slot);
             } else {
                 read.iter_mut().for_each(|w| *w = 0);
@@ -344,28 +385,35 @@ impl Engine {
                     }
                 }
                 evaluations += read.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
-                for rule in tracked.into_iter().flat_map(HashMap::keys) {
-                    if let Some(pos) = index.position(rule) {
-                        if read
-                            .get(pos as usize / 64)
-                            .is_some_and(|w| w & (1 << (pos % 64)) != 0)
-                        {
-                            candidates.push(pos);
-                        }
+                for &(pos, _, _) in &tracks.0 {
+                    if bit(&read, pos) {
+                        candidates.push(pos);
                     }
                 }
             }
             if candidates.is_empty() {
                 continue;
             }
-            candidates.sort_unstable();
-            candidates.dedup();
+            // In rule order, once each.
+            for &pos in &candidates {
+                if let Some(w) = marked.get_mut(pos as usize / 64) {
+                    *w |= 1 << (pos % 64);
+                }
+            }
+            candidates.clear();
+            for (i, w) in marked.iter_mut().enumerate() {
+                while *w != 0 {
+                    candidates.push(i as u32 * 64 + w.trailing_zeros());
+                    *w &= *w - 1;
+                }
+            }
             let view = View {
                 record: &record,
                 slots: &slots,
                 rates: &rates,
             };
             let mut cel: Option<Vec<bool>> = None;
+            let mut values: Option<Arc<Map<String, Json>>> = None;
             for (i, &pos) in candidates.iter().enumerate() {
                 let Some(rule) = index.rules().get(pos as usize) else {
                     continue;
@@ -396,11 +444,49 @@ impl Engine {
                         all.get(i).copied().unwrap_or(false)
                     }
                 };
-                if let Some(e) = self.apply(rule, device, holds, &record, now) {
-                    effects.push(e);
-                }
+                let effect = if holds {
+                    let t = tracks.get_or_insert(pos, rule);
+                    let since = *t.since.get_or_insert(now);
+                    if t.alarm.is_none() {
+                        t.values = values
+                            .get_or_insert_with(|| Arc::new(record.to_map()))
+                            .clone();
+                        let due = rule.def.for_s.saturating_mul(1000) as i64;
+                        if now - since >= due {
+                            let alarm = new_alarm(
+                                &self.id_prefix,
+                                &mut self.next_id,
+                                rule,
+                                device,
+                                &t.values,
+                                now,
+                            );
+                            t.alarm = Some(alarm.clone());
+                            Some(Effect::Fired {
+                                rule: rule.clone(),
+                                alarm,
+                            })
+                        } else {
+                            None
+                        }
+                    } else {
+                        None
+                    }
+                } else {
+                    tracks
+                        .remove(pos)
+                        .and_then(|t| t.alarm)
+                        .map(|alarm| clear(rule, alarm, now))
+                };
+                effects.extend(effect);
             }
-            has_tracks = self.tracks.contains_key(device);
+        }
+        for (_, id, t) in tracks.0 {
+            others.insert(id, t);
+        }
+        if !others.is_empty() {
+            self.tracks
+                .insert(device_key.unwrap_or_else(|| device.to_owned()), others);
         }
         if rated.iter().any(|r| *r) {
             let known = match self.previous.get_mut(device) {
@@ -454,56 +540,6 @@ impl Engine {
             },
         );
         index
-    }
-
-    /// Applies whether `rule` holds for `device` now.
-    fn apply(
-        &mut self,
-        rule: &Arc<CompiledRule>,
-        device: &str,
-        holds: bool,
-        record: &Record<'_>,
-        now: i64,
-    ) -> Option<Effect> {
-        if holds {
-            let due = rule.def.for_s.saturating_mul(1000) as i64;
-            // A rule that keeps holding finds its track without allocating.
-            if !self.tracks.contains_key(device) {
-                self.tracks.insert(device.to_owned(), HashMap::new());
-            }
-            let inner = self.tracks.get_mut(device)?;
-            if !inner.contains_key(rule.id.as_str()) {
-                inner.insert(rule.id.clone(), Track::default());
-            }
-            let t = inner.get_mut(rule.id.as_str())?;
-            let since = *t.since.get_or_insert(now);
-            if t.alarm.is_none() {
-                t.values = record.to_map();
-                if now - since >= due {
-                    let alarm = new_alarm(
-                        &self.id_prefix,
-                        &mut self.next_id,
-                        rule,
-                        device,
-                        &t.values,
-                        now,
-                    );
-                    t.alarm = Some(alarm.clone());
-                    return Some(Effect::Fired {
-                        rule: rule.clone(),
-                        alarm,
-                    });
-                }
-            }
-            None
-        } else {
-            let inner = self.tracks.get_mut(device)?;
-            let t = inner.remove(rule.id.as_str())?;
-            if inner.is_empty() {
-                self.tracks.remove(device);
-            }
-            t.alarm.map(|alarm| clear(rule, alarm, now))
-        }
     }
 
     /// The timer: fires rules held for their `for_s`, and silent rules.
@@ -959,7 +995,8 @@ mod tests {
         for round in 0..40 {
             let mut e = Engine::new("a-");
             let mut conditions = Vec::new();
-            for i in 0..30 {
+            // Past 64 rules the rule bit sets take two words.
+            for i in 0..[30, 70][round % 2] {
                 let source = random_condition(&mut g, 3);
                 let for_s = [0, 0, 1, 2][i % 4];
                 let r =
@@ -1062,6 +1099,35 @@ mod tests {
             fast_rules > 300,
             "the fast path was exercised: {fast_rules}"
         );
+    }
+
+    #[test]
+    fn the_state_of_a_rule_that_no_longer_selects_the_device_is_kept() {
+        let mut e = Engine::new("a-");
+        e.put_rule(rule(
+            json!({"id": "a", "condition": "t > 1", "selector": {"attributes": {"site": "x"}}}),
+        ));
+        e.put_rule(rule(json!({"id": "b", "condition": "t > 5"})));
+        e.set_attributes("d", json!({"site": "x"}));
+        let fx = e.on_record("d", 0, &rec(json!({"t": 2})), 1).0;
+        assert_eq!(kinds(&fx), [("fired", "a".into(), "d".into())]);
+        e.set_attributes("d", json!({"site": "y"}));
+        let fx = e.on_record("d", 1, &rec(json!({"t": 6})), 2).0;
+        assert_eq!(kinds(&fx), [("fired", "b".into(), "d".into())]);
+        assert_eq!(
+            e.on_record("d", 2, &rec(json!({"t": 0})), 3).0.len(),
+            1,
+            "b clears"
+        );
+        assert_eq!(
+            e.open_alarms().count(),
+            1,
+            "a is not evaluated but stays open"
+        );
+        e.set_attributes("d", json!({"site": "x"}));
+        let fx = e.on_record("d", 3, &rec(json!({"t": 0})), 4).0;
+        assert_eq!(kinds(&fx), [("cleared", "a".into(), "d".into())]);
+        assert_eq!(e.open_alarms().count(), 0);
     }
 
     #[test]
