@@ -80,25 +80,51 @@ pub struct Engine {
 }
 
 /// A device's state of the rules of its index during one message: `(position, rule id,
-/// state)`, few per device.
-#[derive(Default)]
-struct Tracks(Vec<(u32, String, Track)>);
+/// state)`, and where each position's entry is.
+struct Tracks {
+    list: Vec<(u32, String, Track)>,
+    at: Vec<u32>,
+}
 
 impl Tracks {
-    fn get_or_insert(&mut self, pos: u32, rule: &CompiledRule) -> &mut Track {
-        let i = match self.0.iter().position(|t| t.0 == pos) {
-            Some(i) => i,
-            None => {
-                self.0.push((pos, rule.id.clone(), Track::default()));
-                self.0.len() - 1
-            }
-        };
-        &mut self.0[i].2
+    const NONE: u32 = u32::MAX;
+
+    fn new(rules: usize) -> Tracks {
+        Tracks {
+            list: Vec::new(),
+            at: vec![Tracks::NONE; rules],
+        }
+    }
+
+    fn insert(&mut self, pos: u32, id: String, track: Track) {
+        if let Some(at) = self.at.get_mut(pos as usize) {
+            *at = self.list.len() as u32;
+            self.list.push((pos, id, track));
+        }
+    }
+
+    fn get_or_insert(&mut self, pos: u32, rule: &CompiledRule) -> Option<&mut Track> {
+        let i = *self.at.get(pos as usize)?;
+        if i == Tracks::NONE {
+            self.insert(pos, rule.id.clone(), Track::default());
+            return self.list.last_mut().map(|t| &mut t.2);
+        }
+        self.list.get_mut(i as usize).map(|t| &mut t.2)
     }
 
     fn remove(&mut self, pos: u32) -> Option<Track> {
-        let i = self.0.iter().position(|t| t.0 == pos)?;
-        Some(self.0.swap_remove(i).2)
+        let at = self.at.get_mut(pos as usize)?;
+        let i = std::mem::replace(at, Tracks::NONE) as usize;
+        if i >= self.list.len() {
+            return None;
+        }
+        let (_, _, track) = self.list.swap_remove(i);
+        if let Some(moved) = self.list.get(i) {
+            if let Some(at) = self.at.get_mut(moved.0 as usize) {
+                *at = i as u32;
+            }
+        }
+        Some(track)
     }
 }
 
@@ -328,11 +354,11 @@ impl Engine {
             Some((k, m)) => (Some(k), m),
             None => (None, HashMap::new()),
         };
-        let mut tracks = Tracks::default();
+        let mut tracks = Tracks::new(index.rules().len());
         if !others.is_empty() {
             for (id, t) in std::mem::take(&mut others) {
                 match index.position(&id) {
-                    Some(pos) => tracks.0.push((pos, id, t)),
+                    Some(pos) => tracks.insert(pos, id, t),
                     None => {
                         others.insert(id, t);
                     }
@@ -375,7 +401,7 @@ impl Engine {
                 continue;
             }
             // The rules with state for the device follow every record they read.
-            if slotted == 1 && tracks.0.is_empty() {
+            if slotted == 1 && tracks.list.is_empty() {
                 evaluations += index.reader_count(last_slot);
             } else {
                 read.iter_mut().for_each(|w| *w = 0);
@@ -385,7 +411,7 @@ impl Engine {
                     }
                 }
                 evaluations += read.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
-                for &(pos, _, _) in &tracks.0 {
+                for &(pos, _, _) in &tracks.list {
                     if bit(&read, pos) {
                         candidates.push(pos);
                     }
@@ -445,7 +471,9 @@ impl Engine {
                     }
                 };
                 let effect = if holds {
-                    let t = tracks.get_or_insert(pos, rule);
+                    let Some(t) = tracks.get_or_insert(pos, rule) else {
+                        continue;
+                    };
                     let since = *t.since.get_or_insert(now);
                     if t.alarm.is_none() {
                         t.values = values
@@ -481,7 +509,7 @@ impl Engine {
                 effects.extend(effect);
             }
         }
-        for (_, id, t) in tracks.0 {
+        for (_, id, t) in tracks.list {
             others.insert(id, t);
         }
         if !others.is_empty() {
