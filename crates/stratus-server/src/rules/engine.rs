@@ -79,10 +79,20 @@ pub struct Engine {
     generation: u64,
 }
 
-/// A device's state of the rules of its index during one message: `(position, rule id,
-/// state)`, and where each position's entry is.
+/// A device's state of one rule of its index during a message.
+struct Entry {
+    pos: u32,
+    id: String,
+    track: Track,
+    /// The last record of the message that made the rule hold (its values become the
+    /// track's at the end of the message), or [`Tracks::NONE`].
+    held: u32,
+}
+
+/// A device's state of the rules of its index during one message, and where each rule
+/// position's entry is.
 struct Tracks {
-    list: Vec<(u32, String, Track)>,
+    list: Vec<Entry>,
     at: Vec<u32>,
 }
 
@@ -99,17 +109,22 @@ impl Tracks {
     fn insert(&mut self, pos: u32, id: String, track: Track) {
         if let Some(at) = self.at.get_mut(pos as usize) {
             *at = self.list.len() as u32;
-            self.list.push((pos, id, track));
+            self.list.push(Entry {
+                pos,
+                id,
+                track,
+                held: Tracks::NONE,
+            });
         }
     }
 
-    fn get_or_insert(&mut self, pos: u32, rule: &CompiledRule) -> Option<&mut Track> {
+    fn get_or_insert(&mut self, pos: u32, rule: &CompiledRule) -> Option<&mut Entry> {
         let i = *self.at.get(pos as usize)?;
         if i == Tracks::NONE {
             self.insert(pos, rule.id.clone(), Track::default());
-            return self.list.last_mut().map(|t| &mut t.2);
+            return self.list.last_mut();
         }
-        self.list.get_mut(i as usize).map(|t| &mut t.2)
+        self.list.get_mut(i as usize)
     }
 
     fn remove(&mut self, pos: u32) -> Option<Track> {
@@ -118,13 +133,45 @@ impl Tracks {
         if i >= self.list.len() {
             return None;
         }
-        let (_, _, track) = self.list.swap_remove(i);
+        let removed = self.list.swap_remove(i);
         if let Some(moved) = self.list.get(i) {
-            if let Some(at) = self.at.get_mut(moved.0 as usize) {
+            if let Some(at) = self.at.get_mut(moved.pos as usize) {
                 *at = i as u32;
             }
         }
-        Some(track)
+        Some(removed.track)
+    }
+
+    /// Gives each rule that held during the message the values of the last record that
+    /// made it hold (one map per such record).
+    fn keep_values(&mut self, batch: &Batch) {
+        let mut wanted: Vec<u32> = self
+            .list
+            .iter()
+            .filter(|e| e.held != Tracks::NONE)
+            .map(|e| e.held)
+            .collect();
+        if wanted.is_empty() {
+            return;
+        }
+        wanted.sort_unstable();
+        wanted.dedup();
+        let mut maps: Vec<(u32, Arc<Map<String, Json>>)> = Vec::with_capacity(wanted.len());
+        let mut next = wanted.iter().peekable();
+        for (i, r) in batch.records().enumerate() {
+            let Some(&&w) = next.peek() else { break };
+            if w == i as u32 {
+                maps.push((w, Arc::new(r.to_map())));
+                next.next();
+            }
+        }
+        for e in &mut self.list {
+            if let Ok(k) = maps.binary_search_by_key(&e.held, |m| m.0) {
+                if let Some((_, m)) = maps.get(k) {
+                    e.track.values = m.clone();
+                }
+            }
+        }
     }
 }
 
@@ -365,7 +412,7 @@ impl Engine {
                 }
             }
         }
-        for record in batch.records() {
+        for (at, record) in batch.records().enumerate() {
             candidates.clear();
             rates.clear();
             let mut slotted = 0;
@@ -411,9 +458,9 @@ impl Engine {
                     }
                 }
                 evaluations += read.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
-                for &(pos, _, _) in &tracks.list {
-                    if bit(&read, pos) {
-                        candidates.push(pos);
+                for e in &tracks.list {
+                    if bit(&read, e.pos) {
+                        candidates.push(e.pos);
                     }
                 }
             }
@@ -471,33 +518,30 @@ impl Engine {
                     }
                 };
                 let effect = if holds {
-                    let Some(t) = tracks.get_or_insert(pos, rule) else {
+                    let Some(e) = tracks.get_or_insert(pos, rule) else {
                         continue;
                     };
+                    let t = &mut e.track;
                     let since = *t.since.get_or_insert(now);
-                    if t.alarm.is_none() {
-                        t.values = values
+                    let due = rule.def.for_s.saturating_mul(1000) as i64;
+                    if t.alarm.is_some() {
+                        None
+                    } else if now - since >= due {
+                        let v = values
                             .get_or_insert_with(|| Arc::new(record.to_map()))
                             .clone();
-                        let due = rule.def.for_s.saturating_mul(1000) as i64;
-                        if now - since >= due {
-                            let alarm = new_alarm(
-                                &self.id_prefix,
-                                &mut self.next_id,
-                                rule,
-                                device,
-                                &t.values,
-                                now,
-                            );
-                            t.alarm = Some(alarm.clone());
-                            Some(Effect::Fired {
-                                rule: rule.clone(),
-                                alarm,
-                            })
-                        } else {
-                            None
-                        }
+                        let alarm =
+                            new_alarm(&self.id_prefix, &mut self.next_id, rule, device, &v, now);
+                        t.values = v;
+                        t.alarm = Some(alarm.clone());
+                        e.held = Tracks::NONE;
+                        Some(Effect::Fired {
+                            rule: rule.clone(),
+                            alarm,
+                        })
                     } else {
+                        // Waiting for `for_s`: the values are kept at the end of the message.
+                        e.held = at as u32;
                         None
                     }
                 } else {
@@ -509,8 +553,9 @@ impl Engine {
                 effects.extend(effect);
             }
         }
-        for (_, id, t) in tracks.list {
-            others.insert(id, t);
+        tracks.keep_values(batch);
+        for e in tracks.list {
+            others.insert(e.id, e.track);
         }
         if !others.is_empty() {
             self.tracks
@@ -1126,6 +1171,42 @@ mod tests {
         assert!(
             fast_rules > 300,
             "the fast path was exercised: {fast_rules}"
+        );
+    }
+
+    #[test]
+    fn a_rule_fired_by_the_timer_reports_the_last_record_that_made_it_hold() {
+        let mut e = Engine::new("a-");
+        e.put_rule(rule(
+            json!({"id": "hot", "condition": "t > 30", "for_s": 10}),
+        ));
+        e.put_rule(rule(
+            json!({"id": "wet", "condition": "u > 1", "for_s": 10}),
+        ));
+        let records: Vec<(i64, Map<String, Json>)> = [
+            json!({"t": 31, "u": 2, "n": 0}),
+            json!({"t": 35, "n": 1}),
+            json!({"u": 3, "n": 2}),
+            json!({"n": 3}),
+        ]
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| (i as i64, rec(v)))
+        .collect();
+        let batch = Batch::from_maps(records.iter().map(|(t, v)| (*t, v)));
+        assert!(e.on_records("d", &batch, 0).0.is_empty());
+        let mut fired: Vec<(String, Json)> = e
+            .tick(10_000)
+            .iter()
+            .map(|f| (f.alarm().rule.clone(), f.alarm().value.clone()))
+            .collect();
+        fired.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            fired,
+            [
+                ("hot".to_string(), json!({"t": 35.0, "n": 1.0})),
+                ("wet".to_string(), json!({"u": 3.0, "n": 2.0})),
+            ]
         );
     }
 
