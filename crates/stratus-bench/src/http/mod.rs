@@ -322,9 +322,12 @@ pub async fn run_plan(plan: &HttpPlan) -> anyhow::Result<Vec<HttpReport>> {
     let rules = install_rules(&ctx, plan.rules, plan.rules_mix, run).await?;
     if plan.format == Format::Text && !rules.is_empty() {
         println!(
-            "rules: {} installed ({:?}); every record is evaluated against all of them",
+            "rules: {} installed ({}); the bench records reach every one of them",
             rules.len(),
-            plan.rules_mix
+            match plan.rules_mix {
+                RulesMix::Never => "never holding",
+                RulesMix::Mixed => "mixed",
+            }
         );
     }
     let mut reports = Vec::new();
