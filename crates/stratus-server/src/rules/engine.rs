@@ -90,10 +90,12 @@ struct Entry {
 }
 
 /// A device's state of the rules of its index during one message, and where each rule
-/// position's entry is.
+/// position's entry is (`at` is filled in at the first entry: a message no rule holds for
+/// allocates nothing here).
 struct Tracks {
     list: Vec<Entry>,
     at: Vec<u32>,
+    rules: usize,
 }
 
 impl Tracks {
@@ -102,11 +104,15 @@ impl Tracks {
     fn new(rules: usize) -> Tracks {
         Tracks {
             list: Vec::new(),
-            at: vec![Tracks::NONE; rules],
+            at: Vec::new(),
+            rules,
         }
     }
 
     fn insert(&mut self, pos: u32, id: String, track: Track) {
+        if self.at.is_empty() {
+            self.at = vec![Tracks::NONE; self.rules];
+        }
         if let Some(at) = self.at.get_mut(pos as usize) {
             *at = self.list.len() as u32;
             self.list.push(Entry {
@@ -119,7 +125,11 @@ impl Tracks {
     }
 
     fn get_or_insert(&mut self, pos: u32, rule: &CompiledRule) -> Option<&mut Entry> {
-        let i = *self.at.get(pos as usize)?;
+        let i = match self.at.get(pos as usize) {
+            Some(i) => *i,
+            None if (pos as usize) < self.rules => Tracks::NONE,
+            None => return None,
+        };
         if i == Tracks::NONE {
             self.insert(pos, rule.id.clone(), Track::default());
             return self.list.last_mut();
