@@ -240,6 +240,22 @@ pub struct HttpArgs {
     /// on the bench devices, never firing): run with and without to see what rules cost.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub rules: u32,
+    /// Which rules `--rules` installs: `never` (thresholds far above the bench values and
+    /// `rate()` joined by `||`: no rule ever holds) or `mixed` (thresholds inside the bench
+    /// values, `&&`/`||`/`!` combinations, `rate()`, `==`, `for_s` of an hour so rules hold
+    /// and stop holding without firing, and a tenth selecting by attributes no bench device
+    /// has).
+    #[arg(long, value_enum, default_value_t = RulesMix::Never)]
+    pub rules_mix: RulesMix,
+}
+
+/// The rules `stratus bench http --rules N` installs.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RulesMix {
+    /// Rules that never hold for the bench records.
+    Never,
+    /// Rules that hold for part of the records.
+    Mixed,
 }
 
 /// Arguments of `stratus bench coap`.
@@ -439,6 +455,8 @@ pub struct HttpPlan {
     pub timeout: Duration,
     /// Rules to install for the run.
     pub rules: u32,
+    /// Which rules.
+    pub rules_mix: RulesMix,
 }
 
 impl fmt::Debug for HttpPlan {
@@ -452,6 +470,7 @@ impl fmt::Debug for HttpPlan {
             .field("format", &self.format)
             .field("timeout", &self.timeout)
             .field("rules", &self.rules)
+            .field("rules_mix", &self.rules_mix)
             .finish()
     }
 }
@@ -478,6 +497,7 @@ impl HttpArgs {
             format: self.format,
             timeout: Duration::from_secs_f64(self.timeout),
             rules: self.rules,
+            rules_mix: self.rules_mix,
         })
     }
 }
@@ -777,6 +797,7 @@ mod tests {
             format: Format::Text,
             timeout: 60.0,
             rules: 0,
+            rules_mix: RulesMix::Never,
         }
     }
 

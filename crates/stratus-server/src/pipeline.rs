@@ -170,35 +170,24 @@ impl Pipeline {
             self.guard
                 .check_message(device, &message, self.config.require_freshness, now)?;
         let records = message.records.len();
-        // The records as JSON, for the rules and the live stream (only when someone reads).
+        // The records for the rules and the live stream, only when someone reads them; built
+        // while the points move to the store (no allocation per record).
         let events = self.broker.events.has_readers();
-        let mut recorded: Vec<(i64, serde_json::Map<String, serde_json::Value>)> =
-            if events || self.rules.is_some() {
-                message
-                    .records
-                    .iter()
-                    .map(|r| {
-                        let values = r
-                            .values
-                            .iter()
-                            .map(|(k, v)| {
-                                let v = match v {
-                                    ingest::Value::Number(n) => serde_json::Value::from(*n),
-                                    ingest::Value::Bool(b) => serde_json::Value::Bool(*b),
-                                    ingest::Value::Text(t) => serde_json::Value::String(t.clone()),
-                                };
-                                (k.to_string(), v)
-                            })
-                            .collect();
-                        (r.ts_ms, values)
-                    })
-                    .collect()
-            } else {
-                Vec::new()
-            };
+        let wanted = events || self.rules.as_ref().is_some_and(|r| r.wants_records());
+        let mut batch = if wanted {
+            crate::rules::Batch::with_capacity(records, message.point_count())
+        } else {
+            crate::rules::Batch::default()
+        };
         let mut points = Vec::with_capacity(message.point_count());
         for r in message.records {
+            if wanted {
+                batch.begin(r.ts_ms);
+            }
             for (key, value) in r.values {
+                if wanted {
+                    batch.push(&key, value.clone());
+                }
                 let value = match value {
                     ingest::Value::Number(n) => StoredValue::Number(n),
                     ingest::Value::Bool(b) => StoredValue::Bool(b),
@@ -226,14 +215,14 @@ impl Pipeline {
             .observe(started.elapsed().as_secs_f64());
         reservation.commit();
         if let Some(rules) = &self.rules {
-            rules.on_records(device, source.label(), &recorded);
+            rules.on_records(device, source.label(), &batch);
         }
         if events {
-            for (ts, values) in recorded.drain(..) {
+            for r in batch.records() {
                 self.broker.events.publish(crate::events::Event::Telemetry {
                     device: device.to_owned(),
-                    ts,
-                    values,
+                    ts: r.ts,
+                    values: r.to_map(),
                 });
             }
         }

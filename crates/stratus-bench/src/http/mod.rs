@@ -24,7 +24,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use hyper::Method;
 
-use crate::args::{Format, HttpPlan, HttpScenario};
+use crate::args::{Format, HttpPlan, HttpScenario, RulesMix};
 use crate::progress::{percentile, Progress};
 use crate::report::{Better, Figure, HttpReport, Target};
 use client::Client;
@@ -319,11 +319,15 @@ pub async fn run_plan(plan: &HttpPlan) -> anyhow::Result<Vec<HttpReport>> {
             began.elapsed().as_secs_f64()
         );
     }
-    let rules = install_rules(&ctx, plan.rules, run).await?;
+    let rules = install_rules(&ctx, plan.rules, plan.rules_mix, run).await?;
     if plan.format == Format::Text && !rules.is_empty() {
         println!(
-            "rules: {} installed; every record is evaluated against all of them",
-            rules.len()
+            "rules: {} installed ({}); the bench records reach every one of them",
+            rules.len(),
+            match plan.rules_mix {
+                RulesMix::Never => "never holding",
+                RulesMix::Mixed => "mixed",
+            }
         );
     }
     let mut reports = Vec::new();
@@ -346,8 +350,9 @@ pub async fn run_plan(plan: &HttpPlan) -> anyhow::Result<Vec<HttpReport>> {
     Ok(reports)
 }
 
-/// Installs `n` rules over the bench series (see `--rules`): the ids installed.
-async fn install_rules(ctx: &Ctx, n: u32, run: u32) -> anyhow::Result<Vec<String>> {
+/// Installs `n` rules over the bench series (see `--rules` and `--rules-mix`): the ids
+/// installed.
+async fn install_rules(ctx: &Ctx, n: u32, mix: RulesMix, run: u32) -> anyhow::Result<Vec<String>> {
     if n == 0 {
         return Ok(Vec::new());
     }
@@ -356,19 +361,8 @@ async fn install_rules(ctx: &Ctx, n: u32, run: u32) -> anyhow::Result<Vec<String
     let mut c = Client::connect(ctx.addr).await?;
     let mut ids = Vec::new();
     for i in 0..n {
-        let id = format!("bench-{run:08x}-rule-{i}");
-        let condition = if i % 2 == 0 {
-            format!(
-                "batch > {} || single > {}",
-                1e12 + f64::from(i),
-                1e12 + f64::from(i)
-            )
-        } else {
-            "rate(batch) > 1e12 || rate(single) > 1e12".to_string()
-        };
-        let body = serde_json::json!({
-            "id": id, "condition": condition, "selector": {"id_glob": format!("bench-{run:08x}-*")}
-        });
+        let body = bench_rule(i, mix, run);
+        let id = body["id"].as_str().unwrap_or_default().to_string();
         let answer = c.send(&proto, Bytes::from(body.to_string())).await?;
         if answer.status != hyper::StatusCode::CREATED {
             anyhow::bail!("POST /api/v1/rules {id}: {}", answer.describe());
@@ -376,6 +370,61 @@ async fn install_rules(ctx: &Ctx, n: u32, run: u32) -> anyhow::Result<Vec<String
         ids.push(id);
     }
     Ok(ids)
+}
+
+/// The `i`-th bench rule of a mix. The bench values are `0, 0.25, … 24` (batch, rising by
+/// 25/s within a batch) and `21.5` (single).
+fn bench_rule(i: u32, mix: RulesMix, run: u32) -> serde_json::Value {
+    let id = format!("bench-{run:08x}-rule-{i}");
+    let glob = format!("bench-{run:08x}-*");
+    match mix {
+        RulesMix::Never => {
+            let condition = if i.is_multiple_of(2) {
+                format!(
+                    "batch > {} || single > {}",
+                    1e12 + f64::from(i),
+                    1e12 + f64::from(i)
+                )
+            } else {
+                "rate(batch) > 1e12 || rate(single) > 1e12".to_string()
+            };
+            serde_json::json!({"id": id, "condition": condition, "selector": {"id_glob": glob}})
+        }
+        RulesMix::Mixed => {
+            // Thresholds spread over the bench values, no two rules alike.
+            let t = f64::from(i * 7 % 25) + f64::from(i / 50) / 2.0;
+            let (condition, selector) = match i % 10 {
+                0 | 1 => (format!("batch > {t}"), serde_json::json!({"id_glob": glob})),
+                2 | 3 => (
+                    format!("batch < {t} && rate(batch) > 0"),
+                    serde_json::json!({"id_glob": glob}),
+                ),
+                4 | 5 => (
+                    format!("(batch >= {t} && batch <= {}) || single > 30", t + 2.0),
+                    serde_json::json!({"id_glob": glob}),
+                ),
+                6 => (
+                    format!("!(batch < {t}) && rate(batch) < 100"),
+                    serde_json::json!({"id_glob": glob}),
+                ),
+                7 => (
+                    format!("batch == {t} || single == {t}"),
+                    serde_json::json!({"id_glob": glob}),
+                ),
+                8 => (
+                    format!("single >= 21.5 && batch > {t}"),
+                    serde_json::json!({"id_glob": glob}),
+                ),
+                _ => (
+                    format!("batch > {t}"),
+                    serde_json::json!({"id_glob": glob, "attributes": {"site": "elsewhere"}}),
+                ),
+            };
+            serde_json::json!({
+                "id": id, "condition": condition, "selector": selector, "for_s": 3600
+            })
+        }
+    }
 }
 
 /// Deletes the rules `install_rules` made (failures are only reported).
@@ -551,6 +600,38 @@ fn build_report(scenario: HttpScenario, ctx: &Ctx, meter: &Meter, o: Outcome) ->
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_bench_rules_of_each_mix() {
+        let never = bench_rule(3, RulesMix::Never, 0xab);
+        assert_eq!(never["id"], "bench-000000ab-rule-3");
+        assert_eq!(
+            never["condition"],
+            "rate(batch) > 1e12 || rate(single) > 1e12"
+        );
+        assert_eq!(never["selector"]["id_glob"], "bench-000000ab-*");
+        let mixed: Vec<serde_json::Value> = (0..100)
+            .map(|i| bench_rule(i, RulesMix::Mixed, 1))
+            .collect();
+        let conditions: std::collections::HashSet<&str> = mixed
+            .iter()
+            .map(|r| r["condition"].as_str().unwrap())
+            .collect();
+        assert!(
+            conditions.len() > 80,
+            "mostly distinct: {}",
+            conditions.len()
+        );
+        assert!(mixed.iter().all(|r| r["for_s"] == 3600));
+        let elsewhere = mixed
+            .iter()
+            .filter(|r| r["selector"].get("attributes").is_some())
+            .count();
+        assert_eq!(elsewhere, 10);
+        assert!(conditions.iter().any(|c| c.contains("rate(batch)")));
+        assert!(conditions.iter().any(|c| c.starts_with('!')));
+    }
+
     use super::*;
 
     #[test]

@@ -234,6 +234,11 @@ impl Condition {
         self.fast.is_some()
     }
 
+    /// The fast form, if it has one.
+    pub(super) fn fast(&self) -> Option<&Fast> {
+        self.fast.as_ref()
+    }
+
     /// Evaluates a condition made only of numeric comparisons of keys (or rates) with
     /// literals joined by `&&`, `||` and `!`, directly on the record: the same answer as
     /// [`Condition::eval`], without building a CEL scope. `None` when it is not such a
@@ -245,23 +250,26 @@ impl Condition {
     }
 }
 
-/// The fast form of a simple condition.
+/// The fast form of a simple condition: numeric comparisons of a key (or its rate) with a
+/// literal, joined by `&&`, `||` and `!`.
 #[derive(Debug, Clone)]
-enum Fast {
+pub(super) enum Fast {
     And(Box<Fast>, Box<Fast>),
     Or(Box<Fast>, Box<Fast>),
     Not(Box<Fast>),
     Cmp(Operand, Cmp, f64),
 }
 
-#[derive(Debug, Clone)]
-enum Operand {
+/// What a comparison reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Operand {
     Key(String),
     Rate(String),
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Cmp {
+/// A comparison operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Cmp {
     Lt,
     Le,
     Gt,
@@ -294,7 +302,34 @@ impl Cmp {
         }
     }
 
-    fn apply(self, a: f64, b: f64) -> bool {
+    /// `!(a op b)` is `a negate(op) b` (numbers are never NaN).
+    pub(super) fn negate(self) -> Cmp {
+        match self {
+            Cmp::Lt => Cmp::Ge,
+            Cmp::Le => Cmp::Gt,
+            Cmp::Gt => Cmp::Le,
+            Cmp::Ge => Cmp::Lt,
+            Cmp::Eq => Cmp::Ne,
+            Cmp::Ne => Cmp::Eq,
+        }
+    }
+
+    /// CEL's `a op b` for a record value `a` (`None`: the key is missing or an error).
+    /// Comparing a boolean or a string with a number is an error for `<`, `<=`, `>`, `>=`
+    /// and plain inequality for `==` and `!=` (CEL's heterogeneous equality).
+    pub(super) fn on_value(self, a: Option<&crate::ingest::Value>, b: f64) -> Option<bool> {
+        match a? {
+            crate::ingest::Value::Number(n) => Some(self.apply(*n, b)),
+            _ => match self {
+                Cmp::Eq => Some(false),
+                Cmp::Ne => Some(true),
+                _ => None,
+            },
+        }
+    }
+
+    /// `a op b` on numbers.
+    pub(super) fn apply(self, a: f64, b: f64) -> bool {
         match self {
             Cmp::Lt => a < b,
             Cmp::Le => a <= b,
@@ -306,16 +341,22 @@ impl Cmp {
     }
 }
 
+/// A numeric literal (CEL compares numbers of mixed types as doubles); `-` of an int or a
+/// double literal too (negating a uint is an error in CEL, so that stays with CEL).
 fn literal(e: &IdedExpr) -> Option<f64> {
     match &e.expr {
-        Expr::Literal(LiteralValue::Double(d)) => Some(**d),
+        Expr::Literal(LiteralValue::Double(d)) if !d.is_nan() => Some(**d),
         Expr::Literal(LiteralValue::Int(i)) => Some(**i as f64),
         Expr::Literal(LiteralValue::UInt(u)) => Some(**u as f64),
         Expr::Call(CallExpr {
             func_name,
             target: None,
             args,
-        }) if func_name == operators::NEGATE && args.len() == 1 => literal(&args[0]).map(|v| -v),
+        }) if func_name == operators::NEGATE && args.len() == 1 => match &args[0].expr {
+            Expr::Literal(LiteralValue::Double(d)) if !d.is_nan() => Some(-**d),
+            Expr::Literal(LiteralValue::Int(i)) => i.checked_neg().map(|v| v as f64),
+            _ => None,
+        },
         _ => None,
     }
 }
@@ -379,12 +420,17 @@ impl Fast {
                 _ => None,
             },
             Fast::Not(a) => a.eval(values, rates).map(|b| !b),
-            Fast::Cmp(x, cmp, v) => {
-                let a = match x {
-                    Operand::Key(k) => values.get(k)?.as_f64()?,
-                    Operand::Rate(k) => rates.iter().find(|(r, _)| r == k)?.1,
-                };
-                Some(cmp.apply(a, *v))
+            Fast::Cmp(Operand::Key(k), cmp, v) => match values.get(k)? {
+                Json::Number(n) => Some(cmp.apply(n.as_f64()?, *v)),
+                Json::Bool(_) | Json::String(_) => match cmp {
+                    Cmp::Eq => Some(false),
+                    Cmp::Ne => Some(true),
+                    _ => None,
+                },
+                _ => None,
+            },
+            Fast::Cmp(Operand::Rate(k), cmp, v) => {
+                Some(cmp.apply(rates.iter().find(|(r, _)| r == k)?.1, *v))
             }
         }
     }
@@ -447,6 +493,30 @@ pub fn to_cel(v: &Json) -> Option<Value> {
 
 thread_local! {
     static ROOT: Context<'static, 'static> = Context::default();
+}
+
+/// Runs `f` with a CEL scope holding a record's `(key, value)` and `(key, rate)` pairs (as
+/// `rate(key)` variables).
+pub fn with_record_scope<'v, R>(
+    values: impl Iterator<Item = (&'v str, &'v crate::ingest::Value)>,
+    rates: impl Iterator<Item = (&'v str, f64)>,
+    f: impl FnOnce(&Context<'_, '_>) -> R,
+) -> R {
+    ROOT.with(|root| {
+        let mut scope = root.new_inner_scope();
+        for (k, v) in values {
+            let v = match v {
+                crate::ingest::Value::Number(n) => Value::Float(*n),
+                crate::ingest::Value::Bool(b) => Value::Bool(*b),
+                crate::ingest::Value::Text(t) => Value::String(std::sync::Arc::new(t.clone())),
+            };
+            scope.add_variable_from_value(k, v);
+        }
+        for (k, r) in rates {
+            scope.add_variable_from_value(rate_variable(k), Value::Float(r));
+        }
+        f(&scope)
+    })
 }
 
 /// Runs `f` with a CEL scope holding `values` (and `rates`, as `rate(key)` variables) for
@@ -527,6 +597,24 @@ mod tests {
                 eval(c, values.clone(), &[]);
             }
         }
+    }
+
+    #[test]
+    fn the_fast_path_keeps_cel_semantics_for_odd_values_and_literals() {
+        // A string or boolean is unequal to a number (not an error), so `!` turns it true.
+        assert!(eval("!(t == 1)", json!({"t": "x"}), &[]));
+        assert!(eval("t != 1", json!({"t": true}), &[]));
+        assert!(!eval("t == 1", json!({"t": true}), &[]));
+        // ... but ordering it against a number is an error, under `!` too.
+        assert!(!eval("!(t > 1)", json!({"t": "x"}), &[]));
+        assert!(eval("t < 1 || h > 2", json!({"t": "x", "h": 3}), &[]));
+        assert!(!eval("!(t < 1 && h > 2)", json!({"t": "x", "h": 3}), &[]));
+        assert!(eval("!(t < 1 && h > 2)", json!({"t": "x", "h": 1}), &[]));
+        // Negating a uint is an error in CEL: such a literal stays with CEL.
+        assert!(!Condition::compile("t > -4u").unwrap().is_fast());
+        assert!(!eval("t > -4u", json!({"t": 1}), &[]));
+        assert!(eval("t > -4", json!({"t": 1}), &[]));
+        assert!(eval("t == -0.0", json!({"t": 0}), &[]));
     }
 
     #[test]

@@ -9,13 +9,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use serde_json::{Map, Value as Json};
+use serde_json::Value as Json;
 use stratus_mqtt::{Message as MqttMessage, MqttStr, QoS};
 use stratus_store::{Alarm, AlarmFilter, AlarmQuery, StoreError, StoreHandle, StoredRule};
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use super::engine::{alarm_json, Effect, Engine};
-use super::{Action, CompiledRule, ConditionError, RuleDef};
+use super::{Action, Batch, CompiledRule, ConditionError, RuleDef};
 use crate::broker::Broker;
 use crate::events::Event;
 use crate::persist::now_ms;
@@ -109,6 +109,7 @@ pub struct Rules {
     presence: Mutex<HashMap<String, Presence>>,
     wanted_attributes: Mutex<HashSet<String>>,
     needs_attributes: std::sync::atomic::AtomicBool,
+    expression_rules: std::sync::atomic::AtomicBool,
     store: StoreHandle,
     broker: Arc<Broker>,
     config: RulesConfig,
@@ -130,6 +131,7 @@ impl Rules {
             presence: Mutex::new(HashMap::new()),
             wanted_attributes: Mutex::new(HashSet::new()),
             needs_attributes: std::sync::atomic::AtomicBool::new(false),
+            expression_rules: std::sync::atomic::AtomicBool::new(false),
             store,
             broker,
             config,
@@ -190,13 +192,7 @@ impl Rules {
                 presence.entry(d.id).or_default().last_seen = seen;
             }
         }
-        self.needs_attributes.store(
-            engine
-                .rules()
-                .iter()
-                .any(|r| r.def.selector.needs_attributes()),
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        self.refresh_flags(&engine);
         self.broker
             .metrics
             .alarms_open
@@ -205,6 +201,26 @@ impl Rules {
     }
 
     // ---- rules ----------------------------------------------------------------------------
+
+    /// Updates what the ingestion path checks without the engine lock.
+    fn refresh_flags(&self, engine: &Engine) {
+        let rules = engine.rules();
+        self.needs_attributes.store(
+            rules.iter().any(|r| r.def.selector.needs_attributes()),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        self.expression_rules.store(
+            rules.iter().any(|r| r.condition.is_some() && r.def.enabled),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// Whether any enabled rule has a condition: when none has, the pipeline need not pass
+    /// the records to [`Rules::on_records`] (an empty [`Batch`] will do).
+    pub fn wants_records(&self) -> bool {
+        self.expression_rules
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
 
     /// Every rule, by id, as the API shows it.
     pub fn rules(&self) -> Vec<RuleDef> {
@@ -252,20 +268,19 @@ impl Rules {
         let def = compiled.def.clone();
         let mut engine = self.engine.lock();
         engine.put_rule(compiled);
-        self.needs_attributes.store(
-            engine
-                .rules()
-                .iter()
-                .any(|r| r.def.selector.needs_attributes()),
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        self.refresh_flags(&engine);
         Ok((def, existing.is_none()))
     }
 
     /// Deletes a rule; its open alarms clear.
     pub async fn delete(&self, id: &str) -> Result<(), StoreError> {
         self.store.delete_rule(id).await?;
-        let effects = self.engine.lock().remove_rule(id, now_ms() as i64).1;
+        let effects = {
+            let mut engine = self.engine.lock();
+            let effects = engine.remove_rule(id, now_ms() as i64).1;
+            self.refresh_flags(&engine);
+            effects
+        };
         self.dispatch(effects);
         Ok(())
     }
@@ -316,12 +331,7 @@ impl Rules {
 
     /// Stored records of `device` (each `(ts, values)`), from `transport`. Cheap: evaluation
     /// only; whatever follows is queued.
-    pub fn on_records(
-        &self,
-        device: &str,
-        transport: &'static str,
-        records: &[(i64, Map<String, Json>)],
-    ) {
+    pub fn on_records(&self, device: &str, transport: &'static str, records: &Batch) {
         let now = now_ms() as i64;
         self.announce_heard(device, transport, now);
         let (missing_attributes, (effects, evaluations)) = {
