@@ -96,6 +96,9 @@ const MAX_DATAGRAM: usize = 65_535;
 const RECV_BATCH: usize = 64;
 /// Broker messages taken per wake-up.
 const NOTIFY_BATCH: usize = 256;
+/// Verified access tokens a listener remembers (see `Driver::tokens`); when full, it starts
+/// over.
+const TOKEN_CACHE: usize = 4096;
 /// Longest diagnostic payload of an error response.
 const MAX_DIAGNOSTIC: usize = 160;
 
@@ -388,6 +391,10 @@ pub(crate) struct Driver {
     leisure: BTreeMap<(Instant, u64), (ExchangeId, Response)>,
     leisure_seq: u64,
     last_stats: Stats,
+    /// Claims of the access tokens whose signature this listener verified, by token: a
+    /// request with a known token costs a map look-up and [`Auth::check_claims`] (expiry,
+    /// revocation, the device still there), not a base64 decode, an HMAC and a JSON parse.
+    tokens: HashMap<String, crate::auth::Claims>,
 }
 
 impl Driver {
@@ -410,6 +417,7 @@ impl Driver {
             leisure: BTreeMap::new(),
             leisure_seq: 0,
             last_stats: Stats::default(),
+            tokens: HashMap::new(),
         }
     }
 

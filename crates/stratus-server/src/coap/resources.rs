@@ -252,18 +252,34 @@ impl Driver {
                 "credentials required: ?token=ACCESS_TOKEN",
             ));
         }
-        match self.ctx.auth.verify_token(&token) {
-            Ok((p, _)) => {
+        let verified = match self.tokens.get(&token) {
+            Some(c) => match self.ctx.auth.check_claims(c) {
+                Ok(()) => Ok((c.sub.clone(), c.kind)),
+                Err(e) => {
+                    self.tokens.remove(&token);
+                    Err(e)
+                }
+            },
+            None => self.ctx.auth.verify_token(&token).map(|(p, c)| {
+                if self.tokens.len() >= super::TOKEN_CACHE {
+                    self.tokens.clear();
+                }
+                self.tokens.insert(token.clone(), c);
+                (p.id, p.kind)
+            }),
+        };
+        match verified {
+            Ok((id, kind)) => {
                 // It knows a valid token: it is who it says, at its address (§11.3).
                 self.ep.set_verified(now, peer, true);
-                if p.kind != Kind::Device {
+                if kind != Kind::Device {
                     return Err(diagnostic(
                         Code::FORBIDDEN,
                         "the token is not a device's: CoAP resources are for devices",
                     ));
                 }
                 Ok(Device {
-                    id: p.id,
+                    id,
                     token: Some(token),
                 })
             }
