@@ -280,7 +280,14 @@ struct ResourceKey {
 
 impl ResourceKey {
     fn of(peer: SocketAddr, code: Code, options: &Options) -> ResourceKey {
-        let mut uri = String::from("/");
+        // One allocation: the separators and the option values (a query may be long).
+        let len: usize = options
+            .get_all(OptionNumber::URI_PATH)
+            .chain(options.get_all(OptionNumber::URI_QUERY))
+            .map(|v| v.len() + 1)
+            .sum();
+        let mut uri = String::with_capacity(len + 16);
+        uri.push('/');
         for (i, seg) in options.get_all(OptionNumber::URI_PATH).enumerate() {
             if i > 0 {
                 uri.push('/');
@@ -711,14 +718,20 @@ impl Endpoint {
 
         let id = ExchangeId(self.fresh_id());
         let confirmable = msg.message_type == MessageType::Confirmable;
-        let resource = msg.options.uri_path_string().unwrap_or_else(|_| "/".into());
-        let queries = msg
-            .options
-            .uri_query()
-            .unwrap_or_default()
-            .into_iter()
-            .map(str::to_owned)
-            .collect();
+        // Only an observer's registration keeps its resource and queries.
+        let (resource, queries) = if observe == ObserveRequest::Register {
+            let resource = msg.options.uri_path_string().unwrap_or_else(|_| "/".into());
+            let queries = msg
+                .options
+                .uri_query()
+                .unwrap_or_default()
+                .into_iter()
+                .map(str::to_owned)
+                .collect();
+            (resource, queries)
+        } else {
+            (String::new(), Vec::new())
+        };
         let exchange = Exchange {
             peer,
             message_id: msg.message_id,

@@ -67,11 +67,15 @@ pub mod psk;
 mod resources;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt as _, StreamExt as _};
 use rand::Rng;
 use stratus_coap::{Endpoint, Event, ExchangeId, Response, Stats, Token};
 use stratus_store::StoreHandle;
@@ -258,6 +262,15 @@ pub async fn serve(
         tokio::select! {
             biased;
             _ = crate::stopped(&mut shutdown) => break,
+            // Answers first: each one lets a client send its next request.
+            Some(done) = driver.inflight.next(), if !driver.inflight.is_empty() => {
+                let now = Instant::now();
+                driver.on_done(now, done);
+                // Every request of the same commit is ready too.
+                while let Some(Some(done)) = driver.inflight.next().now_or_never() {
+                    driver.on_done(now, done);
+                }
+            }
             r = socket.recv_from(&mut buf) => {
                 match r {
                     Ok((n, peer)) => {
@@ -378,6 +391,9 @@ pub(crate) struct Driver {
     ep: Endpoint,
     mode: Mode,
     done_tx: mpsc::UnboundedSender<Done>,
+    /// Telemetry POSTs being ingested, polled by the listener task itself (see
+    /// [`serve`]).
+    inflight: FuturesUnordered<Pin<Box<dyn Future<Output = Done> + Send>>>,
     /// Datagrams to send (already sealed for DTLS).
     outgoing: Vec<(SocketAddr, Bytes)>,
     observers: HashMap<(SocketAddr, Token), Observer>,
@@ -409,6 +425,7 @@ impl Driver {
             ep,
             mode,
             done_tx,
+            inflight: FuturesUnordered::new(),
             outgoing: Vec::new(),
             observers: HashMap::new(),
             by_device: HashMap::new(),

@@ -325,8 +325,7 @@ impl Driver {
         };
         let pipeline = self.ctx.pipeline.clone();
         let payload = req.payload.clone();
-        let tx = self.done_tx.clone();
-        tokio::spawn(async move {
+        let ingest = async move {
             let result = pipeline
                 .ingest(&device.id, payload, format, Source::Coap)
                 .await;
@@ -334,8 +333,19 @@ impl Driver {
                 Ok(_) => Response::new(ok),
                 Err(e) => rejection(e),
             };
-            let _ = tx.send(Done::Respond { exchange, response });
-        });
+            Done::Respond { exchange, response }
+        };
+        if *route == Route::Telemetry {
+            // One datagram's worth of JSON or CBOR: parsed right here, and the task waits for
+            // the commit beside its other requests (no task, no channel, no thread hop).
+            self.inflight.push(Box::pin(ingest));
+        } else {
+            // A reassembled upload may be large: parsed on another task.
+            let tx = self.done_tx.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(ingest.await);
+            });
+        }
     }
 
     /// `GET /config`, Observe=0 registering.
