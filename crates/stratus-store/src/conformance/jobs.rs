@@ -157,6 +157,10 @@ fn telemetry_jobs_of_one_commit<S: Store>(open: &impl Fn() -> S) {
                     now_ms: 1,
                 },
             ],
+            vec![
+                one("tx-dev", 1, 9.0),
+                Write::AppendTelemetry(vec![Point::new("tx-dev", "", BASE, Value::Bool(true))]),
+            ],
             vec![one("tx-dev", 1, 5.0), touch("tx-dev", 20)],
             // Known in this commit, then deleted: later jobs must not take it for existing.
             vec![one("tx-gone", 0, 7.0), touch("tx-gone", 10)],
@@ -171,10 +175,15 @@ fn telemetry_jobs_of_one_commit<S: Store>(open: &impl Fn() -> S) {
     let ok: Vec<bool> = results.iter().map(Result::is_ok).collect();
     assert_eq!(
         ok,
-        [true, true, false, false, true, true, true, false, false, true],
+        [true, true, false, false, false, true, true, true, false, false, true],
         "{results:?}"
     );
-    for i in [7, 8] {
+    assert!(
+        matches!(&results[4], Err(StoreError::Invalid(_))),
+        "{:?}",
+        results[4]
+    );
+    for i in [8, 9] {
         assert!(
             matches!(&results[i], Err(StoreError::NotFound { id, .. }) if id == "tx-gone"),
             "job {i} after the delete: {:?}",
@@ -183,7 +192,7 @@ fn telemetry_jobs_of_one_commit<S: Store>(open: &impl Fn() -> S) {
     }
     drop(s);
     let s = open();
-    // Minute 0: 1, 2, 3; minute 1: 5, 6 (4 and 8 were in failed jobs).
+    // Minute 0: 1, 2, 3; minute 1: 5, 6 (4, 8 and 9 were in failed jobs).
     for (agg, expected) in [
         (Agg::Sum, [(3, 6.0), (2, 11.0)]),
         (Agg::Min, [(3, 1.0), (2, 5.0)]),

@@ -451,6 +451,26 @@ impl WriteBackend for SqliteStore {
                 batch.flush(&tx)?;
                 batch.forget();
             }
+            if telemetry_only && batch.cannot_fail(&tx, job)? {
+                // Nothing to undo on its own: an error now is the database's, and fails the
+                // whole commit.
+                let mut rollups = HashMap::new();
+                let outputs = job
+                    .iter()
+                    .map(|w| match w {
+                        Write::AppendTelemetry(points) => {
+                            batch.append(&tx, points, &mut rollups).map(Output::Count)
+                        }
+                        Write::TouchDevice { id, seen_at_ms } => {
+                            batch.touch(&tx, id, *seen_at_ms).map(|()| Output::Done)
+                        }
+                        w => apply_write(&tx, w),
+                    })
+                    .collect::<Result<Vec<Output>, StoreError>>()?;
+                batch.keep(rollups);
+                results.push(Ok(outputs));
+                continue;
+            }
             // A savepoint per job (prepared once, not parsed per job): a failing job is
             // undone alone.
             tx.prepare_cached("SAVEPOINT job")?.execute([])?;

@@ -1,7 +1,7 @@
 //! Telemetry in SQLite: interned series, points keyed `(series_id, ts)`, per-minute rollups
 //! maintained in the inserting transaction, and retention.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use rusqlite::types::{Null, ValueRef};
 use rusqlite::{params, Connection, OptionalExtension};
@@ -12,7 +12,7 @@ use crate::telemetry::{
     Bucket, LatestValue, Order, Point, PointPage, PointQuery, Retention, RetentionRule, TimedValue,
     Value, MAX_TS_MS, MINUTE_MS, MIN_TS_MS,
 };
-use crate::write::duration_ms;
+use crate::write::{duration_ms, Write};
 use crate::StoreError;
 
 fn series_id(conn: &Connection, device_id: &str, key: &str) -> Result<Option<i64>, StoreError> {
@@ -56,9 +56,55 @@ pub(super) struct Batch {
     touched: HashMap<String, i64>,
     /// Rollup contributions of the jobs that succeeded, written by [`Batch::flush`].
     rollups: HashMap<(i64, i64), Accumulator>,
+    /// Devices known to exist in this transaction.
+    known: HashSet<String>,
 }
 
 impl Batch {
+    /// Whether `job` can fail only by a failure of the database itself: its writes are
+    /// telemetry appends and touches of one device, which exists, and its points are valid.
+    /// Such a job needs no savepoint of its own (what a transport submits per message is one).
+    pub(super) fn cannot_fail(
+        &mut self,
+        conn: &Connection,
+        job: &[Write],
+    ) -> Result<bool, StoreError> {
+        fn same<'a>(device: &mut Option<&'a str>, id: &'a str) -> bool {
+            *device.get_or_insert(id) == id
+        }
+        let mut device: Option<&str> = None;
+        for w in job {
+            match w {
+                Write::AppendTelemetry(points) => {
+                    for p in points {
+                        if p.validate().is_err() || !same(&mut device, &p.device_id) {
+                            return Ok(false);
+                        }
+                    }
+                }
+                Write::TouchDevice { id, .. } => {
+                    if !same(&mut device, id) {
+                        return Ok(false);
+                    }
+                }
+                _ => return Ok(false),
+            }
+        }
+        let Some(id) = device else {
+            return Ok(true);
+        };
+        if self.known.contains(id) {
+            return Ok(true);
+        }
+        let exists = conn
+            .prepare_cached("SELECT 1 FROM devices WHERE id = ?1")?
+            .exists(params![id])?;
+        if exists {
+            self.known.insert(id.to_owned());
+        }
+        Ok(exists)
+    }
+
     /// Appends `points` (one job's write); their rollup contributions go to `rollups`, which
     /// the caller hands to [`Batch::keep`] once the job as a whole succeeded.
     pub(super) fn append(
@@ -147,6 +193,7 @@ impl Batch {
     pub(super) fn forget(&mut self) {
         self.series.clear();
         self.touched.clear();
+        self.known.clear();
     }
 
     /// Writes the rollups kept so far.
