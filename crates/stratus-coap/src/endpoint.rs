@@ -275,7 +275,7 @@ pub struct Stats {
 struct ResourceKey {
     peer: SocketAddr,
     code: u8,
-    uri: String,
+    uri: Vec<u8>,
 }
 
 impl ResourceKey {
@@ -286,23 +286,23 @@ impl ResourceKey {
             .chain(options.get_all(OptionNumber::URI_QUERY))
             .map(|v| v.len() + 1)
             .sum();
-        let mut uri = String::with_capacity(len + 16);
-        uri.push('/');
+        // The option bytes as they came (no UTF-8 check: the key only has to tell transfers
+        // apart).
+        let mut uri = Vec::with_capacity(len + 16);
+        uri.push(b'/');
         for (i, seg) in options.get_all(OptionNumber::URI_PATH).enumerate() {
             if i > 0 {
-                uri.push('/');
+                uri.push(b'/');
             }
-            uri.push_str(&String::from_utf8_lossy(seg));
+            uri.extend_from_slice(seg);
         }
         for (i, q) in options.get_all(OptionNumber::URI_QUERY).enumerate() {
-            uri.push(if i == 0 { '?' } else { '&' });
-            uri.push_str(&String::from_utf8_lossy(q));
+            uri.push(if i == 0 { b'?' } else { b'&' });
+            uri.extend_from_slice(q);
         }
         if let Some(a) = options.get(OptionNumber::ACCEPT) {
-            uri.push_str(&format!(
-                " accept={}",
-                option::decode_uint(a).unwrap_or(u32::MAX)
-            ));
+            let accept = option::decode_uint(a).unwrap_or(u32::MAX);
+            uri.extend_from_slice(format!(" accept={accept}").as_bytes());
         }
         ResourceKey {
             peer,
