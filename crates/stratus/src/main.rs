@@ -74,7 +74,7 @@ struct ServeArgs {
     /// MQTT port; 0 picks a free one [default: 1883].
     #[arg(long, value_name = "N")]
     mqtt_port: Option<u16>,
-    /// CoAP UDP port; 0 picks a free one [default: 5683] (the CoAP listener is not built yet).
+    /// CoAP UDP port; 0 picks a free one [default: 5683].
     #[arg(long, value_name = "N")]
     coap_port: Option<u16>,
     /// Let MQTT clients without credentials connect and use any topic outside `devices/`.

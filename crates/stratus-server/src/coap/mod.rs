@@ -4,14 +4,17 @@
 //!
 //! ## One task per socket, nothing blocks it
 //! The task loops "receive datagrams → [`Endpoint::handle_datagram`] → send what it wants →
-//! route its events → sleep until [`Endpoint::poll_timeout`]". Resource handlers that need the
-//! store or the telemetry pipeline run as spawned tasks and hand their [`Response`] back
-//! through a channel; the endpoint then answers piggybacked, or — when a CON request waits
-//! longer than a second — with an empty ACK first and a separate CON response later (the
-//! endpoint does that by itself, `Config::separate_response_after`). Pending requests are
-//! bounded (`[coap] max_pending_requests`; beyond, the endpoint answers 5.03), so the channel
-//! is too. Retransmitted CONs are answered from the endpoint's deduplication cache: a
-//! duplicated telemetry POST is stored once.
+//! route its events → sleep until [`Endpoint::poll_timeout`]". A `POST /telemetry` (one
+//! datagram of JSON or CBOR) is ingested by a future the task polls itself
+//! (`FuturesUnordered`): it parses and submits its store job at once, and the commit that
+//! makes it durable wakes the task once for all the requests it carried. Other handlers that
+//! need the store (config, firmware, a reassembled `/upload`) run as spawned tasks and hand
+//! their [`Response`] back through a channel. The endpoint then answers piggybacked, or — when
+//! a CON request waits longer than a second — with an empty ACK first and a separate CON
+//! response later (the endpoint does that by itself, `Config::separate_response_after`).
+//! Pending requests are bounded (`[coap] max_pending_requests`; beyond, the endpoint answers
+//! 5.03), so the futures and the channel are too. Retransmitted CONs are answered from the
+//! endpoint's deduplication cache: a duplicated telemetry POST is stored once.
 //!
 //! ## Resources
 //! | path | methods | answer |
@@ -33,7 +36,9 @@
 //!
 //! ## Credentials
 //! On plain UDP a request carries `?token=ACCESS_TOKEN`, the device's OAuth access token
-//! (verified with [`Auth::verify_token`]: a MAC and a map lookup, no store read). A Uri-Query
+//! (verified with [`Auth::verify_token`]: a MAC and a map lookup, no store read; the listener
+//! keeps the claims of up to 4096 verified tokens, so a known token costs only
+//! [`Auth::check_claims`] — expiry, revocation, the device still there — on every request). A Uri-Query
 //! option holds at most 255 bytes (RFC 7252 §5.10, a longer one is answered 4.02 Bad Option)
 //! and an access token is a JWT of about 300, so the token may be — and usually must be —
 //! split over several `token=` items, which are joined in order:
