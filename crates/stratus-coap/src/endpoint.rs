@@ -275,27 +275,34 @@ pub struct Stats {
 struct ResourceKey {
     peer: SocketAddr,
     code: u8,
-    uri: String,
+    uri: Vec<u8>,
 }
 
 impl ResourceKey {
     fn of(peer: SocketAddr, code: Code, options: &Options) -> ResourceKey {
-        let mut uri = String::from("/");
+        // One allocation: the separators and the option values (a query may be long).
+        let len: usize = options
+            .get_all(OptionNumber::URI_PATH)
+            .chain(options.get_all(OptionNumber::URI_QUERY))
+            .map(|v| v.len() + 1)
+            .sum();
+        // The option bytes as they came (no UTF-8 check: the key only has to tell transfers
+        // apart).
+        let mut uri = Vec::with_capacity(len + 16);
+        uri.push(b'/');
         for (i, seg) in options.get_all(OptionNumber::URI_PATH).enumerate() {
             if i > 0 {
-                uri.push('/');
+                uri.push(b'/');
             }
-            uri.push_str(&String::from_utf8_lossy(seg));
+            uri.extend_from_slice(seg);
         }
         for (i, q) in options.get_all(OptionNumber::URI_QUERY).enumerate() {
-            uri.push(if i == 0 { '?' } else { '&' });
-            uri.push_str(&String::from_utf8_lossy(q));
+            uri.push(if i == 0 { b'?' } else { b'&' });
+            uri.extend_from_slice(q);
         }
         if let Some(a) = options.get(OptionNumber::ACCEPT) {
-            uri.push_str(&format!(
-                " accept={}",
-                option::decode_uint(a).unwrap_or(u32::MAX)
-            ));
+            let accept = option::decode_uint(a).unwrap_or(u32::MAX);
+            uri.extend_from_slice(format!(" accept={accept}").as_bytes());
         }
         ResourceKey {
             peer,
@@ -711,14 +718,20 @@ impl Endpoint {
 
         let id = ExchangeId(self.fresh_id());
         let confirmable = msg.message_type == MessageType::Confirmable;
-        let resource = msg.options.uri_path_string().unwrap_or_else(|_| "/".into());
-        let queries = msg
-            .options
-            .uri_query()
-            .unwrap_or_default()
-            .into_iter()
-            .map(str::to_owned)
-            .collect();
+        // Only an observer's registration keeps its resource and queries.
+        let (resource, queries) = if observe == ObserveRequest::Register {
+            let resource = msg.options.uri_path_string().unwrap_or_else(|_| "/".into());
+            let queries = msg
+                .options
+                .uri_query()
+                .unwrap_or_default()
+                .into_iter()
+                .map(str::to_owned)
+                .collect();
+            (resource, queries)
+        } else {
+            (String::new(), Vec::new())
+        };
         let exchange = Exchange {
             peer,
             message_id: msg.message_id,

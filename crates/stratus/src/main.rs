@@ -10,8 +10,6 @@
 //! `libc` for one call, glibc's `mallopt`, made first thing in `main` (see `alloc_tuning`).
 
 use std::io::IsTerminal;
-
-use alloc_tuning::pin_mmap_threshold;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -19,6 +17,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use stratus_server::{Config, Overrides, Server};
+
+use alloc_tuning::pin_mmap_threshold;
 
 mod admin;
 mod alloc_tuning;
@@ -68,7 +68,7 @@ struct ServeArgs {
     /// MQTT port; 0 picks a free one [default: 1883].
     #[arg(long, value_name = "N")]
     mqtt_port: Option<u16>,
-    /// CoAP UDP port; 0 picks a free one [default: 5683] (the CoAP listener is not built yet).
+    /// CoAP UDP port; 0 picks a free one [default: 5683].
     #[arg(long, value_name = "N")]
     coap_port: Option<u16>,
     /// Let MQTT clients without credentials connect and use any topic outside `devices/`.

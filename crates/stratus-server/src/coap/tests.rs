@@ -260,8 +260,58 @@ async fn application_tokens_are_forbidden() {
         .unwrap()
         .access_token;
     let q = format!("token={app}");
-    let m = c.request(Code::GET, "/config", &[&q]);
-    assert_eq!(c.exchange(&m).await.code, Code::FORBIDDEN);
+    // The second time, from the listener's memory of verified tokens.
+    for _ in 0..2 {
+        let m = c.request(Code::GET, "/config", &[&q]);
+        assert_eq!(c.exchange(&m).await.code, Code::FORBIDDEN);
+    }
+    f.server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn remembered_tokens_are_checked_again_on_every_request() {
+    let f = start(|_| {}).await;
+    let mut c = Client::new(f.server.coap_addr).await;
+    let token = format!("token={}", f.token);
+    // Expiry is checked on remembered claims as well.
+    let (_, mut claims) = f.server.auth.verify_token(&f.token).unwrap();
+    assert!(f.server.auth.check_claims(&claims).is_ok());
+    claims.exp = crate::auth::now_secs() - 1;
+    assert!(matches!(
+        f.server.auth.check_claims(&claims),
+        Err(crate::auth::AuthError::InvalidToken(why)) if why.contains("expired")
+    ));
+    for _ in 0..2 {
+        let m = c
+            .request(Code::POST, "/telemetry", &[&token])
+            .with_payload(&b"{\"v\":1}"[..]);
+        assert_eq!(c.exchange(&m).await.code, Code::CHANGED);
+    }
+    let device = Principal {
+        id: "dev-1".into(),
+        kind: Kind::Device,
+        scopes: vec!["device".into()],
+    };
+    f.server.auth.revoke(&f.token, &device).await.unwrap();
+    let m = c
+        .request(Code::POST, "/telemetry", &[&token])
+        .with_payload(&b"{\"v\":1}"[..]);
+    let r = c.exchange(&m).await;
+    assert_eq!(r.code, Code::UNAUTHORIZED);
+    assert!(
+        String::from_utf8_lossy(&r.payload).contains("revoked"),
+        "{r:?}"
+    );
+
+    // A second token of the device, remembered, then the device is gone.
+    let other = f.server.auth.issue(&device, None).unwrap().access_token;
+    let q = format!("token={other}");
+    let m = c.request(Code::GET, "/firmware", &[&q]);
+    assert_eq!(c.exchange(&m).await.code, Code::CONTENT);
+    f.server.auth.forget("dev-1");
+    let m = c.request(Code::GET, "/firmware", &[&q]);
+    assert_eq!(c.exchange(&m).await.code, Code::UNAUTHORIZED);
+
     f.server.shutdown(Duration::from_secs(5)).await;
 }
 

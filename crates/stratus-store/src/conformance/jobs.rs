@@ -7,7 +7,7 @@ use bytes::Bytes;
 
 use super::new_device;
 use crate::mqtt::{MqttOp, StoredRetained};
-use crate::telemetry::{Point, PointQuery, Value};
+use crate::telemetry::{Agg, AggregateQuery, Point, PointQuery, Value, MINUTE_MS};
 use crate::write::{Output, Write};
 use crate::{GroupCommitter, Store, StoreError};
 
@@ -17,6 +17,7 @@ const BASE: i64 = 1_700_000_040_000;
 pub fn run_jobs<S: Store>(open: impl Fn() -> S) {
     independent_jobs_share_a_commit(&open);
     a_job_is_all_or_nothing(&open);
+    telemetry_jobs_of_one_commit(&open);
     mqtt_batches_are_jobs_too(&open);
     run_group_commit(Arc::new(open()));
 }
@@ -98,6 +99,119 @@ fn independent_jobs_share_a_commit<S: Store>(open: &impl Fn() -> S) {
     );
     assert!(s.commit_jobs(&[]).expect("no jobs").is_empty());
     s.delete_device("job-dev").expect("delete");
+}
+
+fn one(device: &str, minute: i64, x: f64) -> Write {
+    Write::AppendTelemetry(vec![Point::new(
+        device,
+        "x",
+        BASE + minute * MINUTE_MS + x as i64,
+        Value::Number(x),
+    )])
+}
+
+fn touch(device: &str, seen_at_ms: i64) -> Write {
+    Write::TouchDevice {
+        id: device.into(),
+        seen_at_ms,
+    }
+}
+
+fn per_minute(s: &impl Store, device: &str, agg: Agg) -> Vec<(u64, f64)> {
+    s.aggregate(&AggregateQuery {
+        device_id: device.into(),
+        key: "x".into(),
+        from_ms: BASE,
+        to_ms: BASE + 3 * MINUTE_MS,
+        interval_ms: MINUTE_MS,
+        agg,
+    })
+    .expect("aggregate")
+    .into_iter()
+    .map(|b| (b.count, b.value))
+    .collect()
+}
+
+/// Many telemetry jobs of one device in one commit (what a busy device's messages become):
+/// the rollups count exactly the jobs that succeeded, `last_seen_ms` is the largest touch, and
+/// a device deleted in the middle of the commit is unknown to the jobs after it.
+fn telemetry_jobs_of_one_commit<S: Store>(open: &impl Fn() -> S) {
+    let s = open();
+    s.create_device(new_device("tx-dev")).expect("create");
+    s.create_device(new_device("tx-gone")).expect("create");
+    let results = s
+        .commit_jobs(&[
+            vec![
+                one("tx-dev", 0, 1.0),
+                one("tx-dev", 0, 2.0),
+                touch("tx-dev", 10),
+            ],
+            vec![one("tx-dev", 0, 3.0), touch("tx-dev", 5)],
+            vec![one("tx-dev", 1, 4.0), one("tx-ghost", 0, 1.0)],
+            vec![
+                one("tx-dev", 1, 8.0),
+                Write::PutDesiredConfig {
+                    id: "tx-dev".into(),
+                    value: serde_json::json!({}),
+                    expected_version: Some(9),
+                    now_ms: 1,
+                },
+            ],
+            vec![
+                one("tx-dev", 1, 9.0),
+                Write::AppendTelemetry(vec![Point::new("tx-dev", "", BASE, Value::Bool(true))]),
+            ],
+            vec![one("tx-dev", 1, 5.0), touch("tx-dev", 20)],
+            // Known in this commit, then deleted: later jobs must not take it for existing.
+            vec![one("tx-gone", 0, 7.0), touch("tx-gone", 10)],
+            vec![Write::DeleteDevice {
+                id: "tx-gone".into(),
+            }],
+            vec![touch("tx-gone", 5)],
+            vec![one("tx-gone", 0, 9.0)],
+            vec![one("tx-dev", 1, 6.0), touch("tx-dev", 20)],
+        ])
+        .expect("the commit itself succeeds");
+    let ok: Vec<bool> = results.iter().map(Result::is_ok).collect();
+    assert_eq!(
+        ok,
+        [true, true, false, false, false, true, true, true, false, false, true],
+        "{results:?}"
+    );
+    assert!(
+        matches!(&results[4], Err(StoreError::Invalid(_))),
+        "{:?}",
+        results[4]
+    );
+    for i in [8, 9] {
+        assert!(
+            matches!(&results[i], Err(StoreError::NotFound { id, .. }) if id == "tx-gone"),
+            "job {i} after the delete: {:?}",
+            results[i]
+        );
+    }
+    drop(s);
+    let s = open();
+    // Minute 0: 1, 2, 3; minute 1: 5, 6 (4, 8 and 9 were in failed jobs).
+    for (agg, expected) in [
+        (Agg::Sum, [(3, 6.0), (2, 11.0)]),
+        (Agg::Min, [(3, 1.0), (2, 5.0)]),
+        (Agg::Max, [(3, 3.0), (2, 6.0)]),
+    ] {
+        assert_eq!(
+            per_minute(&s, "tx-dev", agg),
+            expected,
+            "{agg:?}: the minute rollups hold the points of the jobs that succeeded, once"
+        );
+    }
+    assert_eq!(
+        s.device("tx-dev")
+            .expect("get")
+            .and_then(|d| d.last_seen_ms),
+        Some(20)
+    );
+    assert!(s.device("tx-gone").expect("get").is_none());
+    s.delete_device("tx-dev").expect("delete");
 }
 
 fn a_job_is_all_or_nothing<S: Store>(open: &impl Fn() -> S) {

@@ -8,6 +8,7 @@ mod registry;
 mod rules;
 mod telemetry;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, TryLockError};
@@ -437,29 +438,79 @@ fn apply_write(conn: &Connection, write: &Write) -> Result<Output, StoreError> {
 impl WriteBackend for SqliteStore {
     fn commit_jobs(&self, jobs: &[Vec<Write>]) -> JobResults {
         let mut conn = self.writer();
-        let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut results = Vec::with_capacity(jobs.len());
+        // Telemetry jobs share series look-ups, device touches and rollup upserts.
+        let mut batch = telemetry::Batch::default();
         for job in jobs {
-            let mut savepoint = tx.savepoint()?;
-            let applied: Result<Vec<Output>, StoreError> =
-                job.iter().map(|w| apply_write(&savepoint, w)).collect();
+            let telemetry_only = job
+                .iter()
+                .all(|w| matches!(w, Write::AppendTelemetry(_) | Write::TouchDevice { .. }));
+            if !telemetry_only {
+                // Another kind of write may read or delete what the batch holds.
+                batch.flush(&tx)?;
+                batch.forget();
+            }
+            if telemetry_only && batch.cannot_fail(&tx, job)? {
+                // Nothing to undo on its own: an error now is the database's, and fails the
+                // whole commit.
+                let mut rollups = HashMap::new();
+                let outputs = job
+                    .iter()
+                    .map(|w| match w {
+                        Write::AppendTelemetry(points) => {
+                            batch.append(&tx, points, &mut rollups).map(Output::Count)
+                        }
+                        Write::TouchDevice { id, seen_at_ms } => {
+                            batch.touch(&tx, id, *seen_at_ms).map(|()| Output::Done)
+                        }
+                        w => apply_write(&tx, w),
+                    })
+                    .collect::<Result<Vec<Output>, StoreError>>()?;
+                batch.keep(rollups);
+                results.push(Ok(outputs));
+                continue;
+            }
+            // A savepoint per job (prepared once, not parsed per job): a failing job is
+            // undone alone.
+            tx.prepare_cached("SAVEPOINT job")?.execute([])?;
+            let mut rollups = HashMap::new();
+            let applied: Result<Vec<Output>, StoreError> = job
+                .iter()
+                .map(|w| match w {
+                    Write::AppendTelemetry(points) => {
+                        batch.append(&tx, points, &mut rollups).map(Output::Count)
+                    }
+                    Write::TouchDevice { id, seen_at_ms } => {
+                        batch.touch(&tx, id, *seen_at_ms).map(|()| Output::Done)
+                    }
+                    w => apply_write(&tx, w),
+                })
+                .collect();
             match applied {
                 Ok(outputs) => {
-                    savepoint.commit()?;
+                    tx.prepare_cached("RELEASE job")?.execute([])?;
+                    batch.keep(rollups);
                     results.push(Ok(outputs));
                 }
                 Err(e) => {
-                    if savepoint.is_autocommit() {
+                    if tx.is_autocommit() {
                         // SQLite rolled the whole transaction back (I/O error, disk full):
                         // nothing of this group can be committed.
                         return Err(e);
                     }
-                    savepoint.rollback()?;
-                    savepoint.commit()?;
+                    tx.prepare_cached("ROLLBACK TO job")?.execute([])?;
+                    tx.prepare_cached("RELEASE job")?.execute([])?;
+                    // What the job interned or touched is undone.
+                    batch.forget();
                     results.push(Err(e));
                 }
             }
+            if !telemetry_only {
+                batch.forget();
+            }
         }
+        batch.flush(&tx)?;
         tx.commit()?;
         Ok(results)
     }

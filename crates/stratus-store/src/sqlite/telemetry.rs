@@ -1,7 +1,7 @@
 //! Telemetry in SQLite: interned series, points keyed `(series_id, ts)`, per-minute rollups
 //! maintained in the inserting transaction, and retention.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use rusqlite::types::{Null, ValueRef};
 use rusqlite::{params, Connection, OptionalExtension};
@@ -12,7 +12,7 @@ use crate::telemetry::{
     Bucket, LatestValue, Order, Point, PointPage, PointQuery, Retention, RetentionRule, TimedValue,
     Value, MAX_TS_MS, MINUTE_MS, MIN_TS_MS,
 };
-use crate::write::duration_ms;
+use crate::write::{duration_ms, Write};
 use crate::StoreError;
 
 fn series_id(conn: &Connection, device_id: &str, key: &str) -> Result<Option<i64>, StoreError> {
@@ -41,59 +41,194 @@ fn intern(conn: &Connection, device_id: &str, key: &str) -> Result<i64, StoreErr
     Ok(conn.last_insert_rowid())
 }
 
-pub(super) fn append(conn: &Connection, points: &[Point]) -> Result<u64, StoreError> {
-    // Validate everything before touching the database.
-    for point in points {
-        point.validate()?;
-    }
-    let mut ids: HashMap<(&str, &str), i64> = HashMap::new();
-    let mut last: Option<(&str, &str, i64)> = None;
-    let mut rollups: HashMap<(i64, i64), Accumulator> = HashMap::new();
-    let mut insert = conn.prepare_cached(
-        "INSERT OR IGNORE INTO points (series_id, ts, num, other) VALUES (?1, ?2, ?3, ?4)",
-    )?;
-    let mut inserted = 0u64;
-    for p in points {
-        let sid = match last {
-            Some((device, key, id)) if device == p.device_id && key == p.key => id,
-            _ => {
-                let id = match ids.get(&(p.device_id.as_str(), p.key.as_str())) {
-                    Some(id) => *id,
-                    None => {
-                        let id = intern(conn, &p.device_id, &p.key)?;
-                        ids.insert((&p.device_id, &p.key), id);
-                        id
+/// What one group-commit transaction remembers between its telemetry jobs, so that N jobs
+/// of one device cost N point inserts, not also N series look-ups, N rollup upserts and N
+/// device updates.
+///
+/// Only valid while nothing but telemetry appends and device touches runs in the
+/// transaction: the caller [`flush`](Batch::flush)es and [`forget`](Batch::forget)s before any
+/// other write, and forgets after a job was rolled back to its savepoint.
+#[derive(Debug, Default)]
+pub(super) struct Batch {
+    /// Series ids seen or created in this transaction: device → key → id.
+    series: HashMap<String, HashMap<String, i64>>,
+    /// Devices touched in this transaction, with the `last_seen_ms` they now have at least.
+    touched: HashMap<String, i64>,
+    /// Rollup contributions of the jobs that succeeded, written by [`Batch::flush`].
+    rollups: HashMap<(i64, i64), Accumulator>,
+    /// Devices known to exist in this transaction.
+    known: HashSet<String>,
+}
+
+impl Batch {
+    /// Whether `job` can fail only by a failure of the database itself: its writes are
+    /// telemetry appends and touches of one device, which exists, and its points are valid.
+    /// Such a job needs no savepoint of its own (what a transport submits per message is one).
+    pub(super) fn cannot_fail(
+        &mut self,
+        conn: &Connection,
+        job: &[Write],
+    ) -> Result<bool, StoreError> {
+        fn same<'a>(device: &mut Option<&'a str>, id: &'a str) -> bool {
+            *device.get_or_insert(id) == id
+        }
+        let mut device: Option<&str> = None;
+        for w in job {
+            match w {
+                Write::AppendTelemetry(points) => {
+                    for p in points {
+                        if p.validate().is_err() || !same(&mut device, &p.device_id) {
+                            return Ok(false);
+                        }
                     }
-                };
-                last = Some((&p.device_id, &p.key, id));
-                id
-            }
-        };
-        let changed = match &p.value {
-            Value::Number(x) => insert.execute(params![sid, p.ts_ms, x, Null])?,
-            Value::Bool(b) => insert.execute(params![sid, p.ts_ms, Null, i64::from(*b)])?,
-            Value::Text(s) => insert.execute(params![sid, p.ts_ms, Null, s])?,
-        };
-        if changed > 0 {
-            inserted += 1;
-            if let Value::Number(x) = p.value {
-                rollups
-                    .entry((sid, bucket_start(p.ts_ms, MINUTE_MS)))
-                    .and_modify(|a| a.add(x))
-                    .or_insert_with(|| Accumulator::of(x));
+                }
+                Write::TouchDevice { id, .. } => {
+                    if !same(&mut device, id) {
+                        return Ok(false);
+                    }
+                }
+                _ => return Ok(false),
             }
         }
+        let Some(id) = device else {
+            return Ok(true);
+        };
+        if self.known.contains(id) {
+            return Ok(true);
+        }
+        let exists = conn
+            .prepare_cached("SELECT 1 FROM devices WHERE id = ?1")?
+            .exists(params![id])?;
+        if exists {
+            self.known.insert(id.to_owned());
+        }
+        Ok(exists)
     }
-    let mut upsert = conn.prepare_cached(
-        "INSERT INTO rollup_1m (series_id, minute, n, total, lo, hi) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-         ON CONFLICT (series_id, minute) DO UPDATE SET
-             n = n + excluded.n, total = total + excluded.total,
-             lo = min(lo, excluded.lo), hi = max(hi, excluded.hi)",
-    )?;
-    for ((sid, minute), a) in rollups {
-        upsert.execute(params![sid, minute, a.count, a.sum, a.min, a.max])?;
+
+    /// Appends `points` (one job's write); their rollup contributions go to `rollups`, which
+    /// the caller hands to [`Batch::keep`] once the job as a whole succeeded.
+    pub(super) fn append(
+        &mut self,
+        conn: &Connection,
+        points: &[Point],
+        rollups: &mut HashMap<(i64, i64), Accumulator>,
+    ) -> Result<u64, StoreError> {
+        // Validate everything before touching the database.
+        for point in points {
+            point.validate()?;
+        }
+        let mut last: Option<(&str, &str, i64)> = None;
+        let mut insert = conn.prepare_cached(
+            "INSERT OR IGNORE INTO points (series_id, ts, num, other) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        let mut inserted = 0u64;
+        for p in points {
+            let sid = match last {
+                Some((device, key, id)) if device == p.device_id && key == p.key => id,
+                _ => {
+                    let known = self
+                        .series
+                        .get(p.device_id.as_str())
+                        .and_then(|keys| keys.get(p.key.as_str()));
+                    let id = match known {
+                        Some(id) => *id,
+                        None => {
+                            let id = intern(conn, &p.device_id, &p.key)?;
+                            self.series
+                                .entry(p.device_id.clone())
+                                .or_default()
+                                .insert(p.key.clone(), id);
+                            id
+                        }
+                    };
+                    last = Some((&p.device_id, &p.key, id));
+                    id
+                }
+            };
+            let changed = match &p.value {
+                Value::Number(x) => insert.execute(params![sid, p.ts_ms, x, Null])?,
+                Value::Bool(b) => insert.execute(params![sid, p.ts_ms, Null, i64::from(*b)])?,
+                Value::Text(s) => insert.execute(params![sid, p.ts_ms, Null, s])?,
+            };
+            if changed > 0 {
+                inserted += 1;
+                if let Value::Number(x) = p.value {
+                    add_rollup(rollups, (sid, bucket_start(p.ts_ms, MINUTE_MS)), x);
+                }
+            }
+        }
+        Ok(inserted)
     }
+
+    /// Sets `last_seen_ms` of device `id` to at least `seen_at_ms` ([`StoreError::NotFound`]
+    /// for an unknown device); free when this transaction already set it that far.
+    pub(super) fn touch(
+        &mut self,
+        conn: &Connection,
+        id: &str,
+        seen_at_ms: i64,
+    ) -> Result<(), StoreError> {
+        if self.touched.get(id).is_some_and(|t| *t >= seen_at_ms) {
+            // The row exists (updated in this transaction) and already holds as much.
+            return Ok(());
+        }
+        super::registry::touch_device(conn, id, seen_at_ms)?;
+        let t = self.touched.entry(id.to_owned()).or_insert(seen_at_ms);
+        *t = (*t).max(seen_at_ms);
+        Ok(())
+    }
+
+    /// Keeps the rollup contributions of a job that succeeded.
+    pub(super) fn keep(&mut self, rollups: HashMap<(i64, i64), Accumulator>) {
+        for (bucket, a) in rollups {
+            self.rollups
+                .entry(bucket)
+                .and_modify(|r| r.merge(&a))
+                .or_insert(a);
+        }
+    }
+
+    /// Forgets the series and devices seen (a job was rolled back, or another kind of write
+    /// may have changed them); the rollups kept stay.
+    pub(super) fn forget(&mut self) {
+        self.series.clear();
+        self.touched.clear();
+        self.known.clear();
+    }
+
+    /// Writes the rollups kept so far.
+    pub(super) fn flush(&mut self, conn: &Connection) -> Result<(), StoreError> {
+        if self.rollups.is_empty() {
+            return Ok(());
+        }
+        let mut upsert = conn.prepare_cached(
+            "INSERT INTO rollup_1m (series_id, minute, n, total, lo, hi) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (series_id, minute) DO UPDATE SET
+                 n = n + excluded.n, total = total + excluded.total,
+                 lo = min(lo, excluded.lo), hi = max(hi, excluded.hi)",
+        )?;
+        for ((sid, minute), a) in self.rollups.drain() {
+            upsert.execute(params![sid, minute, a.count, a.sum, a.min, a.max])?;
+        }
+        Ok(())
+    }
+}
+
+/// Appends `points` on their own (outside a [`Batch`]), rollups included.
+pub(super) fn append(conn: &Connection, points: &[Point]) -> Result<u64, StoreError> {
+    let mut batch = Batch::default();
+    let mut rollups = HashMap::new();
+    let inserted = batch.append(conn, points, &mut rollups)?;
+    batch.keep(rollups);
+    batch.flush(conn)?;
     Ok(inserted)
+}
+
+fn add_rollup(rollups: &mut HashMap<(i64, i64), Accumulator>, bucket: (i64, i64), x: f64) {
+    rollups
+        .entry(bucket)
+        .and_modify(|a| a.add(x))
+        .or_insert_with(|| Accumulator::of(x));
 }
 
 fn read_value(num: ValueRef<'_>, other: ValueRef<'_>) -> Result<Value, StoreError> {
