@@ -75,8 +75,8 @@
 //! | | requests/s | p50 | p99 | server CPU | generator CPU | server CPU per request |
 //! | --- | --- | --- | --- | --- | --- | --- |
 //! | before (quiet machine) | 32,606 / 28,789 | 1.90 ms | 3.63 ms | 139 % of a core | 25 % | ~43 µs |
-//! | now, best pair of consecutive runs | 56,651 / 50,704 | 1.10 / 1.22 ms | 2.15 / 2.47 ms | 110 % | 38 % | 19–22 µs |
-//! | now, 20 runs (10 pairs) whenever the machine looked idle | 14,613–56,651, median 39,123 | 1.10–3.72 ms | 2.08–15.3 ms | 44–112 % | 12–39 % | 19–30 µs |
+//! | main at 9edb470 (glibc malloc), 5 consecutive runs, quiet machine | 26,119, 43,696, 42,740, 38,772, 41,632 | 1.37–2.01 ms | 3.51–7.76 ms | 79–106 % | 23–31 % | ~24 µs |
+//! | branch with mimalloc (not kept), 20 runs, shared machine | 14,613–56,651, median 39,123 | 1.10–3.72 ms | 2.08–15.3 ms | 44–112 % | 12–39 % | 19–30 µs |
 //!
 //! 0 timeouts and 0 errors in every run; 4 of the 10 pairs had both runs at 40,000 or more
 //! (40,362 / 37,091, 56,651 / 50,704, 46,521 / 43,037, 40,480 / 49,365, 32,551 / 37,884,
