@@ -345,25 +345,15 @@ pub async fn serve(
             _ = firmware_changed => {}
             _ = sleep => {}
         }
-        if let Some(h) = &firmware_feed {
+        for (feed, firmware) in [(&firmware_feed, true), (&config_feed, false)] {
+            let Some(h) = feed else { continue };
             loop {
                 let batch = h.take_messages(NOTIFY_BATCH);
                 if batch.is_empty() {
                     break;
                 }
                 for m in batch {
-                    driver.on_firmware_message(Instant::now(), m.topic.as_str(), &m.payload);
-                }
-            }
-        }
-        if let Some(h) = &config_feed {
-            loop {
-                let batch = h.take_messages(NOTIFY_BATCH);
-                if batch.is_empty() {
-                    break;
-                }
-                for m in batch {
-                    driver.on_config_message(Instant::now(), m.topic.as_str(), &m.payload);
+                    driver.on_notice(Instant::now(), m.topic.as_str(), &m.payload, firmware);
                 }
             }
         }
@@ -666,16 +656,23 @@ impl Driver {
             .set(self.observers.len() as i64);
     }
 
-    /// A retained `devices/{id}/firmware` notice from the broker: to the device's `/firmware`
-    /// observers.
-    fn on_firmware_message(&mut self, now: Instant, topic: &str, payload: &Bytes) {
+    /// A retained `devices/{id}/firmware` (`firmware`) or `devices/{id}/config` message from
+    /// the broker: to that device's `/firmware` or `/config` observers, and to a read of it in
+    /// flight.
+    fn on_notice(&mut self, now: Instant, topic: &str, payload: &Bytes, firmware: bool) {
+        let suffix = if firmware { "/firmware" } else { "/config" };
         let Some(device) = topic
             .strip_prefix("devices/")
-            .and_then(|t| t.strip_suffix("/firmware"))
+            .and_then(|t| t.strip_suffix(suffix))
         else {
             return;
         };
-        if let Some((_, newest)) = self.firmware_reads.get_mut(device) {
+        let reads = if firmware {
+            &mut self.firmware_reads
+        } else {
+            &mut self.config_reads
+        };
+        if let Some((_, newest)) = reads.get_mut(device) {
             *newest = Some(payload.clone());
         }
         let Some(keys) = self.by_device.get(device) else {
@@ -684,31 +681,11 @@ impl Driver {
         let keys: Vec<_> = keys
             .iter()
             .copied()
-            .filter(|k| self.observers.get(k).is_some_and(|o| o.firmware))
-            .collect();
-        for key in keys {
-            self.notify_one(now, key, payload);
-        }
-    }
-
-    /// A retained `devices/{id}/config` message from the broker.
-    fn on_config_message(&mut self, now: Instant, topic: &str, payload: &Bytes) {
-        let Some(device) = topic
-            .strip_prefix("devices/")
-            .and_then(|t| t.strip_suffix("/config"))
-        else {
-            return;
-        };
-        if let Some((_, newest)) = self.config_reads.get_mut(device) {
-            *newest = Some(payload.clone());
-        }
-        let Some(keys) = self.by_device.get(device) else {
-            return;
-        };
-        let keys: Vec<_> = keys
-            .iter()
-            .copied()
-            .filter(|k| self.observers.get(k).is_some_and(|o| !o.firmware))
+            .filter(|k| {
+                self.observers
+                    .get(k)
+                    .is_some_and(|o| o.firmware == firmware)
+            })
             .collect();
         for key in keys {
             self.notify_one(now, key, payload);
