@@ -12,6 +12,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::num::{NonZeroU16, NonZeroU32};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -251,21 +252,21 @@ pub enum Delivered {
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Stats {
     /// PUBLISH packets received.
-    pub publish_received: u64,
+    pub publish_received: u32,
     /// PUBLISH packets sent (including redeliveries).
-    pub publish_sent: u64,
+    pub publish_sent: u32,
     /// Messages dropped by this connection.
-    pub dropped: u64,
+    pub dropped: u32,
     /// Control packets of any type received.
-    pub packets_received: u64,
+    pub packets_received: u32,
     /// Control packets of any type sent.
-    pub packets_sent: u64,
+    pub packets_sent: u32,
 }
 
 #[derive(Debug)]
 enum Phase {
     /// Waiting for CONNECT until the deadline.
-    AwaitingConnect { deadline: Instant },
+    AwaitingConnect,
     /// CONNECT received, waiting for the host's answer.
     Authenticating,
     /// Session established.
@@ -286,10 +287,12 @@ struct PendingAck {
 /// One MQTT connection, broker side.
 #[derive(Debug)]
 pub struct Connection {
-    limits: Limits,
+    /// Shared by every connection of a listener.
+    limits: Arc<Limits>,
     phase: Phase,
     protocol: ProtocolVersion,
-    keep_alive: Option<Duration>,
+    /// Keep Alive in seconds (0: none): the connection closes after 1.5 times it in silence.
+    keep_alive: u16,
     last_received: Instant,
     will: Option<Box<LastWill>>,
     session: Option<Session>,
@@ -302,14 +305,12 @@ pub struct Connection {
     /// Outbound in-flight window: min(client's Receive Maximum, `max_inflight`).
     max_inflight: u16,
     /// The client's Maximum Packet Size (MQTT 5.0).
-    client_max_packet: Option<u32>,
+    client_max_packet: Option<NonZeroU32>,
     /// Inbound QoS 1 messages not yet acknowledged (QoS 2 ones are in the session).
-    inbound_qos1: usize,
-    /// Topic aliases the client set (MQTT 5.0).
-    topic_aliases: HashMap<u16, MqttStr>,
-    /// Topic aliases this side assigned for topics it sends, at most the client's Topic Alias
-    /// Maximum (MQTT 5.0 §3.3.2.3.4); the first topics sent get them, for the connection's life.
-    outbound_aliases: HashMap<MqttStr, u16>,
+    inbound_qos1: u32,
+    /// Topic aliases of either side (MQTT 5.0), from the first one used: most connections
+    /// never use any, and an idle one should not carry two empty maps.
+    aliases: Option<Box<TopicAliases>>,
     /// The client's Topic Alias Maximum (0: it accepts none).
     client_alias_max: u16,
     /// Session Expiry Interval in seconds (0: ends with the connection; u32::MAX: never).
@@ -321,22 +322,33 @@ pub struct Connection {
     /// Server Keep Alive to announce.
     server_keep_alive: Option<u16>,
     /// Assigned Client Identifier to announce.
-    assigned_client_id: Option<MqttStr>,
+    assigned_client_id: Option<Box<MqttStr>>,
     /// Whether reason strings may be sent (Request Problem Information).
     problem_information: bool,
     /// Whether [`Event::Session`] changes are reported.
     track_session: bool,
 }
 
+/// The topic aliases of a connection (MQTT 5.0 §3.3.2.3.4).
+#[derive(Debug, Default)]
+struct TopicAliases {
+    /// Set by the client.
+    inbound: HashMap<u16, MqttStr>,
+    /// Assigned by this side for topics it sends, at most the client's Topic Alias Maximum;
+    /// the first topics sent get them, for the connection's life.
+    outbound: HashMap<MqttStr, u16>,
+}
+
 impl Connection {
-    /// A connection whose socket was accepted at `now`.
-    pub fn new(limits: Limits, now: Instant) -> Self {
-        let deadline = now + limits.connect_timeout;
+    /// A connection whose socket was accepted at `now`. A listener shares one `Arc<Limits>`
+    /// among its connections.
+    pub fn new(limits: impl Into<Arc<Limits>>, now: Instant) -> Self {
+        let limits = limits.into();
         Connection {
             limits,
-            phase: Phase::AwaitingConnect { deadline },
+            phase: Phase::AwaitingConnect,
             protocol: ProtocolVersion::V311,
-            keep_alive: None,
+            keep_alive: 0,
             last_received: now,
             will: None,
             session: None,
@@ -348,8 +360,7 @@ impl Connection {
             max_inflight: 1,
             client_max_packet: None,
             inbound_qos1: 0,
-            topic_aliases: HashMap::new(),
-            outbound_aliases: HashMap::new(),
+            aliases: None,
             client_alias_max: 0,
             session_expiry: 0,
             connect_session_expiry: 0,
@@ -392,13 +403,13 @@ impl Connection {
 
     /// The keep alive in force, in seconds (after any Server Keep Alive override).
     pub fn keep_alive_secs(&self) -> Option<u64> {
-        self.keep_alive.map(|k| k.as_millis() as u64 / 1500)
+        (self.keep_alive != 0).then_some(u64::from(self.keep_alive))
     }
 
     /// Sets the Assigned Client Identifier the CONNACK announces (for a CONNECT with an empty
     /// client id; MQTT 5.0). Call before [`accept`](Self::accept).
     pub fn assign_client_id(&mut self, id: MqttStr) {
-        self.assigned_client_id = Some(id);
+        self.assigned_client_id = Some(Box::new(id));
     }
 
     /// The limits this connection enforces.
@@ -491,21 +502,31 @@ impl Connection {
     /// When [`handle_timeout`](Self::handle_timeout) must next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.phase {
-            Phase::AwaitingConnect { deadline } => Some(deadline),
-            Phase::Connected => self.keep_alive.map(|k| self.last_received + k),
+            Phase::AwaitingConnect => Some(self.connect_deadline()),
+            Phase::Connected => self.keep_alive_limit().map(|k| self.last_received + k),
             Phase::Authenticating | Phase::Closed => None,
         }
+    }
+
+    /// When a connection that sent no CONNECT is closed (it was accepted at `last_received`).
+    fn connect_deadline(&self) -> Instant {
+        self.last_received + self.limits.connect_timeout
+    }
+
+    /// How long the client may stay silent: 1.5 times its Keep Alive (MQTT-3.1.2-24).
+    fn keep_alive_limit(&self) -> Option<Duration> {
+        (self.keep_alive != 0).then(|| Duration::from_millis(u64::from(self.keep_alive) * 1500))
     }
 
     /// Checks the connect and keep-alive deadlines against `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.now = now;
         match self.phase {
-            Phase::AwaitingConnect { deadline } if now >= deadline => {
+            Phase::AwaitingConnect if now >= self.connect_deadline() => {
                 self.close(CloseReason::ConnectTimeout)
             }
             Phase::Connected => {
-                if let Some(k) = self.keep_alive {
+                if let Some(k) = self.keep_alive_limit() {
                     if now >= self.last_received + k {
                         self.close(CloseReason::KeepAliveTimeout);
                     }
@@ -523,7 +544,7 @@ impl Connection {
             if matches!(self.phase, Phase::Authenticating | Phase::Closed) {
                 return;
             }
-            if matches!(self.phase, Phase::AwaitingConnect { .. }) && buf[0] != 0x10 {
+            if matches!(self.phase, Phase::AwaitingConnect) && buf[0] != 0x10 {
                 // Not a CONNECT header: no need to wait for the rest of it (MQTT-3.1.0-1).
                 self.close(CloseReason::ProtocolViolation(
                     "first packet is not CONNECT",
@@ -538,7 +559,7 @@ impl Connection {
                 }
                 Ok(None) => return,
                 Err(DecodeError::UnsupportedProtocolLevel(level))
-                    if matches!(self.phase, Phase::AwaitingConnect { .. }) =>
+                    if matches!(self.phase, Phase::AwaitingConnect) =>
                 {
                     self.send(&Packet::ConnAck(ConnAck::new(
                         false,
@@ -555,10 +576,8 @@ impl Connection {
 
     fn handle_packet(&mut self, packet: Packet) {
         match (&self.phase, packet) {
-            (Phase::AwaitingConnect { .. }, Packet::Connect(connect)) => {
-                self.handle_connect(connect)
-            }
-            (Phase::AwaitingConnect { .. }, _) => self.close(CloseReason::ProtocolViolation(
+            (Phase::AwaitingConnect, Packet::Connect(connect)) => self.handle_connect(connect),
+            (Phase::AwaitingConnect, _) => self.close(CloseReason::ProtocolViolation(
                 "first packet is not CONNECT",
             )),
             (Phase::Connected, Packet::Publish(publish)) => self.handle_publish(publish),
@@ -678,10 +697,7 @@ impl Connection {
             keep_alive = max;
             self.server_keep_alive = Some(max);
         }
-        self.keep_alive = match keep_alive {
-            0 => None,
-            k => Some(Duration::from_millis(u64::from(k) * 1500)),
-        };
+        self.keep_alive = keep_alive;
         self.max_inflight = self.limits.max_inflight.max(1);
         if v5 {
             let p = &connect.properties;
@@ -689,7 +705,7 @@ impl Connection {
             if let Some(rm) = p.receive_maximum {
                 self.max_inflight = self.max_inflight.min(rm.get());
             }
-            self.client_max_packet = p.maximum_packet_size.map(NonZeroU32::get);
+            self.client_max_packet = p.maximum_packet_size;
             self.client_alias_max = p.topic_alias_maximum.unwrap_or(0);
             self.problem_information = p.request_problem_information != Some(false);
             self.will_delay = connect
@@ -726,7 +742,7 @@ impl Connection {
             p.subscription_identifiers_available = Some(true);
             p.shared_subscription_available = Some(true);
             p.server_keep_alive = self.server_keep_alive;
-            p.assigned_client_identifier = self.assigned_client_id.take();
+            p.assigned_client_identifier = self.assigned_client_id.take().map(|id| *id);
         }
         self.send(&Packet::ConnAck(ack));
         let mut session = session;
@@ -788,7 +804,11 @@ impl Connection {
                 return;
             }
             if publish.topic.is_empty() {
-                match self.topic_aliases.get(&alias.get()) {
+                match self
+                    .aliases
+                    .as_ref()
+                    .and_then(|a| a.inbound.get(&alias.get()))
+                {
                     Some(t) => publish.topic = t.clone(),
                     None => {
                         self.close(CloseReason::ProtocolViolation("unknown topic alias"));
@@ -796,7 +816,9 @@ impl Connection {
                     }
                 }
             } else {
-                self.topic_aliases
+                self.aliases
+                    .get_or_insert_default()
+                    .inbound
                     .insert(alias.get(), publish.topic.compact());
             }
         } else if publish.topic.is_empty() {
@@ -804,8 +826,8 @@ impl Connection {
             return;
         }
         if self.protocol.is_v5() && publish.qos != QoS::AtMostOnce {
-            let inflight =
-                self.inbound_qos1 + self.session.as_ref().map_or(0, |s| s.inbound_qos2.len());
+            let inflight = self.inbound_qos1 as usize
+                + self.session.as_ref().map_or(0, |s| s.inbound_qos2.len());
             if inflight >= usize::from(self.limits.receive_maximum) {
                 self.close(CloseReason::Violation(
                     ReasonCode::ReceiveMaximumExceeded,
@@ -1093,12 +1115,17 @@ impl Connection {
         let start = self.transmit.len();
         // Outbound topic alias: an existing one replaces the topic; a free one is assigned
         // (and sent with the topic) once the packet is known to fit.
-        let (alias, new_alias) = match self.outbound_aliases.get(&m.topic) {
+        let outbound = self.aliases.as_ref().map(|a| &a.outbound);
+        let (alias, new_alias) = match outbound.and_then(|o| o.get(&m.topic)) {
             Some(&a) => (Some(a), false),
-            None if self.outbound_aliases.len() < usize::from(self.client_alias_max) => {
-                (Some(self.outbound_aliases.len() as u16 + 1), true)
+            None => {
+                let used = outbound.map_or(0, HashMap::len);
+                if used < usize::from(self.client_alias_max) {
+                    (Some(used as u16 + 1), true)
+                } else {
+                    (None, false)
+                }
             }
-            None => (None, false),
         };
         let no_topic = MqttStr::default();
         let topic = if alias.is_some() && !new_alias {
@@ -1146,7 +1173,7 @@ impl Connection {
             self.transmit.truncate(start);
             return false;
         }
-        if let Some(max) = self.client_max_packet {
+        if let Some(max) = self.client_max_packet.map(NonZeroU32::get) {
             if self.transmit.len() - start > max as usize {
                 // MQTT-3.1.2-24: never send a packet larger than the client accepts.
                 self.transmit.truncate(start);
@@ -1154,7 +1181,10 @@ impl Connection {
             }
         }
         if let (true, Some(a)) = (new_alias, alias) {
-            self.outbound_aliases.insert(m.topic.compact(), a);
+            self.aliases
+                .get_or_insert_default()
+                .outbound
+                .insert(m.topic.compact(), a);
         }
         self.stats.publish_sent += 1;
         self.stats.packets_sent += 1;

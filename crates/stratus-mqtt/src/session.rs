@@ -2,7 +2,7 @@
 //! Session is 0 — subscriptions, in-flight and queued outbound QoS 1/2 messages, and the ids of
 //! inbound QoS 2 messages awaiting PUBREL.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::message::Message;
 use crate::types::{MqttStr, PacketId, QoS};
@@ -32,7 +32,6 @@ pub struct Outbound {
 /// A client's session.
 #[derive(Debug, Clone)]
 pub struct Session {
-    client_id: MqttStr,
     /// Granted subscriptions by filter.
     pub subscriptions: BTreeMap<MqttStr, QoS>,
     /// Outbound QoS 1/2 messages in flight, oldest first.
@@ -41,29 +40,29 @@ pub struct Session {
     /// `qos` and `retain` are those of its delivery.
     pub queued: VecDeque<Message>,
     /// Inbound QoS 2 packet ids that were received and not yet released (PUBREL).
-    pub inbound_qos2: HashSet<PacketId>,
+    pub inbound_qos2: BTreeSet<PacketId>,
     next_packet_id: PacketId,
     /// Messages dropped because the queue was full, over the session's life.
     pub dropped: u64,
 }
 
+impl Default for Session {
+    fn default() -> Self {
+        Session::new()
+    }
+}
+
 impl Session {
-    /// A new, empty session for `client_id`.
-    pub fn new(client_id: MqttStr) -> Self {
+    /// A new, empty session (the client id it belongs to is its holder's business).
+    pub fn new() -> Self {
         Session {
-            client_id,
             subscriptions: BTreeMap::new(),
             inflight: VecDeque::new(),
             queued: VecDeque::new(),
-            inbound_qos2: HashSet::new(),
+            inbound_qos2: BTreeSet::new(),
             next_packet_id: 1,
             dropped: 0,
         }
-    }
-
-    /// The client identifier the session belongs to.
-    pub fn client_id(&self) -> &MqttStr {
-        &self.client_id
     }
 
     /// Queues a QoS 1/2 message for later delivery, or drops it (counted) when `max_queued`

@@ -17,7 +17,7 @@ impl Harness {
         let id = connect.client_id.clone();
         h.send(Packet::Connect(connect));
         assert!(matches!(h.events().as_slice(), [Event::Connect(_)]));
-        h.conn.accept(Session::new(id), false);
+        h.conn.accept(Session::new(), false);
         assert_eq!(
             h.received(),
             vec![Packet::ConnAck(ConnAck::new(
@@ -95,7 +95,7 @@ fn connect_then_accept_sends_connack() {
         h.received().is_empty(),
         "no CONNACK before the host decides"
     );
-    h.conn.accept(Session::new(s("c1")), true);
+    h.conn.accept(Session::new(), true);
     assert_eq!(
         h.received(),
         vec![Packet::ConnAck(ConnAck::new(
@@ -335,7 +335,7 @@ fn packets_pipelined_after_connect_are_handled_after_accept() {
     h.send_raw(&b);
     assert_eq!(h.events().len(), 1);
     assert!(h.received().is_empty());
-    h.conn.accept(Session::new(s("c1")), false);
+    h.conn.accept(Session::new(), false);
     h.conn.handle_bytes(&mut h.inbox, h.now);
     assert_eq!(
         h.received(),
@@ -721,7 +721,7 @@ fn v5_topic_aliases_are_refused_until_supported() {
     let mut h = Harness::new(Limits::default());
     h.send(Packet::Connect(c));
     assert!(matches!(h.events().as_slice(), [Event::Connect(_)]));
-    h.conn.accept(Session::new(s("c1")), false);
+    h.conn.accept(Session::new(), false);
     let mut b = BytesMut::new();
     encode(
         &Packet::Publish(Publish {

@@ -26,7 +26,7 @@ impl Harness {
         let id = connect.client_id.clone();
         h.send(Packet::Connect(connect));
         assert!(matches!(h.events().as_slice(), [Event::Connect(_)]));
-        h.conn.accept(Session::new(id), false);
+        h.conn.accept(Session::new(), false);
         let Some(Packet::ConnAck(ack)) = h.received().into_iter().next() else {
             panic!("no CONNACK");
         };
@@ -94,7 +94,7 @@ fn assigned_client_identifier_is_announced() {
     h.send(Packet::Connect(connect5("")));
     assert!(matches!(h.events().as_slice(), [Event::Connect(_)]));
     h.conn.assign_client_id(s("stratus-1"));
-    h.conn.accept(Session::new(s("stratus-1")), false);
+    h.conn.accept(Session::new(), false);
     let Some(Packet::ConnAck(ack)) = h.received().into_iter().next() else {
         panic!()
     };
@@ -462,7 +462,7 @@ fn v311_subscribers_get_no_properties() {
     encode(&Packet::Connect(c), ProtocolVersion::V311, &mut b).unwrap();
     h.conn.handle_bytes(&mut b, h.now);
     h.events();
-    h.conn.accept(Session::new(s("old")), false);
+    h.conn.accept(Session::new(), false);
     h.conn.transmit().clear();
     let m = Message {
         properties: Some(Arc::new(PublishProperties {

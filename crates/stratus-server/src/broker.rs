@@ -6,7 +6,7 @@
 //! there is no lock that every message crosses for writing, and no router thread. Each
 //! connection task then drains its own mailbox into its own `Connection` state machine.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -20,18 +20,11 @@ use stratus_mqtt::{
     Connection, Delivery, Message, MqttStr, QoS, RetainedStore, Session, SessionChange,
     SubscriptionOptions, SubscriptionTree,
 };
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::Notify;
 
 use crate::metrics::Metrics;
 use crate::persist::{self, Persistence};
 use stratus_store::{MqttOp, MqttSnapshot, StoredSubscription};
-
-/// What a connection task is told when it must give up its client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kick {
-    /// A new connection with the same client id arrived.
-    TakenOver,
-}
 
 /// One client id's presence in the broker.
 pub struct ClientHandle {
@@ -41,13 +34,15 @@ pub struct ClientHandle {
     mailbox: Mutex<Mailbox>,
     /// Signalled when the mailbox goes from empty to non-empty, or the client must be dropped.
     pub notify: Notify,
-    /// Signalled when the QoS 1/2 backlog falls back within bounds or the client goes away.
-    space: Notify,
+    /// Signalled to every waiter when the QoS 1/2 backlog falls back within bounds, the client
+    /// goes away, its slot changes state, or an attach lets go (publishers, a take-over and the
+    /// next attach wait on it; each re-checks its own condition).
+    changed: Notify,
     /// Set when publishers waited too long for this client: its connection must close.
     overloaded: AtomicBool,
     state: Mutex<SlotState>,
-    state_changed: Notify,
-    attach_lock: tokio::sync::Mutex<()>,
+    /// Held while a connection attaches to the client (see [`AttachGuard`]): one at a time.
+    attaching: AtomicBool,
     /// The attachment number of the latest connection (see [`Broker::attach`]): a delayed will
     /// or a session expiry compares it to know whether the client came back.
     current_conn: AtomicU64,
@@ -56,6 +51,42 @@ pub struct ClientHandle {
     /// Whether the session is persisted: its QoS 1/2 messages, subscriptions and state are
     /// written to the store.
     durable: AtomicBool,
+    /// The attachment number of a connection that was taken over (0: none): that connection
+    /// closes when it sees it (see [`taken_over`](Self::taken_over)).
+    kicked: AtomicU64,
+    /// The parking-lot token of the client's connection while it is parked (0: not parked).
+    parked: AtomicU64,
+    /// Where [`signal`](Self::signal) sends that token.
+    wakes: Arc<ParkWakes>,
+}
+
+/// Tokens of parked connections whose client was signalled (mail, a take-over, a slow
+/// consumer): the MQTT listener's parking lot takes them and wakes those connections.
+#[derive(Default)]
+pub struct ParkWakes {
+    tokens: Mutex<Vec<u64>>,
+    /// A parking lot took these wake-ups (there is one per broker).
+    claimed: AtomicBool,
+    /// Signalled when a token is added.
+    pub notify: Notify,
+}
+
+impl ParkWakes {
+    /// Asks for the connection parked under `token` to be woken.
+    pub fn push(&self, token: u64) {
+        self.tokens.lock().push(token);
+        self.notify.notify_one();
+    }
+
+    /// True for the first caller only: the one parking lot that serves this broker.
+    pub fn claim(&self) -> bool {
+        !self.claimed.swap(true, Ordering::AcqRel)
+    }
+
+    /// The tokens pushed since the last call.
+    pub fn take(&self) -> Vec<u64> {
+        std::mem::take(&mut *self.tokens.lock())
+    }
 }
 
 /// Subscription Identifiers of one delivery (usually none or one).
@@ -97,22 +128,25 @@ pub struct SharedGroup {
 struct Mailbox {
     /// Shared, so a message routed to many clients is one allocation with one reference count.
     queue: VecDeque<Mail>,
+    /// How many of `queue` are QoS 0 (the rest are QoS 1/2).
     qos0: usize,
-    qos12: usize,
     online: bool,
     gone: bool,
 }
 
 impl Mailbox {
     fn backlog(&self) -> usize {
-        self.qos0 + self.qos12
+        self.queue.len()
+    }
+
+    /// QoS 1/2 messages queued.
+    fn qos12(&self) -> usize {
+        self.queue.len() - self.qos0
     }
 
     fn push(&mut self, mail: Mail) {
         if mail.qos == QoS::AtMostOnce {
             self.qos0 += 1;
-        } else {
-            self.qos12 += 1;
         }
         self.queue.push_back(mail);
     }
@@ -121,8 +155,6 @@ impl Mailbox {
         let item = self.queue.pop_front()?;
         if item.qos == QoS::AtMostOnce {
             self.qos0 -= 1;
-        } else {
-            self.qos12 -= 1;
         }
         Some(item)
     }
@@ -130,7 +162,6 @@ impl Mailbox {
     fn clear(&mut self) {
         self.queue.clear();
         self.qos0 = 0;
-        self.qos12 = 0;
     }
 }
 
@@ -169,32 +200,53 @@ enum SlotState {
     /// Never attached.
     Fresh,
     /// A connection task owns the session.
-    Online {
-        conn: u64,
-        kick: Option<oneshot::Sender<Kick>>,
-    },
+    Online { conn: u64 },
     /// The client is away; its session waits here (`conn` is the attachment that parked it).
-    Offline { session: Session, conn: u64 },
+    Offline { session: Box<Session>, conn: u64 },
     /// The session ended; the handle is out of the registry.
     Gone,
 }
 
 impl ClientHandle {
-    fn new(id: MqttStr) -> Self {
+    fn new(id: MqttStr, wakes: Arc<ParkWakes>) -> Self {
         ClientHandle {
             id,
             access: AtomicU8::new(Access::NoDevices as u8),
             mailbox: Mutex::new(Mailbox::default()),
             notify: Notify::new(),
-            space: Notify::new(),
+            changed: Notify::new(),
             overloaded: AtomicBool::new(false),
             state: Mutex::new(SlotState::Fresh),
-            state_changed: Notify::new(),
-            attach_lock: tokio::sync::Mutex::new(()),
+            attaching: AtomicBool::new(false),
             current_conn: AtomicU64::new(0),
             online: AtomicBool::new(false),
             durable: AtomicBool::new(false),
+            kicked: AtomicU64::new(0),
+            parked: AtomicU64::new(0),
+            wakes,
         }
+    }
+
+    /// Wakes the client's connection: its mailbox has mail, it is taken over, or it must close.
+    pub fn signal(&self) {
+        self.notify.notify_one();
+        // After the notify: a connection that parks checks for a notification after it
+        // published its token, so one of the two sides always sees the other.
+        let token = self.parked.load(Ordering::SeqCst);
+        if token != 0 {
+            self.wakes.push(token);
+        }
+    }
+
+    /// Whether the connection with attachment number `conn` was taken over by a newer one (it
+    /// is signalled when it is).
+    pub fn taken_over(&self, conn: u64) -> bool {
+        self.kicked.load(Ordering::Acquire) == conn
+    }
+
+    /// Publishes (or with 0 withdraws) the parking-lot token of the client's connection.
+    pub fn set_parked(&self, token: u64) {
+        self.parked.store(token, Ordering::SeqCst);
     }
 
     /// Whether the session is persisted.
@@ -261,7 +313,7 @@ impl ClientHandle {
         let full = if mb.online {
             mb.backlog() >= max_queued.saturating_mul(HARD_BACKLOG_FACTOR)
         } else {
-            mb.qos12 >= max_queued
+            mb.qos12() >= max_queued
         };
         if full {
             drop(mb);
@@ -292,7 +344,7 @@ impl ClientHandle {
         let congested = mb.online && mb.backlog() > max_queued;
         drop(mb);
         if was_empty {
-            self.notify.notify_one();
+            self.signal();
         }
         if congested {
             Accepted::Congested
@@ -358,7 +410,7 @@ impl ClientHandle {
         let relieved = was_congested && mb.backlog() <= max_queued;
         drop(mb);
         if relieved {
-            self.space.notify_waiters();
+            self.changed.notify_waiters();
         }
         more
     }
@@ -397,7 +449,7 @@ impl ClientHandle {
         }
         drop(mb);
         if was_empty {
-            self.notify.notify_one();
+            self.signal();
         }
     }
 
@@ -427,7 +479,7 @@ impl ClientHandle {
     /// closes as a slow consumer) and false is returned.
     pub async fn wait_for_space(&self, max_queued: usize, deadline: tokio::time::Instant) -> bool {
         loop {
-            let space = self.space.notified();
+            let space = self.changed.notified();
             tokio::pin!(space);
             space.as_mut().enable();
             {
@@ -439,7 +491,7 @@ impl ClientHandle {
             if tokio::time::timeout_at(deadline, space).await.is_err() {
                 if !self.overloaded.swap(true, Ordering::AcqRel) {
                     tracing::warn!(client_id = %self.id, "subscriber too slow for its publishers; disconnecting it");
-                    self.notify.notify_one();
+                    self.signal();
                 }
                 return false;
             }
@@ -507,15 +559,63 @@ pub struct Attached {
     pub session: Session,
     /// Whether `session` is a resumed one (CONNACK Session Present).
     pub session_present: bool,
-    /// Fires when another connection takes the client over.
-    pub kicked: oneshot::Receiver<Kick>,
     /// This attachment's number, for [`Broker::detach`].
     pub conn: u64,
 }
 
+/// Serialises the connections that attach to one client id, as a lock of one bit (an async
+/// mutex would cost 40 bytes in every handle): waiters wait on [`ClientHandle::changed`].
+struct AttachGuard<'a>(&'a ClientHandle);
+
+impl<'a> AttachGuard<'a> {
+    async fn acquire(handle: &'a ClientHandle) -> AttachGuard<'a> {
+        loop {
+            let changed = handle.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if !handle.attaching.swap(true, Ordering::AcqRel) {
+                return AttachGuard(handle);
+            }
+            changed.await;
+        }
+    }
+}
+
+impl Drop for AttachGuard<'_> {
+    fn drop(&mut self) {
+        self.0.attaching.store(false, Ordering::Release);
+        self.0.changed.notify_waiters();
+    }
+}
+
+/// A handle in the client registry, found by its client id (the handle holds the id, so the
+/// registry does not keep a second copy of it).
+struct Registered(Arc<ClientHandle>);
+
+impl std::borrow::Borrow<[u8]> for Registered {
+    fn borrow(&self) -> &[u8] {
+        self.0.id.as_str().as_bytes()
+    }
+}
+
+impl std::hash::Hash for Registered {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // As `[u8]` hashes, so lookups by `&[u8]` agree (`Borrow` requires it).
+        self.0.id.as_str().as_bytes().hash(state);
+    }
+}
+
+impl PartialEq for Registered {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.id.as_str().as_bytes() == other.0.id.as_str().as_bytes()
+    }
+}
+
+impl Eq for Registered {}
+
 /// The broker state shared by every connection.
 pub struct Broker {
-    clients: Mutex<HashMap<MqttStr, Arc<ClientHandle>>>,
+    clients: Mutex<HashSet<Registered>>,
     tree: RwLock<SubscriptionTree<Subscriber>>,
     groups: Mutex<HashMap<String, Arc<SharedGroup>>>,
     retained: RwLock<RetainedStore>,
@@ -528,13 +628,15 @@ pub struct Broker {
     pub started: Instant,
     /// Live events (telemetry, alarms, device status, firmware) for the stream and rules.
     pub events: crate::events::EventBus,
+    /// Wake-ups for parked MQTT connections (see [`ClientHandle::signal`]).
+    wakes: Arc<ParkWakes>,
 }
 
 impl Broker {
     /// A broker whose sessions queue at most `max_queued` messages, kept in memory only.
     pub fn new(max_queued: usize, metrics: Arc<Metrics>) -> Self {
         Broker {
-            clients: Mutex::new(HashMap::new()),
+            clients: Mutex::new(HashSet::new()),
             tree: RwLock::new(SubscriptionTree::new()),
             groups: Mutex::new(HashMap::new()),
             retained: RwLock::new(RetainedStore::new()),
@@ -544,7 +646,24 @@ impl Broker {
             metrics,
             started: Instant::now(),
             events: crate::events::EventBus::default(),
+            wakes: Arc::default(),
         }
+    }
+
+    /// Takes `handle` out of the registry if it is the one registered for its client id.
+    fn unregister(&self, handle: &Arc<ClientHandle>) {
+        let mut clients = self.clients.lock();
+        if clients
+            .get(handle.id.as_str().as_bytes())
+            .is_some_and(|r| Arc::ptr_eq(&r.0, handle))
+        {
+            clients.remove(handle.id.as_str().as_bytes());
+        }
+    }
+
+    /// Where client handles send the tokens of parked connections to wake.
+    pub fn park_wakes(&self) -> &Arc<ParkWakes> {
+        &self.wakes
     }
 
     /// A broker that keeps retained messages and persistent sessions in `persist`.
@@ -612,24 +731,23 @@ impl Broker {
         expiry: u32,
     ) -> Attached {
         loop {
-            let handle = self
-                .clients
-                .lock()
-                .entry(client_id.clone())
-                .or_insert_with(|| Arc::new(ClientHandle::new(client_id.clone())))
-                .clone();
-            let _serial = handle.attach_lock.lock().await;
+            let handle = {
+                let mut clients = self.clients.lock();
+                match clients.get(client_id.as_str().as_bytes()) {
+                    Some(Registered(h)) => h.clone(),
+                    None => {
+                        let h =
+                            Arc::new(ClientHandle::new(client_id.compact(), self.wakes.clone()));
+                        clients.insert(Registered(h.clone()));
+                        h
+                    }
+                }
+            };
+            let _serial = AttachGuard::acquire(&handle).await;
             self.take_over(&handle).await;
-            let (tx, rx) = oneshot::channel();
             let mut state = handle.state.lock();
             let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
-            let previous = std::mem::replace(
-                &mut *state,
-                SlotState::Online {
-                    conn,
-                    kick: Some(tx),
-                },
-            );
+            let previous = std::mem::replace(&mut *state, SlotState::Online { conn });
             let (session, present) = match previous {
                 SlotState::Gone => {
                     // The previous connection ended its clean session while we waited; the
@@ -642,17 +760,17 @@ impl Broker {
                     if clean_session {
                         self.unsubscribe_all(&handle, &old);
                         handle.mailbox.lock().clear();
-                        (Session::new(client_id.clone()), false)
+                        (Session::new(), false)
                     } else {
-                        (old, true)
+                        (*old, true)
                     }
                 }
                 SlotState::Online { .. } => {
                     // The old connection did not let go in time: its session is lost to it.
                     tracing::warn!(client_id = %client_id, "previous connection did not release its session");
-                    (Session::new(client_id.clone()), false)
+                    (Session::new(), false)
                 }
-                SlotState::Fresh => (Session::new(client_id.clone()), false),
+                SlotState::Fresh => (Session::new(), false),
             };
             drop(state);
             let durable = expiry != 0 && self.persist.is_some();
@@ -673,7 +791,6 @@ impl Broker {
                 handle: handle.clone(),
                 session,
                 session_present: present,
-                kicked: rx,
                 conn,
             };
         }
@@ -681,16 +798,16 @@ impl Broker {
 
     /// Kicks the connection that holds `handle` now, and waits (bounded) until it lets go.
     async fn take_over(&self, handle: &ClientHandle) {
-        let kick = match &mut *handle.state.lock() {
-            SlotState::Online { kick, .. } => kick.take(),
+        let conn = match &*handle.state.lock() {
+            SlotState::Online { conn } => *conn,
             _ => return,
         };
-        if let Some(kick) = kick {
-            let _ = kick.send(Kick::TakenOver);
+        if handle.kicked.swap(conn, Ordering::AcqRel) != conn {
+            handle.signal();
         }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
-            let changed = handle.state_changed.notified();
+            let changed = handle.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
             if !matches!(*handle.state.lock(), SlotState::Online { .. }) {
@@ -753,7 +870,7 @@ impl Broker {
                     mb.clear();
                     let mut dropped = 0u64;
                     for mut mail in waiting.into_iter().filter(|m| m.qos != QoS::AtMostOnce) {
-                        if mb.qos12 < self.max_queued {
+                        if mb.qos12() < self.max_queued {
                             mail.message = Arc::new(mail.message.compact());
                             mb.push(mail);
                         } else {
@@ -777,7 +894,10 @@ impl Broker {
                     });
                     p.write_all(ops);
                 }
-                *state = SlotState::Offline { session, conn };
+                *state = SlotState::Offline {
+                    session: Box::new(session),
+                    conn,
+                };
                 self.metrics.mqtt_sessions_offline.inc();
             }
             session => {
@@ -800,18 +920,11 @@ impl Broker {
                     }
                 }
                 *state = SlotState::Gone;
-                let mut clients = self.clients.lock();
-                if clients
-                    .get(&handle.id)
-                    .is_some_and(|h| Arc::ptr_eq(h, handle))
-                {
-                    clients.remove(&handle.id);
-                }
+                self.unregister(handle);
             }
         }
         drop(state);
-        handle.state_changed.notify_waiters();
-        handle.space.notify_waiters();
+        handle.changed.notify_waiters();
     }
 
     /// Ends the parked session of `handle` if it is still the one attachment `conn` parked
@@ -833,18 +946,10 @@ impl Broker {
             mb.gone = true;
             mb.clear();
         }
-        let mut clients = self.clients.lock();
-        if clients
-            .get(&handle.id)
-            .is_some_and(|h| Arc::ptr_eq(h, handle))
-        {
-            clients.remove(&handle.id);
-        }
-        drop(clients);
+        self.unregister(handle);
         drop(state);
         tracing::debug!(client_id = %handle.id, "session expired");
-        handle.state_changed.notify_waiters();
-        handle.space.notify_waiters();
+        handle.changed.notify_waiters();
     }
 
     /// Deletes a persisted session from the store (it ended).
@@ -1033,7 +1138,10 @@ impl Broker {
     /// and it is not counted as a client. Read it with [`ClientHandle::take_messages`];
     /// remove it with [`Broker::unsubscribe`]. `None` when `name` is not a valid MQTT string.
     pub fn internal_subscriber(&self, name: &str, filter: &str) -> Option<Arc<ClientHandle>> {
-        let handle = Arc::new(ClientHandle::new(MqttStr::try_from(name).ok()?));
+        let handle = Arc::new(ClientHandle::new(
+            MqttStr::try_from(name).ok()?,
+            self.wakes.clone(),
+        ));
         handle.access.store(Access::Full as u8, Ordering::Relaxed);
         handle.online.store(true, Ordering::Release);
         handle.mailbox.lock().online = true;
@@ -1366,7 +1474,7 @@ impl Broker {
                 });
                 if let Some((w, _)) = will {
                     restored.push(Restored {
-                        handle: Arc::new(ClientHandle::new(id)),
+                        handle: Arc::new(ClientHandle::new(id, self.wakes.clone())),
                         conn: 0,
                         expires_in: Some(Duration::ZERO),
                         will: Some((w, Duration::ZERO)),
@@ -1374,9 +1482,9 @@ impl Broker {
                 }
                 continue;
             }
-            let handle = Arc::new(ClientHandle::new(id.clone()));
+            let handle = Arc::new(ClientHandle::new(id.clone(), self.wakes.clone()));
             handle.durable.store(true, Ordering::Release);
-            let mut session = Session::new(id.clone());
+            let mut session = Session::new();
             for sub in &stored.subscriptions {
                 let options = stratus_mqtt::persist::decode_subscription_options(sub.options);
                 let (Some(options), Ok(filter)) = (options, MqttStr::try_from(sub.filter.as_str()))
@@ -1435,9 +1543,12 @@ impl Broker {
             session.inbound_qos2.extend(stored.inbound_qos2);
             let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
             handle.current_conn.store(conn, Ordering::Release);
-            *handle.state.lock() = SlotState::Offline { session, conn };
+            *handle.state.lock() = SlotState::Offline {
+                session: Box::new(session),
+                conn,
+            };
             self.metrics.mqtt_sessions_offline.inc();
-            self.clients.lock().insert(id, handle.clone());
+            self.clients.lock().insert(Registered(handle.clone()));
             let expires_in = expires_in.map(Duration::from_millis);
             let will = will.map(|(w, delay)| {
                 let delay = Duration::from_secs(delay);
@@ -1618,7 +1729,7 @@ mod tests {
             SubscriptionOptions::new(QoS::ExactlyOnce),
             None,
         );
-        let mut session = Session::new(s("p"));
+        let mut session = Session::new();
         session.subscriptions.insert(s("t"), QoS::ExactlyOnce);
         b.detach(&a.handle, a.conn, Some(session), false);
         assert_eq!(b.metrics.mqtt_sessions_offline.get(), 1);
@@ -1653,7 +1764,7 @@ mod tests {
             SubscriptionOptions::new(QoS::AtLeastOnce),
             None,
         );
-        let mut session = Session::new(s("p"));
+        let mut session = Session::new();
         session.subscriptions.insert(s("t"), QoS::AtLeastOnce);
         b.detach(&a.handle, a.conn, Some(session), false);
         b.publish(msg("t", QoS::AtLeastOnce, false), None);
@@ -1681,7 +1792,7 @@ mod tests {
             SubscriptionOptions::new(QoS::AtLeastOnce),
             None,
         );
-        let mut session = Session::new(s("c"));
+        let mut session = Session::new();
         session.subscriptions.insert(s("t"), QoS::AtLeastOnce);
         b.detach(&a.handle, a.conn, Some(session), true);
         assert_eq!(b.subscription_count(), 0);
@@ -1699,12 +1810,11 @@ mod tests {
         let b2 = b.clone();
         let second = tokio::spawn(async move { b2.attach(s("dup"), false, false).await });
         // The first connection is told, and hands back its session.
-        let kick = tokio::time::timeout(Duration::from_secs(2), first.kicked)
+        tokio::time::timeout(Duration::from_secs(2), first.handle.notify.notified())
             .await
-            .unwrap()
             .unwrap();
-        assert_eq!(kick, Kick::TakenOver);
-        let mut session = Session::new(s("dup"));
+        assert!(first.handle.taken_over(first.conn));
+        let mut session = Session::new();
         session.subscriptions.insert(s("x"), QoS::AtMostOnce);
         b.detach(&first.handle, first.conn, Some(session), false);
         let second = tokio::time::timeout(Duration::from_secs(2), second)
@@ -1799,7 +1909,7 @@ mod tests {
             &mut bytes::BytesMut::from(&b"\x10\x0d\x00\x04MQTT\x04\x02\x00\x00\x00\x01a"[..]),
             Instant::now(),
         );
-        conn.accept(Session::new(s("a")), false);
+        conn.accept(Session::new(), false);
         assert!(!a.handle.drain_into(&mut conn, 2));
         assert!(
             waiter.await.unwrap(),
@@ -1825,7 +1935,7 @@ mod tests {
             SubscriptionOptions::new(QoS::AtLeastOnce),
             None,
         );
-        b.detach(&a.handle, a.conn, Some(Session::new(s("a"))), false);
+        b.detach(&a.handle, a.conn, Some(Session::new()), false);
         let delivered: Vec<usize> = (0..3)
             .map(|_| b.publish(msg("t", QoS::AtLeastOnce, false), None).delivered)
             .collect();
@@ -1899,7 +2009,7 @@ mod tests {
         let to_c = drain_mail(&c.handle);
         assert_eq!(to_c.len(), 2);
         // c leaves with one message in flight: it goes to a.
-        let mut session = Session::new(s("c"));
+        let mut session = Session::new();
         session
             .subscriptions
             .insert(s("$share/g/s/#"), QoS::AtLeastOnce);
@@ -1926,7 +2036,7 @@ mod tests {
         let b = broker(100);
         let a = b.attach(s("e"), false, false).await;
         b.subscribe(&a.handle, "t", opts(QoS::AtLeastOnce), None);
-        let mut session = Session::new(s("e"));
+        let mut session = Session::new();
         session.subscriptions.insert(s("t"), QoS::AtLeastOnce);
         b.detach(&a.handle, a.conn, Some(session), false);
         b.expire_session(&a.handle, a.conn);

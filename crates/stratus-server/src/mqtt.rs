@@ -1,5 +1,8 @@
 //! The MQTT listener: accepts TCP connections and drives one [`Connection`] state machine per
-//! socket in its own task — read, feed, route, deliver, write, and sleep until the next deadline.
+//! socket in its own task — read, feed, route, deliver, write, and sleep until the next deadline;
+//! a quiet plain-TCP connection leaves its task for the [`parking`] lot.
+
+mod parking;
 
 use std::collections::VecDeque;
 use std::future::pending;
@@ -21,18 +24,19 @@ use tokio_util::task::TaskTracker;
 
 use crate::acl::{Acl, Who};
 use crate::auth::{Auth, AuthError};
-use crate::broker::{Broker, ClientHandle, Kick};
+use crate::broker::{Broker, ClientHandle};
 use crate::ingest::ContentFormat;
 use crate::pipeline::{Accepted, Pipeline, Rejected, Source};
 use crate::policy::Policy;
 use crate::transport::{MqttRead, MqttWrite, StreamReader, StreamWriter, TcpReader, TcpWriter};
+use parking::{Parked, ParkingLot};
 
 /// What every MQTT connection task shares.
 pub struct MqttContext {
     /// The broker hub.
     pub broker: Arc<Broker>,
-    /// Per-connection limits.
-    pub limits: Limits,
+    /// Per-connection limits, shared by every connection's state machine.
+    pub limits: Arc<Limits>,
     /// Whether clients without credentials may connect.
     pub allow_anonymous: bool,
     /// Simultaneous connections allowed.
@@ -60,6 +64,21 @@ pub async fn serve(
     shutdown: watch::Receiver<bool>,
 ) {
     let mut stop = shutdown.clone();
+    // Plain TCP connections park in a lot while quiet; without one each keeps its task.
+    let lot = match tls {
+        Some(_) => None,
+        None => match ParkingLot::start(
+            ctx.broker.park_wakes().clone(),
+            tasks.clone(),
+            shutdown.clone(),
+        ) {
+            Ok(lot) => Some(lot),
+            Err(e) => {
+                tracing::warn!(error = %e, "mqtt connections will not be parked");
+                None
+            }
+        },
+    };
     loop {
         tokio::select! {
             _ = crate::stopped(&mut stop) => break,
@@ -68,12 +87,18 @@ pub async fn serve(
                     let _ = stream.set_nodelay(true);
                     let ctx = ctx.clone();
                     let shutdown = shutdown.clone();
-                    match &tls {
-                        None => {
+                    match (&tls, &lot) {
+                        (None, Some(lot)) => {
+                            let driver = Driver::start(ctx, peer, None);
+                            // It reads its CONNECT first, then parks once it is quiet.
+                            let linger = std::time::Duration::ZERO;
+                            tasks.spawn(run_tcp(driver, stream, shutdown, true, linger, lot.clone()));
+                        }
+                        (None, None) => {
                             let (r, w) = stream.into_split();
                             tasks.spawn(run_connection(ctx, TcpReader::new(r), TcpWriter(w), peer, None, shutdown));
                         }
-                        Some(acceptor) => {
+                        (Some(acceptor), _) => {
                             let acceptor = acceptor.clone();
                             tasks.spawn(async move {
                                 let handshake = tokio::time::timeout(ctx.limits.connect_timeout, acceptor.accept(stream));
@@ -127,13 +152,13 @@ impl Attachment {
 
 struct Driver {
     ctx: Arc<MqttContext>,
-    peer: SocketAddr,
+    /// The client's address, for logs (as an address and a port: 20 bytes, not 32).
+    peer_ip: std::net::IpAddr,
+    peer_port: u16,
     conn: Connection,
     /// The name the transport authenticated (TLS client certificate CN).
-    identity: Option<MqttStr>,
+    identity: Option<Box<MqttStr>>,
     client: Option<Attachment>,
-    /// Fires when another connection takes the client over.
-    kicked: Option<oneshot::Receiver<Kick>>,
     over_limit: bool,
     /// More mail can be moved into the connection right away.
     more_mail: bool,
@@ -142,11 +167,11 @@ struct Driver {
     /// back its acknowledgement; a QoS 0 one stops reading from the client.
     held_acks: VecDeque<HeldAck>,
     /// How many of `held_acks` are QoS 0 (reading is paused while any is).
-    held_qos0: usize,
-    /// The client's will as stored with its persisted session (empty for none).
-    stored_will: Bytes,
-    /// The will still pending when the connection closed (a delayed one), for the store.
-    pending_will: Bytes,
+    held_qos0: u32,
+    /// The client's will as stored with its persisted session (boxed: most have none).
+    stored_will: Option<Box<Bytes>>,
+    /// The will was still pending (delayed) when the connection closed: the store keeps it.
+    will_pending: bool,
 }
 
 /// A message whose acknowledgement is held back: for durability, then for flow control.
@@ -166,8 +191,8 @@ struct HeldAck {
     deadline: tokio::time::Instant,
 }
 
-/// Drives one MQTT connection over any transport until it closes. `identity` is the
-/// authenticated name from the transport (a TLS client certificate's CN), if any.
+/// Drives one MQTT connection over any transport (TLS, WebSocket) until it closes. `identity`
+/// is the authenticated name from the transport (a TLS client certificate's CN), if any.
 pub async fn run_connection<R: MqttRead, W: MqttWrite>(
     ctx: Arc<MqttContext>,
     reader: R,
@@ -176,47 +201,56 @@ pub async fn run_connection<R: MqttRead, W: MqttWrite>(
     identity: Option<MqttStr>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let open = ctx.open.fetch_add(1, Ordering::Relaxed) + 1;
-    ctx.broker.metrics.mqtt_connections.inc();
-    let mut d = Driver {
-        conn: Connection::new(ctx.limits.clone(), Instant::now()),
-        over_limit: open > ctx.max_connections,
-        ctx,
-        peer,
-        identity,
-        client: None,
-        kicked: None,
-        more_mail: false,
-        held_acks: VecDeque::new(),
-        held_qos0: 0,
-        stored_will: Bytes::new(),
-        pending_will: Bytes::new(),
-    };
-    let mut io = Io {
-        reader,
-        writer,
-        rbuf: BytesMut::new(),
-        unflushed: false,
-    };
-    let mut readable = false;
+    let mut d = Driver::start(ctx, peer, identity);
+    let mut io = Io::new(reader, writer);
+    d.run_busy(&mut io, &mut shutdown, None, false).await;
+    d.close(io.writer).await;
+}
+
+/// Drives a plain TCP MQTT connection until it closes. Whenever it has been quiet for `linger`
+/// it is parked in `lot` as a bare socket and its state, and this task ends; the lot spawns it
+/// again (here, with `readable` when input woke it) when there is something to do.
+async fn run_tcp(
+    mut d: Box<Driver>,
+    stream: tokio::net::TcpStream,
+    mut shutdown: watch::Receiver<bool>,
+    readable: bool,
+    linger: std::time::Duration,
+    lot: Arc<ParkingLot>,
+) {
+    let (r, w) = stream.into_split();
+    let mut io = Io::new(TcpReader::new(r), TcpWriter(w));
+    let (mut linger, mut readable) = (Some(linger), readable);
     loop {
-        // The busy loop is boxed: its select and handler futures (kilobytes) exist only while
-        // there is traffic. A quiet connection is parked in this small frame instead: no read
-        // buffer, no read future, one wait on the socket, its mailbox, a take-over, the
-        // shutdown and its keep-alive deadline.
-        match Box::pin(d.run_busy(&mut io, &mut shutdown, readable)).await {
+        // Boxed: the busy loop's select and handler futures (kilobytes) exist only while the
+        // connection has traffic.
+        match Box::pin(d.run_busy(&mut io, &mut shutdown, linger, readable)).await {
             Busy::Closed => break,
             Busy::Quiet => {
-                io.rbuf = BytesMut::new();
-                readable = d.park(&io.reader, &mut shutdown).await;
+                d.release_idle_memory();
+                let stream = match io.reader.into_half().reunite(io.writer.0) {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        // Halves of one socket always reunite; never lose the connection if not.
+                        tracing::error!(peer = %d.peer(), error = %e, "mqtt socket halves did not reunite");
+                        return d.close_broken().await;
+                    }
+                };
+                match lot.park(d, stream) {
+                    Parked::Yes => return,
+                    Parked::Broken(broken) => return broken.close_broken().await,
+                    // The lot closed (shutdown): stay here until the connection closes.
+                    Parked::No(back, stream) => {
+                        d = back;
+                        let (r, w) = stream.into_split();
+                        io = Io::new(TcpReader::new(r), TcpWriter(w));
+                        (linger, readable) = (None, false);
+                    }
+                }
             }
         }
     }
-    // Flush the last words (CONNACK refusals, SUBACKs) with a bound, then close. Boxed like
-    // the busy loop, so its futures take no room in a parked connection's task.
-    let last = d.conn.transmit().split().freeze();
-    Box::pin(farewell(io.writer, last, d.ctx.broker.metrics.clone())).await;
-    d.finish();
+    d.close(io.writer).await;
 }
 
 /// Writes `last` and closes the transport, for one second at most.
@@ -248,9 +282,23 @@ struct Io<R, W> {
     unflushed: bool,
 }
 
-/// How long a connection stays in its busy loop after it fell quiet before it is parked: a
-/// client that talks several times a second never pays for parking and waking.
-const PARK_AFTER: std::time::Duration = std::time::Duration::from_millis(200);
+impl<R, W> Io<R, W> {
+    fn new(reader: R, writer: W) -> Self {
+        Io {
+            reader,
+            writer,
+            rbuf: BytesMut::new(),
+            unflushed: false,
+        }
+    }
+}
+
+/// How long a connection stays in its busy loop after it fell quiet before it is parked, when
+/// it was woken less than this after it last parked: a client that talks several times a
+/// second never pays for parking and waking. A new connection, or one woken after a longer
+/// rest (a ping, a reading a minute), parks as soon as it is quiet again, so its busy loop's
+/// memory is freed while the next connection can reuse it.
+pub(crate) const PARK_AFTER: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Why the busy loop returned.
 enum Busy {
@@ -261,18 +309,68 @@ enum Busy {
 }
 
 impl Driver {
-    /// Reads, feeds, routes, delivers and writes until the connection closes or, on a transport
-    /// that can wait without reading, falls quiet. `readable`: woken by input, so it reads
+    /// A connection just accepted, before its CONNECT.
+    fn start(ctx: Arc<MqttContext>, peer: SocketAddr, identity: Option<MqttStr>) -> Box<Driver> {
+        let open = ctx.open.fetch_add(1, Ordering::Relaxed) + 1;
+        ctx.broker.metrics.mqtt_connections.inc();
+        Box::new(Driver {
+            conn: Connection::new(ctx.limits.clone(), Instant::now()),
+            over_limit: open > ctx.max_connections,
+            ctx,
+            peer_ip: peer.ip(),
+            peer_port: peer.port(),
+            identity: identity.map(Box::new),
+            client: None,
+            more_mail: false,
+            held_acks: VecDeque::new(),
+            held_qos0: 0,
+            stored_will: None,
+            will_pending: false,
+        })
+    }
+
+    /// Flushes the last words (CONNACK refusals, SUBACKs) with a bound, closes the transport
+    /// and hands the session back. Boxed, so its futures take no room in a busy task.
+    async fn close<W: MqttWrite>(mut self: Box<Self>, writer: W) {
+        let last = self.conn.transmit().split().freeze();
+        Box::pin(farewell(writer, last, self.ctx.broker.metrics.clone())).await;
+        self.finish();
+    }
+
+    /// The client's address.
+    fn peer(&self) -> SocketAddr {
+        SocketAddr::new(self.peer_ip, self.peer_port)
+    }
+
+    /// Frees what only a busy connection needs (empty queues and buffers).
+    fn release_idle_memory(&mut self) {
+        self.conn.release_idle_memory();
+        if self.held_acks.is_empty() {
+            self.held_acks = VecDeque::new();
+        }
+    }
+
+    /// Ends a connection whose socket was lost while it moved in or out of the parking lot.
+    async fn close_broken(mut self: Box<Self>) {
+        self.conn.close(CloseReason::TransportClosed);
+        Box::pin(self.handle_events(&mut BytesMut::new())).await;
+        self.finish();
+    }
+
+    /// Reads, feeds, routes, delivers and writes until the connection closes or, when it may
+    /// park, has been quiet for `linger`. `readable`: input woke the connection, so it reads
     /// before it may call itself quiet.
     async fn run_busy<R: MqttRead, W: MqttWrite>(
         &mut self,
         io: &mut Io<R, W>,
         shutdown: &mut watch::Receiver<bool>,
+        linger: Option<std::time::Duration>,
         readable: bool,
     ) -> Busy {
-        let parks = io.reader.parks();
+        let parks = linger.is_some();
+        let linger = linger.unwrap_or_default();
         let mut may_park = parks && !readable;
-        // When the connection last became quiet; it parks once that lasted PARK_AFTER.
+        // When the connection last became quiet; it parks once that lasted `linger`.
         let mut quiet_since: Option<Instant> = None;
         loop {
             self.handle_events(&mut io.rbuf).await;
@@ -289,7 +387,7 @@ impl Driver {
                 && io.rbuf.is_empty()
             {
                 let now = Instant::now();
-                let park_at = *quiet_since.get_or_insert(now) + PARK_AFTER;
+                let park_at = *quiet_since.get_or_insert(now) + linger;
                 if now >= park_at {
                     return Busy::Quiet;
                 }
@@ -301,7 +399,6 @@ impl Driver {
             // (select! drops every future before running a handler, so handlers may mutate `self`.)
             tokio::select! {
                 _ = crate::stopped(shutdown) => self.conn.close(CloseReason::ServerShutdown),
-                _ = kicked(&mut self.kicked) => self.conn.close(CloseReason::TakenOver),
                 _ = mail(self.client.as_ref().map(|c| &*c.handle)) => {
                     quiet_since = None;
                     self.deliver_mailbox();
@@ -323,40 +420,13 @@ impl Driver {
                         io.unflushed = true;
                     }
                     Err(e) => {
-                        tracing::debug!(peer = %self.peer, error = %e, "mqtt write failed");
+                        tracing::debug!(peer = %self.peer(), error = %e, "mqtt write failed");
                         self.conn.close(CloseReason::TransportClosed);
                     }
                 },
                 _ = sleep_until(deadline) => self.conn.handle_timeout(Instant::now()),
             }
         }
-    }
-
-    /// Waits, holding as little as possible, until a quiet connection has something to do:
-    /// input on the socket, mail, a take-over, the shutdown or its next deadline. Returns
-    /// whether input woke it.
-    async fn park<R: MqttRead>(
-        &mut self,
-        reader: &R,
-        shutdown: &mut watch::Receiver<bool>,
-    ) -> bool {
-        self.conn.release_idle_memory();
-        self.held_acks = VecDeque::new();
-        let deadline = self.conn.poll_timeout();
-        tokio::select! {
-            _ = crate::stopped(shutdown) => self.conn.close(CloseReason::ServerShutdown),
-            _ = kicked(&mut self.kicked) => self.conn.close(CloseReason::TakenOver),
-            _ = mail(self.client.as_ref().map(|c| &*c.handle)) => self.deliver_mailbox(),
-            ready = reader.readable() => match ready {
-                Ok(()) => return true,
-                Err(e) => {
-                    tracing::debug!(peer = %self.peer, error = %e, "mqtt socket failed");
-                    self.conn.close(CloseReason::TransportClosed);
-                }
-            },
-            _ = sleep_until(deadline) => self.conn.handle_timeout(Instant::now()),
-        }
-        false
     }
 }
 
@@ -369,20 +439,6 @@ async fn write_or_flush<W: MqttWrite>(writer: &mut W, data: &[u8]) -> std::io::R
             0 => Err(std::io::ErrorKind::WriteZero.into()),
             n => Ok(n),
         }
-    }
-}
-
-/// Resolves when the client is taken over; never when there is nothing to watch.
-async fn kicked(rx: &mut Option<oneshot::Receiver<Kick>>) -> Kick {
-    let Some(receiver) = rx.as_mut() else {
-        return pending().await;
-    };
-    let result = receiver.await;
-    *rx = None;
-    match result {
-        Ok(k) => k,
-        // The broker dropped the sender: this connection can no longer be taken over.
-        Err(_) => pending().await,
     }
 }
 
@@ -475,6 +531,10 @@ impl Driver {
 
     fn deliver_mailbox(&mut self) {
         let Some(c) = &self.client else { return };
+        if c.handle.taken_over(c.conn) {
+            self.conn.close(CloseReason::TakenOver);
+            return;
+        }
         if c.handle.take_overloaded() {
             self.ctx.broker.metrics.protocol_error("slow_consumer");
             self.conn.close(CloseReason::SlowConsumer);
@@ -498,7 +558,7 @@ impl Driver {
             let Some(held) = self.held_acks.pop_front() else {
                 return;
             };
-            self.held_qos0 -= usize::from(held.packet_id.is_none());
+            self.held_qos0 -= u32::from(held.packet_id.is_none());
             let code = match result {
                 Ok(_) => {
                     if let Some(message) = held.route {
@@ -622,7 +682,7 @@ impl Driver {
             }
             _ => return Some(message),
         }
-        self.held_qos0 += usize::from(packet_id.is_none());
+        self.held_qos0 += u32::from(packet_id.is_none());
         self.held_acks.push_back(HeldAck {
             packet_id,
             code: ReasonCode::Success,
@@ -659,7 +719,7 @@ impl Driver {
                         .filter(|_| stored)
                         .and_then(|_| self.ctx.broker.persistence().map(|p| p.durable()));
                     if !congested.is_empty() || durable.is_some() {
-                        self.held_qos0 += usize::from(packet_id.is_none());
+                        self.held_qos0 += u32::from(packet_id.is_none());
                         self.held_acks.push_back(HeldAck {
                             packet_id,
                             code,
@@ -693,11 +753,13 @@ impl Driver {
         }
         let stats = self.conn.take_stats();
         let m = &self.ctx.broker.metrics;
-        m.mqtt_messages_received.inc_by(stats.publish_received);
-        m.mqtt_messages_sent.inc_by(stats.publish_sent);
-        m.mqtt_messages_dropped.inc_by(stats.dropped);
-        m.mqtt_packets_received.inc_by(stats.packets_received);
-        m.mqtt_packets_sent.inc_by(stats.packets_sent);
+        m.mqtt_messages_received
+            .inc_by(u64::from(stats.publish_received));
+        m.mqtt_messages_sent.inc_by(u64::from(stats.publish_sent));
+        m.mqtt_messages_dropped.inc_by(u64::from(stats.dropped));
+        m.mqtt_packets_received
+            .inc_by(u64::from(stats.packets_received));
+        m.mqtt_packets_sent.inc_by(u64::from(stats.packets_sent));
     }
 
     /// Authentication (SPEC "Identities"): a TLS client certificate; a known device or
@@ -757,7 +819,7 @@ impl Driver {
             who,
             "auth.failure",
             "mqtt",
-            serde_json::json!({"reason": why, "peer": self.peer.to_string()}),
+            serde_json::json!({"reason": why, "peer": self.peer().to_string()}),
         );
     }
 
@@ -768,7 +830,7 @@ impl Driver {
                 if code != ConnectReturnCode::ServerUnavailable {
                     self.ctx.broker.metrics.denied("connect");
                 }
-                tracing::info!(peer = %self.peer, client_id = %connect.client_id, ?code, "mqtt connect refused");
+                tracing::info!(peer = %self.peer(), client_id = %connect.client_id, ?code, "mqtt connect refused");
                 self.conn.refuse(code);
                 return;
             }
@@ -782,7 +844,13 @@ impl Driver {
         } else {
             connect.client_id.clone()
         };
-        let user = connect.username.clone().or_else(|| self.identity.clone());
+        // A copy of its own: a slice would keep the whole CONNECT (password included) in
+        // memory for the connection's life.
+        let user = connect
+            .username
+            .as_ref()
+            .map(MqttStr::compact)
+            .or_else(|| self.identity.as_deref().cloned());
         if let Some(will) = &connect.will {
             let who = Who {
                 user: user.as_deref(),
@@ -805,12 +873,13 @@ impl Driver {
             )
             .await;
         if attached.handle.is_durable() {
-            self.stored_will = connect
+            let will = connect
                 .will
                 .as_ref()
                 .and_then(|w| stratus_mqtt::persist::encode_will(w).ok())
                 .unwrap_or_default();
-            broker.store_session(&attached.handle, expiry, 0, self.stored_will.clone());
+            broker.store_session(&attached.handle, expiry, 0, will.clone());
+            self.stored_will = (!will.is_empty()).then(|| Box::new(will));
             self.conn.track_session_changes(true);
             // CONNACK promises the session: it waits until the store has it.
             if let Err(e) = broker.flush().await {
@@ -825,7 +894,7 @@ impl Driver {
                 return;
             }
         }
-        tracing::debug!(peer = %self.peer, client_id = %client_id, resumed = attached.session_present, "mqtt client connected");
+        tracing::debug!(peer = %self.peer(), client_id = %client_id, resumed = attached.session_present, "mqtt client connected");
         self.conn.accept(attached.session, attached.session_present);
         if let (Some(device), Some(rules)) = (policy.device(), self.ctx.pipeline.rules()) {
             rules.mqtt_connected(device);
@@ -836,7 +905,6 @@ impl Driver {
             policy,
             user,
         });
-        self.kicked = Some(attached.kicked);
         self.ctx.broker.metrics.mqtt_clients_connected.inc();
         // Messages that waited while the client was away, then packets pipelined after CONNECT.
         self.deliver_mailbox();
@@ -855,7 +923,7 @@ impl Driver {
             // MQTT 3.1.1 has no way to refuse a PUBLISH: it is acknowledged and dropped;
             // MQTT 5.0 clients get 0x87 Not authorized.
             self.ctx.broker.metrics.denied("publish");
-            tracing::debug!(peer = %self.peer, topic = %message.topic, "mqtt publish denied");
+            tracing::debug!(peer = %self.peer(), topic = %message.topic, "mqtt publish denied");
             return (Vec::new(), ReasonCode::NotAuthorized, false);
         }
         let origin = self.client.as_ref().map(|c| &c.handle);
@@ -942,21 +1010,23 @@ impl Driver {
         match &reason {
             CloseReason::Malformed(e) => {
                 metrics.protocol_error(malformed_label(e));
-                tracing::warn!(peer = %self.peer, error = %e, "mqtt connection closed: malformed packet");
+                tracing::warn!(peer = %self.peer(), error = %e, "mqtt connection closed: malformed packet");
             }
             CloseReason::ProtocolViolation(what) => {
                 metrics.protocol_error("protocol_violation");
-                tracing::warn!(peer = %self.peer, violation = what, "mqtt connection closed: protocol violation");
+                tracing::warn!(peer = %self.peer(), violation = what, "mqtt connection closed: protocol violation");
             }
             CloseReason::KeepAliveTimeout => {
                 metrics.protocol_error("keepalive_timeout");
-                tracing::info!(peer = %self.peer, "mqtt connection closed: keep alive expired");
+                tracing::info!(peer = %self.peer(), "mqtt connection closed: keep alive expired");
             }
             CloseReason::ConnectTimeout => {
                 metrics.protocol_error("connect_timeout");
-                tracing::info!(peer = %self.peer, "mqtt connection closed: no CONNECT in time");
+                tracing::info!(peer = %self.peer(), "mqtt connection closed: no CONNECT in time");
             }
-            other => tracing::debug!(peer = %self.peer, reason = ?other, "mqtt connection closed"),
+            other => {
+                tracing::debug!(peer = %self.peer(), reason = ?other, "mqtt connection closed")
+            }
         }
         if let Some(will) = will {
             let delay = u64::from(self.conn.will_delay().min(self.conn.session_expiry()));
@@ -964,8 +1034,8 @@ impl Driver {
                 (Some(c), d) if d > 0 => {
                     // Will Delay Interval (MQTT 5.0 §3.1.3.2.2): published after the delay, or
                     // when the session ends if sooner, unless the client reconnects first.
-                    tracing::debug!(peer = %self.peer, topic = %will.topic, delay = d, "will delayed");
-                    self.pending_will = self.stored_will.clone();
+                    tracing::debug!(peer = %self.peer(), topic = %will.topic, delay = d, "will delayed");
+                    self.will_pending = true;
                     self.ctx.broker.schedule_will(
                         c.handle.clone(),
                         c.conn,
@@ -974,7 +1044,7 @@ impl Driver {
                     );
                 }
                 _ => {
-                    tracing::debug!(peer = %self.peer, topic = %will.topic, "publishing will");
+                    tracing::debug!(peer = %self.peer(), topic = %will.topic, "publishing will");
                     self.ctx.broker.publish(will, None);
                 }
             }
@@ -991,7 +1061,10 @@ impl Driver {
             }
             let session = self.conn.take_session();
             let expiry = self.conn.session_expiry();
-            let will = std::mem::take(&mut self.pending_will);
+            let will = match self.will_pending {
+                true => self.stored_will.take().map(|w| *w).unwrap_or_default(),
+                false => Bytes::new(),
+            };
             self.ctx
                 .broker
                 .detach_session(&c.handle, c.conn, session, expiry, will);
@@ -1026,4 +1099,20 @@ fn malformed_label(e: &stratus_mqtt::DecodeError) -> &'static str {
 fn assigned_client_id() -> MqttStr {
     let id = format!("stratus-{:016x}", rand::random::<u64>());
     MqttStr::try_from(id).unwrap_or_default()
+}
+#[cfg(test)]
+mod tests {
+    /// The memory budget of an idle connection (≤ 1 KiB of RSS, issue #3): a parked
+    /// connection holds its `Driver` and its client's `ClientHandle`. glibc serves a request
+    /// of n bytes from a chunk of n + 8 rounded up to 16, so the `Driver` must stay within 504
+    /// bytes (a 512-byte chunk) and the handle, with the `Arc`'s two counters, within 248 (a
+    /// 256-byte chunk). A field added to either must pay for itself.
+    #[test]
+    fn idle_connection_state_fits_its_budget() {
+        use std::mem::size_of;
+        let driver = size_of::<super::Driver>();
+        let handle = size_of::<crate::broker::ClientHandle>();
+        assert!(driver <= 504, "Driver is {driver} bytes");
+        assert!(handle + 16 <= 248, "ClientHandle is {handle} bytes");
+    }
 }

@@ -18,18 +18,6 @@ pub trait MqttRead: Send {
     /// Waits for input and appends it to `buf`; `Ok(0)` means the peer closed. Cancel-safe:
     /// when the future is dropped before completing, nothing was read.
     fn read_into(&mut self, buf: &mut BytesMut) -> impl Future<Output = io::Result<usize>> + Send;
-
-    /// Whether [`readable`](Self::readable) can wait for input without reading it, so an idle
-    /// connection can be parked holding no buffer and no read future.
-    fn parks(&self) -> bool {
-        false
-    }
-
-    /// Waits until input (or the peer's close) may be there, without reading it. Only called
-    /// when [`parks`](Self::parks) says so; the default never resolves.
-    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
-        std::future::pending()
-    }
 }
 
 /// The sending half of a transport.
@@ -63,6 +51,11 @@ impl TcpReader {
             chunk: FIRST_READ,
         }
     }
+
+    /// The socket half back, to park an idle connection.
+    pub fn into_half(self) -> OwnedReadHalf {
+        self.half
+    }
 }
 
 impl MqttRead for TcpReader {
@@ -89,14 +82,6 @@ impl MqttRead for TcpReader {
                 other => return other,
             }
         }
-    }
-
-    fn parks(&self) -> bool {
-        true
-    }
-
-    async fn readable(&self) -> io::Result<()> {
-        self.half.readable().await
     }
 }
 

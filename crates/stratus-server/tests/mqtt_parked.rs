@@ -1,6 +1,6 @@
-//! Quiet MQTT connections are parked (no busy loop, no buffers) and every way back works:
-//! input on the socket, mail for a subscriber, the keep-alive deadline, a take-over, and none
-//! of them spins while parked.
+//! Quiet MQTT connections are parked (no task, no busy loop, no buffers) and every way back
+//! works: input on the socket, mail for a subscriber, the keep-alive deadline, a take-over, the
+//! shutdown, and none of them spins while parked.
 
 use std::time::Duration;
 
@@ -94,6 +94,9 @@ async fn parked_connections_wake_for_everything_and_never_spin() {
         .await
         .unwrap();
     let addr = server.mqtt_addr;
+    let tasks_before = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
 
     let mut sub = Client::connect(addr, "sub", 60).await;
     sub.send(Packet::Subscribe(Subscribe {
@@ -114,6 +117,14 @@ async fn parked_connections_wake_for_everything_and_never_spin() {
     // Parked: a second of 51 quiet connections costs (almost) no CPU. A connection that
     // bounced between parking and its busy loop would burn a whole core.
     tokio::time::sleep(Duration::from_millis(300)).await;
+    // And none of them keeps a task (the lot has one for all).
+    let tasks_parked = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
+    assert!(
+        tasks_parked < tasks_before + 5,
+        "{tasks_before} tasks before 51 connections, {tasks_parked} once they were quiet"
+    );
     let before = cpu_secs();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let used = cpu_secs() - before;
@@ -165,5 +176,20 @@ async fn parked_connections_wake_for_everything_and_never_spin() {
     // The others are still served after all that.
     idle[0].send(Packet::PingReq).await;
     assert_eq!(idle[0].next().await, Some(Packet::PingResp));
+
+    // The shutdown closes parked connections too, and waits for them.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
     server.shutdown(Duration::from_secs(5)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the shutdown waited for its deadline"
+    );
+    for client in idle.iter_mut().skip(10) {
+        assert_eq!(
+            client.next().await,
+            None,
+            "a parked connection outlived the shutdown"
+        );
+    }
 }
