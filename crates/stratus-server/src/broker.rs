@@ -280,7 +280,7 @@ impl ClientHandle {
     /// lock, so its acknowledgement can never be written before it); `stored` is then set.
     #[allow(clippy::too_many_arguments)]
     fn deliver(
-        &self,
+        self: &Arc<Self>,
         message: &Arc<Message>,
         qos: QoS,
         retain: bool,
@@ -293,6 +293,7 @@ impl ClientHandle {
             max_queued,
             metrics,
             persist,
+            defer,
         } = hub;
         match self.access.load(Ordering::Relaxed) {
             a if a == Access::NoDevices as u8 && message.topic.starts_with("devices/") => {
@@ -344,7 +345,10 @@ impl ClientHandle {
         let congested = mb.online && mb.backlog() > max_queued;
         drop(mb);
         if was_empty {
-            self.signal();
+            match defer {
+                Some(later) => later.borrow_mut().push(self.clone()),
+                None => self.signal(),
+            }
         }
         if congested {
             Accepted::Congested
@@ -536,7 +540,13 @@ struct Hub<'a> {
     max_queued: usize,
     metrics: &'a Metrics,
     persist: Option<&'a Persistence>,
+    /// Where to put clients to signal later instead of now (see [`Broker::publish_deferred`]).
+    defer: Option<&'a Deferred>,
 }
+
+/// Clients whose mailboxes got their first message during a batch of publishes, to be
+/// signalled once the batch is routed (see [`Broker::publish_deferred`]).
+pub type Deferred = std::cell::RefCell<Vec<Arc<ClientHandle>>>;
 
 /// Where [`Broker::publish`] put a message.
 #[derive(Default)]
@@ -688,6 +698,7 @@ impl Broker {
             max_queued: self.max_queued,
             metrics: &self.metrics,
             persist: self.persist.as_ref(),
+            defer: None,
         }
     }
 
@@ -1298,6 +1309,29 @@ impl Broker {
     /// the Subscription Identifiers of the matching subscriptions; to one member of each
     /// matching shared subscription group.
     pub fn publish(&self, message: Message, origin: Option<&Arc<ClientHandle>>) -> Routed {
+        self.publish_with(message, origin, None)
+    }
+
+    /// [`publish`](Self::publish) for one of a batch of messages (the PUBLISHes of one read):
+    /// the subscribers whose mailboxes it made non-empty are added to `later` instead of being
+    /// signalled; signal them ([`ClientHandle::signal`]) once the batch is routed. A subscriber
+    /// then wakes once per batch and drains it in one write, instead of racing the publisher
+    /// message by message.
+    pub fn publish_deferred(
+        &self,
+        message: Message,
+        origin: Option<&Arc<ClientHandle>>,
+        later: &Deferred,
+    ) -> Routed {
+        self.publish_with(message, origin, Some(later))
+    }
+
+    fn publish_with(
+        &self,
+        message: Message,
+        origin: Option<&Arc<ClientHandle>>,
+        defer: Option<&Deferred>,
+    ) -> Routed {
         let mut routed = Routed::default();
         if message.retain {
             let mut retained = self.retained.write();
@@ -1321,7 +1355,10 @@ impl Broker {
         let message = Arc::new(message);
         let origin = origin.map(Arc::as_ptr);
         let tree = self.tree.read();
-        let hub = self.hub();
+        let hub = Hub {
+            defer,
+            ..self.hub()
+        };
         let deliver = |h: &Arc<ClientHandle>,
                        qos: QoS,
                        retain: bool,

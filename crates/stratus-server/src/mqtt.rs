@@ -24,7 +24,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::acl::{Acl, Who};
 use crate::auth::{Auth, AuthError};
-use crate::broker::{Broker, ClientHandle};
+use crate::broker::{Broker, ClientHandle, Deferred};
 use crate::ingest::ContentFormat;
 use crate::pipeline::{Accepted, Pipeline, Rejected, Source};
 use crate::policy::Policy;
@@ -696,7 +696,18 @@ impl Driver {
     }
 
     async fn handle_events(&mut self, rbuf: &mut BytesMut) {
+        // Subscribers that got mail from this batch of PUBLISHes: signalled once it is routed
+        // (and before anything that awaits), so each wakes once per batch.
+        let later = Deferred::default();
+        let signal = |later: &Deferred| {
+            for h in later.take() {
+                h.signal();
+            }
+        };
         while let Some(event) = self.conn.poll_event() {
+            if !matches!(event, Event::Publish { .. }) {
+                signal(&later);
+            }
             match event {
                 // Boxed, like the subscribe below: their awaits (argon2, the store) are rare and
                 // large, and would otherwise size every connection's busy loop.
@@ -712,7 +723,7 @@ impl Driver {
                             stored |= self.ctx.broker.store_inbound_qos2(&c.handle, id);
                         }
                     }
-                    let (congested, code, routed_stored) = self.handle_publish(message);
+                    let (congested, code, routed_stored) = self.handle_publish(message, &later);
                     stored |= routed_stored;
                     // Only an acknowledgement promises durability; QoS 0 is not waited for.
                     let durable = packet_id
@@ -751,6 +762,7 @@ impl Driver {
                 Event::Closed { reason, will } => self.handle_closed(reason, will),
             }
         }
+        signal(&later);
         let stats = self.conn.take_stats();
         let m = &self.ctx.broker.metrics;
         m.mqtt_messages_received
@@ -914,7 +926,11 @@ impl Driver {
     /// Routes a client's PUBLISH; returns the subscribers it congested (not the client itself),
     /// the reason code of its acknowledgement for MQTT 5.0 clients, and whether routing wrote
     /// to the store.
-    fn handle_publish(&mut self, message: Message) -> (Vec<Arc<ClientHandle>>, ReasonCode, bool) {
+    fn handle_publish(
+        &mut self,
+        message: Message,
+        later: &Deferred,
+    ) -> (Vec<Arc<ClientHandle>>, ReasonCode, bool) {
         let denied = self.client.as_ref().is_none_or(|c| {
             !c.policy.may_publish(&message.topic)
                 || !self.ctx.acl.may_publish(c.who(), &message.topic)
@@ -927,7 +943,7 @@ impl Driver {
             return (Vec::new(), ReasonCode::NotAuthorized, false);
         }
         let origin = self.client.as_ref().map(|c| &c.handle);
-        let routed = self.ctx.broker.publish(message, origin);
+        let routed = self.ctx.broker.publish_deferred(message, origin, later);
         let code = if routed.delivered == 0 {
             ReasonCode::NoMatchingSubscribers
         } else {

@@ -183,7 +183,18 @@ impl ParkingLot {
             drop(lot);
             return self.back(driver, socket);
         }
-        let handle = driver.client.as_ref().map(|c| c.handle.clone());
+        // Still under the lock, so the lot cannot wake the connection before this is done.
+        if let Some(c) = &driver.client {
+            c.handle.set_parked(token);
+            // A signal that came before the token was published left a notification: take it
+            // and wake at once (the woken connection then looks at its mailbox, where a
+            // take-over or slow-consumer mark is seen too).
+            let mut notified = pin!(c.handle.notify.notified());
+            let mut cx = Context::from_waker(Waker::noop());
+            if notified.as_mut().poll(&mut cx).is_ready() {
+                self.wakes.push(token);
+            }
+        }
         let since = lot.clock();
         // 0 stands for "none": a deadline that falls on it moves a millisecond later.
         let deadline =
@@ -199,16 +210,6 @@ impl ParkingLot {
         drop(lot);
         if first {
             self.first.notify_one();
-        }
-        if let Some(handle) = handle {
-            handle.set_parked(token);
-            // A signal that came before the token was published left a notification: take it
-            // and wake at once (the woken connection then checks its mailbox and take-over).
-            let mut notified = pin!(handle.notify.notified());
-            let mut cx = Context::from_waker(Waker::noop());
-            if notified.as_mut().poll(&mut cx).is_ready() {
-                self.wakes.push(token);
-            }
         }
         Parked::Yes
     }
