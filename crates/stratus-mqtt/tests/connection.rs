@@ -14,7 +14,6 @@ impl Harness {
     /// CONNECT and accept with a fresh session.
     fn connected(limits: Limits, connect: Connect) -> Self {
         let mut h = Harness::new(limits);
-        let id = connect.client_id.clone();
         h.send(Packet::Connect(connect));
         assert!(matches!(h.events().as_slice(), [Event::Connect(_)]));
         h.conn.accept(Session::new(), false);

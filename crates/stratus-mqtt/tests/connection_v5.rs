@@ -23,7 +23,6 @@ impl Harness {
     /// CONNECT and accept; returns the CONNACK.
     fn connect(limits: Limits, connect: Connect) -> (Self, ConnAck) {
         let mut h = V5::v5(limits);
-        let id = connect.client_id.clone();
         h.send(Packet::Connect(connect));
         assert!(matches!(h.events().as_slice(), [Event::Connect(_)]));
         h.conn.accept(Session::new(), false);
