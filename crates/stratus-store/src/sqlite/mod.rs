@@ -435,6 +435,28 @@ fn apply_write(conn: &Connection, write: &Write) -> Result<Output, StoreError> {
     }
 }
 
+/// Applies one job's writes: telemetry appends and device touches through `batch` (their
+/// rollup contributions go to `rollups`, for [`telemetry::Batch::keep`] once the job as a
+/// whole succeeded), any other write on its own.
+fn apply_job(
+    conn: &Connection,
+    batch: &mut telemetry::Batch,
+    job: &[Write],
+    rollups: &mut HashMap<(i64, i64), crate::telemetry::Accumulator>,
+) -> Result<Vec<Output>, StoreError> {
+    job.iter()
+        .map(|w| match w {
+            Write::AppendTelemetry(points) => {
+                batch.append(conn, points, rollups).map(Output::Count)
+            }
+            Write::TouchDevice { id, seen_at_ms } => {
+                batch.touch(conn, id, *seen_at_ms).map(|()| Output::Done)
+            }
+            w => apply_write(conn, w),
+        })
+        .collect()
+}
+
 impl WriteBackend for SqliteStore {
     fn commit_jobs(&self, jobs: &[Vec<Write>]) -> JobResults {
         let mut conn = self.writer();
@@ -455,18 +477,7 @@ impl WriteBackend for SqliteStore {
                 // Nothing to undo on its own: an error now is the database's, and fails the
                 // whole commit.
                 let mut rollups = HashMap::new();
-                let outputs = job
-                    .iter()
-                    .map(|w| match w {
-                        Write::AppendTelemetry(points) => {
-                            batch.append(&tx, points, &mut rollups).map(Output::Count)
-                        }
-                        Write::TouchDevice { id, seen_at_ms } => {
-                            batch.touch(&tx, id, *seen_at_ms).map(|()| Output::Done)
-                        }
-                        w => apply_write(&tx, w),
-                    })
-                    .collect::<Result<Vec<Output>, StoreError>>()?;
+                let outputs = apply_job(&tx, &mut batch, job, &mut rollups)?;
                 batch.keep(rollups);
                 results.push(Ok(outputs));
                 continue;
@@ -475,19 +486,7 @@ impl WriteBackend for SqliteStore {
             // undone alone.
             tx.prepare_cached("SAVEPOINT job")?.execute([])?;
             let mut rollups = HashMap::new();
-            let applied: Result<Vec<Output>, StoreError> = job
-                .iter()
-                .map(|w| match w {
-                    Write::AppendTelemetry(points) => {
-                        batch.append(&tx, points, &mut rollups).map(Output::Count)
-                    }
-                    Write::TouchDevice { id, seen_at_ms } => {
-                        batch.touch(&tx, id, *seen_at_ms).map(|()| Output::Done)
-                    }
-                    w => apply_write(&tx, w),
-                })
-                .collect();
-            match applied {
+            match apply_job(&tx, &mut batch, job, &mut rollups) {
                 Ok(outputs) => {
                     tx.prepare_cached("RELEASE job")?.execute([])?;
                     batch.keep(rollups);
