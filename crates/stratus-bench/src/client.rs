@@ -52,6 +52,23 @@ impl RecvBuf {
 
     /// Reads once from `stream` into the free space; 0 means end of stream.
     pub async fn read_from(&mut self, stream: &mut TcpStream) -> anyhow::Result<usize> {
+        let n = stream.read(self.room()?).await?;
+        self.end += n;
+        Ok(n)
+    }
+
+    /// Reads once from a blocking `stream`; 0 means end of stream. A read timeout shows as
+    /// an `io::Error` of kind `WouldBlock` or `TimedOut`.
+    pub fn read_blocking(&mut self, stream: &mut std::net::TcpStream) -> std::io::Result<usize> {
+        use std::io::Read;
+        let room = self.room().map_err(std::io::Error::other)?;
+        let n = stream.read(room)?;
+        self.end += n;
+        Ok(n)
+    }
+
+    /// The free space after the unconsumed bytes: compacted, or grown for a large packet.
+    fn room(&mut self) -> anyhow::Result<&mut [u8]> {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
@@ -67,9 +84,7 @@ impl RecvBuf {
                 bail!("the broker sent a packet larger than {MAX_PACKET} bytes");
             }
         }
-        let n = stream.read(&mut self.buf[self.end..]).await?;
-        self.end += n;
-        Ok(n)
+        Ok(&mut self.buf[self.end..])
     }
 
     /// Calls `f` on every whole frame received so far, consuming each one `f` accepts.
@@ -153,6 +168,18 @@ impl Client {
         }
     }
 
+    /// The same connection on a blocking socket, for an OS thread of its own (see
+    /// [`BlockingClient`]). Must be called within the runtime that registered the socket.
+    pub fn into_blocking(self) -> anyhow::Result<BlockingClient> {
+        let stream = self.stream.into_std()?;
+        stream.set_nonblocking(false)?;
+        Ok(BlockingClient {
+            stream,
+            rx: self.rx,
+            tx: self.tx,
+        })
+    }
+
     /// Sends DISCONNECT and closes, ignoring errors (the scenario is over).
     pub async fn disconnect(mut self) {
         let _ = self.stream.write_all(&[0xE0, 0]).await;
@@ -174,6 +201,28 @@ impl Client {
                 bail!("the broker closed the connection during the handshake");
             }
         }
+    }
+}
+
+/// A connected client on a blocking socket, driven by an OS thread of its own: nothing but
+/// the kernel stands between the socket and the clock, so a latency sample carries no
+/// scheduler delay of the generator's runtime.
+#[derive(Debug)]
+pub struct BlockingClient {
+    /// The socket, in blocking mode.
+    pub stream: std::net::TcpStream,
+    /// Received bytes.
+    pub rx: RecvBuf,
+    /// Bytes to send.
+    pub tx: Vec<u8>,
+}
+
+impl BlockingClient {
+    /// Sends DISCONNECT and closes, ignoring errors (the scenario is over).
+    pub fn disconnect(mut self) {
+        use std::io::Write;
+        let _ = self.stream.write_all(&[0xE0, 0]);
+        let _ = self.stream.shutdown(std::net::Shutdown::Write);
     }
 }
 

@@ -291,6 +291,11 @@ impl Tally {
         }
     }
 
+    /// The run's clock (see [`Progress::now_ns`]).
+    pub fn now_ns(&self) -> u64 {
+        self.progress.now_ns()
+    }
+
     /// Whether this subscriber has every message it expects.
     pub fn complete(&self) -> bool {
         self.distinct >= self.expected

@@ -1,14 +1,16 @@
 //! The parts clients play: a counting subscriber, and publishers that burst (QoS 0), keep a
-//! window of un-acknowledged messages (QoS 1/2), or pace themselves (latency).
+//! window of un-acknowledged messages (QoS 1/2), or pace themselves; the latency scenario's
+//! two clients run on blocking threads of their own.
 
-use std::sync::atomic::Ordering::Relaxed;
+use std::io::ErrorKind;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use stratus_mqtt::{Packet, PacketId, QoS};
 
-use crate::client::{check_suback, decode_frame, subscribe_packet, Client};
+use crate::client::{check_suback, decode_frame, subscribe_packet, BlockingClient, Client};
 use crate::progress::{Progress, Tally};
 use crate::wire::{append_ack, kind, Ack, Batch, Template};
 
@@ -217,33 +219,64 @@ pub async fn windowed<S: Source>(
     }
 }
 
-/// Publishes `count` QoS 0 messages at `rate` per second, each stamped with its send time;
-/// a timer tick of 1 ms sends whatever is due (two messages per tick at 2,000/s).
-pub async fn paced(
-    mut client: Client,
+/// Publishes `count` QoS 0 messages at `rate` per second from a blocking thread, one message
+/// per write at its own due time (`seq / rate` after the start), each stamped with the clock
+/// read just before its write. A sleep that overshoots delays only that message: the next
+/// ones are due on the original schedule, so the rate holds.
+pub fn paced_blocking(
+    mut client: BlockingClient,
     template: Template,
     count: u32,
     rate: f64,
     progress: Arc<Progress>,
 ) -> anyhow::Result<()> {
-    let mut tick = tokio::time::interval(Duration::from_millis(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    use std::io::Write;
     let t0 = Instant::now();
-    let mut seq = 0u32;
-    while seq < count {
-        tick.tick().await;
-        let due = ((t0.elapsed().as_secs_f64() * rate) as u64 + 1).min(count as u64) as u32;
-        if due <= seq {
-            continue;
+    for seq in 0..count {
+        let due = t0 + Duration::from_secs_f64(seq as f64 / rate);
+        let wait = due.saturating_duration_since(Instant::now());
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
         }
-        let now = progress.now_ns();
-        for s in seq..due {
-            template.append(&mut client.tx, 0, s, now);
-        }
-        client.flush().await?;
-        progress.sent.fetch_add((due - seq) as u64, Relaxed);
-        seq = due;
+        client.tx.clear();
+        template.append(&mut client.tx, 0, seq, progress.now_ns());
+        client.stream.write_all(&client.tx)?;
+        progress.sent.fetch_add(1, Relaxed);
     }
-    client.disconnect().await;
+    client.disconnect();
     Ok(())
+}
+
+/// Receives QoS 0 PUBLISHes on a blocking thread until `tally` is complete or `stop` is set,
+/// reading the clock as soon as each read returns; hands the client back to disconnect.
+pub fn receive_blocking(
+    mut client: BlockingClient,
+    mut tally: Tally,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<BlockingClient> {
+    client
+        .stream
+        .set_read_timeout(Some(Duration::from_millis(50)))?;
+    while !tally.complete() && !stop.load(Relaxed) {
+        match client.rx.read_blocking(&mut client.stream) {
+            Ok(0) => bail!(
+                "the broker closed a subscriber's connection after {} messages",
+                tally.distinct()
+            ),
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
+            Err(e) => return Err(e.into()),
+        }
+        let now = tally.now_ns();
+        client.rx.frames(|frame| -> anyhow::Result<()> {
+            match frame.kind() {
+                kind::PUBLISH => tally.record(frame.publish()?.payload, now),
+                kind::PINGRESP => {}
+                k => bail!("unexpected packet type {k} sent to a subscriber"),
+            }
+            Ok(())
+        })?;
+        tally.flush(now);
+    }
+    Ok(client)
 }
