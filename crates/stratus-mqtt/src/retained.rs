@@ -3,6 +3,8 @@
 
 use std::collections::HashMap;
 
+use foldhash::fast::RandomState;
+
 use crate::message::Message;
 
 /// Retained messages by topic (MQTT 3.1.1 §3.3.1.3).
@@ -15,7 +17,7 @@ pub struct RetainedStore {
 
 #[derive(Debug, Default)]
 struct Node {
-    children: HashMap<Box<str>, Node>,
+    children: HashMap<Box<str>, Node, RandomState>,
     message: Option<Message>,
 }
 

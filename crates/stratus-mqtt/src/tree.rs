@@ -4,6 +4,8 @@
 
 use std::collections::HashMap;
 
+use foldhash::fast::RandomState;
+
 use crate::types::QoS;
 
 /// Maps topic filters to subscribers. `S` identifies a subscriber (the server uses a handle
@@ -17,7 +19,7 @@ pub struct SubscriptionTree<S> {
 #[derive(Debug)]
 struct Node<S> {
     /// Children by literal level.
-    children: HashMap<Box<str>, Node<S>>,
+    children: HashMap<Box<str>, Node<S>, RandomState>,
     /// The `+` child.
     plus: Option<Box<Node<S>>>,
     /// Subscriptions whose filter ends at this node.
@@ -29,7 +31,7 @@ struct Node<S> {
 impl<S> Default for Node<S> {
     fn default() -> Self {
         Node {
-            children: HashMap::new(),
+            children: HashMap::default(),
             plus: None,
             exact: Vec::new(),
             multi: Vec::new(),
@@ -178,8 +180,10 @@ impl<S: PartialEq> SubscriptionTree<S> {
             }
             return;
         };
-        let (level, tail) = match rest.split_once('/') {
-            Some((level, tail)) => (level, Some(tail)),
+        // A plain byte scan: levels are short, and `split_once`'s searcher (memchr set-up)
+        // cost more than the scan itself.
+        let (level, tail) = match rest.bytes().position(|b| b == b'/') {
+            Some(i) => (&rest[..i], Some(&rest[i + 1..])),
             None => (rest, None),
         };
         if let Some(child) = node.children.get(level) {

@@ -12,7 +12,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::task::{Context, Poll};
+
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use parking_lot::{Mutex, RwLock};
 use smallvec::SmallVec;
 use stratus_mqtt::session::{Outbound, OutboundState};
@@ -33,7 +36,7 @@ pub struct ClientHandle {
     access: AtomicU8,
     mailbox: Mutex<Mailbox>,
     /// Signalled when the mailbox goes from empty to non-empty, or the client must be dropped.
-    pub notify: Notify,
+    pub notify: MailSignal,
     /// Signalled to every waiter when the QoS 1/2 backlog falls back within bounds, the client
     /// goes away, its slot changes state, or an attach lets go (publishers, a take-over and the
     /// next attach wait on it; each re-checks its own condition).
@@ -58,6 +61,52 @@ pub struct ClientHandle {
     parked: AtomicU64,
     /// Where [`signal`](Self::signal) sends that token.
     wakes: Arc<ParkWakes>,
+}
+
+/// Wakes the one task that serves a client: its connection, or an in-process subscriber.
+///
+/// A flag and one waker. A task waits on it every time its busy loop goes round, and a
+/// tokio `Notify` there cost a lock to join its waiter list and another to leave it, each
+/// time; this costs an atomic swap, and registering a waker only when nothing is pending.
+/// One task waits at a time (the attach lock keeps two connections of a client apart); a
+/// signal that comes while nobody waits is kept for the next wait, as `Notify::notify_one`
+/// keeps a permit.
+#[derive(Default)]
+pub struct MailSignal {
+    pending: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl MailSignal {
+    /// Sets the signal and wakes the waiting task, if any.
+    pub fn notify(&self) {
+        self.pending.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Takes a pending signal without waiting; true if there was one.
+    pub fn take(&self) -> bool {
+        self.pending.load(Ordering::Relaxed) && self.pending.swap(false, Ordering::Acquire)
+    }
+
+    /// Ready (taking the signal) once it is set; registers the task's waker otherwise.
+    pub fn poll_take(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.take() {
+            return Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        // Set between the first look and the registration: the wake may have missed us.
+        if self.take() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// Resolves (taking the signal) once it is set.
+    pub fn notified(&self) -> impl std::future::Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| self.poll_take(cx))
+    }
 }
 
 /// Tokens of parked connections whose client was signalled (mail, a take-over, a slow
@@ -213,7 +262,7 @@ impl ClientHandle {
             id,
             access: AtomicU8::new(Access::NoDevices as u8),
             mailbox: Mutex::new(Mailbox::default()),
-            notify: Notify::new(),
+            notify: MailSignal::default(),
             changed: Notify::new(),
             overloaded: AtomicBool::new(false),
             state: Mutex::new(SlotState::Fresh),
@@ -229,7 +278,7 @@ impl ClientHandle {
 
     /// Wakes the client's connection: its mailbox has mail, it is taken over, or it must close.
     pub fn signal(&self) {
-        self.notify.notify_one();
+        self.notify.notify();
         // After the notify: a connection that parks checks for a notification after it
         // published its token, so one of the two sides always sees the other.
         let token = self.parked.load(Ordering::SeqCst);
@@ -383,7 +432,8 @@ impl ClientHandle {
         let was_congested = mb.backlog() > max_queued;
         let mut moved = 0;
         let mut more = false;
-        let now = Instant::now();
+        // Read once, and only when there is mail (most calls find none).
+        let mut now = None;
         while let Some(Mail { qos, .. }) = mb.queue.front() {
             let room = if *qos == QoS::AtMostOnce {
                 conn.has_transmit_room()
@@ -408,7 +458,11 @@ impl ClientHandle {
                 store_seq: mail.seq,
             };
             // Expired messages are dropped here (MQTT-3.3.2-5).
-            conn.deliver_with(&mail.message, delivery, now);
+            conn.deliver_with(
+                &mail.message,
+                delivery,
+                *now.get_or_insert_with(Instant::now),
+            );
             moved += 1;
         }
         let relieved = was_congested && mb.backlog() <= max_queued;
@@ -1838,6 +1892,31 @@ mod tests {
             b.publish(msg("t", QoS::AtLeastOnce, false), None).delivered,
             0
         );
+    }
+
+    #[tokio::test]
+    async fn a_mail_signal_is_kept_until_taken_and_wakes_a_waiting_task() {
+        let signal = Arc::new(MailSignal::default());
+        // Nobody waits: the signal is kept, once.
+        signal.notify();
+        signal.notify();
+        tokio::time::timeout(Duration::from_secs(1), signal.notified())
+            .await
+            .unwrap();
+        assert!(!signal.take(), "two signals before a wait are one");
+        // A task that waits is woken by a signal that comes later.
+        let waiter = tokio::spawn({
+            let signal = signal.clone();
+            async move { signal.notified().await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished());
+        signal.notify();
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!signal.take(), "the waiter took the signal");
     }
 
     #[tokio::test]

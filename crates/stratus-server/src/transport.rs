@@ -29,6 +29,17 @@ pub trait MqttWrite: Send {
     fn flush(&mut self) -> impl Future<Output = io::Result<()>> + Send;
     /// Closes the sending direction after the last bytes.
     fn close(&mut self) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Whether written bytes may wait in the transport until [`flush`](Self::flush) (TLS
+    /// records, WebSocket frames). Plain TCP hands them to the kernel as it writes.
+    const BUFFERS: bool = true;
+
+    /// Writes some of `data` at once if the transport can without waiting, else fails with
+    /// `WouldBlock` (the default: only plain TCP can).
+    fn try_write_now(&mut self, data: &[u8]) -> io::Result<usize> {
+        let _ = data;
+        Err(io::ErrorKind::WouldBlock.into())
+    }
 }
 
 /// The first read reservation of a TCP connection; it doubles up to [`READ_CHUNK`] while reads
@@ -61,7 +72,10 @@ impl TcpReader {
 impl MqttRead for TcpReader {
     async fn read_into(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         loop {
-            self.half.readable().await?;
+            // Waits through the socket's one reader waker, not a `readable()` future: that
+            // joins and leaves a waiter list (two locks) at every turn of the busy loop.
+            let stream = self.half.as_ref();
+            std::future::poll_fn(|cx| stream.poll_read_ready(cx)).await?;
             buf.reserve(self.chunk);
             let room = buf.capacity() - buf.len();
             let stream = self.half.as_ref();
@@ -109,6 +123,12 @@ impl MqttWrite for TcpWriter {
 
     async fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+
+    const BUFFERS: bool = false;
+
+    fn try_write_now(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.0.try_write(data)
     }
 
     async fn close(&mut self) -> io::Result<()> {
@@ -178,6 +198,19 @@ impl MqttWrite for ChannelWriter {
 
     async fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+
+    const BUFFERS: bool = false;
+
+    fn try_write_now(&mut self, data: &[u8]) -> io::Result<usize> {
+        match self.0.try_reserve() {
+            Ok(permit) => {
+                permit.send(Bytes::copy_from_slice(data));
+                Ok(data.len())
+            }
+            Err(mpsc::error::TrySendError::Full(())) => Err(io::ErrorKind::WouldBlock.into()),
+            Err(mpsc::error::TrySendError::Closed(())) => Err(io::ErrorKind::BrokenPipe.into()),
+        }
     }
 
     async fn close(&mut self) -> io::Result<()> {

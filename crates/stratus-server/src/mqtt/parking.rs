@@ -18,12 +18,9 @@
 //! [`ClientHandle`]: crate::broker::ClientHandle
 //! [`ClientHandle::signal`]: crate::broker::ClientHandle::signal
 
-use std::future::Future;
 use std::io;
 use std::num::NonZeroU32;
-use std::pin::pin;
 use std::sync::Arc;
-use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream as MioStream;
@@ -189,9 +186,7 @@ impl ParkingLot {
             // A signal that came before the token was published left a notification: take it
             // and wake at once (the woken connection then looks at its mailbox, where a
             // take-over or slow-consumer mark is seen too).
-            let mut notified = pin!(c.handle.notify.notified());
-            let mut cx = Context::from_waker(Waker::noop());
-            if notified.as_mut().poll(&mut cx).is_ready() {
+            if c.handle.notify.take() {
                 self.wakes.push(token);
             }
         }
