@@ -478,6 +478,32 @@ impl Connection {
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
     }
+    /// An encoder for QoS 0 deliveries that produces exactly what [`deliver_with`]
+    /// (Self::deliver_with) would, while the connection is connected, has nothing waiting to be
+    /// sent, and needs no state to encode them (no outbound topic aliases: the client accepts
+    /// none). `None` otherwise.
+    pub fn qos0_encoder(&self) -> Option<Qos0Encoder> {
+        (self.is_connected() && self.transmit.is_empty() && self.client_alias_max == 0).then_some(
+            Qos0Encoder {
+                target: Target {
+                    protocol: self.protocol,
+                    client_max_packet: self.client_max_packet,
+                },
+            },
+        )
+    }
+
+    /// How many events wait for [`poll_event`](Self::poll_event).
+    pub fn pending_events(&self) -> usize {
+        self.events.len()
+    }
+
+    /// Counts `packets` QoS 0 PUBLISHes that the host sent for this connection through a
+    /// [`Qos0Encoder`].
+    pub fn count_sent_elsewhere(&mut self, packets: u32) {
+        self.stats.publish_sent = self.stats.publish_sent.saturating_add(packets);
+        self.stats.packets_sent = self.stats.packets_sent.saturating_add(packets);
+    }
 
     /// Gives back the memory of queues that are empty now (events, outgoing bytes, pending
     /// acknowledgements), for a connection about to sit idle: they are allocated again when
@@ -1110,9 +1136,6 @@ impl Connection {
         dup: bool,
         subscription_ids: &[NonZeroU32],
     ) -> bool {
-        // Cannot fail otherwise: the topic came from a decoded packet (≤ 65535 bytes) and the
-        // payload from a packet no larger than the maximum Remaining Length.
-        let start = self.transmit.len();
         // Outbound topic alias: an existing one replaces the topic; a free one is assigned
         // (and sent with the topic) once the packet is known to fit.
         let outbound = self.aliases.as_ref().map(|a| &a.outbound);
@@ -1127,58 +1150,26 @@ impl Connection {
                 }
             }
         };
-        let no_topic = MqttStr::default();
-        let topic = if alias.is_some() && !new_alias {
-            &no_topic
-        } else {
-            &m.topic
+        let target = Target {
+            protocol: self.protocol,
+            client_max_packet: self.client_max_packet,
         };
-        let encoded = if self.protocol.is_v5() {
-            let owned;
-            let empty = PublishProperties::default();
-            let base = m.properties.as_deref().unwrap_or(&empty);
-            let props = if m.expires_at.is_some() || !subscription_ids.is_empty() || alias.is_some()
-            {
-                let mut p = base.clone();
-                p.message_expiry_interval = m.remaining_expiry(self.now);
-                p.subscription_identifiers = subscription_ids.to_vec();
-                p.topic_alias = alias.and_then(NonZeroU16::new);
-                owned = p;
-                &owned
-            } else {
-                base
-            };
-            codec::encode_publish_parts_v5(
-                topic,
-                &m.payload,
+        let send_topic = alias.is_none() || new_alias;
+        if !target.encode_publish(
+            m,
+            PublishShape {
                 qos,
-                packet_id,
                 retain,
-                dup,
-                props,
-                &mut self.transmit,
-            )
-        } else {
-            codec::encode_publish_parts(
-                &m.topic,
-                &m.payload,
-                qos,
                 packet_id,
-                retain,
                 dup,
-                &mut self.transmit,
-            )
-        };
-        if encoded.is_err() {
-            self.transmit.truncate(start);
+                subscription_ids,
+                alias,
+                send_topic,
+            },
+            self.now,
+            &mut self.transmit,
+        ) {
             return false;
-        }
-        if let Some(max) = self.client_max_packet.map(NonZeroU32::get) {
-            if self.transmit.len() - start > max as usize {
-                // MQTT-3.1.2-24: never send a packet larger than the client accepts.
-                self.transmit.truncate(start);
-                return false;
-            }
         }
         if let (true, Some(a)) = (new_alias, alias) {
             self.aliases
@@ -1228,5 +1219,124 @@ impl Connection {
             reason,
             will: will.map(|w| Message::from_will(*w, now)),
         });
+    }
+}
+
+/// What encoding a PUBLISH for one client depends on, beyond the message: its protocol and
+/// the largest packet it accepts.
+#[derive(Debug, Clone, Copy)]
+struct Target {
+    protocol: ProtocolVersion,
+    client_max_packet: Option<NonZeroU32>,
+}
+
+/// How one PUBLISH goes out.
+struct PublishShape<'a> {
+    qos: QoS,
+    retain: bool,
+    packet_id: Option<PacketId>,
+    dup: bool,
+    subscription_ids: &'a [NonZeroU32],
+    /// The topic alias to send (MQTT 5.0).
+    alias: Option<u16>,
+    /// Whether the topic name goes too (always without an alias; with a new one).
+    send_topic: bool,
+}
+
+impl Target {
+    /// Appends the PUBLISH for `m` to `out`; false (and `out` unchanged) when it cannot be
+    /// encoded or is larger than the client accepts (MQTT-3.1.2-24).
+    fn encode_publish(
+        &self,
+        m: &Message,
+        shape: PublishShape<'_>,
+        now: Instant,
+        out: &mut BytesMut,
+    ) -> bool {
+        // Cannot fail otherwise: the topic came from a decoded packet (≤ 65535 bytes) and the
+        // payload from a packet no larger than the maximum Remaining Length.
+        let start = out.len();
+        let PublishShape {
+            qos,
+            retain,
+            packet_id,
+            dup,
+            subscription_ids,
+            alias,
+            send_topic,
+        } = shape;
+        let no_topic = MqttStr::default();
+        let topic = if send_topic { &m.topic } else { &no_topic };
+        let encoded = if self.protocol.is_v5() {
+            let owned;
+            let empty = PublishProperties::default();
+            let base = m.properties.as_deref().unwrap_or(&empty);
+            let props = if m.expires_at.is_some() || !subscription_ids.is_empty() || alias.is_some()
+            {
+                let mut p = base.clone();
+                p.message_expiry_interval = m.remaining_expiry(now);
+                p.subscription_identifiers = subscription_ids.to_vec();
+                p.topic_alias = alias.and_then(NonZeroU16::new);
+                owned = p;
+                &owned
+            } else {
+                base
+            };
+            codec::encode_publish_parts_v5(
+                topic, &m.payload, qos, packet_id, retain, dup, props, out,
+            )
+        } else {
+            codec::encode_publish_parts(&m.topic, &m.payload, qos, packet_id, retain, dup, out)
+        };
+        if encoded.is_err() {
+            out.truncate(start);
+            return false;
+        }
+        if let Some(max) = self.client_max_packet.map(NonZeroU32::get) {
+            if out.len() - start > max as usize {
+                out.truncate(start);
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// Encodes QoS 0 PUBLISH packets for one connected client without its [`Connection`]: the
+/// host may write them to the client's socket while the connection has nothing else to send
+/// (see [`Connection::qos0_encoder`]), then reports them with
+/// [`Connection::count_sent_elsewhere`].
+#[derive(Debug, Clone, Copy)]
+pub struct Qos0Encoder {
+    target: Target,
+}
+
+impl Qos0Encoder {
+    /// Appends the QoS 0 PUBLISH of `message` (RETAIN as given, with the matching
+    /// subscriptions' identifiers) to `out`; false when it must be dropped instead: expired
+    /// (MQTT-3.3.2-5) or larger than the client accepts.
+    pub fn encode(
+        &self,
+        message: &Message,
+        retain: bool,
+        subscription_ids: &[NonZeroU32],
+        now: Instant,
+        out: &mut BytesMut,
+    ) -> bool {
+        !message.is_expired(now)
+            && self.target.encode_publish(
+                message,
+                PublishShape {
+                    qos: QoS::AtMostOnce,
+                    retain,
+                    packet_id: None,
+                    dup: false,
+                    subscription_ids,
+                    alias: None,
+                    send_topic: true,
+                },
+                now,
+                out,
+            )
     }
 }

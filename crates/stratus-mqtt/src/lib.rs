@@ -39,7 +39,7 @@ pub mod types;
 
 pub use codec::{decode, encode, DecodeError, EncodeError};
 pub use connection::{
-    CloseReason, Connection, Delivered, Delivery, Event, Limits, SessionChange, Stats,
+    CloseReason, Connection, Delivered, Delivery, Event, Limits, Qos0Encoder, SessionChange, Stats,
 };
 pub use message::Message;
 pub use packet::*;

@@ -638,3 +638,92 @@ fn no_outbound_aliases_for_a_client_without_a_maximum_or_for_a_packet_too_large(
         ("big", Some(1))
     );
 }
+
+#[test]
+fn the_qos0_encoder_writes_what_the_connection_would_and_only_when_it_may() {
+    // A client with a Maximum Packet Size: the encoder drops what the connection drops.
+    let mut c = connect5("lane");
+    c.properties.maximum_packet_size = NonZeroU32::new(200);
+    let (mut h, _) = V5::connect(Limits::default(), c);
+    h.received();
+    let encoder = h
+        .conn
+        .qos0_encoder()
+        .expect("connected, nothing to send, no aliases");
+    let ids = [NonZeroU32::new(5).unwrap()];
+    let mut m = Message {
+        properties: Some(Arc::new(PublishProperties {
+            content_type: Some(s("text/plain")),
+            user_properties: vec![(s("k"), s("v"))],
+            ..PublishProperties::default()
+        })),
+        ..Message::new(
+            s("a/b"),
+            Bytes::from_static(b"payload"),
+            QoS::AtMostOnce,
+            false,
+        )
+    };
+    m.expires_at = Some(h.now + Duration::from_secs(30));
+    h.advance(4.0);
+    for retain in [false, true] {
+        let mut lane = BytesMut::new();
+        assert!(encoder.encode(&m, retain, &ids, h.now, &mut lane));
+        let d = Delivery {
+            qos: QoS::AtMostOnce,
+            retain,
+            subscription_ids: &ids,
+            share: None,
+            store_seq: None,
+        };
+        assert_eq!(h.conn.deliver_with(&m, d, h.now), Delivered::Sent);
+        assert_eq!(
+            h.conn.pending_transmit(),
+            &lane[..],
+            "retain {retain}: the lane's bytes differ from the connection's"
+        );
+        let Some(Packet::Publish(p)) = h.received().into_iter().next() else {
+            panic!()
+        };
+        assert_eq!(p.properties.message_expiry_interval, Some(26));
+        assert_eq!(p.properties.subscription_identifiers, ids.to_vec());
+        assert_eq!(p.retain, retain);
+    }
+    // Too large for the client, or expired: dropped, nothing written.
+    let big = Message::new(
+        s("a/b"),
+        Bytes::from(vec![0u8; 300]),
+        QoS::AtMostOnce,
+        false,
+    );
+    let mut lane = BytesMut::new();
+    assert!(!encoder.encode(&big, false, &[], h.now, &mut lane));
+    h.advance(30.0);
+    assert!(!encoder.encode(&m, false, &[], h.now, &mut lane));
+    assert!(lane.is_empty());
+    // Deliveries sent elsewhere are counted as the connection's own.
+    h.conn.take_stats();
+    h.conn.count_sent_elsewhere(3);
+    let stats = h.conn.take_stats();
+    assert_eq!((stats.publish_sent, stats.packets_sent), (3, 3));
+
+    // No encoder while something waits to be sent, or for a client that accepts topic
+    // aliases (encoding then needs the connection's alias table).
+    let (mut h, _) = V5::connect(Limits::default(), connect5("busy"));
+    let waiting = Message::new(s("t"), Bytes::from_static(b"x"), QoS::AtMostOnce, false);
+    assert_eq!(
+        h.conn.deliver(&waiting, QoS::AtMostOnce, false),
+        Delivered::Sent
+    );
+    assert!(
+        h.conn.qos0_encoder().is_none(),
+        "a delivery waits to be written"
+    );
+    h.received();
+    assert!(h.conn.qos0_encoder().is_some());
+    let mut c = connect5("aliases");
+    c.properties.topic_alias_maximum = Some(4);
+    let (mut h, _) = V5::connect(Limits::default(), c);
+    h.received();
+    assert!(h.conn.qos0_encoder().is_none());
+}

@@ -181,6 +181,8 @@ struct Mailbox {
     qos0: usize,
     online: bool,
     gone: bool,
+    /// The client's express lane while its connection waits (see [`Express`]).
+    express: Option<Box<Express>>,
 }
 
 impl Mailbox {
@@ -287,6 +289,28 @@ impl ClientHandle {
         }
     }
 
+    /// Opens `lane` to publishers if the mailbox is empty and no other connection's lane is
+    /// open; gives it back otherwise.
+    pub fn open_express(&self, lane: Box<Express>) -> Result<(), Box<Express>> {
+        let mut mb = self.mailbox.lock();
+        if !mb.queue.is_empty() || mb.express.is_some() || !mb.online {
+            return Err(lane);
+        }
+        mb.express = Some(lane);
+        Ok(())
+    }
+
+    /// Takes back the lane that the connection with attachment number `conn` opened. Once
+    /// this returns, no publisher writes to its socket.
+    pub fn close_express(&self, conn: u64) -> Option<Box<Express>> {
+        let mut mb = self.mailbox.lock();
+        if mb.express.as_ref().is_some_and(|l| l.conn == conn) {
+            mb.express.take()
+        } else {
+            None
+        }
+    }
+
     /// Whether the connection with attachment number `conn` was taken over by a newer one (it
     /// is signalled when it is).
     pub fn taken_over(&self, conn: u64) -> bool {
@@ -371,6 +395,24 @@ impl ClientHandle {
             return Accepted::No;
         }
         let was_empty = mb.queue.is_empty();
+        if qos == QoS::AtMostOnce && was_empty {
+            if let Some(lane) = mb.express.as_mut().filter(|l| !l.shut) {
+                if defer.is_some_and(Deferred::take_express) {
+                    match lane.write(message, retain, &sub_ids, metrics) {
+                        LaneWrite::Done | LaneWrite::Dropped => return Accepted::Yes,
+                        LaneWrite::Shut => {
+                            drop(mb);
+                            match defer {
+                                Some(later) => later.push(self.clone()),
+                                None => self.signal(),
+                            }
+                            return Accepted::Yes;
+                        }
+                        LaneWrite::WouldBlock => {}
+                    }
+                }
+            }
+        }
         // An offline client's messages may wait long: keep them compact.
         let kept = if mb.online {
             message.clone()
@@ -395,7 +437,7 @@ impl ClientHandle {
         drop(mb);
         if was_empty {
             match defer {
-                Some(later) => later.borrow_mut().push(self.clone()),
+                Some(later) => later.push(self.clone()),
                 None => self.signal(),
             }
         }
@@ -599,8 +641,148 @@ struct Hub<'a> {
 }
 
 /// Clients whose mailboxes got their first message during a batch of publishes, to be
-/// signalled once the batch is routed (see [`Broker::publish_deferred`]).
-pub type Deferred = std::cell::RefCell<Vec<Arc<ClientHandle>>>;
+/// signalled once the batch is routed (see [`Broker::publish_deferred`]); and how many
+/// deliveries of the batch may still take an express lane.
+#[derive(Default)]
+pub struct Deferred {
+    signals: std::cell::RefCell<Vec<Arc<ClientHandle>>>,
+    express: std::cell::Cell<u8>,
+}
+
+impl Deferred {
+    /// A batch whose first `express` QoS 0 deliveries to idle subscribers may be written to
+    /// their sockets at once (see [`Express`]).
+    pub fn with_express(express: u8) -> Self {
+        Deferred {
+            signals: Default::default(),
+            express: std::cell::Cell::new(express),
+        }
+    }
+
+    /// The clients to signal now.
+    pub fn take(&self) -> Vec<Arc<ClientHandle>> {
+        std::mem::take(&mut *self.signals.borrow_mut())
+    }
+
+    fn push(&self, handle: Arc<ClientHandle>) {
+        self.signals.borrow_mut().push(handle);
+    }
+
+    fn take_express(&self) -> bool {
+        let left = self.express.get();
+        self.express.set(left.saturating_sub(1));
+        left > 0
+    }
+}
+
+/// A subscriber's socket, open to publishers while its connection waits with nothing to send:
+/// a QoS 0 delivery is then encoded and written by the publisher's task, under the mailbox
+/// lock, instead of queued for the subscriber's task to wake, drain and write. That saves a
+/// task wake-up and a busy-loop turn on the path from one socket to the other (the latency
+/// Mosquitto gets by writing in the loop that read). The connection takes the lane back
+/// whenever it runs, before it writes anything itself, so writes never interleave; only a
+/// batch of one PUBLISH (a client that sends a message at a time) uses lanes, so bursts still
+/// go through mailboxes and are written by each subscriber in one syscall.
+pub struct Express {
+    socket: Arc<tokio::net::tcp::OwnedWriteHalf>,
+    encoder: stratus_mqtt::Qos0Encoder,
+    /// The attachment number of the connection that opened the lane.
+    conn: u64,
+    /// Encoding room, kept across writes.
+    buf: bytes::BytesMut,
+    /// Deliveries written since the lane opened.
+    packets: u32,
+    /// No more writes until the connection takes the lane back: a write failed, or the socket
+    /// took only part of a packet and `rest` must go first.
+    shut: bool,
+    rest: Bytes,
+}
+
+/// What a write through an [`Express`] lane did.
+enum LaneWrite {
+    /// The socket took the whole packet.
+    Done,
+    /// The message was not to be sent (expired, or larger than the client accepts), as the
+    /// connection would have decided.
+    Dropped,
+    /// The socket took nothing: queue the message instead.
+    WouldBlock,
+    /// The lane shut (part written, or an error): the connection must run.
+    Shut,
+}
+
+impl Express {
+    /// A lane for the connection with attachment number `conn`.
+    pub fn new(
+        socket: Arc<tokio::net::tcp::OwnedWriteHalf>,
+        encoder: stratus_mqtt::Qos0Encoder,
+        conn: u64,
+    ) -> Box<Express> {
+        Box::new(Express {
+            socket,
+            encoder,
+            conn,
+            buf: bytes::BytesMut::new(),
+            packets: 0,
+            shut: false,
+            rest: Bytes::new(),
+        })
+    }
+
+    /// Opens again with a fresh encoder (the connection's limits may have changed).
+    pub fn reset(&mut self, encoder: stratus_mqtt::Qos0Encoder) {
+        self.encoder = encoder;
+        self.packets = 0;
+        self.shut = false;
+        self.rest = Bytes::new();
+    }
+
+    /// Deliveries written since the lane opened.
+    pub fn packets(&self) -> u32 {
+        self.packets
+    }
+
+    /// The tail of a packet the socket took in part: it must be written before anything else.
+    pub fn take_rest(&mut self) -> Bytes {
+        std::mem::take(&mut self.rest)
+    }
+
+    fn write(
+        &mut self,
+        message: &Message,
+        retain: bool,
+        sub_ids: &[NonZeroU32],
+        metrics: &Metrics,
+    ) -> LaneWrite {
+        self.buf.clear();
+        if !self
+            .encoder
+            .encode(message, retain, sub_ids, Instant::now(), &mut self.buf)
+        {
+            return LaneWrite::Dropped;
+        }
+        match self.socket.try_write(&self.buf) {
+            Ok(n) => {
+                metrics.mqtt_bytes_sent.inc_by(n as u64);
+                metrics.mqtt_express_deliveries.inc();
+                self.packets += 1;
+                if n == self.buf.len() {
+                    LaneWrite::Done
+                } else {
+                    self.rest = Bytes::copy_from_slice(&self.buf[n..]);
+                    self.shut = true;
+                    LaneWrite::Shut
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => LaneWrite::WouldBlock,
+            Err(_) => {
+                // The connection's own next write meets the error and closes.
+                self.shut = true;
+                LaneWrite::Shut
+            }
+        }
+    }
+}
 
 /// Where [`Broker::publish`] put a message.
 #[derive(Default)]

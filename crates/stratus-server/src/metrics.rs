@@ -46,6 +46,9 @@ pub struct Metrics {
     pub mqtt_bytes_sent: Counter,
     /// Messages dropped because a queue or buffer was full.
     pub mqtt_messages_dropped: Counter,
+    /// QoS 0 deliveries the publisher's task wrote to an idle subscriber's socket (the express
+    /// lane) instead of queueing them for the subscriber's task.
+    pub mqtt_express_deliveries: Counter,
     /// Connections closed for a protocol error, by reason.
     pub mqtt_protocol_errors: Family<ReasonLabel, Counter>,
     /// Operations refused by authentication or topic policy.
@@ -185,6 +188,11 @@ impl Metrics {
             "stratus_mqtt_messages_dropped",
             "MQTT messages dropped because a queue or buffer was full",
             m.mqtt_messages_dropped.clone(),
+        );
+        r.register(
+            "stratus_mqtt_express_deliveries",
+            "QoS 0 deliveries written straight to an idle subscriber's socket by the publisher's task",
+            m.mqtt_express_deliveries.clone(),
         );
         r.register(
             "stratus_mqtt_protocol_errors",

@@ -25,7 +25,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::acl::{Acl, Who};
 use crate::auth::{Auth, AuthError};
-use crate::broker::{Broker, ClientHandle, Deferred};
+use crate::broker::{Broker, ClientHandle, Deferred, Express};
 use crate::ingest::ContentFormat;
 use crate::pipeline::{Accepted, Pipeline, Rejected, Source};
 use crate::policy::Policy;
@@ -97,7 +97,7 @@ pub async fn serve(
                         }
                         (None, None) => {
                             let (r, w) = stream.into_split();
-                            tasks.spawn(run_connection(ctx, TcpReader::new(r), TcpWriter(w), peer, None, shutdown));
+                            tasks.spawn(run_connection(ctx, TcpReader::new(r), TcpWriter::new(w), peer, None, shutdown));
                         }
                         (Some(acceptor), _) => {
                             let acceptor = acceptor.clone();
@@ -220,7 +220,7 @@ async fn run_tcp(
     lot: Arc<ParkingLot>,
 ) {
     let (r, w) = stream.into_split();
-    let mut io = Io::new(TcpReader::new(r), TcpWriter(w));
+    let mut io = Io::new(TcpReader::new(r), TcpWriter::new(w));
     let (mut linger, mut readable) = (Some(linger), readable);
     loop {
         // Boxed: the busy loop's select and handler futures (kilobytes) exist only while the
@@ -229,7 +229,13 @@ async fn run_tcp(
             Busy::Closed => break,
             Busy::Quiet => {
                 d.release_idle_memory();
-                let stream = match io.reader.into_half().reunite(io.writer.0) {
+                let Ok(writer) = io.writer.into_half() else {
+                    // The express lane is closed before the busy loop returns; never lose the
+                    // connection if not.
+                    tracing::error!(peer = %d.peer(), "mqtt socket still shared when parking");
+                    return d.close_broken().await;
+                };
+                let stream = match io.reader.into_half().reunite(writer) {
                     Ok(stream) => stream,
                     Err(e) => {
                         // Halves of one socket always reunite; never lose the connection if not.
@@ -244,7 +250,7 @@ async fn run_tcp(
                     Parked::No(back, stream) => {
                         d = back;
                         let (r, w) = stream.into_split();
-                        io = Io::new(TcpReader::new(r), TcpWriter(w));
+                        io = Io::new(TcpReader::new(r), TcpWriter::new(w));
                         (linger, readable) = (None, false);
                     }
                 }
@@ -300,6 +306,10 @@ impl<R, W> Io<R, W> {
 /// rest (a ping, a reading a minute), parks as soon as it is quiet again, so its busy loop's
 /// memory is freed while the next connection can reuse it.
 pub(crate) const PARK_AFTER: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// At most this many QoS 0 deliveries of one single-PUBLISH batch are written straight to idle
+/// subscribers' sockets by the publisher's task (see `broker::Express`).
+const EXPRESS_FANOUT: u8 = 4;
 
 /// Why the busy loop returned.
 enum Busy {
@@ -381,7 +391,16 @@ impl Driver {
         let mut timer = pin!(tokio::time::sleep_until(tokio::time::Instant::now()));
         // The deadline the timer is set for (`None`: not set, or it fired).
         let mut armed: Option<Instant> = None;
+        // The express lane (see `broker::Express`): open in the client's mailbox while the
+        // loop waits with nothing to send, taken back at the top of every turn; kept here
+        // in between for its buffer.
+        let mut lane: Option<Box<Express>> = None;
+        let mut lane_open = false;
         loop {
+            if std::mem::take(&mut lane_open) && self.close_lane(&mut lane) > 0 {
+                // Deliveries went out through the lane: the connection is not quiet.
+                quiet_since = None;
+            }
             self.handle_events(&mut io.rbuf).await;
             if self.conn.is_closed() {
                 return Busy::Closed;
@@ -430,6 +449,11 @@ impl Driver {
                     armed = Some(d);
                 }
             }
+            if !wants_write && !io.unflushed && !self.more_mail && self.held_acks.is_empty() {
+                if let Some(socket) = io.writer.shared_socket() {
+                    lane_open = self.open_lane(&mut lane, socket);
+                }
+            }
             // Unbiased: a busy mailbox must not starve reading the client's acknowledgements.
             // (select! drops every future before running a handler, so handlers may mutate `self`.)
             tokio::select! {
@@ -476,6 +500,68 @@ impl Driver {
                 }
             }
         }
+    }
+}
+
+impl Driver {
+    /// Opens the client's express lane, if it has subscriptions and its deliveries need no
+    /// connection state (see `Connection::qos0_encoder`); true if it is open.
+    fn open_lane(
+        &mut self,
+        slot: &mut Option<Box<Express>>,
+        socket: &Arc<tokio::net::tcp::OwnedWriteHalf>,
+    ) -> bool {
+        let Some(c) = &self.client else {
+            return false;
+        };
+        if self
+            .conn
+            .session()
+            .is_none_or(|s| s.subscriptions.is_empty())
+        {
+            return false;
+        }
+        let Some(encoder) = self.conn.qos0_encoder() else {
+            return false;
+        };
+        let lane = match slot.take() {
+            Some(mut lane) => {
+                lane.reset(encoder);
+                lane
+            }
+            None => Express::new(socket.clone(), encoder, c.conn),
+        };
+        match c.handle.open_express(lane) {
+            Ok(()) => true,
+            Err(lane) => {
+                *slot = Some(lane);
+                false
+            }
+        }
+    }
+
+    /// Takes the express lane back (no publisher writes to the socket after this), counts what
+    /// went through it, and puts the tail of a packet the socket took in part first in the
+    /// transmit buffer. Returns how many deliveries went through.
+    fn close_lane(&mut self, slot: &mut Option<Box<Express>>) -> u32 {
+        let Some(c) = &self.client else {
+            return 0;
+        };
+        let Some(mut lane) = c.handle.close_express(c.conn) else {
+            return 0;
+        };
+        let packets = lane.packets();
+        self.conn.count_sent_elsewhere(packets);
+        let rest = lane.take_rest();
+        if !rest.is_empty() {
+            let transmit = self.conn.transmit();
+            let mut joined = BytesMut::with_capacity(rest.len() + transmit.len());
+            joined.extend_from_slice(&rest);
+            joined.extend_from_slice(transmit);
+            *transmit = joined;
+        }
+        *slot = Some(lane);
+        packets
     }
 }
 
@@ -744,7 +830,11 @@ impl Driver {
     async fn handle_events(&mut self, rbuf: &mut BytesMut) {
         // Subscribers that got mail from this batch of PUBLISHes: signalled once it is routed
         // (and before anything that awaits), so each wakes once per batch.
-        let later = Deferred::default();
+        // A batch of one PUBLISH (a client that sends a message at a time) may write to up to
+        // EXPRESS_FANOUT idle subscribers' sockets itself; larger batches and fan-outs go
+        // through mailboxes, where each subscriber writes a batch in one syscall.
+        let single = self.conn.pending_events() == 1;
+        let later = Deferred::with_express(if single { EXPRESS_FANOUT } else { 0 });
         let signal = |later: &Deferred| {
             for h in later.take() {
                 h.signal();

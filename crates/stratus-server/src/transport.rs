@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::io;
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
@@ -39,6 +40,11 @@ pub trait MqttWrite: Send {
     fn try_write_now(&mut self, data: &[u8]) -> io::Result<usize> {
         let _ = data;
         Err(io::ErrorKind::WouldBlock.into())
+    }
+
+    /// The socket, when publishers may write to it directly (plain TCP only).
+    fn shared_socket(&self) -> Option<&Arc<OwnedWriteHalf>> {
+        None
     }
 }
 
@@ -113,12 +119,34 @@ impl MqttRead for TcpReader {
     }
 }
 
-/// Plain TCP, writing half.
-pub struct TcpWriter(pub OwnedWriteHalf);
+/// Plain TCP, writing half. Shared: while the connection waits with nothing to send, the
+/// broker's express lane (`broker::Express`) lets publishers write QoS 0 deliveries to it.
+/// Writes take `&self` (readiness, then `try_write`), so sharing needs no lock of its own;
+/// the lane is open only while this side does not write.
+pub struct TcpWriter(pub Arc<OwnedWriteHalf>);
+
+impl TcpWriter {
+    /// The writing half of a TCP connection.
+    pub fn new(half: OwnedWriteHalf) -> Self {
+        TcpWriter(Arc::new(half))
+    }
+
+    /// The half back, once no express lane holds it.
+    pub fn into_half(self) -> Result<OwnedWriteHalf, Arc<OwnedWriteHalf>> {
+        Arc::try_unwrap(self.0)
+    }
+}
 
 impl MqttWrite for TcpWriter {
     async fn write_some(&mut self, data: &[u8]) -> io::Result<usize> {
-        self.0.write(data).await
+        loop {
+            let stream: &tokio::net::TcpStream = (*self.0).as_ref();
+            std::future::poll_fn(|cx| stream.poll_write_ready(cx)).await?;
+            match self.0.try_write(data) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                written => return written,
+            }
+        }
     }
 
     async fn flush(&mut self) -> io::Result<()> {
@@ -131,8 +159,17 @@ impl MqttWrite for TcpWriter {
         self.0.try_write(data)
     }
 
+    fn shared_socket(&self) -> Option<&Arc<OwnedWriteHalf>> {
+        Some(&self.0)
+    }
+
     async fn close(&mut self) -> io::Result<()> {
-        self.0.shutdown().await
+        match Arc::get_mut(&mut self.0) {
+            Some(half) => half.shutdown().await,
+            // A lane still holds it (never when the connection closes): the last holder's drop
+            // shuts the direction down.
+            None => Ok(()),
+        }
     }
 }
 
