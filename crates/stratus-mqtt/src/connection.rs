@@ -1246,6 +1246,7 @@ struct PublishShape<'a> {
 impl Target {
     /// Appends the PUBLISH for `m` to `out`; false (and `out` unchanged) when it cannot be
     /// encoded or is larger than the client accepts (MQTT-3.1.2-24).
+    #[inline]
     fn encode_publish(
         &self,
         m: &Message,

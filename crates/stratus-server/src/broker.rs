@@ -467,9 +467,9 @@ impl ClientHandle {
     }
 
     /// Moves waiting messages into `conn` while it has room: QoS 1/2 while the in-flight window
-    /// has room, QoS 0 while the transmit buffer does. Returns true when more could be moved
-    /// right away (the batch limit was hit).
-    pub fn drain_into(&self, conn: &mut Connection, max_queued: usize) -> bool {
+    /// has room, QoS 0 while the transmit buffer does. Returns how many it moved, and whether
+    /// more could be moved right away (the batch limit was hit).
+    pub fn drain_into(&self, conn: &mut Connection, max_queued: usize) -> (usize, bool) {
         let mut mb = self.mailbox.lock();
         let was_congested = mb.backlog() > max_queued;
         let mut moved = 0;
@@ -512,7 +512,7 @@ impl ClientHandle {
         if relieved {
             self.changed.notify_waiters();
         }
-        more
+        (moved, more)
     }
 
     /// Queues the retained messages for a new subscription (RETAIN set, `qos` capped by the
@@ -2208,7 +2208,7 @@ mod tests {
             Instant::now(),
         );
         conn.accept(Session::new(), false);
-        assert!(!a.handle.drain_into(&mut conn, 2));
+        assert!(!a.handle.drain_into(&mut conn, 2).1);
         assert!(
             waiter.await.unwrap(),
             "released by the drain, not by the deadline"

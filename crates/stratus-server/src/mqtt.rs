@@ -311,6 +311,10 @@ pub(crate) const PARK_AFTER: std::time::Duration = std::time::Duration::from_mil
 /// subscribers' sockets by the publisher's task (see `broker::Express`).
 const EXPRESS_FANOUT: u8 = 4;
 
+/// A subscriber woken for mail sooner than this after its last mail is in a stream of
+/// messages: it drains its mailbox in batches rather than open its express lane.
+const LANE_AFTER: std::time::Duration = std::time::Duration::from_micros(100);
+
 /// Why the busy loop returned.
 enum Busy {
     /// The connection closed.
@@ -396,6 +400,12 @@ impl Driver {
         // in between for its buffer.
         let mut lane: Option<Box<Express>> = None;
         let mut lane_open = false;
+        // Whether the lane is worth opening: mail comes a message at a time, and not in a
+        // stream. A subscriber that drains batches, or wakes for mail again within
+        // LANE_AFTER (a fan-out, a burst), leaves it shut, and its mailbox lock to the
+        // publishers.
+        let mut lane_worth = true;
+        let mut last_mail = Instant::now();
         loop {
             if std::mem::take(&mut lane_open) && self.close_lane(&mut lane) > 0 {
                 // Deliveries went out through the lane: the connection is not quiet.
@@ -449,7 +459,12 @@ impl Driver {
                     armed = Some(d);
                 }
             }
-            if !wants_write && !io.unflushed && !self.more_mail && self.held_acks.is_empty() {
+            if lane_worth
+                && !wants_write
+                && !io.unflushed
+                && !self.more_mail
+                && self.held_acks.is_empty()
+            {
                 if let Some(socket) = io.writer.shared_socket() {
                     lane_open = self.open_lane(&mut lane, socket);
                 }
@@ -463,9 +478,14 @@ impl Driver {
                 }
                 _ = mail(self.client.as_ref().map(|c| &*c.handle)) => {
                     quiet_since = None;
+                    let now = Instant::now();
+                    lane_worth = self.deliver_mailbox() <= 1 && now - last_mail >= LANE_AFTER;
+                    last_mail = now;
+                }
+                _ = std::future::ready(()), if self.more_mail => {
+                    lane_worth = false;
                     self.deliver_mailbox();
                 }
-                _ = std::future::ready(()), if self.more_mail => self.deliver_mailbox(),
                 durable = held_released(self.held_acks.front_mut(), self.ctx.broker.max_queued()), if !self.held_acks.is_empty() => self.release_held_ack(durable),
                 read = io.reader.read_into(&mut io.rbuf), if self.held_qos0 == 0 => {
                     may_park = parks;
@@ -661,20 +681,23 @@ impl Driver {
         }
     }
 
-    fn deliver_mailbox(&mut self) {
-        let Some(c) = &self.client else { return };
+    /// Moves mail into the connection; returns how many messages it moved.
+    fn deliver_mailbox(&mut self) -> usize {
+        let Some(c) = &self.client else { return 0 };
         if c.handle.taken_over(c.conn) {
             self.conn.close(CloseReason::TakenOver);
-            return;
+            return 0;
         }
         if c.handle.take_overloaded() {
             self.ctx.broker.metrics.protocol_error("slow_consumer");
             self.conn.close(CloseReason::SlowConsumer);
-            return;
+            return 0;
         }
-        self.more_mail = c
+        let (moved, more) = c
             .handle
             .drain_into(&mut self.conn, self.ctx.broker.max_queued());
+        self.more_mail = more;
+        moved
     }
 
     fn release_held_ack(&mut self, released: Released) {
