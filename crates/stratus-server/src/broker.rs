@@ -10,9 +10,8 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
@@ -402,10 +401,7 @@ impl ClientHandle {
                         LaneWrite::Done | LaneWrite::Dropped => return Accepted::Yes,
                         LaneWrite::Shut => {
                             drop(mb);
-                            match defer {
-                                Some(later) => later.push(self.clone()),
-                                None => self.signal(),
-                            }
+                            self.signal_or_defer(defer);
                             return Accepted::Yes;
                         }
                         LaneWrite::WouldBlock => {}
@@ -436,15 +432,20 @@ impl ClientHandle {
         let congested = mb.online && mb.backlog() > max_queued;
         drop(mb);
         if was_empty {
-            match defer {
-                Some(later) => later.push(self.clone()),
-                None => self.signal(),
-            }
+            self.signal_or_defer(defer);
         }
         if congested {
             Accepted::Congested
         } else {
             Accepted::Yes
+        }
+    }
+
+    /// Signals the client now, or once the batch is routed when there is one.
+    fn signal_or_defer(self: &Arc<Self>, defer: Option<&Deferred>) {
+        match defer {
+            Some(later) => later.push(self.clone()),
+            None => self.signal(),
         }
     }
 

@@ -419,16 +419,12 @@ impl Driver {
             // without waiting (plain TCP): a delivery leaves before the loop waits on anything.
             if !self.conn.pending_transmit().is_empty() {
                 match io.writer.try_write_now(self.conn.pending_transmit()) {
-                    Ok(n) if n > 0 => {
-                        self.sent(n);
-                        io.unflushed = W::BUFFERS;
-                    }
-                    Ok(_) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(e) => {
-                        tracing::debug!(peer = %self.peer(), error = %e, "mqtt write failed");
-                        self.conn.close(CloseReason::TransportClosed);
-                        continue;
+                    written => {
+                        self.wrote::<W>(written, &mut io.unflushed);
+                        if self.conn.is_closed() {
+                            continue;
+                        }
                     }
                 }
             }
@@ -503,17 +499,9 @@ impl Driver {
                         }
                     }
                 },
-                written = write_or_flush(&mut io.writer, self.conn.pending_transmit()), if wants_write || io.unflushed => match written {
-                    Ok(0) => io.unflushed = false,
-                    Ok(n) => {
-                        self.sent(n);
-                        io.unflushed = W::BUFFERS;
-                    }
-                    Err(e) => {
-                        tracing::debug!(peer = %self.peer(), error = %e, "mqtt write failed");
-                        self.conn.close(CloseReason::TransportClosed);
-                    }
-                },
+                written = write_or_flush(&mut io.writer, self.conn.pending_transmit()), if wants_write || io.unflushed => {
+                    self.wrote::<W>(written, &mut io.unflushed);
+                }
                 _ = &mut timer, if armed.is_some() => {
                     armed = None;
                     self.conn.handle_timeout(Instant::now());
@@ -524,6 +512,22 @@ impl Driver {
 }
 
 impl Driver {
+    /// Takes in what a write (or, as `Ok(0)`, a flush) did: bytes leave the transmit buffer
+    /// (and wait for a flush when the transport buffers them); an error closes the connection.
+    fn wrote<W: MqttWrite>(&mut self, written: std::io::Result<usize>, unflushed: &mut bool) {
+        match written {
+            Ok(0) => *unflushed = false,
+            Ok(n) => {
+                self.sent(n);
+                *unflushed = W::BUFFERS;
+            }
+            Err(e) => {
+                tracing::debug!(peer = %self.peer(), error = %e, "mqtt write failed");
+                self.conn.close(CloseReason::TransportClosed);
+            }
+        }
+    }
+
     /// Opens the client's express lane, if it has subscriptions and its deliveries need no
     /// connection state (see `Connection::qos0_encoder`); true if it is open.
     fn open_lane(
