@@ -100,7 +100,8 @@ def main(path):
         names = []
         for b in brokers:
             for n in figures(b, s):
-                if n not in names:
+                # Figures of the machine, not of a broker: listed under *Machine noise*.
+                if n not in names and not n.startswith("machine_"):
                     names.append(n)
         for n in names:
             vals, unit, better = {}, "", "higher"
@@ -149,6 +150,27 @@ def main(path):
     if starred:
         out.append("*: one side did not complete (timeout or loss): the ratio uses its partial figure.")
     out.append("")
+
+    noise = []
+    for s in scenarios:
+        for b in brokers:
+            for run in range(1, runs + 1):
+                f = {x["name"]: x["value"] for x in report(run, b, s).get("figures", [])}
+                if f.get("machine_hop_p99") is not None:
+                    noise.append(f"| {s} | {NAMES.get(b, b)} | {run} | {fmt(f.get('machine_hop_p50'))} | "
+                                 f"{fmt(f['machine_hop_p99'])} |")
+    if noise:
+        out.append("## Machine noise")
+        out.append("")
+        out.append("The latency scenario's measurement without a broker, just before each latency run: 1,000")
+        out.append("stamped writes, one per 500 µs, from one generator thread straight to another over loopback")
+        out.append("TCP (µs). A message through a broker makes this hop twice, each with a wake-up the broker")
+        out.append("does not control: latency figures from runs whose hop p99 differ widely do not compare brokers.")
+        out.append("")
+        out.append("| scenario | broker | run | direct hop p50 | direct hop p99 |")
+        out.append("|---|---|---|---|---|")
+        out.extend(noise)
+        out.append("")
 
     out.append("## Load generator CPU")
     out.append("")

@@ -51,6 +51,8 @@ async fn every_scenario_runs_against_stratus() {
             Scenario::Latency => {
                 let (p50, p99, max) = (value("p50"), value("p99"), value("max"));
                 assert!(p50.unwrap() <= p99.unwrap() && p99 <= max, "{line}");
+                let (w50, w99) = (value("machine_hop_p50"), value("machine_hop_p99"));
+                assert!(w50.unwrap() <= w99.unwrap(), "{line}");
             }
             Scenario::Idle => {
                 assert!(value("connect_rate").unwrap() > 0.0, "{line}");
