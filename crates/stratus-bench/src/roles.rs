@@ -233,11 +233,7 @@ pub fn paced_blocking(
     use std::io::Write;
     let t0 = Instant::now();
     for seq in 0..count {
-        let due = t0 + Duration::from_secs_f64(seq as f64 / rate);
-        let wait = due.saturating_duration_since(Instant::now());
-        if !wait.is_zero() {
-            std::thread::sleep(wait);
-        }
+        sleep_until(t0 + Duration::from_secs_f64(seq as f64 / rate));
         client.tx.clear();
         template.append(&mut client.tx, 0, seq, progress.now_ns());
         client.stream.write_all(&client.tx)?;
@@ -245,6 +241,15 @@ pub fn paced_blocking(
     }
     client.disconnect();
     Ok(())
+}
+
+/// Blocks the thread until `due`; returns at once when `due` has passed (a late message is
+/// sent at once, and the ones after it keep their own due times).
+pub fn sleep_until(due: Instant) {
+    let wait = due.saturating_duration_since(Instant::now());
+    if !wait.is_zero() {
+        std::thread::sleep(wait);
+    }
 }
 
 /// Receives QoS 0 PUBLISHes on a blocking thread until `tally` is complete or `stop` is set,

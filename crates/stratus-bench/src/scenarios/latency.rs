@@ -23,7 +23,7 @@ use super::{Ctx, Extra};
 use crate::client::{Client, SMALL_RX};
 use crate::progress::{percentile, Progress, Tally};
 use crate::report::{Better, Figure};
-use crate::roles::{paced_blocking, receive_blocking};
+use crate::roles::{paced_blocking, receive_blocking, sleep_until};
 use crate::wire::{Stamp, Template};
 
 /// Messages per second.
@@ -124,11 +124,7 @@ pub fn direct_hop(count: u32) -> std::io::Result<Vec<u64>> {
         Ok(late)
     });
     for seq in 0..count {
-        let due = clock + PROBE_INTERVAL * seq;
-        let wait = due.saturating_duration_since(Instant::now());
-        if !wait.is_zero() {
-            std::thread::sleep(wait);
-        }
+        sleep_until(clock + PROBE_INTERVAL * seq);
         let sent = u64::try_from(clock.elapsed().as_nanos()).unwrap_or(u64::MAX);
         tx.write_all(&sent.to_le_bytes())?;
     }
