@@ -44,7 +44,8 @@ step() { printf '\n==> %s\n' "$*" >&2; }
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 STRATUS_REV=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-git diff --quiet HEAD -- 2>/dev/null || STRATUS_REV="$STRATUS_REV+dirty"
+# bench/results is this script's own output: a change there alone is not a dirty build.
+git diff --quiet HEAD -- . ':(exclude)bench/results' 2>/dev/null || STRATUS_REV="$STRATUS_REV+dirty"
 step "cargo build --release -p stratus"
 cargo build --release -p stratus
 STRATUS="$CARGO_TARGET_DIR/release/stratus"
