@@ -78,6 +78,10 @@ pub struct MqttArgs {
     /// what it got and fails.
     #[arg(long, value_name = "SECS", default_value_t = 120.0)]
     pub timeout: f64,
+    /// Writes the latency scenario's samples to FILE, one per line in arrival order (µs), to
+    /// look at the tail behind a p99: when in the run the slow messages came, and how slow.
+    #[arg(long, value_name = "FILE")]
+    pub latency_samples: Option<PathBuf>,
 }
 
 /// A scenario name on the command line.
@@ -184,6 +188,8 @@ pub struct Plan {
     pub format: Format,
     /// Per-scenario time limit.
     pub timeout: Duration,
+    /// Where the latency scenario writes its samples (`--latency-samples`).
+    pub latency_samples: Option<PathBuf>,
 }
 
 impl Plan {
@@ -623,6 +629,7 @@ impl MqttArgs {
             broker_pid: self.broker_pid,
             format: self.format,
             timeout: Duration::from_secs_f64(self.timeout),
+            latency_samples: self.latency_samples.clone(),
         })
     }
 }
@@ -704,6 +711,7 @@ mod tests {
             broker_pid: None,
             format: Format::Text,
             timeout: 60.0,
+            latency_samples: None,
         }
     }
 

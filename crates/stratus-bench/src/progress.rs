@@ -124,13 +124,17 @@ impl Progress {
         }
     }
 
-    /// Every latency sample so far, sorted.
-    pub fn sorted_latencies(&self) -> Vec<u64> {
-        let mut v = self
-            .latencies_ns
+    /// Every latency sample so far, in the order the subscribers handed them over.
+    pub fn latencies(&self) -> Vec<u64> {
+        self.latencies_ns
             .lock()
             .map(|v| v.clone())
-            .unwrap_or_default();
+            .unwrap_or_default()
+    }
+
+    /// Every latency sample so far, sorted.
+    pub fn sorted_latencies(&self) -> Vec<u64> {
+        let mut v = self.latencies();
         v.sort_unstable();
         v
     }

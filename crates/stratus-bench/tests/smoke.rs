@@ -20,6 +20,7 @@ async fn every_scenario_runs_against_stratus() {
     let config = Config::load(None, &overrides).unwrap();
     let server = Server::start(config).await.unwrap();
     let pid = std::process::id();
+    let samples = dir.path().join("latency-samples.txt");
 
     for (i, scenario) in Scenario::ALL.into_iter().enumerate() {
         let ctx = Ctx {
@@ -27,6 +28,7 @@ async fn every_scenario_runs_against_stratus() {
             run: 0x5eed_0000 + i as u32,
             scale: 0.002,
             broker_pid: Some(pid),
+            latency_samples: Some(samples.clone()),
         };
         let report = run_one(ctx, scenario, Duration::from_secs(30)).await;
         let line = report.to_json();
@@ -53,6 +55,12 @@ async fn every_scenario_runs_against_stratus() {
                 assert!(p50.unwrap() <= p99.unwrap() && p99 <= max, "{line}");
                 let (w50, w99) = (value("machine_hop_p50"), value("machine_hop_p99"));
                 assert!(w50.unwrap() <= w99.unwrap(), "{line}");
+                // `--latency-samples`: one sample (µs) per message received, none above max.
+                let text = std::fs::read_to_string(&samples).unwrap();
+                let written: Vec<f64> = text.lines().map(|l| l.parse().unwrap()).collect();
+                assert_eq!(written.len() as u64, report.received, "{line}");
+                let top = written.iter().cloned().fold(0.0, f64::max);
+                assert!((top - max.unwrap()).abs() < 0.1, "{top} against {line}");
             }
             Scenario::Idle => {
                 assert!(value("connect_rate").unwrap() > 0.0, "{line}");
@@ -81,6 +89,7 @@ async fn a_scenario_that_cannot_finish_times_out_and_fails() {
         run: 1,
         scale: 0.001,
         broker_pid: None,
+        latency_samples: None,
     };
     let report = run_one(ctx, Scenario::FaninQos1, Duration::from_millis(300)).await;
     assert!(report.timed_out);
@@ -101,6 +110,7 @@ async fn a_refused_connection_fails_the_scenario() {
         run: 2,
         scale: 0.001,
         broker_pid: None,
+        latency_samples: None,
     };
     let report = run_one(ctx, Scenario::Retained, Duration::from_secs(5)).await;
     assert!(!report.ok);

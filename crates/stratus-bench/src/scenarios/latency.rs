@@ -84,6 +84,10 @@ pub async fn run(ctx: Ctx, progress: Arc<Progress>) -> anyhow::Result<Extra> {
     let received = receiver.await.context("the subscriber thread panicked")?;
     sent??;
     received?.disconnect();
+    if let Some(path) = &ctx.latency_samples {
+        write_samples(path, &progress.latencies())
+            .with_context(|| format!("writing the latency samples to {}", path.display()))?;
+    }
     Ok(Extra {
         figures: vec![
             Figure::new("machine_hop_p50", probe_us(50.0), "us", Better::Lower),
@@ -97,6 +101,17 @@ pub async fn run(ctx: Ctx, progress: Arc<Progress>) -> anyhow::Result<Extra> {
             ),
         ],
     })
+}
+
+/// Writes `samples_ns` to `path` in µs, one per line, in the order given.
+fn write_samples(path: &std::path::Path, samples_ns: &[u64]) -> std::io::Result<()> {
+    use std::fmt::Write as _;
+    let mut text = String::with_capacity(samples_ns.len() * 8);
+    for ns in samples_ns {
+        // Writing to a String cannot fail.
+        let _ = writeln!(text, "{:.1}", *ns as f64 / 1000.0);
+    }
+    std::fs::write(path, text)
 }
 
 /// Latencies in ns, sorted, of `count` 8-byte stamped writes, one per [`PROBE_INTERVAL`], from

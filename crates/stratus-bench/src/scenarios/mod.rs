@@ -10,6 +10,7 @@ mod retained;
 use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -35,6 +36,8 @@ pub struct Ctx {
     pub scale: f64,
     /// The broker's PID, for /proc figures.
     pub broker_pid: Option<u32>,
+    /// Where the latency scenario writes its samples, if anywhere.
+    pub latency_samples: Option<PathBuf>,
 }
 
 impl Ctx {
@@ -121,6 +124,7 @@ pub async fn run_plan(plan: &Plan) -> bool {
             run: run.wrapping_add(i as u32),
             scale: plan.scale,
             broker_pid: plan.broker_pid,
+            latency_samples: plan.latency_samples.clone(),
         };
         let report = run_one(ctx, scenario, plan.timeout).await;
         let line = match plan.format {
