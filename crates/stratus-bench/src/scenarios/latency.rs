@@ -8,9 +8,10 @@
 //!
 //! Before the clients start, a probe measures the machine without a broker ([`direct_hop`]):
 //! the same stamped write every 500 µs for as long as the run, from one blocking thread
-//! straight to another over loopback TCP. A message through a broker makes two such hops; on a shared virtual machine
-//! the hops' wake-ups move a broker's p99 more than its code does, and the report carries
-//! them so that a reader can tell a quiet run from a contended one.
+//! straight to another over loopback TCP. A message through a broker makes two such hops;
+//! on a shared virtual machine the hops' wake-ups move a broker's p99 more than its code
+//! does, and the report carries them so that a reader can tell a quiet run from a contended
+//! one.
 
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
