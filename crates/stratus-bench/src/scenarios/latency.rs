@@ -38,13 +38,13 @@ pub const MESSAGES: u64 = 20_000;
 /// them as often as not and read a quiet p99 before a run whose p99 they set.
 pub const PROBE_MESSAGES: u64 = MESSAGES;
 
-/// The probe's interval: the publisher's.
-const PROBE_INTERVAL: Duration = Duration::from_micros(500);
+/// The probe's interval: the publisher's (one message per 1 / [`RATE`] s).
+const PROBE_INTERVAL: Duration = Duration::from_nanos((1e9 / RATE) as u64);
 
 /// Runs the latency scenario.
 pub async fn run(ctx: Ctx, progress: Arc<Progress>) -> anyhow::Result<Extra> {
     let messages = ctx.scaled(MESSAGES);
-    let probes = ctx.scaled(PROBE_MESSAGES).max(1);
+    let probes = ctx.scaled(PROBE_MESSAGES);
     let direct = tokio::task::spawn_blocking(move || direct_hop(probes))
         .await
         .context("the probe thread panicked")?
