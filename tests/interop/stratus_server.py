@@ -23,11 +23,12 @@ def stratus_bin() -> str:
     path = os.environ.get("STRATUS_BIN")
     if not path:
         target = os.environ.get("CARGO_TARGET_DIR", str(REPO / "target"))
-        path = os.path.join(target, "release", "stratus")
+        candidates = [os.path.join(target, p, "stratus") for p in ("ci", "release")]
+        path = next((c for c in candidates if os.access(c, os.X_OK)), candidates[0])
     if not os.access(path, os.X_OK):
         pytest.fail(
             f"stratus binary not found at {path!r}: build it with "
-            "`cargo build --release -p stratus` and set STRATUS_BIN",
+            "`cargo build --profile ci -p stratus` and set STRATUS_BIN",
             pytrace=False,
         )
     return path
