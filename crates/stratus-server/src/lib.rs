@@ -296,7 +296,7 @@ impl Server {
         });
         let coap_addr = coap_socket.local_addr()?;
         if config.coap.multicast {
-            match coap::bind_multicast(coap_addr.port()) {
+            match coap::bind_multicast(coap_addr.ip(), coap_addr.port()) {
                 Ok(sockets) => {
                     for s in sockets {
                         listeners.spawn(coap::serve(
