@@ -848,6 +848,7 @@ mod tests {
             reported: None,
             firmware: None,
             last_seen_ms: None,
+            require_freshness: false,
         };
         let text = serde_json::to_string(&DeviceView::from(&d)).unwrap();
         assert!(!text.contains("argon2"), "{text}");
