@@ -199,6 +199,10 @@ impl Server {
             pipeline::Pipeline::new(store.clone(), broker.clone(), config.telemetry.clone())
                 .with_rules(rules.clone()),
         );
+        pipeline
+            .load_device_policies()
+            .await
+            .context("loading the devices' freshness policies")?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut listeners = JoinSet::new();
         let connections = TaskTracker::new();
