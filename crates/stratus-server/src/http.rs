@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
-use axum::http::header;
+use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Json, Router};
@@ -160,6 +160,25 @@ async fn serve_websocket(app: AppState, socket: WebSocket, peer: SocketAddr) {
         app.shutdown.clone(),
     );
     tokio::join!(pump, driver);
+}
+
+/// `app` with `Strict-Transport-Security: max-age=MAX_AGE` on every answer (RFC 6797), for the
+/// HTTPS listener (a browser ignores it over plain HTTP); `max_age` 0 adds nothing.
+pub fn with_hsts(app: Router, max_age: u64) -> Router {
+    if max_age == 0 {
+        return app;
+    }
+    let Ok(value) = HeaderValue::from_str(&format!("max-age={max_age}")) else {
+        return app;
+    };
+    app.layer(axum::middleware::map_response(move |mut r: Response| {
+        let value = value.clone();
+        async move {
+            r.headers_mut()
+                .insert(header::STRICT_TRANSPORT_SECURITY, value);
+            r
+        }
+    }))
 }
 
 /// Serves `app` over HTTPS on `listener` until `shutdown` turns true.
