@@ -4,8 +4,8 @@ after an HTTP change, Block1 uploads, a duplicated CON stored once, hostile data
 CoAPS (DTLS 1.2 PSK, the key derived from the device secret, replaced by a rotation), and
 multicast discovery in a network namespace (answers to discovery only, silence otherwise).
 
-A device authenticates on plain UDP with `?token=ACCESS_TOKEN`; a JWT is longer than the
-255 bytes a Uri-Query option may hold, so it travels split over several `token=` items.
+A device authenticates on plain UDP with `?token=ACCESS_TOKEN` (59 characters: one item;
+these tests also pass it as `-O 15,token=…` options and split, which the server joins).
 """
 
 from __future__ import annotations
