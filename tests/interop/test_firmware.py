@@ -371,7 +371,7 @@ def test_assignment_reaches_mqtt_coap_and_http_and_status_reports_count(tmp_path
                          capture_output=True, text=True, timeout=20)
     assert json.loads(out.stdout.strip()) == notice, out.stdout + out.stderr
     status = subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(srv.mqtt_port),
-                             "-u", dev, "-P", secret, "-i", dev + "-pub", "-q", "1",
+                             "-u", dev, "-P", secret, "-i", dev, "-q", "1",
                              "-t", f"devices/{dev}/firmware/status", "-m", "downloading"],
                             capture_output=True, text=True, timeout=20)
     assert status.returncode == 0, status.stderr

@@ -119,17 +119,36 @@ def b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
+def credential(srv: Server, key: bytes, kind: str, principal: str) -> str:
+    """The fingerprint of a principal's credential a token carries (`cred`): 8 bytes of
+    HMAC-SHA-256 under the token key over the length-prefixed kind, id and secret hash."""
+    db = sqlite3.connect(f"file:{srv.data_dir / 'stratus.db'}?mode=ro", uri=True, timeout=10)
+    try:
+        table, column = ("oauth_clients", "client_id") if kind == "client" else ("devices", "id")
+        row = db.execute(f"SELECT secret_hash FROM {table} WHERE {column} = ?", (principal,)).fetchone()
+    finally:
+        db.close()
+    mac = hmac.new(key, b"stratus-credential/v1", hashlib.sha256)
+    for part in (kind, principal, row[0]):
+        data = part.encode()
+        mac.update(len(data).to_bytes(8, "big") + data)
+    return mac.digest()[:8].hex()
+
+
 def forge(srv: Server, key: bytes | None = None, alg: str = "HS256", **claims) -> str:
-    """A JWT like the server's, signed with its token key (or `key`)."""
+    """A JWT like the server's, signed with its token key (or `key`) and bound to the
+    principal's current credential."""
     now = int(time.time())
+    token_key = (srv.data_dir / "token.key").read_bytes()
     body = {"iss": "stratus", "sub": "admin", "scope": "admin", "kind": "client",
-            "iat": now, "exp": now + 600, "jti": "f" * 32}
+            "iat": now, "exp": now + 600, "jti": "f" * 32,
+            "cred": credential(srv, token_key, "client", "admin")}
     body.update(claims)
     head = b64url(json.dumps({"typ": "JWT", "alg": alg}).encode())
     payload = b64url(json.dumps(body).encode())
     if alg == "none":
         return f"{head}.{payload}."
-    key = key if key is not None else (srv.data_dir / "token.key").read_bytes()
+    key = key if key is not None else token_key
     sig = hmac.new(key, f"{head}.{payload}".encode(), hashlib.sha256).digest()
     return f"{head}.{payload}.{b64url(sig)}"
 

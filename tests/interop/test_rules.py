@@ -360,7 +360,7 @@ def test_mqtt_devices_are_online_while_connected(cloud):
     dev, secret = cloud.add_device()
     stream = Stream(cloud, params={"device": dev})
     time.sleep(0.2)
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=unique("c"))
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=dev)
     c.username_pw_set(dev, secret)
     connected = threading.Event()
     c.on_connect = lambda *a: connected.set()

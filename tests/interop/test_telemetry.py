@@ -203,8 +203,11 @@ def test_queries_for_unknown_devices_are_404(cloud):
 # ------------------------------------------------------------------ MQTT devices
 
 def mqtt_client(port, username=None, password=None, protocol=mqtt.MQTTv311, client_id=None):
+    """A paho client; a device (any user name but the admin) connects with its own id."""
     got: queue.Queue = queue.Queue()
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or unique("c"), protocol=protocol)
+    if client_id is None:
+        client_id = username if username and username != "admin" else unique("c")
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
     if username:
         c.username_pw_set(username, password)
     rc: dict = {}
@@ -257,10 +260,15 @@ def test_mqtt_bad_credentials_and_anonymous_are_refused_and_audited(cloud, devic
     _, _, reason = mqtt_client(cloud.srv.mqtt_port)
     assert reason.is_failure
     assert cloud.metric("stratus_auth_failures", transport="mqtt") >= 2
-    r = requests.get(cloud.url("/api/v1/audit"), headers=cloud.admin, timeout=10)
-    if r.status_code == 200:
-        body = r.text
-        assert "auth.failure" in body
+    # The audit entry is written after the refusal: poll for it.
+    deadline = time.monotonic() + 5
+    while True:
+        r = requests.get(cloud.url("/api/v1/audit"), headers=cloud.admin, timeout=10)
+        assert r.status_code == 200, r.text
+        if "auth.failure" in r.text or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert "auth.failure" in r.text, r.text
 
 
 def test_mqtt_device_is_confined_to_its_own_topics(cloud, device):

@@ -5,8 +5,8 @@
 //! Resources (SPEC "CoAP resources"): `POST /telemetry` with the JSON envelope, `GET /config`
 //! polled every [`DeviceBuilder::config_poll_interval`](crate::DeviceBuilder::config_poll_interval),
 //! `PUT /config/reported`. On plain UDP every request carries the device's access token as
-//! `?token=…`; a JWT is longer than one Uri-Query option may be (255 bytes), so it is split
-//! over several `token=` items, which the server joins in order. On CoAPS the DTLS session
+//! `?token=…` (a device token has 59 characters: one item; a longer token would be split
+//! over several `token=` items of at most 255 bytes, which the server joins in order). On CoAPS the DTLS session
 //! authenticates the device (PSK identity = device id, key derived from the secret, see
 //! [`crate::dtls`]) and no token is needed: the handshake runs before the first request and
 //! again after a request timed out (the server may have lost the session).

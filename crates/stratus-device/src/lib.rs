@@ -60,8 +60,8 @@
 //!   [`DeviceBuilder::config_poll_interval`]), the reported one sent with
 //!   `PUT /api/v1/devices/{id}/config/reported`.
 //! - [`Transport::Coap`]: RFC 7252 over UDP with the workspace's sans-IO `stratus-coap`
-//!   endpoint as the client: `POST /telemetry?token=…` (the access token split over
-//!   `token=` query items), `GET /config` polled, `PUT /config/reported`; small messages
+//!   endpoint as the client: `POST /telemetry?token=…` (the device's 59-character access
+//!   token), `GET /config` polled, `PUT /config/reported`; small messages
 //!   (about 1 KiB of records), confirmable, one at a time. With a `coaps://` URL
 //!   ([`DeviceBuilder::coap`]) the same runs over DTLS 1.2 PSK: identity = device id, key =
 //!   [`stratus_coap::psk::device_psk`] of the secret (what the server stores at registration

@@ -794,10 +794,24 @@ impl Connection {
 
     /// Refuses the CONNECT with `code` (not `Accepted`) and closes.
     pub fn refuse(&mut self, code: ConnectReturnCode) {
+        self.refuse_with(code.into(), "");
+    }
+
+    /// [`refuse`](Self::refuse) with an MQTT 5.0 reason code (an MQTT 3.1.1 client gets its
+    /// [`ConnectReturnCode::from_reason`]) and, when the client accepts problem information,
+    /// a reason string (empty: none). A code that is not a CONNACK refusal is ignored.
+    pub fn refuse_with(&mut self, reason: ReasonCode, why: &str) {
+        let Some(code) = ConnectReturnCode::from_reason(reason) else {
+            return;
+        };
         if !matches!(self.phase, Phase::Authenticating) || code == ConnectReturnCode::Accepted {
             return;
         }
-        self.send(&Packet::ConnAck(ConnAck::new(false, code.into())));
+        let mut ack = ConnAck::new(false, reason);
+        if self.protocol.is_v5() && self.problem_information && !why.is_empty() {
+            ack.properties.reason_string = MqttStr::try_from(why).ok();
+        }
+        self.send(&Packet::ConnAck(ack));
         self.close(CloseReason::Refused(code));
     }
 

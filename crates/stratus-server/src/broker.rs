@@ -19,7 +19,7 @@ use parking_lot::{Mutex, RwLock};
 use smallvec::SmallVec;
 use stratus_mqtt::session::{Outbound, OutboundState};
 use stratus_mqtt::{
-    Connection, Delivery, Message, MqttStr, QoS, RetainedStore, Session, SessionChange,
+    Connection, Delivery, Message, MqttStr, QoS, ReasonCode, RetainedStore, Session, SessionChange,
     SubscriptionOptions, SubscriptionTree,
 };
 use tokio::sync::Notify;
@@ -33,6 +33,9 @@ pub struct ClientHandle {
     id: MqttStr,
     /// Which topics it may receive (an [`Access`] as `u8`).
     access: AtomicU8,
+    /// With [`Access::Device`]: the device id is the first `device_len` bytes of the client id
+    /// (all of it, or the `{id}` of an `{id}-…`/`{id}/…` client id).
+    device_len: AtomicU8,
     mailbox: Mutex<Mailbox>,
     /// Signalled when the mailbox goes from empty to non-empty, or the client must be dropped.
     pub notify: MailSignal,
@@ -53,9 +56,12 @@ pub struct ClientHandle {
     /// Whether the session is persisted: its QoS 1/2 messages, subscriptions and state are
     /// written to the store.
     durable: AtomicBool,
-    /// The attachment number of a connection that was taken over (0: none): that connection
-    /// closes when it sees it (see [`taken_over`](Self::taken_over)).
+    /// The attachment number of a connection that was taken over or evicted (0: none): that
+    /// connection closes when it sees it (see [`eviction`](Self::eviction)).
     kicked: AtomicU64,
+    /// Why `kicked` must close: 0 for a take-over, else the MQTT 5.0 reason code of an
+    /// eviction ([`evict`](Self::evict)).
+    kick_code: AtomicU8,
     /// The parking-lot token of the client's connection while it is parked (0: not parked).
     parked: AtomicU64,
     /// Where [`signal`](Self::signal) sends that token.
@@ -225,6 +231,8 @@ pub enum Access {
     NoDevices = 1,
     /// Under `devices/`, only `devices/+/telemetry`.
     TelemetryReader = 2,
+    /// A device: only its own `devices/{id}/…` tree, whatever its session holds.
+    Device = 3,
 }
 
 /// What [`ClientHandle::deliver`] did.
@@ -262,6 +270,7 @@ impl ClientHandle {
         ClientHandle {
             id,
             access: AtomicU8::new(Access::NoDevices as u8),
+            device_len: AtomicU8::new(0),
             mailbox: Mutex::new(Mailbox::default()),
             notify: MailSignal::default(),
             changed: Notify::new(),
@@ -272,6 +281,7 @@ impl ClientHandle {
             online: AtomicBool::new(false),
             durable: AtomicBool::new(false),
             kicked: AtomicU64::new(0),
+            kick_code: AtomicU8::new(0),
             parked: AtomicU64::new(0),
             wakes,
         }
@@ -310,10 +320,66 @@ impl ClientHandle {
         }
     }
 
-    /// Whether the connection with attachment number `conn` was taken over by a newer one (it
-    /// is signalled when it is).
+    /// Sets which topics the client may receive; for [`Access::Device`] the device is
+    /// `owner`'s (a prefix of the client id).
+    fn set_access(&self, access: Access, owner: &Owner) {
+        let len = match owner {
+            Owner::Device(id) if self.id.as_str().starts_with(&**id) => {
+                u8::try_from(id.len()).unwrap_or(0)
+            }
+            _ => 0,
+        };
+        self.device_len.store(len, Ordering::Relaxed);
+        // A device's access without its device would let nothing through: say so plainly.
+        let access = match (access, len) {
+            (Access::Device, 0) => Access::NoDevices,
+            (a, _) => a,
+        };
+        self.access.store(access as u8, Ordering::Relaxed);
+    }
+
+    /// With [`Access::Device`]: whether `topic` is in the device's own tree.
+    fn device_tree_holds(&self, topic: &str) -> bool {
+        let len = usize::from(self.device_len.load(Ordering::Relaxed));
+        let Some(device) = self.id.as_str().get(..len).filter(|d| !d.is_empty()) else {
+            return false;
+        };
+        topic
+            .strip_prefix("devices/")
+            .and_then(|rest| rest.strip_prefix(device))
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    }
+
+    /// Whether the connection with attachment number `conn` was taken over by a newer one or
+    /// evicted (it is signalled when it is).
     pub fn taken_over(&self, conn: u64) -> bool {
         self.kicked.load(Ordering::Acquire) == conn
+    }
+
+    /// Why the connection with attachment number `conn` must close: `None` when it need not;
+    /// `Some(None)` when a newer connection took the client over; `Some(Some(code))` when it
+    /// was evicted with `code`.
+    pub fn eviction(&self, conn: u64) -> Option<Option<ReasonCode>> {
+        if self.kicked.load(Ordering::Acquire) != conn {
+            return None;
+        }
+        Some(match self.kick_code.load(Ordering::Acquire) {
+            0 => None,
+            code => ReasonCode::from_u8(code),
+        })
+    }
+
+    /// Ends the connection with attachment number `conn` from outside — its credential
+    /// lapsed, an administrator disconnected it — with `code` (sent to MQTT 5.0 clients as
+    /// the DISCONNECT reason code). Nothing happens when `conn` is no longer the client's.
+    pub fn evict(&self, conn: u64, code: ReasonCode) {
+        if self.current_conn.load(Ordering::Acquire) != conn {
+            return;
+        }
+        self.kick_code.store(code as u8, Ordering::Release);
+        if self.kicked.swap(conn, Ordering::AcqRel) != conn {
+            self.signal();
+        }
     }
 
     /// Publishes (or with 0 withdraws) the parking-lot token of the client's connection.
@@ -375,6 +441,9 @@ impl ClientHandle {
                 && message.topic.starts_with("devices/")
                 && !stratus_mqtt::topic::matches("devices/+/telemetry", &message.topic) =>
             {
+                return Accepted::No;
+            }
+            a if a == Access::Device as u8 && !self.device_tree_holds(&message.topic) => {
                 return Accepted::No;
             }
             _ => {}
@@ -835,9 +904,59 @@ impl Drop for AttachGuard<'_> {
     }
 }
 
+/// The principal a client id's session belongs to (SPEC "Identities"): only it may resume,
+/// take over or end that session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Owner {
+    /// Clients without credentials (with `--allow-anonymous`): one principal, whatever user
+    /// name they give.
+    Anonymous,
+    /// A registered device.
+    Device(Box<str>),
+    /// An application or the admin (an OAuth client).
+    Client(Box<str>),
+    /// A TLS client certificate, by its CN.
+    Certificate(Box<str>),
+    /// A session stored before sessions recorded their owner: the first principal allowed to
+    /// use its client id adopts it.
+    Legacy,
+}
+
+impl Owner {
+    /// The stored form: `anonymous`, `device:ID`, `client:ID`, `cert:CN`, or empty (legacy).
+    pub fn encode(&self) -> String {
+        match self {
+            Owner::Anonymous => "anonymous".into(),
+            Owner::Device(id) => format!("device:{id}"),
+            Owner::Client(id) => format!("client:{id}"),
+            Owner::Certificate(cn) => format!("cert:{cn}"),
+            Owner::Legacy => String::new(),
+        }
+    }
+
+    /// Reads [`Owner::encode`]'s form; anything else is [`Owner::Legacy`].
+    pub fn decode(s: &str) -> Owner {
+        match s.split_once(':') {
+            Some(("device", id)) => Owner::Device(id.into()),
+            Some(("client", id)) => Owner::Client(id.into()),
+            Some(("cert", cn)) => Owner::Certificate(cn.into()),
+            _ if s == "anonymous" => Owner::Anonymous,
+            _ => Owner::Legacy,
+        }
+    }
+}
+
+/// Why [`Broker::attach_session`] refused a connection.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AttachRefused {
+    /// The client id's live or stored session belongs to another principal.
+    #[error("the client id's session belongs to another principal")]
+    NotOwner,
+}
+
 /// A handle in the client registry, found by its client id (the handle holds the id, so the
-/// registry does not keep a second copy of it).
-struct Registered(Arc<ClientHandle>);
+/// registry does not keep a second copy of it), with the principal its session belongs to.
+struct Registered(Arc<ClientHandle>, Owner);
 
 impl std::borrow::Borrow<[u8]> for Registered {
     fn borrow(&self) -> &[u8] {
@@ -952,8 +1071,10 @@ impl Broker {
 
     /// Attaches a new connection to `client_id`'s session: takes over (disconnects) a current
     /// connection with the same id, then resumes its session unless `clean_session`. The
-    /// session is persisted when Clean Session is 0 (MQTT 3.1.1 semantics).
-    pub async fn attach(
+    /// session is persisted when Clean Session is 0 (MQTT 3.1.1 semantics). For the hub's
+    /// tests: every such client is [`Owner::Anonymous`].
+    #[cfg(test)]
+    pub(crate) async fn attach(
         &self,
         client_id: MqttStr,
         clean_session: bool,
@@ -965,28 +1086,46 @@ impl Broker {
             Access::Full
         };
         let expiry = if clean_session { 0 } else { u32::MAX };
-        self.attach_session(client_id, clean_session, access, expiry)
+        self.attach_session(client_id, &Owner::Anonymous, clean_session, access, expiry)
             .await
+            .expect("the hub's tests attach anonymous clients only")
     }
 
-    /// [`attach`](Self::attach) with the Session Expiry Interval of the connection: a session
-    /// that outlives its connection (`expiry` > 0) is persisted when the broker has a store.
+    /// [`attach`](Self::attach) for the principal `owner`, with the Session Expiry Interval of
+    /// the connection: a session that outlives its connection (`expiry` > 0) is persisted
+    /// when the broker has a store. A client id whose live or stored session belongs to
+    /// another principal is refused before anything of that session is touched: it is not
+    /// resumed, taken over or ended.
     pub async fn attach_session(
         &self,
         client_id: MqttStr,
+        owner: &Owner,
         clean_session: bool,
         access: Access,
         expiry: u32,
-    ) -> Attached {
+    ) -> Result<Attached, AttachRefused> {
         loop {
             let handle = {
                 let mut clients = self.clients.lock();
-                match clients.get(client_id.as_str().as_bytes()) {
-                    Some(Registered(h)) => h.clone(),
+                let key = client_id.as_str().as_bytes();
+                match clients.get(key) {
+                    Some(Registered(h, o)) if o == owner => h.clone(),
+                    Some(Registered(_, Owner::Legacy)) => {
+                        // A session stored before owners were recorded: adopted by the first
+                        // principal allowed to use its client id.
+                        match clients.take(key) {
+                            Some(Registered(h, _)) => {
+                                clients.insert(Registered(h.clone(), owner.clone()));
+                                h
+                            }
+                            None => continue,
+                        }
+                    }
+                    Some(_) => return Err(AttachRefused::NotOwner),
                     None => {
                         let h =
                             Arc::new(ClientHandle::new(client_id.compact(), self.wakes.clone()));
-                        clients.insert(Registered(h.clone()));
+                        clients.insert(Registered(h.clone(), owner.clone()));
                         h
                     }
                 }
@@ -1033,15 +1172,60 @@ impl Broker {
             }
             handle.current_conn.store(conn, Ordering::Release);
             handle.online.store(true, Ordering::Release);
-            handle.access.store(access as u8, Ordering::Relaxed);
+            handle.set_access(access, owner);
             handle.mailbox.lock().online = true;
-            return Attached {
+            return Ok(Attached {
                 handle: handle.clone(),
                 session,
                 session_present: present,
                 conn,
-            };
+            });
         }
+    }
+
+    /// Ends the sessions of client ids that `owner` holds (its principal was deleted), or with
+    /// `client_id` given, the session of that client id unless `owner` holds it (the id became
+    /// a device's: only that device may use it from now on). A parked session ends at once;
+    /// a connected client is evicted with 0x98 Administrative action, and its connection
+    /// ends the session as it closes. Returns how many it ended.
+    pub fn end_sessions(&self, owner: &Owner, client_id: Option<&str>) -> usize {
+        let handles: Vec<Arc<ClientHandle>> = {
+            let clients = self.clients.lock();
+            match client_id {
+                Some(id) => clients
+                    .get(id.as_bytes())
+                    .filter(|r| &r.1 != owner)
+                    .map(|r| r.0.clone())
+                    .into_iter()
+                    .collect(),
+                None => clients
+                    .iter()
+                    .filter(|r| &r.1 == owner)
+                    .map(|r| r.0.clone())
+                    .collect(),
+            }
+        };
+        for handle in &handles {
+            let state = match &*handle.state.lock() {
+                SlotState::Online { conn } => Some((true, *conn)),
+                SlotState::Offline { conn, .. } => Some((false, *conn)),
+                SlotState::Fresh | SlotState::Gone => None,
+            };
+            match state {
+                Some((true, conn)) => handle.evict(conn, ReasonCode::AdministrativeAction),
+                Some((false, conn)) => self.expire_session(handle, conn),
+                None => {}
+            }
+        }
+        handles.len()
+    }
+
+    /// The principal `handle`'s session belongs to, in its stored form.
+    fn owner_of(&self, handle: &ClientHandle) -> String {
+        self.clients
+            .lock()
+            .get(handle.id.as_str().as_bytes())
+            .map_or_else(String::new, |r| r.1.encode())
     }
 
     /// Kicks the connection that holds `handle` now, and waits (bounded) until it lets go.
@@ -1050,6 +1234,7 @@ impl Broker {
             SlotState::Online { conn } => *conn,
             _ => return,
         };
+        handle.kick_code.store(0, Ordering::Release);
         if handle.kicked.swap(conn, Ordering::AcqRel) != conn {
             handle.signal();
         }
@@ -1139,6 +1324,7 @@ impl Broker {
                         expiry_secs: (expiry != u32::MAX).then_some(expiry),
                         last_seen_ms: persist::now_ms(),
                         will: pending_will,
+                        owner: self.owner_of(handle),
                     });
                     p.write_all(ops);
                 }
@@ -1226,6 +1412,7 @@ impl Broker {
             expiry_secs: (expiry != u32::MAX).then_some(expiry),
             last_seen_ms,
             will,
+            owner: self.owner_of(handle),
         })
     }
 
@@ -1409,6 +1596,53 @@ impl Broker {
             filter: filter.to_string(),
         });
         self.remove_subscription(handle, filter);
+    }
+
+    /// Drops the queued messages of a resumed session (in `session` and in `handle`'s
+    /// mailbox) that `may_receive` refuses — the session checked against its principal's
+    /// current policy; persisted ones leave the store too. Returns how many it dropped.
+    pub fn purge_unreadable(
+        &self,
+        handle: &ClientHandle,
+        session: &mut Session,
+        may_receive: impl Fn(&str) -> bool,
+    ) -> usize {
+        let mut dropped: Vec<Option<u64>> = Vec::new();
+        session.queued.retain(|m| {
+            let keep = may_receive(&m.topic);
+            if !keep {
+                dropped.push(m.store_seq);
+            }
+            keep
+        });
+        {
+            let mut mb = handle.mailbox.lock();
+            let mut kept = VecDeque::with_capacity(mb.queue.len());
+            while let Some(mail) = mb.pop() {
+                if may_receive(&mail.message.topic) {
+                    kept.push_back(mail);
+                } else {
+                    dropped.push(mail.seq);
+                }
+            }
+            for mail in kept {
+                mb.push(mail);
+            }
+        }
+        if let Some(p) = self.persist.as_ref().filter(|_| handle.is_durable()) {
+            let ops: Vec<MqttOp> = dropped
+                .iter()
+                .flatten()
+                .map(|&seq| MqttOp::MessageDelete {
+                    client_id: handle.id.to_string(),
+                    seq,
+                })
+                .collect();
+            if !ops.is_empty() {
+                p.write_all(ops);
+            }
+        }
+        dropped.len()
     }
 
     fn remove_subscription(&self, handle: &Arc<ClientHandle>, filter: &str) {
@@ -1683,7 +1917,15 @@ impl Broker {
     /// Rebuilds the retained messages and the parked persistent sessions a store held at
     /// start. Sessions whose expiry passed while the server was down end here (their wills are
     /// returned due now); the others come back offline, waiting for their clients.
-    pub fn restore(&self, snapshot: MqttSnapshot) -> Vec<Restored> {
+    ///
+    /// `resolve` tells, for a stored session's client id and recorded owner, who owns it
+    /// (a session stored before owners were recorded may be claimed by the device whose id
+    /// it has) and what it may receive while it waits.
+    pub fn restore(
+        &self,
+        snapshot: MqttSnapshot,
+        resolve: impl Fn(&str, Owner) -> (Owner, Access),
+    ) -> Vec<Restored> {
         let Some(p) = &self.persist else {
             return Vec::new();
         };
@@ -1758,6 +2000,8 @@ impl Broker {
             }
             let handle = Arc::new(ClientHandle::new(id.clone(), self.wakes.clone()));
             handle.durable.store(true, Ordering::Release);
+            let (owner, access) = resolve(&stored.client_id, Owner::decode(&stored.owner));
+            handle.set_access(access, &owner);
             let mut session = Session::new();
             for sub in &stored.subscriptions {
                 let options = stratus_mqtt::persist::decode_subscription_options(sub.options);
@@ -1822,7 +2066,9 @@ impl Broker {
                 conn,
             };
             self.metrics.mqtt_sessions_offline.inc();
-            self.clients.lock().insert(Registered(handle.clone()));
+            self.clients
+                .lock()
+                .insert(Registered(handle.clone(), owner));
             let expires_in = expires_in.map(Duration::from_millis);
             let will = will.map(|(w, delay)| {
                 let delay = Duration::from_secs(delay);
@@ -2394,7 +2640,7 @@ mod tests {
         }
         let (p, snapshot) = Persistence::open(dir.path()).unwrap();
         let b = Broker::with_persistence(100, Arc::new(Metrics::new()), p);
-        let restored = b.restore(snapshot);
+        let restored = b.restore(snapshot, |_, o| (o, Access::Full));
         assert_eq!(restored.len(), 1, "only the persistent session");
         assert_eq!(restored[0].expires_in, None);
         assert_eq!(b.retained_count(), 1, "r/2 was cleared");

@@ -185,6 +185,39 @@ pub struct CoapConfig {
     pub max_dtls_sessions: usize,
 }
 
+/// Which MQTT client ids a device may use (`[mqtt] device_client_ids`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceClientIds {
+    /// Its device id and nothing else (AWS IoT's "thing name as client id").
+    #[default]
+    Exact,
+    /// Its device id, or one that starts with it followed by `-` or `/` (several
+    /// connections of one device); such ids are then reserved for that device.
+    Prefix,
+}
+
+impl DeviceClientIds {
+    /// Whether device `device` may connect with `client_id`.
+    pub fn allows(self, device: &str, client_id: &str) -> bool {
+        match client_id.strip_prefix(device) {
+            Some("") => true,
+            Some(rest) => self == DeviceClientIds::Prefix && rest.starts_with(['-', '/']),
+            None => false,
+        }
+    }
+
+    /// The device ids `client_id` would belong to under this rule: itself, and with
+    /// [`Prefix`](Self::Prefix) every part before a `-` or `/`.
+    pub fn candidates(self, client_id: &str) -> impl Iterator<Item = &str> {
+        let prefixes = client_id
+            .char_indices()
+            .filter(move |&(_, c)| self == DeviceClientIds::Prefix && (c == '-' || c == '/'))
+            .map(move |(i, _)| &client_id[..i]);
+        std::iter::once(client_id).chain(prefixes)
+    }
+}
+
 /// `[mqtt]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -218,6 +251,8 @@ pub struct MqttConfig {
     pub receive_maximum: u16,
     /// Topic Alias Maximum advertised to MQTT 5.0 clients (0: no topic aliases).
     pub topic_alias_maximum: u16,
+    /// Which client ids a device may connect with: its own id only, or also `{id}-…`/`{id}/…`.
+    pub device_client_ids: DeviceClientIds,
     /// `[mqtt.acl]`: topic access rules (see [`crate::acl`]).
     pub acl: AclConfig,
 }
@@ -274,6 +309,7 @@ impl Default for MqttConfig {
             max_keepalive: 0,
             receive_maximum: 1024,
             topic_alias_maximum: 64,
+            device_client_ids: DeviceClientIds::Exact,
             acl: AclConfig::default(),
         }
     }

@@ -110,6 +110,30 @@ pub struct Server {
     connections: TaskTracker,
 }
 
+/// Who a stored session belongs to and what it may receive while it waits: its recorded owner
+/// (a session stored before owners were recorded belongs to the device whose id it has, else
+/// to the first principal allowed to use its id), and that owner's access now.
+fn restored_owner(
+    auth: &auth::Auth,
+    client_id: &str,
+    owner: broker::Owner,
+) -> (broker::Owner, broker::Access) {
+    use broker::{Access, Owner};
+    let owner = match owner {
+        Owner::Legacy if auth.is_device(client_id) => Owner::Device(client_id.into()),
+        o => o,
+    };
+    let access = match &owner {
+        Owner::Device(_) => Access::Device,
+        Owner::Client(id) => auth.principal(id).map_or(Access::NoDevices, |p| {
+            policy::Policy::for_principal(&p).access()
+        }),
+        Owner::Certificate(_) => Access::Full,
+        Owner::Anonymous | Owner::Legacy => Access::NoDevices,
+    };
+    (owner, access)
+}
+
 async fn bind(what: &str, addr: std::net::IpAddr, port: u16) -> anyhow::Result<TcpListener> {
     TcpListener::bind((addr, port))
         .await
@@ -163,7 +187,19 @@ impl Server {
             metrics,
             persistence,
         ));
-        let restored = broker.restore(snapshot);
+        let store = broker
+            .persistence()
+            .map(|p| p.store().clone())
+            .context("the broker has no store")?;
+        let auth = Arc::new(
+            auth::Auth::open(store.clone(), data_dir)
+                .await
+                .context("loading identities")?
+                .with_token_ttl(config.auth.token_ttl_secs),
+        );
+        let restored = broker.restore(snapshot, |client_id, owner| {
+            restored_owner(&auth, client_id, owner)
+        });
         tracing::info!(
             sessions = restored.len(),
             retained = broker.retained_count(),
@@ -177,16 +213,6 @@ impl Server {
                 broker.schedule_expiry(r.handle, r.conn, after);
             }
         }
-        let store = broker
-            .persistence()
-            .map(|p| p.store().clone())
-            .context("the broker has no store")?;
-        let auth = Arc::new(
-            auth::Auth::open(store.clone(), data_dir)
-                .await
-                .context("loading identities")?
-                .with_token_ttl(config.auth.token_ttl_secs),
-        );
         let revoked = store.revoked_tokens().await?;
         auth.load_revocations(
             revoked
@@ -227,7 +253,14 @@ impl Server {
             acl: acl::Acl::new(config.mqtt.acl.clone()),
             auth: auth.clone(),
             pipeline: pipeline.clone(),
+            device_client_ids: config.mqtt.device_client_ids,
+            credentials: Arc::new(mqtt::CredentialWatch::new()),
         });
+        listeners.spawn(
+            ctx.credentials
+                .clone()
+                .run(auth.clone(), shutdown_rx.clone()),
+        );
         let mqtt_addr = mqtt_listener.local_addr()?;
         let http_addr = http_listener.local_addr()?;
         listeners.spawn(mqtt::serve(

@@ -2,7 +2,10 @@
 //! socket in its own task — read, feed, route, deliver, write, and sleep until the next deadline;
 //! a quiet plain-TCP connection leaves its task for the [`parking`] lot.
 
+mod credentials;
 mod parking;
+
+pub use credentials::CredentialWatch;
 
 use std::collections::VecDeque;
 use std::future::pending;
@@ -24,8 +27,9 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
 use crate::acl::{Acl, Who};
-use crate::auth::{Auth, AuthError};
-use crate::broker::{Broker, ClientHandle, Deferred, Express};
+use crate::auth::{Auth, AuthError, Kind, Principal};
+use crate::broker::{AttachRefused, Broker, ClientHandle, Deferred, Express, Owner};
+use crate::config::DeviceClientIds;
 use crate::ingest::ContentFormat;
 use crate::pipeline::{Accepted, Pipeline, Rejected, Source};
 use crate::policy::Policy;
@@ -53,6 +57,20 @@ pub struct MqttContext {
     pub auth: Arc<Auth>,
     /// The telemetry pipeline (`devices/{id}/telemetry`).
     pub pipeline: Arc<Pipeline>,
+    /// Which client ids a device may use.
+    pub device_client_ids: DeviceClientIds,
+    /// The credentials of live connections, ended when they stop holding.
+    pub credentials: Arc<CredentialWatch>,
+}
+
+/// Who a CONNECT authenticated as.
+struct Admitted {
+    /// What it may publish, subscribe to and receive.
+    policy: Policy,
+    /// Who its session belongs to.
+    owner: Owner,
+    /// The device or application, when it is one (its credential is watched).
+    principal: Option<Principal>,
 }
 
 /// Accepts TCP connections until `shutdown` turns true; each runs in a task on `tasks`,
@@ -688,9 +706,19 @@ impl Driver {
     /// Moves mail into the connection; returns how many messages it moved.
     fn deliver_mailbox(&mut self) -> usize {
         let Some(c) = &self.client else { return 0 };
-        if c.handle.taken_over(c.conn) {
-            self.conn.close(CloseReason::TakenOver);
-            return 0;
+        match c.handle.eviction(c.conn) {
+            None => {}
+            Some(None) => {
+                self.conn.close(CloseReason::TakenOver);
+                return 0;
+            }
+            Some(Some(code)) => {
+                self.conn.close(CloseReason::Violation(
+                    code,
+                    credentials::eviction_text(code),
+                ));
+                return 0;
+            }
         }
         if c.handle.take_overloaded() {
             self.ctx.broker.metrics.protocol_error("slow_consumer");
@@ -940,31 +968,43 @@ impl Driver {
     /// Authentication (SPEC "Identities"): a TLS client certificate; a known device or
     /// client id as user name with its secret or an access token as password; or, with
     /// `--allow-anonymous`, anyone else (a user name that is not a known id is then only a
-    /// name for the ACL rules).
+    /// name for the ACL rules). Without `--allow-anonymous`, an unknown user name costs the
+    /// same argon2 verification as a wrong password, so the timing does not tell which exist.
     async fn authenticate(
         &self,
         connect: &stratus_mqtt::Connect,
-    ) -> Result<Policy, ConnectReturnCode> {
+    ) -> Result<Admitted, ConnectReturnCode> {
         if self.over_limit {
             return Err(ConnectReturnCode::ServerUnavailable);
         }
-        if self.identity.is_some() {
+        if let Some(cn) = self.identity.as_deref() {
             // Authenticated by the transport (TLS client certificate).
-            return Ok(Policy::Full);
+            return Ok(Admitted {
+                policy: Policy::Full,
+                owner: Owner::Certificate(cn.as_str().into()),
+                principal: None,
+            });
         }
         let auth = &self.ctx.auth;
+        let password = connect
+            .password
+            .as_deref()
+            .and_then(|p| std::str::from_utf8(p).ok());
         match connect.username.as_deref() {
-            Some(user) if auth.is_known(user) => {
-                let password = connect
-                    .password
-                    .as_deref()
-                    .and_then(|p| std::str::from_utf8(p).ok());
+            Some(user) if auth.is_known(user) || !self.ctx.allow_anonymous => {
                 let result = match password {
                     Some(pw) => auth.authenticate_password(user, pw).await,
                     None => Err(AuthError::BadCredentials),
                 };
                 match result {
-                    Ok(principal) => Ok(Policy::for_principal(&principal)),
+                    Ok(principal) => Ok(Admitted {
+                        policy: Policy::for_principal(&principal),
+                        owner: match principal.kind {
+                            Kind::Device => Owner::Device(principal.id.as_str().into()),
+                            Kind::Client => Owner::Client(principal.id.as_str().into()),
+                        },
+                        principal: Some(principal),
+                    }),
                     Err(AuthError::BadCredentials | AuthError::InvalidToken(_)) => {
                         self.auth_failed(user, "bad credentials");
                         Err(ConnectReturnCode::BadUsernameOrPassword)
@@ -975,15 +1015,43 @@ impl Driver {
                     }
                 }
             }
-            _ if self.ctx.allow_anonymous => Ok(Policy::Outsider),
-            Some(user) => {
-                self.auth_failed(user, "unknown user name");
-                Err(ConnectReturnCode::BadUsernameOrPassword)
-            }
-            None => {
+            _ if self.ctx.allow_anonymous => Ok(Admitted {
+                policy: Policy::Outsider,
+                owner: Owner::Anonymous,
+                principal: None,
+            }),
+            _ => {
                 self.auth_failed("anonymous", "no credentials");
                 Err(ConnectReturnCode::NotAuthorized)
             }
+        }
+    }
+
+    /// Whether `admitted` may use `client_id` (SPEC "Identities"): a device its own id (or,
+    /// with `device_client_ids = "prefix"`, `{id}-…`/`{id}/…`); nobody else a registered
+    /// device's. The refusal's MQTT 5.0 code and reason string when not.
+    fn client_id_refusal(
+        &self,
+        admitted: &Admitted,
+        client_id: &str,
+    ) -> Option<(ReasonCode, &'static str)> {
+        let rule = self.ctx.device_client_ids;
+        match &admitted.policy {
+            Policy::Device(device) if !rule.allows(device, client_id) => Some((
+                ReasonCode::ClientIdentifierNotValid,
+                "a device connects with its device id as client id",
+            )),
+            Policy::Device(_) => None,
+            _ if rule
+                .candidates(client_id)
+                .any(|d| self.ctx.auth.is_device(d)) =>
+            {
+                Some((
+                    ReasonCode::NotAuthorized,
+                    "the client id belongs to a registered device",
+                ))
+            }
+            _ => None,
         }
     }
 
@@ -999,8 +1067,8 @@ impl Driver {
     }
 
     async fn handle_connect(&mut self, connect: stratus_mqtt::Connect, rbuf: &mut BytesMut) {
-        let policy = match self.authenticate(&connect).await {
-            Ok(p) => p,
+        let admitted = match self.authenticate(&connect).await {
+            Ok(a) => a,
             Err(code) => {
                 if code != ConnectReturnCode::ServerUnavailable {
                     self.ctx.broker.metrics.denied("connect");
@@ -1011,7 +1079,11 @@ impl Driver {
             }
         };
         let client_id = if connect.client_id.is_empty() {
-            let id = assigned_client_id();
+            // A device is given its own id; anyone else a random one.
+            let id = match admitted.policy.device().map(MqttStr::try_from) {
+                Some(Ok(device)) => device,
+                _ => assigned_client_id(),
+            };
             if connect.protocol.is_v5() {
                 self.conn.assign_client_id(id.clone());
             }
@@ -1019,6 +1091,15 @@ impl Driver {
         } else {
             connect.client_id.clone()
         };
+        if let Some((code, why)) = self.client_id_refusal(&admitted, &client_id) {
+            self.refuse_client_id(&client_id, code, why);
+            return;
+        }
+        let Admitted {
+            policy,
+            owner,
+            principal,
+        } = admitted;
         // A copy of its own: a slice would keep the whole CONNECT (password included) in
         // memory for the connection's life.
         let user = connect
@@ -1042,11 +1123,26 @@ impl Driver {
         let attached = broker
             .attach_session(
                 client_id.clone(),
+                &owner,
                 connect.clean_session,
                 policy.access(),
                 expiry,
             )
             .await;
+        let mut attached = match attached {
+            Ok(a) => a,
+            Err(AttachRefused::NotOwner) => {
+                self.refuse_client_id(
+                    &client_id,
+                    ReasonCode::NotAuthorized,
+                    "the client id's session belongs to another principal",
+                );
+                return;
+            }
+        };
+        if attached.session_present {
+            self.reauthorize(&attached.handle, &mut attached.session, &policy, &user);
+        }
         if attached.handle.is_durable() {
             let will = connect
                 .will
@@ -1074,6 +1170,11 @@ impl Driver {
         if let (Some(device), Some(rules)) = (policy.device(), self.ctx.pipeline.rules()) {
             rules.mqtt_connected(device);
         }
+        if let Some(p) = &principal {
+            self.ctx
+                .credentials
+                .add(attached.conn, attached.handle.clone(), p);
+        }
         self.client = Some(Attachment {
             handle: attached.handle,
             conn: attached.conn,
@@ -1084,6 +1185,57 @@ impl Driver {
         // Messages that waited while the client was away, then packets pipelined after CONNECT.
         self.deliver_mailbox();
         self.conn.handle_bytes(rbuf, Instant::now());
+    }
+
+    /// Refuses a CONNECT for its client id (v5 `code` with `why`; v3 its 3.1.1 twin), counted
+    /// and audited like other refused connections.
+    fn refuse_client_id(&mut self, client_id: &str, code: ReasonCode, why: &'static str) {
+        self.ctx.broker.metrics.denied("connect");
+        tracing::info!(peer = %self.peer(), client_id = %client_id, why, "mqtt connect refused");
+        self.auth_failed(client_id, why);
+        self.conn.refuse_with(code, why);
+    }
+
+    /// A resumed session is checked against what its principal may do now: subscriptions it
+    /// may no longer hold are removed (from the hub and the store) and queued messages it may
+    /// no longer receive are dropped, so a narrowed policy or ACL applies to old sessions too.
+    fn reauthorize(
+        &self,
+        handle: &Arc<ClientHandle>,
+        session: &mut stratus_mqtt::Session,
+        policy: &Policy,
+        user: &Option<MqttStr>,
+    ) {
+        let who = Who {
+            user: user.as_deref(),
+            client_id: handle.id(),
+        };
+        let refused: Vec<MqttStr> = session
+            .subscriptions
+            .keys()
+            .filter(|filter| {
+                let inner = match stratus_mqtt::topic::split_shared(filter) {
+                    Some(Ok((_, inner))) => inner,
+                    Some(Err(())) => return true,
+                    None => filter.as_str(),
+                };
+                !policy.may_subscribe(inner) || !self.ctx.acl.may_subscribe(who, inner)
+            })
+            .cloned()
+            .collect();
+        for filter in &refused {
+            tracing::info!(client_id = %handle.id(), filter = %filter, "resumed subscription no longer allowed: removed");
+            self.ctx.broker.metrics.denied("subscribe");
+            self.ctx.broker.unsubscribe(handle, filter);
+            session.subscriptions.remove(filter);
+        }
+        let purged = self
+            .ctx
+            .broker
+            .purge_unreadable(handle, session, |t| policy.may_receive(t));
+        if purged > 0 {
+            tracing::info!(client_id = %handle.id(), purged, "queued messages the client may no longer receive: dropped");
+        }
     }
 
     /// Routes a client's PUBLISH; returns the subscribers it congested (not the client itself),
@@ -1235,11 +1387,17 @@ impl Driver {
         self.ctx.open.fetch_sub(1, Ordering::Relaxed);
         if let Some(c) = self.client.take() {
             self.ctx.broker.metrics.mqtt_clients_connected.dec();
+            self.ctx.credentials.remove(c.conn);
             if let (Some(device), Some(rules)) = (c.policy.device(), self.ctx.pipeline.rules()) {
                 rules.mqtt_disconnected(device);
             }
             let session = self.conn.take_session();
-            let expiry = self.conn.session_expiry();
+            // A client evicted by an administrator (its principal deleted, its client id
+            // given to a device) loses its session too.
+            let expiry = match c.handle.eviction(c.conn) {
+                Some(Some(ReasonCode::AdministrativeAction)) => 0,
+                _ => self.conn.session_expiry(),
+            };
             let will = match self.will_pending {
                 true => self.stored_will.take().map(|w| *w).unwrap_or_default(),
                 false => Bytes::new(),

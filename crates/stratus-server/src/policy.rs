@@ -103,8 +103,9 @@ impl Policy {
             Policy::Full => Access::Full,
             Policy::Outsider => Access::NoDevices,
             Policy::TelemetryReader => Access::TelemetryReader,
-            // Its subscriptions are confined to its own tree already.
-            Policy::Device(_) => Access::Full,
+            // Its subscriptions are confined to its own tree; deliveries are too, whatever a
+            // resumed session holds.
+            Policy::Device(_) => Access::Device,
         }
     }
 }

@@ -65,6 +65,9 @@ pub struct StoredSession {
     pub last_seen_ms: u64,
     /// The will, encoded by the broker (opaque here); empty when none.
     pub will: Bytes,
+    /// The principal the session belongs to, encoded by the broker (opaque here); empty for
+    /// a session stored before owners were recorded.
+    pub owner: String,
     /// Subscriptions, by filter.
     pub subscriptions: Vec<StoredSubscription>,
     /// Queued and in-flight messages, by `seq`.
@@ -102,6 +105,8 @@ pub enum MqttOp {
         last_seen_ms: u64,
         /// Encoded will; empty for none.
         will: Bytes,
+        /// The principal the session belongs to, encoded by the broker (opaque here).
+        owner: String,
     },
     /// Remove a session and everything that belongs to it.
     SessionDelete {

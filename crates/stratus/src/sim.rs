@@ -874,7 +874,7 @@ pub fn start_demo(
     server: &stratus_server::Server,
     data_dir: &Path,
 ) -> tokio::task::JoinHandle<Option<Fleet>> {
-    use stratus_server::auth::{Kind, Principal, ADMIN_CLIENT, SCOPE_ADMIN};
+    use stratus_server::auth::ADMIN_CLIENT;
     let http = loopback(server.http_addr);
     let mqtt = loopback(server.mqtt_addr);
     let coap = loopback(server.coap_addr);
@@ -887,12 +887,12 @@ pub fn start_demo(
     }
     // The fleet registers its devices through the HTTP API like any admin tool, with a token
     // minted in-process (the admin secret may live only in the environment of a former run).
-    let admin = Principal {
-        id: ADMIN_CLIENT.to_string(),
-        kind: Kind::Client,
-        scopes: vec![SCOPE_ADMIN.to_string()],
-    };
-    let token = server.auth.issue(&admin, None).map(|i| i.access_token);
+    let token = server
+        .auth
+        .principal(ADMIN_CLIENT)
+        .ok_or_else(|| "no admin client".to_string())
+        .and_then(|admin| server.auth.issue(&admin, None))
+        .map(|i| i.access_token);
     let spec = FleetSpec {
         base: format!("http://{http}"),
         mqtt: Some(format!("mqtt://{mqtt}")),

@@ -625,6 +625,10 @@ async fn create_device(
     state
         .auth
         .register_device(&device.id, &device.secret_hash, coap_psk);
+    // The id is the device's MQTT client id from now on: a session someone else held under
+    // it ends.
+    let owner = crate::broker::Owner::Device(device.id.as_str().into());
+    state.broker.end_sessions(&owner, Some(&device.id));
     if let Some(rules) = state.ingest.rules() {
         rules.device_attributes(&device.id, device.attributes.clone());
     }
@@ -811,6 +815,10 @@ async fn delete_device(
     valid_id(&id)?;
     remove(&state.store, &actor, &id).await?;
     state.auth.forget(&id);
+    // Its MQTT sessions end with it (a device re-created under the id starts afresh).
+    state
+        .broker
+        .end_sessions(&crate::broker::Owner::Device(id.as_str().into()), None);
     state.ingest.set_device_requires_freshness(&id, false);
     if let Some(rules) = state.ingest.rules() {
         rules.forget_device(&id);

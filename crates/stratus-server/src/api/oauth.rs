@@ -963,6 +963,60 @@ async fn get_client(
     }
 }
 
+/// Gives a client a new secret, shown once: the old secret and every token issued before stop
+/// working at once, and its MQTT connections end.
+#[utoipa::path(
+    post,
+    path = "/api/v1/clients/{id}/secret",
+    tag = "clients",
+    params(("id" = String, Path, description = "Client id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The new secret, shown only now", body = CreatedClient),
+        (status = 401, description = "invalid_token", body = ErrorBody),
+        (status = 403, description = "insufficient_scope (needs admin)", body = ErrorBody),
+        (status = 404, description = "not_found", body = ErrorBody),
+    )
+)]
+async fn rotate_client_secret(
+    State(state): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let by = caller.require(auth::SCOPE_ADMIN)?;
+    let Some(mut client) = state.store.client(&id).await? else {
+        return Err(ApiError::not_found("no such client"));
+    };
+    let secret = auth::new_secret();
+    let hashed = secret.clone();
+    client.secret_hash = auth::run_argon2(move || auth::hash_secret(&hashed))
+        .await
+        .ok_or_else(|| ApiError::internal("hashing the secret", &"the hashing threads are gone"))?;
+    state
+        .store
+        .set_client_secret(&client.client_id, &client.secret_hash)
+        .await?;
+    state.auth.register_client(&client);
+    audit(
+        &state,
+        by.id.clone(),
+        "client.rotate_secret",
+        &format!("clients/{id}"),
+        serde_json::Value::Null,
+    )
+    .await;
+    tracing::info!(client = %id, by = %by.id, "client secret rotated");
+    Ok(no_store(
+        Json(CreatedClient {
+            client_id: client.client_id,
+            client_secret: secret,
+            scopes: client.scopes,
+            created_at_ms: client.created_at_ms,
+        })
+        .into_response(),
+    ))
+}
+
 /// Deletes an application client; its tokens stop working at once. The bootstrap admin
 /// cannot be deleted.
 #[utoipa::path(
@@ -994,6 +1048,10 @@ async fn delete_client(
     }
     state.store.delete_client(&id).await?;
     state.auth.forget(&id);
+    // Its MQTT sessions end with it.
+    state
+        .broker
+        .end_sessions(&crate::broker::Owner::Client(id.as_str().into()), None);
     audit(
         &state,
         by.id.clone(),
@@ -1045,6 +1103,7 @@ pub fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(introspect))
         .routes(routes!(list_clients, create_client))
         .routes(routes!(get_client, delete_client))
+        .routes(routes!(rotate_client_secret))
 }
 
 #[cfg(test)]

@@ -6,7 +6,10 @@
 //! have one of those keys, trimmed to them (other event types pass). A `: heartbeat` comment
 //! goes out every 15 s. A reader that falls behind the bus (it did not read while
 //! [`crate::events::DEFAULT_CAPACITY`] events went by) gets a final `event: dropped` with
-//! `{"dropped": N}` and the stream ends: it never slows ingestion.
+//! `{"dropped": N}` and the stream ends: it never slows ingestion. A reader whose credential
+//! stops holding (its token expires or is revoked, its client's secret is rotated, its client
+//! is deleted) gets a final `event: revoked` with `{"reason": …}` within a second and the
+//! stream ends.
 
 use std::collections::HashSet;
 use std::convert::Infallible;
@@ -23,7 +26,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::{ApiError, ApiState, Caller, ErrorBody};
-use crate::auth::SCOPE_TELEMETRY_READ;
+use crate::auth::{now_secs, Auth, Principal, SCOPE_TELEMETRY_READ};
 use crate::events::Event;
 use crate::metrics::Metrics;
 
@@ -128,40 +131,77 @@ async fn stream_events(
     let metrics = state.broker.metrics.clone();
     metrics.stream_readers.inc();
     let reader = Reader(metrics);
-    Ok(Sse::new(events(rx, filter, reader)).keep_alive(
-        KeepAlive::new()
-            .interval(Duration::from_secs(15))
-            .text("heartbeat"),
-    ))
+    let guard = Guard {
+        auth: state.auth.clone(),
+        principal: caller.0,
+    };
+    Ok(
+        Sse::new(events(rx, filter, reader, Some(guard))).keep_alive(
+            KeepAlive::new()
+                .interval(Duration::from_secs(15))
+                .text("heartbeat"),
+        ),
+    )
 }
+
+/// What a reader proved, checked while its stream lasts.
+struct Guard {
+    auth: Arc<Auth>,
+    principal: Principal,
+}
+
+/// How often a stream checks its reader's credential.
+const GUARD_TICK: Duration = Duration::from_millis(500);
 
 fn events(
     rx: tokio::sync::broadcast::Receiver<Arc<Event>>,
     filter: Filter,
     reader: Reader,
+    guard: Option<Guard>,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
-    stream::unfold(Some((rx, filter, reader)), |state| async move {
-        let (mut rx, filter, reader) = state?;
-        loop {
-            match rx.recv().await {
-                Ok(event) => {
-                    if let Some(json) = filter.apply(&event) {
-                        let e = SseEvent::default().data(json.to_string());
-                        return Some((Ok(e), Some((rx, filter, reader))));
+    let tick = tokio::time::interval(GUARD_TICK);
+    stream::unfold(
+        Some((rx, filter, reader, guard, tick)),
+        |state| async move {
+            let (mut rx, filter, reader, guard, mut tick) = state?;
+            loop {
+                let received = tokio::select! {
+                    r = rx.recv() => r,
+                    _ = tick.tick(), if guard.is_some() => {
+                        let lapse = guard.as_ref().and_then(|g| {
+                            let p = &g.principal;
+                            g.auth.lapse(&p.id, p.kind, &p.proof, now_secs())
+                        });
+                        if let Some(lapse) = lapse {
+                            tracing::info!(why = lapse.describe(), "stream reader's credential no longer holds; closed");
+                            let e = SseEvent::default()
+                                .event("revoked")
+                                .data(json!({"reason": lapse.describe()}).to_string());
+                            return Some((Ok(e), None));
+                        }
+                        continue;
                     }
+                };
+                match received {
+                    Ok(event) => {
+                        if let Some(json) = filter.apply(&event) {
+                            let e = SseEvent::default().data(json.to_string());
+                            return Some((Ok(e), Some((rx, filter, reader, guard, tick))));
+                        }
+                    }
+                    Err(RecvError::Lagged(n)) => {
+                        reader.0.stream_dropped.inc();
+                        tracing::info!(missed = n, "stream reader fell behind; dropped");
+                        let e = SseEvent::default().event("dropped").data(
+                            json!({"dropped": n, "reason": "the reader fell behind"}).to_string(),
+                        );
+                        return Some((Ok(e), None));
+                    }
+                    Err(RecvError::Closed) => return None,
                 }
-                Err(RecvError::Lagged(n)) => {
-                    reader.0.stream_dropped.inc();
-                    tracing::info!(missed = n, "stream reader fell behind; dropped");
-                    let e = SseEvent::default().event("dropped").data(
-                        json!({"dropped": n, "reason": "the reader fell behind"}).to_string(),
-                    );
-                    return Some((Ok(e), None));
-                }
-                Err(RecvError::Closed) => return None,
             }
-        }
-    })
+        },
+    )
 }
 
 #[cfg(test)]
@@ -226,7 +266,12 @@ mod tests {
         let bus = crate::events::EventBus::new(4);
         let metrics = Arc::new(Metrics::new());
         metrics.stream_readers.inc();
-        let s = events(bus.subscribe(), Filter::default(), Reader(metrics.clone()));
+        let s = events(
+            bus.subscribe(),
+            Filter::default(),
+            Reader(metrics.clone()),
+            None,
+        );
         for i in 0..10 {
             bus.publish(telemetry(&format!("d{i}"), json!({"t": i})));
         }

@@ -64,7 +64,7 @@ use openssl::ssl::{
 use rand::RngCore;
 use stratus_coap::psk::hmac_sha256;
 
-use crate::auth::Auth;
+use crate::auth::{Auth, Kind, Proof};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60 * 60);
@@ -114,6 +114,8 @@ struct Session {
     stream: SslStream<Datagrams>,
     /// The device id, once the handshake is done.
     identity: Option<String>,
+    /// The credential the device's key was derived from, at the handshake.
+    proof: Option<Proof>,
     started: Instant,
     last_seen: Instant,
     /// The server's last handshake flight, resent until the client's next flight arrives.
@@ -126,6 +128,7 @@ struct Session {
 
 /// The DTLS sessions of one CoAPS socket.
 pub struct DtlsServer {
+    auth: Arc<Auth>,
     context: SslContext,
     peer_index: Index<Ssl, SocketAddr>,
     sessions: HashMap<SocketAddr, Session>,
@@ -143,6 +146,7 @@ pub struct DtlsServer {
 impl DtlsServer {
     /// A DTLS-PSK server whose identities are the devices of `auth` with a stored PSK.
     pub fn new(auth: Arc<Auth>, max_sessions: usize) -> Result<DtlsServer, ErrorStack> {
+        let auth_for_sessions = auth.clone();
         let peer_index = Ssl::new_ex_index::<SocketAddr>()?;
         let mut b = SslContext::builder(SslMethod::dtls_server())?;
         b.set_min_proto_version(Some(SslVersion::DTLS1_2))?;
@@ -192,6 +196,7 @@ impl DtlsServer {
             Ok(psk.len())
         });
         Ok(DtlsServer {
+            auth: auth_for_sessions,
             context: b.build(),
             peer_index,
             sessions: HashMap::new(),
@@ -208,6 +213,32 @@ impl DtlsServer {
     /// The device id of `peer`'s established session.
     pub fn identity(&self, peer: SocketAddr) -> Option<&str> {
         self.sessions.get(&peer)?.identity.as_deref()
+    }
+
+    /// The device id of `peer`'s established session and the credential its key came from.
+    pub fn proven(&self, peer: SocketAddr) -> Option<(&str, &Proof)> {
+        let s = self.sessions.get(&peer)?;
+        Some((s.identity.as_deref()?, s.proof.as_ref()?))
+    }
+
+    /// Ends the sessions whose device's credential no longer holds (its secret rotated, so
+    /// its key changed; or it was deleted); returns their peers.
+    pub fn end_lapsed(&mut self, now_secs: u64) -> Vec<SocketAddr> {
+        let auth = &self.auth;
+        let mut ended = Vec::new();
+        self.sessions.retain(|peer, s| {
+            let lapsed = match (&s.identity, &s.proof) {
+                (Some(id), Some(proof)) => auth.lapse(id, Kind::Device, proof, now_secs).is_some(),
+                (Some(_), None) => true,
+                (None, _) => false,
+            };
+            if lapsed {
+                tracing::info!(%peer, device = s.identity.as_deref().unwrap_or(""), "coaps: session ended: the device's credential changed");
+                ended.push(*peer);
+            }
+            !lapsed
+        });
+        ended
     }
 
     /// Sessions kept now.
@@ -349,6 +380,7 @@ impl DtlsServer {
                         .map(|i| String::from_utf8_lossy(i).into_owned())
                         .unwrap_or_default();
                     tracing::debug!(%peer, device = %id, "coaps: session established");
+                    s.proof = self.auth.device_proof(&id);
                     s.identity = Some(id);
                     established = true;
                 }
@@ -431,6 +463,7 @@ impl DtlsServer {
         Ok(Session {
             stream,
             identity: None,
+            proof: None,
             started: now,
             last_seen: now,
             flight: Vec::new(),

@@ -38,11 +38,13 @@
 //! On plain UDP a request carries `?token=ACCESS_TOKEN`, the device's OAuth access token
 //! (verified with [`Auth::verify_token`]: a MAC and a map lookup, no store read; the listener
 //! keeps the claims of up to 4096 verified tokens, so a known token costs only
-//! [`Auth::check_claims`] — expiry, revocation, the device still there — on every request). A Uri-Query
-//! option holds at most 255 bytes (RFC 7252 §5.10, a longer one is answered 4.02 Bad Option)
-//! and an access token is a JWT of about 300, so the token may be — and usually must be —
-//! split over several `token=` items, which are joined in order:
-//! `coap://host/telemetry?token=eyJ0eXAi…&token=…rest`. On CoAPS the DTLS session's PSK
+//! [`Auth::check_claims`] — expiry, revocation, the device still there with the same
+//! credential — on every request). A device's token has 59 characters, so one `?token=` holds
+//! it with every client (libcoap's `coap-client` keeps only about the first 100 bytes of a
+//! query); a longer token (an application's JWT) may be split over several `token=` items,
+//! which are joined in order (a Uri-Query option holds at most 255 bytes, RFC 7252 §5.10).
+//! A 4.01 says why: the token was cut short, is malformed, is not ours, expired, was revoked,
+//! or predates a credential change. On CoAPS the DTLS session's PSK
 //! identity is the device id (see [`dtls`]). `token=` items are removed before link-format
 //! filtering.
 //!
@@ -130,7 +132,7 @@ use stratus_store::StoreHandle;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 
-use crate::auth::Auth;
+use crate::auth::{now_secs, Auth, Kind, Proof};
 use crate::broker::Broker;
 use crate::config::CoapConfig;
 use crate::pipeline::Pipeline;
@@ -373,6 +375,8 @@ pub async fn serve(
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     let mut driver = Driver::new(ctx, ep, mode, done_tx);
     let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut credential_check = tokio::time::interval(CREDENTIAL_CHECK);
+    credential_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let deadline = driver.next_deadline();
         let sleep = async {
@@ -432,6 +436,7 @@ pub async fn serve(
             }
             _ = config_changed => {}
             _ = firmware_changed => {}
+            _ = credential_check.tick() => driver.check_credentials(Instant::now()),
             _ = sleep => {}
         }
         for (feed, firmware) in [(&firmware_feed, true), (&config_feed, false)] {
@@ -463,6 +468,9 @@ pub async fn serve(
     }
     driver.release_observers();
 }
+
+/// How often a listener checks whether a credential its observers or sessions hold lapsed.
+const CREDENTIAL_CHECK: Duration = Duration::from_millis(500);
 
 /// The broker filter of desired-config changes.
 const CONFIG_FILTER: &str = "devices/+/config";
@@ -497,14 +505,14 @@ pub(crate) enum Done {
 pub(crate) struct NewObserver {
     peer: SocketAddr,
     token: Token,
-    /// The access token it authenticated with (plain UDP), checked again before each
-    /// notification.
-    access_token: Option<String>,
+    /// What it proved (its access token, or its DTLS key's credential), checked again
+    /// before each notification and whenever a credential changes anywhere.
+    proof: Proof,
 }
 
 struct Observer {
     device: String,
-    access_token: Option<String>,
+    proof: Proof,
     /// `/firmware` (the assignment notice) rather than `/config`.
     firmware: bool,
 }
@@ -535,6 +543,10 @@ pub(crate) struct Driver {
     /// request with a known token costs a map look-up and [`Auth::check_claims`] (expiry,
     /// revocation, the device still there), not a base64 decode, an HMAC and a JSON parse.
     tokens: HashMap<String, crate::auth::Claims>,
+    /// The [`Auth::revision`] the observers and sessions were last checked at.
+    seen_revision: u64,
+    /// The earliest token expiry among the observers (Unix seconds).
+    next_expiry: u64,
 }
 
 impl Driver {
@@ -559,6 +571,8 @@ impl Driver {
             leisure_seq: 0,
             last_stats: Stats::default(),
             tokens: HashMap::new(),
+            seen_revision: 0,
+            next_expiry: u64::MAX,
         }
     }
 
@@ -703,7 +717,7 @@ impl Driver {
                     key,
                     Observer {
                         device: device.clone(),
-                        access_token: o.access_token,
+                        proof: o.proof,
                         firmware: false,
                     },
                 );
@@ -733,7 +747,7 @@ impl Driver {
             key,
             Observer {
                 device: device.clone(),
-                access_token: o.access_token,
+                proof: o.proof,
                 firmware: true,
             },
         );
@@ -787,14 +801,11 @@ impl Driver {
         let Some(obs) = self.observers.get(&key) else {
             return;
         };
-        let still_valid = match &obs.access_token {
-            Some(t) => self
-                .ctx
-                .auth
-                .verify_token(t)
-                .is_ok_and(|(p, _)| p.is_device(&obs.device)),
-            None => self.ctx.auth.is_device(&obs.device),
-        };
+        let still_valid = self
+            .ctx
+            .auth
+            .lapse(&obs.device, Kind::Device, &obs.proof, now_secs())
+            .is_none();
         let firmware = obs.firmware;
         let response = if firmware && still_valid {
             resources::notice_response(doc.clone())
@@ -836,6 +847,47 @@ impl Driver {
                 .metrics
                 .coap_observers
                 .set(self.observers.len() as i64);
+        }
+    }
+
+    /// Ends what a lapsed credential held (SPEC "Identities"): each observer whose device's
+    /// token expired or was revoked, whose secret was rotated or who was deleted gets a final
+    /// 4.01 notification; on CoAPS the device's DTLS session ends too (its key came from the
+    /// old secret). Runs only when a credential changed somewhere or a token expired.
+    fn check_credentials(&mut self, now: Instant) {
+        let revision = self.ctx.auth.revision();
+        let secs = now_secs();
+        if revision == self.seen_revision && self.next_expiry >= secs {
+            return;
+        }
+        self.seen_revision = revision;
+        let mut lapsed = Vec::new();
+        let mut next = u64::MAX;
+        for (key, o) in &self.observers {
+            match self.ctx.auth.lapse(&o.device, Kind::Device, &o.proof, secs) {
+                Some(lapse) => lapsed.push((*key, lapse)),
+                None => {
+                    if let Some((_, exp)) = &o.proof.token {
+                        next = next.min(*exp);
+                    }
+                }
+            }
+        }
+        self.next_expiry = next;
+        for ((peer, token), lapse) in lapsed {
+            tracing::info!(%peer, why = lapse.describe(), "coap observation ended: its credential no longer holds");
+            let response =
+                resources::diagnostic(stratus_coap::Code::UNAUTHORIZED, lapse.describe());
+            if self.ep.notify_observer(now, peer, token, response).is_ok() {
+                self.ctx.broker.metrics.coap_notifications.inc();
+            }
+            self.remove_observer(peer, token);
+        }
+        self.pump(now);
+        if let Mode::Dtls(d) = &mut self.mode {
+            for peer in d.end_lapsed(secs) {
+                self.forget_peer(peer);
+            }
         }
     }
 

@@ -11,7 +11,7 @@ use stratus_store::StoreError;
 
 use super::{Done, Driver, Mode, NewObserver, MAX_DIAGNOSTIC};
 use crate::api::devices::config::{config_payload, parse_config, store_reported};
-use crate::auth::{AuthError, Kind};
+use crate::auth::{now_secs, AuthError, Kind, Proof};
 use crate::ingest::{self, IngestError};
 use crate::pipeline::{Rejected, Source};
 
@@ -126,8 +126,8 @@ pub(crate) fn etag(version: u64) -> Vec<u8> {
 /// The authenticated device of a request.
 struct Device {
     id: String,
-    /// The access token it used (plain UDP).
-    token: Option<String>,
+    /// What it proved (its DTLS key's credential, or its access token).
+    proof: Proof,
 }
 
 impl Driver {
@@ -223,12 +223,19 @@ impl Driver {
         req: &Message,
     ) -> Result<Device, Response> {
         if let Mode::Dtls(d) = &self.mode {
-            return match d.identity(peer) {
-                Some(id) if self.ctx.auth.is_device(id) => Ok(Device {
+            let lapse = d
+                .proven(peer)
+                .map(|(id, proof)| (id, self.ctx.auth.lapse(id, Kind::Device, proof, now_secs())));
+            return match lapse {
+                Some((id, None)) => Ok(Device {
                     id: id.to_string(),
-                    token: None,
+                    proof: d.proven(peer).map(|(_, p)| p.clone()).unwrap_or_default(),
                 }),
-                _ => {
+                Some((_, Some(lapse))) => {
+                    self.ctx.broker.metrics.auth_failure("coap");
+                    Err(diagnostic(Code::UNAUTHORIZED, lapse.describe()))
+                }
+                None => {
                     self.ctx.broker.metrics.auth_failure("coap");
                     Err(diagnostic(
                         Code::UNAUTHORIZED,
@@ -254,7 +261,7 @@ impl Driver {
         }
         let verified = match self.tokens.get(&token) {
             Some(c) => match self.ctx.auth.check_claims(c) {
-                Ok(()) => Ok((c.sub.clone(), c.kind)),
+                Ok(credential) => Ok((c.sub.clone(), c.kind, credential, c.jti.clone(), c.exp)),
                 Err(e) => {
                     self.tokens.remove(&token);
                     Err(e)
@@ -264,12 +271,13 @@ impl Driver {
                 if self.tokens.len() >= super::TOKEN_CACHE {
                     self.tokens.clear();
                 }
+                let verified = (p.id, p.kind, p.proof.credential, c.jti.clone(), c.exp);
                 self.tokens.insert(token.clone(), c);
-                (p.id, p.kind)
+                verified
             }),
         };
         match verified {
-            Ok((id, kind)) => {
+            Ok((id, kind, credential, jti, exp)) => {
                 // It knows a valid token: it is who it says, at its address (§11.3).
                 self.ep.set_verified(now, peer, true);
                 if kind != Kind::Device {
@@ -280,7 +288,10 @@ impl Driver {
                 }
                 Ok(Device {
                     id,
-                    token: Some(token),
+                    proof: Proof {
+                        credential,
+                        token: Some((jti, exp)),
+                    },
                 })
             }
             Err(e) => {
@@ -354,7 +365,7 @@ impl Driver {
         let observer = observe.then(|| NewObserver {
             peer,
             token: req.token,
-            access_token: d.token.clone(),
+            proof: d.proof.clone(),
         });
         let etags: Vec<Vec<u8>> = req
             .options
@@ -454,7 +465,7 @@ impl Driver {
         let observer = observe.then(|| NewObserver {
             peer,
             token: req.token,
-            access_token: d.token.clone(),
+            proof: d.proof.clone(),
         });
         self.firmware_reads
             .entry(d.id.clone())

@@ -9,7 +9,7 @@ use stratus_coap::{decode, encode, Code, ContentFormat, Message, MessageType, To
 use tokio::net::UdpSocket;
 
 use super::*;
-use crate::auth::{Kind, Principal};
+
 use crate::{Config, Server};
 
 struct Fixture {
@@ -42,14 +42,7 @@ async fn start(config: impl FnOnce(&mut Config)) -> Fixture {
         .register_device("dev-1", &reg.device.secret_hash, reg.coap_psk);
     let token = server
         .auth
-        .issue(
-            &Principal {
-                id: "dev-1".into(),
-                kind: Kind::Device,
-                scopes: vec!["device".into()],
-            },
-            None,
-        )
+        .issue(&server.auth.principal("dev-1").unwrap(), None)
         .unwrap()
         .access_token;
     Fixture {
@@ -249,14 +242,7 @@ async fn application_tokens_are_forbidden() {
     let app = f
         .server
         .auth
-        .issue(
-            &Principal {
-                id: "admin".into(),
-                kind: Kind::Client,
-                scopes: vec!["admin".into()],
-            },
-            None,
-        )
+        .issue(&f.server.auth.principal("admin").unwrap(), None)
         .unwrap()
         .access_token;
     let q = format!("token={app}");
@@ -287,11 +273,7 @@ async fn remembered_tokens_are_checked_again_on_every_request() {
             .with_payload(&b"{\"v\":1}"[..]);
         assert_eq!(c.exchange(&m).await.code, Code::CHANGED);
     }
-    let device = Principal {
-        id: "dev-1".into(),
-        kind: Kind::Device,
-        scopes: vec!["device".into()],
-    };
+    let device = f.server.auth.principal("dev-1").unwrap();
     f.server.auth.revoke(&f.token, &device).await.unwrap();
     let m = c
         .request(Code::POST, "/telemetry", &[&token])

@@ -34,6 +34,7 @@ fn session(client_id: &str) -> MqttOp {
         expiry_secs: Some(3600),
         last_seen_ms: 1_700_000_000_000,
         will: Bytes::from_static(b"will"),
+        owner: "device:d-1".into(),
     }
 }
 
@@ -125,6 +126,7 @@ fn sessions_round_trip_with_everything_they_own<S: MqttStore>(open: &impl Fn() -
             expiry_secs: None,
             last_seen_ms: 5,
             will: Bytes::new(),
+            owner: String::new(),
         },
     ])
     .expect("commit");
@@ -140,6 +142,8 @@ fn sessions_round_trip_with_everything_they_own<S: MqttStore>(open: &impl Fn() -
     let c1 = &snap.sessions[1];
     assert_eq!(c1.expiry_secs, Some(3600));
     assert_eq!(c1.will, Bytes::from_static(b"will"));
+    assert_eq!(c1.owner, "device:d-1", "the owner is kept");
+    assert_eq!(c0.owner, "", "an empty owner reads back empty");
     assert_eq!(c1.subscriptions, vec![sub]);
     assert_eq!(
         c1.messages,

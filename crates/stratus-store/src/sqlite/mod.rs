@@ -279,6 +279,7 @@ impl SqliteStore {
         }
         writer.execute_batch(SCHEMA)?;
         registry::add_coap_psk_column(&writer)?;
+        mqtt::add_session_owner_column(&writer)?;
         registry::add_require_freshness_column(&writer)?;
         writer.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         let mut readers = Vec::new();

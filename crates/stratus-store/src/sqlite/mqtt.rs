@@ -38,16 +38,18 @@ pub(super) fn apply(tx: &Connection, op: &MqttOp) -> Result<(), StoreError> {
             expiry_secs,
             last_seen_ms,
             will,
+            owner,
         } => {
             tx.prepare_cached(
-                "INSERT OR REPLACE INTO mqtt_sessions (client_id, expiry_secs, last_seen_ms, will)
-                 VALUES (?1, ?2, ?3, ?4)",
+                "INSERT OR REPLACE INTO mqtt_sessions (client_id, expiry_secs, last_seen_ms, will, owner)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
             )?
             .execute(params![
                 client_id,
                 expiry_secs,
                 from_u64(Some(*last_seen_ms)),
-                blob(will)
+                blob(will),
+                owner
             ])?;
         }
         MqttOp::SessionDelete { client_id } => {
@@ -167,7 +169,7 @@ pub(super) fn load(conn: &Connection) -> Result<MqttSnapshot, StoreError> {
     let mut sessions: HashMap<String, StoredSession> = HashMap::new();
     let mut order = Vec::new();
     let mut stmt = conn.prepare(
-        "SELECT client_id, expiry_secs, last_seen_ms, will FROM mqtt_sessions ORDER BY client_id",
+        "SELECT client_id, expiry_secs, last_seen_ms, will, owner FROM mqtt_sessions ORDER BY client_id",
     )?;
     let rows = stmt.query_map([], |r| {
         Ok((
@@ -175,10 +177,11 @@ pub(super) fn load(conn: &Connection) -> Result<MqttSnapshot, StoreError> {
             r.get::<_, Option<u32>>(1)?,
             r.get::<_, i64>(2)?,
             r.get::<_, Vec<u8>>(3)?,
+            r.get::<_, Option<String>>(4)?,
         ))
     })?;
     for row in rows {
-        let (client_id, expiry_secs, last_seen, will) = row?;
+        let (client_id, expiry_secs, last_seen, will, owner) = row?;
         order.push(client_id.clone());
         sessions.insert(
             client_id.clone(),
@@ -187,6 +190,7 @@ pub(super) fn load(conn: &Connection) -> Result<MqttSnapshot, StoreError> {
                 expiry_secs,
                 last_seen_ms: to_u64(Some(last_seen)).unwrap_or(0),
                 will: will.into(),
+                owner: owner.unwrap_or_default(),
                 ..StoredSession::default()
             },
         );
@@ -262,4 +266,18 @@ pub(super) fn load(conn: &Connection) -> Result<MqttSnapshot, StoreError> {
         .filter_map(|id| sessions.remove(&id))
         .collect();
     Ok(snapshot)
+}
+
+/// Adds `mqtt_sessions.owner` (the principal a session belongs to) to a database created
+/// before it existed; sessions stored before have none (NULL, read as empty).
+pub(super) fn add_session_owner_column(conn: &Connection) -> Result<(), StoreError> {
+    let present: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info('mqtt_sessions') WHERE name = 'owner'",
+        [],
+        |r| r.get(0),
+    )?;
+    if present == 0 {
+        conn.execute_batch("ALTER TABLE mqtt_sessions ADD COLUMN owner TEXT")?;
+    }
+    Ok(())
 }

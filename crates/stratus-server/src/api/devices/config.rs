@@ -638,11 +638,7 @@ mod tests {
         config.mqtt.port = 0;
         config.coap.port = 0;
         let server = crate::Server::start(config).await.unwrap();
-        let admin = Principal {
-            id: "admin".into(),
-            kind: crate::auth::Kind::Client,
-            scopes: vec!["admin".into()],
-        };
+        let admin = server.auth.principal("admin").unwrap();
         let token = server.auth.issue(&admin, None).unwrap().access_token;
         let addr = server.http_addr;
 

@@ -8,18 +8,28 @@
 //!   costs tens of milliseconds on purpose, so a verified secret is remembered as a keyed
 //!   SHA-256 digest (the key is random per process): a device reconnecting with the same
 //!   secret costs one SHA-256, not one argon2.
-//! - Access tokens are JWTs signed with HMAC-SHA-256 (`jsonwebtoken`) under a 256-bit key kept
-//!   in `DATA_DIR/token.key` (mode 0600). Verifying one is a MAC and a few map lookups — no
-//!   store read — so it stays cheap on the hot path, survives restarts, and a resource server
-//!   needs nothing but the key. The price of self-contained tokens is revocation: revoked
-//!   token ids (`jti`) are kept in the store until the token would have expired and mirrored
-//!   in memory; a deleted principal's tokens stop working at once (the directory no longer
-//!   knows it), a rotated secret invalidates the tokens issued before the rotation.
+//! - Access tokens are MACed with a 256-bit key kept in `DATA_DIR/token.key` (mode 0600), so
+//!   verifying one is a MAC and a few map lookups — no store read — and survives restarts. A
+//!   device gets a compact token of 59 characters ([`token`]: fits one CoAP `?token=` with
+//!   every client); an application gets an HS256 JWT (`jsonwebtoken`), which carries its
+//!   scopes. Both carry the *fingerprint of the credential* they were issued under (a MAC of
+//!   the principal's kind, id and secret hash): rotating a secret, deleting a principal or
+//!   re-creating it under the same id changes the fingerprint, so every earlier token is void
+//!   at once, across restarts, with no clock window. Revoked token ids (`jti`, RFC 7009) are
+//!   kept in the store until the token would have expired and mirrored in memory.
+//! - An unknown id costs the same argon2 verification as a wrong secret for a known one (a
+//!   dummy hash made at start), so the answer's timing does not tell which ids exist.
+//! - Sessions that outlive one request (MQTT connections, CoAP observations, SSE streams) keep
+//!   the [`Proof`] of their principal and ask [`Auth::lapse`] when [`Auth::revision`] moves or
+//!   their token's expiry passes, so a rotation, revocation or deletion ends them too.
 //! - The directory of principals (every device and client: id, kind, scopes, hash) is loaded
 //!   at start and kept in step by the API; a fleet of 100,000 devices is a few tens of MiB.
 
+pub mod token;
+
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -95,6 +105,43 @@ pub struct Principal {
     pub kind: Kind,
     /// Granted scopes.
     pub scopes: Vec<String>,
+    /// What it proved (for sessions that must end when that stops holding).
+    pub proof: Proof,
+}
+
+/// What a caller proved: the credential (by fingerprint) and, when it showed an access token,
+/// that token's id and expiry. A long-lived session keeps it and asks [`Auth::lapse`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Proof {
+    /// Fingerprint of the credential (see [`token::fingerprint`]).
+    pub credential: [u8; 8],
+    /// `(jti, exp)` of the access token, when one was shown.
+    pub token: Option<(String, u64)>,
+}
+
+/// Why a credential that once held no longer does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lapse {
+    /// The access token's `exp` passed.
+    Expired,
+    /// The access token was revoked (RFC 7009).
+    Revoked,
+    /// The principal's secret was rotated (or the principal re-created under the same id).
+    Rotated,
+    /// The principal was deleted.
+    Deleted,
+}
+
+impl Lapse {
+    /// A short explanation, for logs, reason strings and diagnostics.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Lapse::Expired => "the access token expired",
+            Lapse::Revoked => "the access token was revoked",
+            Lapse::Rotated => "the credential was rotated",
+            Lapse::Deleted => "the principal was deleted",
+        }
+    }
 }
 
 impl Principal {
@@ -117,8 +164,8 @@ struct Entry {
     secret_hash: String,
     /// Keyed digest of the last secret that verified against `secret_hash`.
     verified: Option<[u8; 32]>,
-    /// Tokens issued before this (epoch seconds) are void (secret rotated).
-    tokens_valid_from: u64,
+    /// Fingerprint of the credential: tokens carry it (see [`token::fingerprint`]).
+    credential: [u8; 8],
     /// A device's CoAPS pre-shared key, sealed (see [`crate::coap::psk`]).
     coap_psk: Option<Vec<u8>>,
 }
@@ -140,6 +187,10 @@ pub struct Claims {
     pub exp: u64,
     /// Token id, for revocation.
     pub jti: String,
+    /// Fingerprint of the credential it was issued under (hex); a token without one predates
+    /// fingerprints and is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cred: Option<String>,
 }
 
 /// An issued access token.
@@ -153,17 +204,56 @@ pub struct Issued {
     pub scope: String,
 }
 
+/// Every known principal, by id and by credential fingerprint.
+#[derive(Default)]
+struct Directory {
+    by_id: HashMap<String, Entry>,
+    by_credential: HashMap<[u8; 8], String>,
+}
+
+impl Directory {
+    /// Adds or replaces `id`; returns whether it replaced an entry.
+    fn insert(&mut self, id: &str, entry: Entry) -> bool {
+        let old = self.remove(id);
+        self.by_credential.insert(entry.credential, id.to_string());
+        self.by_id.insert(id.to_string(), entry);
+        old
+    }
+
+    /// Removes `id`; returns whether it was there.
+    fn remove(&mut self, id: &str) -> bool {
+        match self.by_id.remove(id) {
+            Some(old) => {
+                if self
+                    .by_credential
+                    .get(&old.credential)
+                    .is_some_and(|i| i == id)
+                {
+                    self.by_credential.remove(&old.credential);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 /// Credentials, tokens and the principal directory.
 pub struct Auth {
     store: StoreHandle,
+    key: Vec<u8>,
     encoding: EncodingKey,
     decoding: DecodingKey,
     validation: Validation,
     digest_key: [u8; 32],
-    directory: RwLock<HashMap<String, Entry>>,
+    directory: RwLock<Directory>,
     revoked: RwLock<HashMap<String, u64>>,
     token_ttl_secs: u64,
     psk: PskSealer,
+    /// Moves on every rotation, deletion and revocation (see [`Auth::revision`]).
+    revision: AtomicU64,
+    /// An argon2 hash of a random secret: an unknown id is verified against it.
+    dummy_hash: String,
 }
 
 /// Seconds since the Unix epoch.
@@ -344,16 +434,22 @@ impl Auth {
         validation.set_required_spec_claims(&["exp", "iss", "sub"]);
         let mut digest_key = [0u8; 32];
         rand::rng().fill_bytes(&mut digest_key);
+        let dummy_hash = run_argon2(|| hash_secret(&new_secret()))
+            .await
+            .unwrap_or_default();
         let auth = Auth {
             encoding: EncodingKey::from_secret(&key),
             decoding: DecodingKey::from_secret(&key),
+            key,
             validation,
             digest_key,
-            directory: RwLock::new(HashMap::new()),
+            directory: RwLock::new(Directory::default()),
             revoked: RwLock::new(HashMap::new()),
             token_ttl_secs: DEFAULT_TOKEN_TTL_SECS,
             store,
             psk,
+            revision: AtomicU64::new(0),
+            dummy_hash,
         };
         auth.reload().await?;
         Ok(auth)
@@ -384,20 +480,35 @@ impl Auth {
                 Ok((devices, s.list_clients()?, s.coap_psks()?))
             })
             .await?;
-        let mut dir = HashMap::with_capacity(devices.len() + clients.len());
+        let mut psks: HashMap<String, Vec<u8>> = psks.into_iter().collect();
+        let mut dir = Directory::default();
         for (id, secret_hash) in devices {
-            dir.insert(id, Entry::device(secret_hash));
-        }
-        for (id, sealed) in psks {
-            if let Some(e) = dir.get_mut(&id) {
-                e.coap_psk = Some(sealed);
-            }
+            let mut e = self.entry(Kind::Device, &id, secret_hash, Vec::new());
+            e.coap_psk = psks.remove(&id);
+            dir.insert(&id, e);
         }
         for c in clients {
-            dir.insert(c.client_id, Entry::client(c.scopes, c.secret_hash));
+            let e = self.entry(Kind::Client, &c.client_id, c.secret_hash, c.scopes);
+            dir.insert(&c.client_id, e);
         }
         *self.directory.write() = dir;
+        self.revision.fetch_add(1, Ordering::AcqRel);
         Ok(())
+    }
+
+    fn entry(&self, kind: Kind, id: &str, secret_hash: String, scopes: Vec<String>) -> Entry {
+        let (kind_name, scopes) = match kind {
+            Kind::Device => ("device", vec![SCOPE_DEVICE.to_string()]),
+            Kind::Client => ("client", scopes),
+        };
+        Entry {
+            kind,
+            scopes,
+            credential: token::fingerprint(&self.key, kind_name, id, &secret_hash),
+            secret_hash,
+            verified: None,
+            coap_psk: None,
+        }
     }
 
     /// The store behind the directory.
@@ -413,7 +524,7 @@ impl Auth {
         data_dir: &Path,
         from_env: Option<String>,
     ) -> Result<Option<String>, AuthError> {
-        if self.directory.read().contains_key(ADMIN_CLIENT) {
+        if self.directory.read().by_id.contains_key(ADMIN_CLIENT) {
             return Ok(None);
         }
         let (secret, generated) = match from_env.filter(|s| !s.is_empty()) {
@@ -440,14 +551,14 @@ impl Auth {
     }
 
     /// Adds (or replaces) a device in the directory after it was stored, with its sealed
-    /// CoAPS key when it has one.
+    /// CoAPS key when it has one. Replacing one (a rotated secret) voids its earlier tokens.
     pub fn register_device(&self, id: &str, secret_hash: &str, coap_psk: Option<Vec<u8>>) {
-        let mut dir = self.directory.write();
-        let valid_from = dir.get(id).map_or(0, |_| now_secs());
-        let mut e = Entry::device(secret_hash.to_string());
-        e.tokens_valid_from = valid_from;
+        let mut e = self.entry(Kind::Device, id, secret_hash.to_string(), Vec::new());
         e.coap_psk = coap_psk;
-        dir.insert(id.to_string(), e);
+        let replaced = self.directory.write().insert(id, e);
+        if replaced {
+            self.revision.fetch_add(1, Ordering::AcqRel);
+        }
     }
 
     /// Seals and opens the devices' CoAPS keys (`DATA_DIR/coap-psk.key`).
@@ -461,35 +572,89 @@ impl Auth {
     pub fn coap_psk(&self, id: &str) -> Option<String> {
         let sealed = {
             let dir = self.directory.read();
-            let e = dir.get(id).filter(|e| e.kind == Kind::Device)?;
+            let e = dir.by_id.get(id).filter(|e| e.kind == Kind::Device)?;
             e.coap_psk.clone()?
         };
         self.psk.open(id, &sealed)
     }
 
-    /// Adds (or replaces) a client in the directory after it was stored.
+    /// The [`Proof`] a device gives by its CoAPS key (the key is derived from its secret, so
+    /// it proves the current credential).
+    pub fn device_proof(&self, id: &str) -> Option<Proof> {
+        let dir = self.directory.read();
+        let e = dir.by_id.get(id).filter(|e| e.kind == Kind::Device)?;
+        Some(Proof {
+            credential: e.credential,
+            token: None,
+        })
+    }
+
+    /// Adds (or replaces) a client in the directory after it was stored. Replacing one (a
+    /// rotated secret) voids its earlier tokens.
     pub fn register_client(&self, client: &OAuthClient) {
-        let mut dir = self.directory.write();
-        let valid_from = dir.get(&client.client_id).map_or(0, |_| now_secs());
-        let mut e = Entry::client(client.scopes.clone(), client.secret_hash.clone());
-        e.tokens_valid_from = valid_from;
-        dir.insert(client.client_id.clone(), e);
+        let e = self.entry(
+            Kind::Client,
+            &client.client_id,
+            client.secret_hash.clone(),
+            client.scopes.clone(),
+        );
+        let replaced = self.directory.write().insert(&client.client_id, e);
+        if replaced {
+            self.revision.fetch_add(1, Ordering::AcqRel);
+        }
     }
 
     /// Removes a principal (deleted): its tokens stop working at once.
     pub fn forget(&self, id: &str) {
-        self.directory.write().remove(id);
+        if self.directory.write().remove(id) {
+            self.revision.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// A number that moves whenever a credential stops holding (a rotation, a deletion, a
+    /// revocation): sessions that keep a [`Proof`] re-check it with [`Auth::lapse`] when it
+    /// moved.
+    pub fn revision(&self) -> u64 {
+        self.revision.load(Ordering::Acquire)
+    }
+
+    /// Whether what `id` proved still holds: `None` when it does, else why not (the token
+    /// expired or was revoked, the secret rotated, the principal was deleted). `now` is Unix
+    /// seconds.
+    pub fn lapse(&self, id: &str, kind: Kind, proof: &Proof, now: u64) -> Option<Lapse> {
+        if let Some((jti, exp)) = &proof.token {
+            if *exp < now {
+                return Some(Lapse::Expired);
+            }
+            if self.revoked.read().contains_key(jti) {
+                return Some(Lapse::Revoked);
+            }
+        }
+        let dir = self.directory.read();
+        match dir.by_id.get(id) {
+            Some(e) if e.kind != kind => Some(Lapse::Deleted),
+            Some(e) if e.credential != proof.credential => Some(Lapse::Rotated),
+            Some(_) => None,
+            None => Some(Lapse::Deleted),
+        }
+    }
+
+    /// The principal `id` as it stands now, holding its current credential (for in-process
+    /// callers that act for it, such as the simulator and tests); `None` when unknown.
+    pub fn principal(&self, id: &str) -> Option<Principal> {
+        self.directory.read().by_id.get(id).map(|e| e.principal(id))
     }
 
     /// Whether `id` is a known device or client.
     pub fn is_known(&self, id: &str) -> bool {
-        self.directory.read().contains_key(id)
+        self.directory.read().by_id.contains_key(id)
     }
 
     /// Whether `id` is a known device.
     pub fn is_device(&self, id: &str) -> bool {
         self.directory
             .read()
+            .by_id
             .get(id)
             .is_some_and(|e| e.kind == Kind::Device)
     }
@@ -501,7 +666,8 @@ impl Auth {
         h.finalize().into()
     }
 
-    /// Checks a client id and secret (token endpoint, MQTT password).
+    /// Checks a client id and secret (token endpoint, MQTT password). An unknown id costs
+    /// the same argon2 verification as a wrong secret.
     pub async fn authenticate_secret(
         &self,
         id: &str,
@@ -510,30 +676,37 @@ impl Auth {
         let digest = self.digest(secret);
         let (hash, principal) = {
             let dir = self.directory.read();
-            let Some(e) = dir.get(id) else {
-                return Err(AuthError::BadCredentials);
-            };
-            let principal = e.principal(id);
-            if e.verified == Some(digest) {
-                return Ok(principal);
+            match dir.by_id.get(id) {
+                Some(e) => {
+                    let principal = e.principal(id);
+                    if e.verified == Some(digest) {
+                        return Ok(principal);
+                    }
+                    (e.secret_hash.clone(), Some(principal))
+                }
+                None => (self.dummy_hash.clone(), None),
             }
-            (e.secret_hash.clone(), principal)
         };
         let secret = secret.to_string();
         let ok = run_argon2(move || verify_hash(&secret, &hash))
             .await
             .unwrap_or(false);
-        if !ok {
+        let Some(principal) = principal.filter(|_| ok) else {
             return Err(AuthError::BadCredentials);
-        }
-        if let Some(e) = self.directory.write().get_mut(id) {
-            e.verified = Some(digest);
+        };
+        if let Some(e) = self.directory.write().by_id.get_mut(id) {
+            // Only while the secret that verified is still the one on record.
+            if e.credential == principal.proof.credential {
+                e.verified = Some(digest);
+            }
         }
         Ok(principal)
     }
 
     /// Issues an access token for `principal`, narrowed to `requested` scopes when given
-    /// (`Err` names a scope the principal may not have: RFC 6749 `invalid_scope`).
+    /// (`Err` names a scope the principal may not have: RFC 6749 `invalid_scope`). A device
+    /// gets a compact token ([`token`]), an application a JWT; both are bound to the
+    /// credential `principal` proved.
     pub fn issue(&self, principal: &Principal, requested: Option<&str>) -> Result<Issued, String> {
         let scopes: Vec<String> = match requested.map(str::split_whitespace) {
             Some(asked) => {
@@ -560,44 +733,99 @@ impl Auth {
             None => principal.scopes.clone(),
         };
         let now = now_secs();
+        let exp = now + self.token_ttl_secs;
         let mut jti = [0u8; 16];
         rand::rng().fill_bytes(&mut jti);
-        let claims = Claims {
-            iss: "stratus".into(),
-            sub: principal.id.clone(),
-            scope: scopes.join(" "),
-            kind: principal.kind,
-            iat: now,
-            exp: now + self.token_ttl_secs,
-            jti: hex::encode(jti),
+        let access_token = match principal.kind {
+            Kind::Device => {
+                let mut short = [0u8; 8];
+                short.copy_from_slice(&jti[..8]);
+                token::Compact {
+                    iat: u32::try_from(now).unwrap_or(u32::MAX),
+                    exp: u32::try_from(exp).unwrap_or(u32::MAX),
+                    jti: short,
+                    credential: principal.proof.credential,
+                }
+                .encode(&self.key)
+            }
+            Kind::Client => {
+                let claims = Claims {
+                    iss: "stratus".into(),
+                    sub: principal.id.clone(),
+                    scope: scopes.join(" "),
+                    kind: principal.kind,
+                    iat: now,
+                    exp,
+                    jti: hex::encode(jti),
+                    cred: Some(hex::encode(principal.proof.credential)),
+                };
+                jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+                    .map_err(|_| "token".to_string())?
+            }
         };
-        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
-            .map_err(|_| "token".to_string())?;
         Ok(Issued {
-            access_token: token,
+            access_token,
             expires_in: self.token_ttl_secs,
-            scope: claims.scope,
+            scope: scopes.join(" "),
         })
     }
 
-    /// Verifies an access token: signature, issuer, expiry, revocation, and that its principal
-    /// still exists with a secret older than the token.
-    pub fn verify_token(&self, token: &str) -> Result<(Principal, Claims), AuthError> {
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+    /// The claims of a token whose signature or MAC verifies, without any check of its
+    /// expiry, revocation or principal. `None` for anything else, with why.
+    fn authentic_claims(&self, token: &str, check_exp: bool) -> Result<Claims, AuthError> {
+        if token::looks_compact(token) {
+            let c = token::Compact::decode(token, &self.key).map_err(|e| {
+                AuthError::InvalidToken(match e {
+                    token::TokenError::Truncated(_) => {
+                        "the access token is cut short (a device token has 59 characters)"
+                    }
+                    token::TokenError::Malformed => "the access token is malformed",
+                    token::TokenError::Forged => "the access token is not ours",
+                })
+            })?;
+            let dir = self.directory.read();
+            let (sub, kind) = match dir.by_credential.get(&c.credential) {
+                Some(id) => (id.clone(), dir.by_id.get(id).map(|e| e.kind)),
+                None => (String::new(), None),
+            };
+            return Ok(Claims {
+                iss: "stratus".into(),
+                sub,
+                scope: SCOPE_DEVICE.into(),
+                kind: kind.unwrap_or(Kind::Device),
+                iat: u64::from(c.iat),
+                exp: u64::from(c.exp),
+                jti: hex::encode(c.jti),
+                cred: Some(hex::encode(c.credential)),
+            });
+        }
+        let mut validation = self.validation.clone();
+        validation.validate_exp = check_exp;
+        jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation)
+            .map(|d| d.claims)
             .map_err(|e| match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => {
                     AuthError::InvalidToken("the access token expired")
                 }
                 _ => AuthError::InvalidToken("the access token is malformed or not ours"),
-            })?;
-        let c = data.claims;
-        self.check_claims(&c)?;
+            })
+    }
+
+    /// Verifies an access token: signature, issuer, expiry, revocation, and that its principal
+    /// still exists with the credential it was issued under.
+    pub fn verify_token(&self, token: &str) -> Result<(Principal, Claims), AuthError> {
+        let c = self.authentic_claims(token, true)?;
+        let credential = self.check_claims(&c)?;
         let scopes = c.scope.split_whitespace().map(String::from).collect();
         Ok((
             Principal {
                 id: c.sub.clone(),
                 kind: c.kind,
                 scopes,
+                proof: Proof {
+                    credential,
+                    token: Some((c.jti.clone(), c.exp)),
+                },
             },
             c,
         ))
@@ -605,9 +833,10 @@ impl Auth {
 
     /// The checks of [`Auth::verify_token`] that can change during a token's life, for
     /// claims whose signature was verified before: expiry, revocation, and that its principal
-    /// still exists with a secret older than the token. (The CoAP listener keeps the claims
-    /// of the tokens it verified and runs only these per request.)
-    pub fn check_claims(&self, c: &Claims) -> Result<(), AuthError> {
+    /// still exists with the credential the token was issued under. (The CoAP listener keeps
+    /// the claims of the tokens it verified and runs only these per request.) Returns that
+    /// credential's fingerprint.
+    pub fn check_claims(&self, c: &Claims) -> Result<[u8; 8], AuthError> {
         // As `jsonwebtoken` with no leeway: expired once `exp` is in the past.
         if c.exp < now_secs() {
             return Err(AuthError::InvalidToken("the access token expired"));
@@ -616,17 +845,21 @@ impl Auth {
             return Err(AuthError::InvalidToken("the access token was revoked"));
         }
         let dir = self.directory.read();
-        let Some(e) = dir.get(&c.sub) else {
+        let Some(e) = dir.by_id.get(&c.sub) else {
             return Err(AuthError::InvalidToken(
                 "the token's client no longer exists",
             ));
         };
-        if c.iat < e.tokens_valid_from || e.kind != c.kind {
+        let issued_under = c.cred.as_deref().and_then(|h| {
+            let mut fp = [0u8; 8];
+            hex::decode_to_slice(h, &mut fp).ok().map(|()| fp)
+        });
+        if issued_under != Some(e.credential) || e.kind != c.kind {
             return Err(AuthError::InvalidToken(
                 "the token predates a credential change",
             ));
         }
-        Ok(())
+        Ok(e.credential)
     }
 
     /// MQTT: the user name is the id, the password its secret or an access token issued to it.
@@ -635,7 +868,7 @@ impl Auth {
         id: &str,
         password: &str,
     ) -> Result<Principal, AuthError> {
-        if password.matches('.').count() == 2 {
+        if token::looks_compact(password) || password.matches('.').count() == 2 {
             if let Ok((p, _)) = self.verify_token(password) {
                 if p.id == id {
                     return Ok(p);
@@ -659,15 +892,10 @@ impl Auth {
         token: &str,
         by: &Principal,
     ) -> Result<Option<Claims>, AuthError> {
-        let Ok(data) = jsonwebtoken::decode::<Claims>(token, &self.decoding, &{
-            let mut v = self.validation.clone();
-            v.validate_exp = false;
-            v
-        }) else {
+        let Ok(c) = self.authentic_claims(token, false) else {
             return Ok(None);
         };
-        let c = data.claims;
-        if c.sub != by.id && !by.has_scope(SCOPE_ADMIN) {
+        if c.sub.is_empty() || (c.sub != by.id && !by.has_scope(SCOPE_ADMIN)) {
             return Ok(None);
         }
         if c.exp <= now_secs() || self.revoked.read().contains_key(&c.jti) {
@@ -677,6 +905,7 @@ impl Auth {
             .revoke_token(&c.jti, (c.exp * 1000) as i64)
             .await?;
         self.revoked.write().insert(c.jti.clone(), c.exp);
+        self.revision.fetch_add(1, Ordering::AcqRel);
         Ok(Some(c))
     }
 
@@ -696,33 +925,15 @@ impl Auth {
 }
 
 impl Entry {
-    fn device(secret_hash: String) -> Entry {
-        Entry {
-            kind: Kind::Device,
-            scopes: vec![SCOPE_DEVICE.to_string()],
-            secret_hash,
-            verified: None,
-            tokens_valid_from: 0,
-            coap_psk: None,
-        }
-    }
-
-    fn client(scopes: Vec<String>, secret_hash: String) -> Entry {
-        Entry {
-            kind: Kind::Client,
-            scopes,
-            secret_hash,
-            verified: None,
-            tokens_valid_from: 0,
-            coap_psk: None,
-        }
-    }
-
     fn principal(&self, id: &str) -> Principal {
         Principal {
             id: id.to_string(),
             kind: self.kind,
             scopes: self.scopes.clone(),
+            proof: Proof {
+                credential: self.credential,
+                token: None,
+            },
         }
     }
 }
