@@ -2,7 +2,8 @@
 `stratus serve` — discovery, telemetry (CON and NON), errors, Observe of the desired config
 after an HTTP change, Block1 uploads, a duplicated CON stored once, hostile datagrams, and
 CoAPS (DTLS 1.2 PSK, the key derived from the device secret, replaced by a rotation), and
-multicast discovery in a network namespace (answers to discovery only, silence otherwise).
+multicast discovery in a network namespace (answers to discovery only, silence otherwise;
+only on the interface of the bind address).
 
 A device authenticates on plain UDP with `?token=ACCESS_TOKEN` (59 characters: one item;
 these tests also pass it as `-O 15,token=…` options and split, which the server joins).
@@ -469,12 +470,13 @@ def test_dtls_psk_follows_secret_rotation(device):
 # ---- multicast (RFC 7252 §8, RFC 7390 §2) ---------------------------------------------------
 
 MC_PROBE = r'''
-import json, socket, sys, time
+import json, os, socket, sys, time
 group, port, wait = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+iface = os.environ.get("MC_IF", "127.0.0.1")  # the interface (by address) the request leaves on
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.1"))
+s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(iface))
 s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
-s.bind(("127.0.0.1", 0))
+s.bind((iface, 0))
 for m in sys.argv[4:]:
     s.sendto(bytes.fromhex(m), (group, port))
 out, deadline = [], time.monotonic() + wait
@@ -556,6 +558,58 @@ def test_multicast_answers_discovery_only(start_server, netns):
     # The same request to the unicast address is answered 4.04: the silence is multicast's.
     unicast = probe(coap_msg(1, 0x01, 0x1006, "/nope", token=b"\x07"), group="127.0.0.1", wait=1.0)
     assert [x[1] for x in unicast] == [0x84], [x.hex() for x in unicast]
+    assert s.alive()
+
+
+LAN = "10.99.0.1"
+
+
+@pytest.fixture
+def netns_lan(netns):
+    """The namespace plus a veth pair standing for a LAN (v0, 10.99.0.1/24), where multicast
+    is routed as a host's default route would send it: so the kernel's own choice of
+    interface for the group is the LAN, not loopback."""
+    for cmd in (["ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1"],
+                ["ip", "addr", "add", f"{LAN}/24", "dev", "v0"],
+                ["ip", "link", "set", "v0", "up"], ["ip", "link", "set", "v1", "up"],
+                ["ip", "route", "replace", "224.0.0.0/4", "dev", "v0"]):
+        made = subprocess.run(["ip", "netns", "exec", netns, *cmd], capture_output=True, text=True)
+        if made.returncode != 0:
+            pytest.skip(f"cannot set up a veth LAN: {' '.join(cmd)}: {made.stderr.strip()}")
+    return netns
+
+
+@pytest.mark.parametrize("bind, other", [("127.0.0.1", LAN), (LAN, "127.0.0.1")])
+def test_multicast_is_answered_only_on_the_interface_of_the_bind_address(start_server, netns_lan, bind, other):
+    """Issue #19: with `--bind 127.0.0.1` the group is joined on loopback only, never on the
+    LAN (where the kernel would put it by default); with a LAN address, on that LAN only."""
+    from stratus_server import Server
+
+    class NsServer(Server):
+        def command(self, mqtt_port, http_port):
+            cmd = super().command(mqtt_port, http_port)
+            cmd[cmd.index("--bind") + 1] = bind
+            return ["ip", "netns", "exec", netns_lan, *cmd]
+
+    s = start_server("mcbind", env={"STRATUS_ADMIN_SECRET": ADMIN_SECRET},
+                     config="[coap]\nmulticast = true\nmulticast_leisure_ms = 100\n",
+                     anonymous=False, start=False)
+    s.__class__ = NsServer
+    s.start(wait=("mqtt", "http", "coap"))
+    assert f"listening coap {bind}:" in s.log()
+    port = s.listening()["coap"]
+
+    def probe(iface, mid):
+        msg = coap_msg(1, 0x01, mid, "/.well-known/core", token=b"\x09")
+        out = subprocess.run(["ip", "netns", "exec", netns_lan, "python3", "-c", MC_PROBE, "224.0.1.187",
+                              str(port), "1.2", msg.hex()],
+                             capture_output=True, text=True, timeout=30, env={**clean_env(), "MC_IF": iface})
+        assert out.returncode == 0, out.stderr
+        return [bytes.fromhex(h) for h in json.loads(out.stdout)]
+
+    answered = probe(bind, 0x2001)
+    assert len(answered) == 1 and answered[0][1] == 0x45, [a.hex() for a in answered]
+    assert probe(other, 0x2002) == [], f"answered a discovery that came in on {other}"
     assert s.alive()
 
 

@@ -34,6 +34,8 @@ DEVICE_KEYS = {
     "online",
     "last_seen_ms",
     "open_alarms",
+    # the device's own replay policy (PATCH {"require_freshness": …})
+    "require_freshness",
 }
 
 

@@ -505,6 +505,30 @@ def test_protocol_error_sends_disconnect_0x82(server):
     assert d.name == "DISCONNECT" and d.body[0] == 0x82
 
 
+def test_publish_with_a_subscription_identifier_gets_disconnect_0x82(server):
+    """MQTT-3.3.4-6: a PUBLISH from a client must not carry a Subscription Identifier. paho
+    lets a caller put one in; the broker answers DISCONNECT 0x82 and routes nothing."""
+    sub = C5(server.mqtt_port)
+    sub.subscribe("sidpub/#", 1)
+    c = C5(server.mqtt_port)
+    c.c.publish("sidpub/t", b"x", qos=1, properties=props(PacketTypes.PUBLISH, SubscriptionIdentifier=3))
+    assert c.disconnected.wait(5)
+    assert c.disconnect_reason.value == PROTOCOL_ERROR
+    # Byte-exact too, QoS 0: properties = Subscription Identifier (0x0B) 1.
+    r = raw.RawClient(server.mqtt_port)
+    r.send(raw.packet(0x10, raw.mstr("MQTT") + bytes([5, 2]) + struct.pack("!H", 60) + b"\x00" + raw.mstr("sidraw")))
+    assert r.recv_packet().name == "CONNACK"
+    r.send(raw.packet(0x30, raw.mstr("sidpub/raw") + b"\x02\x0b\x01" + b"payload"))
+    d = r.recv_packet()
+    assert d.name == "DISCONNECT" and d.body[0] == PROTOCOL_ERROR
+    assert sub.drain(0.7) == [], "the message was routed"
+    # The server's own deliveries still carry identifiers (SUBSCRIBE with one, then a publish).
+    s2 = C5(server.mqtt_port)
+    s2.subscribe("sidok/t", 1, properties=props(PacketTypes.SUBSCRIBE, SubscriptionIdentifier=4))
+    C5(server.mqtt_port).publish("sidok/t", b"ok", qos=1)
+    assert sub_ids(s2.get()) == [4]
+
+
 def test_keep_alive_timeout_sends_disconnect_0x8d(server):
     c = raw.RawClient(server.mqtt_port)
     c.send(raw.packet(0x10, raw.mstr("MQTT") + bytes([5, 2]) + struct.pack("!H", 1) + b"\x00" + raw.mstr("ka")))

@@ -213,15 +213,36 @@ def test_paho_websockets_over_tls(tls_server, pki):
         ws.close()
 
 
-def test_websocket_upgrade_selects_the_mqtt_subprotocol(server):
+def ws_upgrade(port, protocol_header):
+    """Sends a WebSocket upgrade for /mqtt with `protocol_header` (a full header line or "")
+    and returns the answer's head, lower-cased."""
     key = "dGhlIHNhbXBsZSBub25jZQ=="
-    with socket.create_connection(("127.0.0.1", server.http_port), timeout=5) as s:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         s.sendall((f"GET /mqtt HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                    f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-                   f"Sec-WebSocket-Protocol: mqtt\r\n\r\n").encode())
-        head = s.recv(4096).decode(errors="replace").lower()
+                   f"{protocol_header}\r\n").encode())
+        return s.recv(4096).decode(errors="replace").lower()
+
+
+def test_websocket_upgrade_selects_the_mqtt_subprotocol(server):
+    head = ws_upgrade(server.http_port, "Sec-WebSocket-Protocol: mqtt\r\n")
     assert head.startswith("http/1.1 101")
     assert "sec-websocket-protocol: mqtt" in head
+    head = ws_upgrade(server.http_port, "Sec-WebSocket-Protocol: chat, mqttv3.1\r\n")
+    assert head.startswith("http/1.1 101")
+    assert "sec-websocket-protocol: mqttv3.1" in head
+
+
+@pytest.mark.parametrize("header", ["", "Sec-WebSocket-Protocol: chat\r\n"])
+def test_websocket_upgrade_without_the_mqtt_subprotocol_is_refused(server, header):
+    """MQTT-6.0.0-3: the client offers `mqtt`. Without it the upgrade is refused with 400 (as
+    Mosquitto and EMQX refuse it), no 101; paho's websockets transport (which offers `mqtt`)
+    keeps working, see test_paho_websockets_round_trip_and_interop_with_tcp."""
+    head = ws_upgrade(server.http_port, header)
+    assert head.startswith("http/1.1 400"), head
+    assert "upgrade: websocket" not in head
+    assert "subprotocol mqtt" in head
+    assert server.alive()
 
 
 def test_https_serves_health_with_the_configured_certificate(tls_server, pki):

@@ -834,6 +834,15 @@ impl Connection {
 
     fn handle_publish(&mut self, mut publish: Publish) {
         self.stats.publish_received += 1;
+        if !publish.properties.subscription_identifiers.is_empty() {
+            // Subscription Identifiers are the server's to add on delivery; a PUBLISH from a
+            // client with one is a Protocol Error (MQTT-3.3.4-6). The codec decodes them in
+            // either direction, so the rule lives here, on the server side of the connection.
+            self.close(CloseReason::ProtocolViolation(
+                "PUBLISH from a client carries a Subscription Identifier (MQTT-3.3.4-6)",
+            ));
+            return;
+        }
         if let Some(alias) = publish.properties.topic_alias.take() {
             // MQTT 5.0 only (§3.3.2.3.4): aliases are per connection, up to the announced maximum.
             if alias.get() > self.limits.topic_alias_maximum {

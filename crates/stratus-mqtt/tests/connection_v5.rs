@@ -453,6 +453,63 @@ fn subscription_ids_are_sent_with_the_publish() {
 }
 
 #[test]
+fn a_client_publish_with_a_subscription_identifier_is_a_protocol_error() {
+    // MQTT-3.3.4-6: the identifier is only for PUBLISHes from the server.
+    for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
+        let (mut h, _) = V5::connect(Limits::default(), connect5("c"));
+        let props = PublishProperties {
+            subscription_identifiers: vec![NonZeroU32::new(1).unwrap()],
+            ..PublishProperties::default()
+        };
+        h.send(publish(
+            "t",
+            (qos != QoS::AtMostOnce).then_some(1),
+            qos,
+            props,
+        ));
+        let events = h.events();
+        assert!(
+            !events.iter().any(|e| matches!(e, Event::Publish { .. })),
+            "the message must not be routed"
+        );
+        assert!(events.iter().any(|e| matches!(
+            e,
+            Event::Closed {
+                reason: CloseReason::ProtocolViolation(_),
+                ..
+            }
+        )));
+        let packets = h.received();
+        assert!(
+            !packets.iter().any(|p| matches!(p, Packet::PubAck(_))),
+            "no PUBACK"
+        );
+        assert_eq!(disconnect_code(&packets), Some(ReasonCode::ProtocolError));
+        assert!(h.conn.is_closed());
+    }
+    // The same bytes from the server (a delivery) still decode with the identifier: the codec
+    // is direction-neutral, the rule is the connection's.
+    let mut b = BytesMut::new();
+    let p = publish(
+        "t",
+        None,
+        QoS::AtMostOnce,
+        PublishProperties {
+            subscription_identifiers: vec![NonZeroU32::new(7).unwrap()],
+            ..PublishProperties::default()
+        },
+    );
+    encode(&p, ProtocolVersion::V5, &mut b).unwrap();
+    let Ok(Some(Packet::Publish(back))) = decode(&mut b, 1 << 20, ProtocolVersion::V5) else {
+        panic!("does not decode")
+    };
+    assert_eq!(
+        back.properties.subscription_identifiers,
+        vec![NonZeroU32::new(7).unwrap()]
+    );
+}
+
+#[test]
 fn v311_subscribers_get_no_properties() {
     let mut h = V5::v5(Limits::default());
     let mut c = connect5("old");

@@ -1,7 +1,8 @@
 // The device view: status, latest values, a live chart per series (fed by the stream, or by
 // polling the latest values when the server has no stream), history with a range selector
 // (aggregated queries), the desired configuration editor (If-Match) beside the reported one,
-// firmware state and the device's open alarms.
+// the device's replay protection (require_freshness, a PATCH of the device), firmware state
+// and the device's open alarms.
 import { api, get, openStream } from './api.js';
 import { h, ago, when, show, message, fill } from './util.js';
 
@@ -57,6 +58,12 @@ export function deviceView(root, { arg: id, liveStatus }) {
   const desiredMsg = h('p', { id: 'desired-msg', role: 'status' });
   const reported = h('pre', { id: 'reported-config', class: 'code', tabindex: '0' }, '—');
   const reportedMeta = h('p', { class: 'muted', id: 'reported-meta' });
+  const freshBox = h('input', {
+    type: 'checkbox', id: 'require-freshness', disabled: true,
+    'aria-describedby': 'freshness-help freshness-msg', onchange: saveFreshness,
+  });
+  const freshMsg = h('p', { id: 'freshness-msg', role: 'status' });
+  let freshBusy = false;
   const firmware = h('div', { id: 'firmware-state' }, h('p', { class: 'muted' }, '—'));
   const alarms = h('ul', { id: 'device-alarms', class: 'plain' });
   const error = h('p', { class: 'error', role: 'alert' });
@@ -83,6 +90,14 @@ export function deviceView(root, { arg: id, liveStatus }) {
           h('label', { for: 'desired-config' }, 'Desired (JSON object)'), desired, desiredMeta,
           h('button', { type: 'submit' }, 'Save desired config'), desiredMsg),
         h('div', {}, h('h3', {}, 'Reported by the device'), reported, reportedMeta))),
+    h('section', { 'aria-labelledby': 'freshness-title', class: 'card' },
+      h('h2', { id: 'freshness-title' }, 'Replay protection'),
+      h('div', { class: 'check-row' }, freshBox,
+        h('label', { for: 'require-freshness' }, 'Require fresh messages from this device')),
+      h('p', { class: 'muted help', id: 'freshness-help' },
+        'When on, every telemetry message of this device must carry sent (epoch ms) and a nonce; '
+        + 'messages without them, stale ones and replays are refused (HTTP 409, CoAP 4.09, MQTT 0x99).'),
+      freshMsg),
     h('section', { 'aria-labelledby': 'fw-title', class: 'card' },
       h('h2', { id: 'fw-title' }, 'Firmware'), firmware),
     h('section', { 'aria-labelledby': 'alarms-title', class: 'card' },
@@ -263,9 +278,37 @@ export function deviceView(root, { arg: id, liveStatus }) {
       row('Firmware id', fw.firmware ? h('span', { class: 'mono ellipsis', title: fw.firmware }, fw.firmware) : null)));
   }
 
+  function showFreshness(d) {
+    if (freshBusy) return; // a save is on its way: its answer decides
+    freshBox.checked = d.require_freshness === true;
+    freshBox.disabled = false;
+  }
+
+  async function saveFreshness() {
+    const on = freshBox.checked;
+    freshBusy = true;
+    freshBox.disabled = true;
+    freshMsg.textContent = 'Saving…';
+    try {
+      const r = await api('PATCH', `/api/v1/devices/${enc}`, { body: { require_freshness: on } });
+      device = r.data;
+      freshBox.checked = r.data.require_freshness === true;
+      freshMsg.textContent = freshBox.checked
+        ? 'Saved: this device\'s messages without sent and nonce are refused from now on.'
+        : 'Saved: this device\'s messages need no sent and nonce (unless the server requires them of all).';
+    } catch (e) {
+      freshBox.checked = !on;
+      freshMsg.textContent = `Not saved: ${message(e)}`;
+    } finally {
+      freshBusy = false;
+      freshBox.disabled = false;
+    }
+  }
+
   async function loadDevice(first = false) {
     try {
       device = await get(`/api/v1/devices/${enc}`);
+      showFreshness(device);
       showStatus(device.online, device.last_seen);
       showDesired(device.desired, first);
       showReported(device.reported);
@@ -273,6 +316,7 @@ export function deviceView(root, { arg: id, liveStatus }) {
     } catch (e) {
       if (e.status === 403) {
         // A telemetry:read client: the registry is not readable, the desired config is.
+        freshMsg.textContent = 'Changing the device needs the devices:write scope.';
         try { showDesired(await get(`/api/v1/devices/${enc}/config`), first); } catch { /* leave empty */ }
         return;
       }

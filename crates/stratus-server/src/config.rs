@@ -45,7 +45,8 @@ pub struct FirmwareConfig {
     /// Largest firmware image accepted, in bytes (413 beyond).
     pub max_image_bytes: u64,
     /// The HTTP base URL devices download from, put in assignment notices
-    /// [default: `http://` + the HTTP listener's address].
+    /// [default: `http://` + the HTTP listener's address; `https://` + the HTTPS listener's
+    /// under `tls.require_encryption`].
     pub public_url: Option<String>,
 }
 
@@ -74,8 +75,9 @@ impl FirmwareConfig {
     }
 }
 
-/// `[tls]`. Setting `cert_file` and `key_file` starts the MQTTS and HTTPS listeners.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// `[tls]`. Setting `cert_file` and `key_file` starts the MQTTS and HTTPS listeners
+/// (`stratus tls init` makes both and sets them).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TlsConfig {
     /// PEM certificate chain, leaf first.
@@ -85,6 +87,25 @@ pub struct TlsConfig {
     /// PEM CA bundle: clients may authenticate with a certificate it signed; the certificate's
     /// CN is the client's identity.
     pub client_ca_file: Option<PathBuf>,
+    /// Devices may only use MQTTS, WSS, HTTPS and CoAPS: the plain listeners (MQTT, HTTP with
+    /// its WebSocket, CoAP) bind loopback only (127.0.0.1, or ::1 for an IPv6 `server.bind`)
+    /// whatever `server.bind` says, the TLS listeners bind `server.bind`, and CoAPS starts
+    /// even without `coap.dtls`. Needs `cert_file` and `key_file`.
+    pub require_encryption: bool,
+    /// `Strict-Transport-Security: max-age=N` on every HTTPS answer (RFC 6797); 0 sends none.
+    pub hsts_max_age_secs: u64,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert_file: None,
+            key_file: None,
+            client_ca_file: None,
+            require_encryption: false,
+            hsts_max_age_secs: 31_536_000,
+        }
+    }
 }
 
 impl TlsConfig {
@@ -398,6 +419,12 @@ impl Config {
         if self.tls.client_ca_file.is_some() && !self.tls.enabled() {
             return bad("tls.client_ca_file", "needs tls.cert_file and tls.key_file");
         }
+        if self.tls.require_encryption && !self.tls.enabled() {
+            return bad(
+                "tls.require_encryption",
+                "needs tls.cert_file and tls.key_file (`stratus tls init` makes them)",
+            );
+        }
         if m.max_packet_size < 64
             || m.max_packet_size > stratus_mqtt::codec::MAX_REMAINING_LENGTH + 5
         {
@@ -458,6 +485,25 @@ impl Config {
         self.firmware.trusted_keys()?;
         m.acl.validate().map_err(ConfigError)?;
         Ok(())
+    }
+
+    /// The address the plain listeners (MQTT, HTTP and WebSocket, CoAP) bind: `server.bind`,
+    /// or loopback of its family under `[tls] require_encryption` (so only this host can use
+    /// them). The TLS listeners always bind `server.bind`.
+    pub fn plain_bind(&self) -> IpAddr {
+        let bind = self.server.bind;
+        if !self.tls.require_encryption || bind.is_loopback() {
+            return bind;
+        }
+        match bind {
+            IpAddr::V4(_) => IpAddr::from(std::net::Ipv4Addr::LOCALHOST),
+            IpAddr::V6(_) => IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+        }
+    }
+
+    /// Whether the CoAPS (DTLS) listener starts: `coap.dtls`, or `tls.require_encryption`.
+    pub fn coaps_enabled(&self) -> bool {
+        self.coap.dtls || self.tls.require_encryption
     }
 
     /// The per-connection limits for the MQTT state machine.
@@ -547,6 +593,45 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("mqtt.max_inflight"), "{err}");
+    }
+
+    #[test]
+    fn require_encryption_keeps_the_plain_listeners_on_loopback() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("stratus.toml");
+        std::fs::write(&file, "[tls]\nrequire_encryption = true\n").unwrap();
+        let err = Config::load_from_env(Some(&file), &Overrides::default(), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tls.require_encryption"), "{err}");
+
+        std::fs::write(
+            &file,
+            "[tls]\nrequire_encryption = true\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n",
+        )
+        .unwrap();
+        let bound = |bind: &str| {
+            let o = Overrides {
+                bind: Some(bind.parse().unwrap()),
+                ..Default::default()
+            };
+            let c = Config::load_from_env(Some(&file), &o, env(&[])).unwrap();
+            assert!(c.coaps_enabled(), "CoAPS starts");
+            (c.plain_bind().to_string(), c.server.bind.to_string())
+        };
+        assert_eq!(bound("0.0.0.0"), ("127.0.0.1".into(), "0.0.0.0".into()));
+        assert_eq!(
+            bound("192.168.1.10"),
+            ("127.0.0.1".into(), "192.168.1.10".into())
+        );
+        assert_eq!(bound("::"), ("::1".into(), "::".into()));
+        assert_eq!(bound("127.0.0.1"), ("127.0.0.1".into(), "127.0.0.1".into()));
+
+        // Without it nothing moves; HSTS defaults to a year.
+        let c = Config::load_from_env(None, &Overrides::default(), env(&[])).unwrap();
+        assert_eq!(c.plain_bind(), c.server.bind);
+        assert!(!c.coaps_enabled());
+        assert_eq!(c.tls.hsts_max_age_secs, 31_536_000);
     }
 
     #[test]

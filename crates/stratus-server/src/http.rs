@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
-use axum::http::header;
+use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Json, Router};
@@ -96,20 +96,30 @@ async fn not_found() -> ApiError {
     ApiError::not_found("no such resource")
 }
 
-/// MQTT over WebSocket (MQTT 3.1.1 §6): binary frames carry the MQTT byte stream; the
-/// subprotocol is `mqtt` (or the older `mqttv3.1`).
+/// MQTT over WebSocket (MQTT 3.1.1 §6, MQTT 5.0 §6): binary frames carry the MQTT byte
+/// stream; the subprotocol is `mqtt` (or the older `mqttv3.1`). An upgrade that does not
+/// offer one of them is refused with 400 before the handshake, as Mosquitto and EMQX do: the
+/// client must select the subprotocol (MQTT-6.0.0-3), and a WebSocket that carries something
+/// else is not an MQTT client.
 async fn mqtt_over_websocket(
     State(app): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     ws: WebSocketUpgrade,
 ) -> Response {
+    let ws = ws.protocols(["mqtt", "mqttv3.1"]);
+    if ws.selected_protocol().is_none() {
+        app.broker.metrics.protocol_error("websocket_subprotocol");
+        tracing::debug!(%peer, "WebSocket upgrade without the mqtt subprotocol refused");
+        return ApiError::bad_request(
+            "MQTT over WebSocket needs the subprotocol mqtt (Sec-WebSocket-Protocol: mqtt)",
+        )
+        .into_response();
+    }
     let max_frame = app.mqtt.limits.max_packet_size.max(64 * 1024);
-    ws.protocols(["mqtt", "mqttv3.1"])
-        .max_message_size(max_frame)
-        .on_upgrade(move |socket| {
-            let tasks = app.tasks.clone();
-            tasks.track_future(serve_websocket(app, socket, peer))
-        })
+    ws.max_message_size(max_frame).on_upgrade(move |socket| {
+        let tasks = app.tasks.clone();
+        tasks.track_future(serve_websocket(app, socket, peer))
+    })
 }
 
 async fn serve_websocket(app: AppState, socket: WebSocket, peer: SocketAddr) {
@@ -150,6 +160,25 @@ async fn serve_websocket(app: AppState, socket: WebSocket, peer: SocketAddr) {
         app.shutdown.clone(),
     );
     tokio::join!(pump, driver);
+}
+
+/// `app` with `Strict-Transport-Security: max-age=MAX_AGE` on every answer (RFC 6797), for the
+/// HTTPS listener (a browser ignores it over plain HTTP); `max_age` 0 adds nothing.
+pub fn with_hsts(app: Router, max_age: u64) -> Router {
+    if max_age == 0 {
+        return app;
+    }
+    let Ok(value) = HeaderValue::from_str(&format!("max-age={max_age}")) else {
+        return app;
+    };
+    app.layer(axum::middleware::map_response(move |mut r: Response| {
+        let value = value.clone();
+        async move {
+            r.headers_mut()
+                .insert(header::STRICT_TRANSPORT_SECURITY, value);
+            r
+        }
+    }))
 }
 
 /// Serves `app` over HTTPS on `listener` until `shutdown` turns true.

@@ -143,9 +143,19 @@ async fn bind(what: &str, addr: std::net::IpAddr, port: u16) -> anyhow::Result<T
 impl Server {
     /// Binds every listener of `config` and starts serving.
     pub async fn start(config: Config) -> anyhow::Result<Server> {
+        // TLS listeners on `server.bind`; the plain ones there too, or on loopback only under
+        // `[tls] require_encryption`.
         let ip = config.server.bind;
-        let mqtt_listener = bind("MQTT", ip, config.mqtt.port).await?;
-        let http_listener = bind("HTTP", ip, config.http.port).await?;
+        let plain_ip = config.plain_bind();
+        if plain_ip != ip {
+            tracing::info!(
+                plain = %plain_ip,
+                tls = %ip,
+                "tls.require_encryption: plain MQTT, HTTP and CoAP serve this host only"
+            );
+        }
+        let mqtt_listener = bind("MQTT", plain_ip, config.mqtt.port).await?;
+        let http_listener = bind("HTTP", plain_ip, config.http.port).await?;
         let tls = if config.tls.enabled() {
             let mqtts = tls::acceptor(&config.tls, &[])?;
             let https = tls::acceptor(&config.tls, &[b"http/1.1"])?;
@@ -156,9 +166,9 @@ impl Server {
             None
         };
 
-        let coap_socket = coap::bind_udp(ip, config.coap.port, config.coap.multicast)
-            .with_context(|| format!("binding CoAP listener on {ip}:{}", config.coap.port))?;
-        let coaps_socket = if config.coap.dtls {
+        let coap_socket = coap::bind_udp(plain_ip, config.coap.port, config.coap.multicast)
+            .with_context(|| format!("binding CoAP listener on {plain_ip}:{}", config.coap.port))?;
+        let coaps_socket = if config.coaps_enabled() {
             Some(
                 coap::bind_udp(ip, config.coap.dtls_port, false).with_context(|| {
                     format!("binding CoAPS listener on {ip}:{}", config.coap.dtls_port)
@@ -225,6 +235,10 @@ impl Server {
             pipeline::Pipeline::new(store.clone(), broker.clone(), config.telemetry.clone())
                 .with_rules(rules.clone()),
         );
+        pipeline
+            .load_device_policies()
+            .await
+            .context("loading the devices' freshness policies")?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut listeners = JoinSet::new();
         let connections = TaskTracker::new();
@@ -267,13 +281,21 @@ impl Server {
             Duration::from_secs(config.mqtt.sys_interval_secs),
             shutdown_rx.clone(),
         ));
-        let firmware_base = config.firmware.public_url.clone().unwrap_or_else(|| {
-            let mut addr = http_addr;
-            if addr.ip().is_unspecified() {
-                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        // Devices download over HTTPS when plain HTTP is not theirs to use.
+        let (scheme, mut addr) = match &tls {
+            Some((_, _, _, https)) if config.tls.require_encryption => {
+                ("https", https.local_addr()?)
             }
-            format!("http://{addr}")
-        });
+            _ => ("http", http_addr),
+        };
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        let firmware_base = config
+            .firmware
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("{scheme}://{addr}"));
         let firmware = Arc::new(
             firmware::Firmware::open(
                 store.clone(),
@@ -314,7 +336,7 @@ impl Server {
             listeners.spawn(http::serve_https(
                 https_listener,
                 https,
-                app.clone(),
+                http::with_hsts(app.clone(), config.tls.hsts_max_age_secs),
                 connections.clone(),
                 shutdown_rx.clone(),
             ));
@@ -329,7 +351,7 @@ impl Server {
         });
         let coap_addr = coap_socket.local_addr()?;
         if config.coap.multicast {
-            match coap::bind_multicast(coap_addr.port()) {
+            match coap::bind_multicast(coap_addr.ip(), coap_addr.port()) {
                 Ok(sockets) => {
                     for s in sockets {
                         listeners.spawn(coap::serve(

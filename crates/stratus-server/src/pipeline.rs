@@ -7,9 +7,19 @@
 //! refused with nothing stored and its nonce not burned. [`Pipeline::ingest`] returns only
 //! once the points are durable, so the transport may then acknowledge (HTTP 202, MQTT
 //! PUBACK, CoAP 2.04).
+//!
+//! Freshness is required of a message when `[telemetry] require_freshness` is on, or when its
+//! device's own policy is ([`stratus_store::Device::require_freshness`]). The pipeline keeps
+//! the ids of the devices with the policy in memory ([`Pipeline::load_device_policies`] at
+//! start, [`Pipeline::set_device_requires_freshness`] on every change), so deciding costs a
+//! set lookup, never a store read, and nothing at all while no device has the policy.
 
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
+
+use parking_lot::RwLock;
 
 use bytes::Bytes;
 use stratus_mqtt::{Message as MqttMessage, MqttStr, QoS};
@@ -99,6 +109,37 @@ pub struct Pipeline {
     guard: FreshnessGuard,
     config: TelemetryConfig,
     rules: Option<Arc<crate::rules::Rules>>,
+    strict: StrictDevices,
+}
+
+/// The devices whose own policy requires freshness.
+#[derive(Default)]
+struct StrictDevices {
+    ids: RwLock<HashSet<Box<str>>>,
+    /// `!ids.is_empty()`, read without the lock.
+    any: AtomicBool,
+}
+
+impl StrictDevices {
+    fn contains(&self, device: &str) -> bool {
+        self.any.load(Ordering::Acquire) && self.ids.read().contains(device)
+    }
+
+    fn set(&self, device: &str, on: bool) {
+        let mut ids = self.ids.write();
+        if on {
+            ids.insert(device.into());
+        } else {
+            ids.remove(device);
+        }
+        self.any.store(!ids.is_empty(), Ordering::Release);
+    }
+
+    fn replace(&self, all: impl IntoIterator<Item = String>) {
+        let mut ids = self.ids.write();
+        *ids = all.into_iter().map(String::into_boxed_str).collect();
+        self.any.store(!ids.is_empty(), Ordering::Release);
+    }
 }
 
 impl Pipeline {
@@ -110,7 +151,30 @@ impl Pipeline {
             broker,
             config,
             rules: None,
+            strict: StrictDevices::default(),
         }
+    }
+
+    /// Loads which devices require freshness from the store (once, before serving).
+    pub async fn load_device_policies(&self) -> Result<(), StoreError> {
+        let ids = self.store.devices_requiring_freshness().await?;
+        if !ids.is_empty() {
+            tracing::info!(devices = ids.len(), "devices requiring fresh messages");
+        }
+        self.strict.replace(ids);
+        Ok(())
+    }
+
+    /// Records device `id`'s own freshness policy after the store changed it (`false` also
+    /// when the device is deleted).
+    pub fn set_device_requires_freshness(&self, id: &str, on: bool) {
+        self.strict.set(id, on);
+    }
+
+    /// Whether every message of `device` must carry `sent` and `nonce`: the server-wide
+    /// `[telemetry] require_freshness` or the device's own policy.
+    pub fn requires_freshness(&self, device: &str) -> bool {
+        self.config.require_freshness || self.strict.contains(device)
     }
 
     /// Feeds every stored record to `rules` (and their devices' connectivity).
@@ -168,7 +232,7 @@ impl Pipeline {
         let message = ingest::parse(payload, format, &self.config.limits, now)?;
         let reservation =
             self.guard
-                .check_message(device, &message, self.config.require_freshness, now)?;
+                .check_message(device, &message, self.requires_freshness(device), now)?;
         let records = message.records.len();
         // The records for the rules and the live stream, only when someone reads them; built
         // while the points move to the store (no allocation per record).
@@ -278,5 +342,102 @@ impl Pipeline {
     /// Drops nonces older than the window (call now and then).
     pub fn prune(&self) {
         self.guard.prune(crate::persist::now_ms() as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Config, Server};
+
+    #[tokio::test]
+    async fn a_device_policy_requires_freshness_of_that_device_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Config::default();
+        c.server.data_dir = dir.path().to_path_buf();
+        c.mqtt.port = 0;
+        c.http.port = 0;
+        c.coap.port = 0;
+        let server = Server::start(c).await.unwrap();
+        let store = server.broker.persistence().unwrap().store().clone();
+        for id in ["lax", "strict"] {
+            crate::api::devices::register(
+                &store,
+                server.auth.psk_sealer(),
+                "admin",
+                id,
+                serde_json::Value::Null,
+            )
+            .await
+            .unwrap();
+        }
+        let p = Pipeline::new(
+            store.clone(),
+            server.broker.clone(),
+            TelemetryConfig::default(),
+        );
+        let send = |device: &'static str, body: String| {
+            let p = &p;
+            async move {
+                p.ingest(device, Bytes::from(body), ContentFormat::Json, Source::Http)
+                    .await
+            }
+        };
+        let bare = || r#"{"v": 1}"#.to_string();
+        let fresh = |nonce: &str| {
+            format!(
+                r#"{{"sent": {}, "nonce": "{nonce}", "v": 2}}"#,
+                crate::persist::now_ms()
+            )
+        };
+        assert!(send("strict", bare()).await.is_ok(), "no policy yet");
+
+        let d = crate::api::devices::apply_patch(
+            &store,
+            "admin",
+            "strict",
+            serde_json::json!({"require_freshness": true}),
+        )
+        .await
+        .unwrap();
+        assert!(d.require_freshness);
+        p.set_device_requires_freshness("strict", d.require_freshness);
+        assert!(p.requires_freshness("strict") && !p.requires_freshness("lax"));
+        assert!(matches!(
+            send("strict", bare()).await,
+            Err(Rejected::Replay(Replay::Missing { .. }))
+        ));
+        assert!(
+            send("lax", bare()).await.is_ok(),
+            "another device is not affected"
+        );
+        assert!(send("strict", fresh("n-1")).await.is_ok());
+        assert!(matches!(
+            send("strict", fresh("n-1")).await,
+            Err(Rejected::Replay(Replay::Reused))
+        ));
+
+        // A new pipeline (a restart) learns the policy from the store.
+        let again = Pipeline::new(
+            store.clone(),
+            server.broker.clone(),
+            TelemetryConfig::default(),
+        );
+        assert!(!again.requires_freshness("strict"));
+        again.load_device_policies().await.unwrap();
+        assert!(again.requires_freshness("strict") && !again.requires_freshness("lax"));
+        // Off again; the server-wide policy covers every device.
+        p.set_device_requires_freshness("strict", false);
+        assert!(send("strict", bare()).await.is_ok());
+        let global = Pipeline::new(
+            store,
+            server.broker.clone(),
+            TelemetryConfig {
+                require_freshness: true,
+                ..TelemetryConfig::default()
+            },
+        );
+        assert!(global.requires_freshness("lax"));
+        server.shutdown(std::time::Duration::from_secs(5)).await;
     }
 }

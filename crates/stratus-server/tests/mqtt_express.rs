@@ -93,6 +93,7 @@ async fn messages_sent_one_at_a_time_take_the_lane_whole_and_in_order() {
         data_dir: Some(dir.path().to_path_buf()),
         mqtt_port: Some(0),
         http_port: Some(0),
+        coap_port: Some(0),
         allow_anonymous: true,
         ..Default::default()
     };

@@ -87,6 +87,7 @@ async fn parked_connections_wake_for_everything_and_never_spin() {
         data_dir: Some(dir.path().to_path_buf()),
         mqtt_port: Some(0),
         http_port: Some(0),
+        coap_port: Some(0),
         allow_anonymous: true,
         ..Default::default()
     };

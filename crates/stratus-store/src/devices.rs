@@ -28,6 +28,9 @@ pub struct Device {
     pub firmware: Option<Json>,
     /// When it was last heard from, Unix epoch milliseconds, if ever.
     pub last_seen_ms: Option<i64>,
+    /// Its own replay policy: every message must carry `sent` and `nonce` (on top of the
+    /// server-wide `[telemetry] require_freshness`). Off for a new device.
+    pub require_freshness: bool,
 }
 
 /// The desired configuration of a device.
@@ -168,6 +171,10 @@ pub trait DeviceStore: WriteBackend {
     /// [`Write::SetCoapPsk`]).
     fn coap_psks(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 
+    /// The ids of every device whose own policy requires freshness (see
+    /// [`Device::require_freshness`]), ordered by id.
+    fn devices_requiring_freshness(&self) -> Result<Vec<String>, StoreError>;
+
     /// Registers a device; [`StoreError::Conflict`] if the id is taken (by a device or client).
     fn create_device(&self, new: NewDevice) -> Result<Device, StoreError> {
         self.write_one(Write::CreateDevice(new))?.into_device()
@@ -184,6 +191,12 @@ pub trait DeviceStore: WriteBackend {
             update,
         })?
         .into_device()
+    }
+
+    /// Turns the device's own freshness requirement on or off; returns the device.
+    fn set_require_freshness(&self, id: &str, on: bool) -> Result<Device, StoreError> {
+        self.write_one(Write::SetRequireFreshness { id: id.into(), on })?
+            .into_device()
     }
 
     /// Replaces the secret hash (rotation).

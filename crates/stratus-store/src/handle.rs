@@ -160,6 +160,19 @@ impl StoreHandle {
         .into_device()
     }
 
+    /// See [`DeviceStore::set_require_freshness`](crate::DeviceStore::set_require_freshness).
+    pub async fn set_require_freshness(&self, id: &str, on: bool) -> Result<Device, StoreError> {
+        self.write_one(Write::SetRequireFreshness { id: id.into(), on })
+            .await?
+            .into_device()
+    }
+
+    /// See
+    /// [`DeviceStore::devices_requiring_freshness`](crate::DeviceStore::devices_requiring_freshness).
+    pub async fn devices_requiring_freshness(&self) -> Result<Vec<String>, StoreError> {
+        self.read(|s| s.devices_requiring_freshness()).await
+    }
+
     /// See [`DeviceStore::set_device_secret`](crate::DeviceStore::set_device_secret).
     pub async fn set_device_secret(&self, id: &str, secret_hash: &str) -> Result<(), StoreError> {
         self.write_one(Write::SetDeviceSecret {

@@ -30,6 +30,14 @@ pub enum Write {
         /// How to change them.
         update: AttributeUpdate,
     },
+    /// Turn a device's own freshness (replay) requirement on or off. Output:
+    /// [`Output::Device`].
+    SetRequireFreshness {
+        /// Device id.
+        id: String,
+        /// Whether its messages must carry `sent` and `nonce`.
+        on: bool,
+    },
     /// Replace a device's secret hash (rotation). Output: [`Output::Done`].
     SetDeviceSecret {
         /// Device id.

@@ -696,3 +696,37 @@ fn coap_keys_are_kept_per_device() {
     assert!(s.coap_psks().unwrap().is_empty());
     assert_eq!(s.device("b").unwrap().unwrap().id, "b");
 }
+
+/// A database whose `devices` table predates `require_freshness` gets the column once, off
+/// for the devices already there, and keeps what is set across a reopen.
+#[test]
+fn the_require_freshness_column_is_added_to_an_older_database() {
+    let (_dir, path) = temp_db("fresh.db");
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             CREATE TABLE devices (id TEXT PRIMARY KEY, secret_hash TEXT NOT NULL,
+                 attributes TEXT NOT NULL, created_at_ms INTEGER NOT NULL,
+                 desired_version INTEGER NOT NULL, desired TEXT NOT NULL,
+                 desired_updated_ms INTEGER NOT NULL, reported TEXT, reported_updated_ms INTEGER,
+                 firmware TEXT, last_seen_ms INTEGER) WITHOUT ROWID;
+             INSERT INTO devices (id, secret_hash, attributes, created_at_ms, desired_version,
+                                  desired, desired_updated_ms)
+             VALUES ('old', 'h', '{}', 1, 0, '{}', 1);
+             PRAGMA user_version = 3;",
+        )
+        .unwrap();
+    }
+    {
+        let s = SqliteStore::open(&path).unwrap();
+        assert!(!s.device("old").unwrap().unwrap().require_freshness);
+        assert!(
+            s.set_require_freshness("old", true)
+                .unwrap()
+                .require_freshness
+        );
+    }
+    let s = SqliteStore::open(&path).unwrap();
+    assert_eq!(s.devices_requiring_freshness().unwrap(), vec!["old"]);
+}

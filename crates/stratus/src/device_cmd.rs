@@ -1,5 +1,5 @@
-//! `stratus device add|list|show|rm|rotate-secret|psk`: the device registry from the command
-//! line, through a running server's HTTP API (as the `admin` client) or, with `--data-dir`,
+//! `stratus device add|list|show|set|rm|rotate-secret|psk`: the device registry from the
+//! command line, through a running server's HTTP API (as the `admin` client) or, with `--data-dir`,
 //! directly on a data dir's store.
 //!
 //! Both ways run the same registry code (`stratus_server::api::devices`), print the same JSON
@@ -35,6 +35,8 @@ Without --server and --data-dir, when no server answers at the default address a
 Examples:
   stratus device add pump-7 --attr site=north --attr floor=2
   stratus device list --json
+  stratus device set pump-7 --require-freshness on   (its messages must carry sent + nonce)
+  stratus device set pump-7 --attr floor=3 --attr old-key=null
   stratus device rotate-secret pump-7
   stratus device psk pump-7 --secret \"$SECRET\"   (the CoAPS key: coap-client -u pump-7 -k KEY)
   stratus device rm pump-7 --data-dir /var/lib/stratus")]
@@ -69,6 +71,20 @@ enum DeviceCommand {
         /// Device id.
         id: String,
     },
+    /// Change a device: merge attributes, turn its own freshness (replay) policy on or off.
+    /// The same merge patch as `PATCH /api/v1/devices/{id}`.
+    Set {
+        /// Device id.
+        id: String,
+        /// Require `sent` and `nonce` in every telemetry message of this device (replays and
+        /// messages without them are refused: HTTP 409, CoAP 4.09, MQTT v5 0x99).
+        #[arg(long, value_name = "on|off", value_parser = parse_switch)]
+        require_freshness: Option<bool>,
+        /// An attribute to set, merged into the others; VALUE is read as JSON when it parses,
+        /// else as text; `KEY=null` removes the attribute.
+        #[arg(long = "attr", value_name = "KEY=VALUE")]
+        attrs: Vec<String>,
+    },
     /// Delete a device with its telemetry; its credentials stop working.
     #[command(visible_alias = "remove")]
     Rm {
@@ -95,6 +111,7 @@ enum DeviceCommand {
 /// Runs `stratus device …`.
 pub fn run(args: DeviceArgs) -> anyhow::Result<()> {
     if let DeviceCommand::Add { id, .. }
+    | DeviceCommand::Set { id, .. }
     | DeviceCommand::Show { id }
     | DeviceCommand::Rm { id }
     | DeviceCommand::RotateSecret { id }
@@ -110,13 +127,18 @@ pub fn run(args: DeviceArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let attributes = match &args.command {
+    let body = match &args.command {
         DeviceCommand::Add { attrs, .. } => parse_attributes(attrs)?,
+        DeviceCommand::Set {
+            attrs,
+            require_freshness,
+            ..
+        } => set_patch(attrs, *require_freshness)?,
         _ => Value::Null,
     };
     admin::block_on(async move {
         let backend = Backend::open(&args).await?;
-        let out = backend.execute(&args.command, attributes).await?;
+        let out = backend.execute(&args.command, body).await?;
         print!("{}", render(&args.command, &out, args.json));
         Ok(())
     })
@@ -137,6 +159,33 @@ fn parse_attributes(pairs: &[String]) -> anyhow::Result<Value> {
         map.insert(key.to_string(), value);
     }
     Ok(Value::Object(map))
+}
+
+/// `on`/`off` (also true/false, yes/no, 1/0).
+fn parse_switch(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
+        _ => Err(format!("{s:?}: expected on or off")),
+    }
+}
+
+/// The merge patch of `stratus device set` (a usage error when it would change nothing).
+fn set_patch(attrs: &[String], require_freshness: Option<bool>) -> anyhow::Result<Value> {
+    let mut patch = Map::new();
+    if !attrs.is_empty() {
+        patch.insert("attributes".into(), parse_attributes(attrs)?);
+    }
+    if let Some(on) = require_freshness {
+        patch.insert("require_freshness".into(), Value::Bool(on));
+    }
+    if patch.is_empty() {
+        return Err(UsageError(
+            "stratus device set: nothing to change (give --require-freshness or --attr)".into(),
+        )
+        .into());
+    }
+    Ok(Value::Object(patch))
 }
 
 /// Where the registry is.
@@ -196,20 +245,24 @@ impl Backend {
         }
     }
 
-    /// Runs the command; the answer in the API's JSON shape.
-    async fn execute(&self, command: &DeviceCommand, attributes: Value) -> anyhow::Result<Value> {
+    /// Runs the command; the answer in the API's JSON shape. `body` is what the command
+    /// sends: the attributes of `add`, the merge patch of `set`.
+    async fn execute(&self, command: &DeviceCommand, body: Value) -> anyhow::Result<Value> {
         match self {
             Backend::Server(client) => {
                 let (method, path, body) = match command {
                     DeviceCommand::Add { id, .. } => (
                         Method::POST,
                         "/api/v1/devices".to_string(),
-                        Some(json!({"id": id, "attributes": attributes})),
+                        Some(json!({"id": id, "attributes": body})),
                     ),
                     DeviceCommand::List => return list_all(client).await,
                     DeviceCommand::Psk { id, secret } => return Ok(psk_answer(id, secret)),
                     DeviceCommand::Show { id } => {
                         (Method::GET, format!("/api/v1/devices/{id}"), None)
+                    }
+                    DeviceCommand::Set { id, .. } => {
+                        (Method::PATCH, format!("/api/v1/devices/{id}"), Some(body))
                     }
                     DeviceCommand::Rm { id } => {
                         (Method::DELETE, format!("/api/v1/devices/{id}"), None)
@@ -224,7 +277,7 @@ impl Backend {
                     _ => answer,
                 })
             }
-            Backend::Store(store, psk) => execute_on_store(store, psk, command, attributes).await,
+            Backend::Store(store, psk) => execute_on_store(store, psk, command, body).await,
         }
     }
 }
@@ -259,17 +312,18 @@ fn actor() -> String {
     }
 }
 
+/// Runs the command on a store; `body` as for [`Backend::execute`].
 async fn execute_on_store(
     store: &StoreHandle,
     psk: &PskSealer,
     command: &DeviceCommand,
-    attributes: Value,
+    body: Value,
 ) -> anyhow::Result<Value> {
     let actor = actor();
     let not_found = |id: &str| anyhow::anyhow!("device {id:?} not found");
     Ok(match command {
         DeviceCommand::Add { id, .. } => {
-            let r = registry::register(store, psk, &actor, id, attributes).await?;
+            let r = registry::register(store, psk, &actor, id, body).await?;
             serde_json::to_value(CreatedDevice {
                 device: DeviceView::from(&r.device),
                 secret: r.secret,
@@ -290,6 +344,10 @@ async fn execute_on_store(
         }
         DeviceCommand::Show { id } => {
             let device = store.device(id).await?.ok_or_else(|| not_found(id))?;
+            serde_json::to_value(DeviceView::from(&device))?
+        }
+        DeviceCommand::Set { id, .. } => {
+            let device = registry::apply_patch(store, &actor, id, body).await?;
             serde_json::to_value(DeviceView::from(&device))?
         }
         DeviceCommand::Rm { id } => {
@@ -346,7 +404,7 @@ fn render(command: &DeviceCommand, out: &Value, as_json: bool) -> String {
             text(out, "secret")
         ),
         DeviceCommand::Rm { .. } => format!("deleted device {}\n", text(out, "id")),
-        DeviceCommand::Show { .. } => render_device(out),
+        DeviceCommand::Show { .. } | DeviceCommand::Set { .. } => render_device(out),
         DeviceCommand::List => render_table(out.as_array().map_or(&[][..], Vec::as_slice)),
         DeviceCommand::Psk { .. } => format!("{}\n", text(out, "psk")),
     }
@@ -375,6 +433,11 @@ fn render_device(d: &Value) -> String {
         _ => s.push_str("reported:   -\n"),
     }
     s.push_str(&format!("firmware:   {}\n", text(d, "firmware")));
+    let fresh = match d.get("require_freshness") {
+        Some(Value::Bool(true)) => "required (sent + nonce in every message)",
+        _ => "not required of this device",
+    };
+    s.push_str(&format!("freshness:  {fresh}\n"));
     s
 }
 
@@ -449,6 +512,23 @@ mod tests {
     }
 
     #[test]
+    fn set_needs_something_to_change_and_takes_on_or_off() {
+        assert_eq!(
+            set_patch(&[], Some(false)).unwrap(),
+            json!({"require_freshness": false})
+        );
+        assert_eq!(
+            set_patch(&["a=1".into()], None).unwrap(),
+            json!({"attributes": {"a": 1}})
+        );
+        let e = set_patch(&[], None).unwrap_err();
+        assert_eq!(admin::exit_code(&e), 2);
+        assert_eq!(parse_switch("ON"), Ok(true));
+        assert_eq!(parse_switch("off"), Ok(false));
+        assert!(parse_switch("maybe").is_err());
+    }
+
+    #[test]
     fn the_table_lines_up() {
         let devices = vec![
             json!({"id": "a", "last_seen": null, "desired": {"version": 0}, "attributes": {}}),
@@ -494,6 +574,18 @@ mod tests {
             .await?;
             assert!(shown.get("secret").is_none());
             assert!(!shown.to_string().contains("argon2"));
+            assert_eq!(shown["require_freshness"], json!(false));
+            let set = DeviceCommand::Set {
+                id: "d1".into(),
+                require_freshness: Some(true),
+                attrs: vec!["k=null".into(), "site=north".into()],
+            };
+            let patch = set_patch(&["k=null".into(), "site=north".into()], Some(true))?;
+            let changed = execute_on_store(&store, &psk, &set, patch).await?;
+            assert_eq!(changed["require_freshness"], json!(true));
+            assert_eq!(changed["attributes"], json!({"site": "north"}));
+            assert!(render(&set, &changed, false).contains("freshness:  required"));
+            assert_eq!(store.devices_requiring_freshness().await?, ["d1"]);
             let listed = execute_on_store(&store, &psk, &DeviceCommand::List, Value::Null).await?;
             assert_eq!(listed.as_array().unwrap().len(), 1);
             let rotated = execute_on_store(
@@ -527,7 +619,12 @@ mod tests {
                 .collect();
             assert_eq!(
                 actions,
-                ["device.create", "device.secret.rotate", "device.delete"]
+                [
+                    "device.create",
+                    "device.update",
+                    "device.secret.rotate",
+                    "device.delete"
+                ]
             );
             Ok(())
         })

@@ -8,6 +8,11 @@
 //! its `upload` streams the image from the file into the multipart body (reqwest's `stream`
 //! feature with tokio-util's `ReaderStream`, `futures-util` and `bytes` to chain the parts).
 //! `libc` for one call, glibc's `mallopt`, made first thing in `main` (see `alloc_tuning`).
+//! `stratus tls init` (see `tls_cmd`) makes its CA and certificates with `rcgen` (with its
+//! `x509-parser` feature, to sign with an existing CA), reads them back with `x509-parser` and
+//! `rustls-pki-types` (both already the server's), and edits the configuration file with
+//! `toml_edit`, the format-preserving TOML editor under the `toml` crate figment already
+//! uses (so a user's comments and layout survive).
 
 use std::io::IsTerminal;
 use std::net::IpAddr;
@@ -26,6 +31,7 @@ mod audit_cmd;
 mod device_cmd;
 mod firmware_cmd;
 mod sim;
+mod tls_cmd;
 
 /// Stratus: an IoT cloud in one binary.
 #[derive(Parser, Debug)]
@@ -49,6 +55,9 @@ enum Command {
     Audit(audit_cmd::AuditArgs),
     /// Simulate a fleet of devices (MQTT, HTTP, CoAP) against a running server.
     Sim(sim::SimArgs),
+    /// TLS without a PKI: `stratus tls init` makes a local CA and a server certificate and
+    /// wires them into the configuration.
+    Tls(tls_cmd::TlsArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -108,6 +117,7 @@ fn main() -> ExitCode {
         Command::Firmware(args) => report(firmware_cmd::run(args)),
         Command::Audit(args) => report(audit_cmd::run(args)),
         Command::Sim(args) => report(sim::run(args)),
+        Command::Tls(args) => report(tls_cmd::run(args)),
     }
 }
 

@@ -10,7 +10,7 @@
 //! {"id": "pump-7", "attributes": {"site": "north"}, "created_at": "…", "last_seen": "…" | null,
 //!  "desired": {"version": 2, "config": {"interval": 5}, "updated_at": "…"},
 //!  "reported": {"config": {"interval": 5}, "updated_at": "…"} | null,
-//!  "firmware": {…} | null}
+//!  "firmware": {…} | null, "require_freshness": false}
 //! ```
 //! The secret is shown only in the answers of `POST /api/v1/devices` (201, the device above
 //! plus `"secret"`) and `POST /api/v1/devices/{id}/secret` (200, `{"id", "secret"}`); its
@@ -18,9 +18,15 @@
 //! pass `next` as `?after=` for the next page (`null` on the last page).
 //!
 //! `PATCH /api/v1/devices/{id}` is an RFC 7396 JSON merge patch of the device as shown above
-//! (`application/merge-patch+json` or `application/json`); only `attributes` may change, so a
-//! patch is `{"attributes": {"site": "south", "old-key": null}}` (`"attributes": null` clears
-//! them all).
+//! (`application/merge-patch+json` or `application/json`); only `attributes` and
+//! `require_freshness` may change, so a patch is
+//! `{"attributes": {"site": "south", "old-key": null}}` (`"attributes": null` clears them all)
+//! or `{"require_freshness": true}`, or both in one patch (one job, one audit entry).
+//!
+//! `require_freshness` is the device's own replay policy: when it is on, every telemetry
+//! message of the device must carry `sent` and `nonce` (HTTP 409, CoAP 4.09, MQTT v5 0x99
+//! otherwise), whatever `[telemetry] require_freshness` says for the others. The running
+//! pipeline learns the change at once ([`crate::pipeline::Pipeline::set_device_requires_freshness`]).
 //!
 //! ## Who may do what
 //! Every route here needs the scope `devices:write` (or `admin`): 401 `invalid_token` without
@@ -42,7 +48,7 @@
 //! it: the old PSK stops working with the old secret. A device registered before keys were
 //! stored has none until its next rotation.
 //!
-//! The registry operations ([`register`], [`rotate_secret`], [`remove`], [`patch_attributes`]) take only
+//! The registry operations ([`register`], [`rotate_secret`], [`remove`], [`apply_patch`]) take only
 //! a [`StoreHandle`] (and the [`PskSealer`]), so `stratus device --data-dir` runs the very same code on a stopped
 //! server's store. The handlers add what a live server needs: the principal directory
 //! ([`Auth`](crate::auth::Auth)) and the live broker's retained messages.
@@ -105,6 +111,10 @@ pub struct DeviceView {
     /// Firmware state, kept by the firmware service, if any.
     #[schema(value_type = Option<Object>)]
     pub firmware: Option<Value>,
+    /// Its own replay policy: every telemetry message must carry `sent` and `nonce` (the
+    /// server-wide `[telemetry] require_freshness` applies on top).
+    #[serde(default)]
+    pub require_freshness: bool,
     /// Whether it is connected (MQTT) or was heard from recently (HTTP, CoAP).
     #[serde(default)]
     pub online: bool,
@@ -142,6 +152,7 @@ impl From<&Device> for DeviceView {
             desired: ConfigDocument::from(&d.desired),
             reported: d.reported.as_ref().map(ReportedDocument::from),
             firmware: d.firmware.clone(),
+            require_freshness: d.require_freshness,
             online: false,
             last_seen_ms: d.last_seen_ms,
             open_alarms: 0,
@@ -187,6 +198,18 @@ pub struct SecretView {
     pub id: String,
     /// The new secret: shown only here. The old one and the tokens issued with it stop working.
     pub secret: String,
+}
+
+/// The body of `PATCH /api/v1/devices/{id}`: an RFC 7396 merge patch of the device; members
+/// left out do not change.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DevicePatchBody {
+    /// Merged into the attributes (a member set to `null` is removed); `null` clears them all.
+    #[schema(value_type = Option<Object>)]
+    pub attributes: Option<Value>,
+    /// The device's own replay policy (`true` or `false`).
+    pub require_freshness: Option<bool>,
 }
 
 /// Paging of `GET /api/v1/devices`.
@@ -395,60 +418,104 @@ pub async fn remove(store: &StoreHandle, actor: &str, id: &str) -> Result<(), St
     Ok(())
 }
 
-/// Applies an RFC 7396 merge patch of the device representation (only `attributes` may be in
-/// it) and audits it (`device.update`, detail = the patch). An empty patch changes nothing
-/// and is not audited.
-pub async fn patch_attributes(
+/// What a merge patch of the device representation changes; `None`s change nothing.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct DevicePatch {
+    /// How the attributes change.
+    pub attributes: Option<AttributeUpdate>,
+    /// The device's own freshness policy.
+    pub require_freshness: Option<bool>,
+}
+
+impl DevicePatch {
+    /// Whether the patch changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.attributes.is_none() && self.require_freshness.is_none()
+    }
+}
+
+/// Applies an RFC 7396 merge patch of the device representation (only `attributes` and
+/// `require_freshness` may be in it) and audits it (`device.update`, detail = the patch), in
+/// one job. An empty patch changes nothing and is not audited.
+pub async fn apply_patch(
     store: &StoreHandle,
     actor: &str,
     id: &str,
     patch: Value,
 ) -> Result<Device, StoreError> {
     check_device_id(id)?;
-    let update = attribute_update(&patch)?;
-    let Some(update) = update else {
+    let change = device_patch(&patch)?;
+    if change.is_empty() {
         return store.device(id).await?.ok_or_else(|| StoreError::NotFound {
             kind: "device",
             id: id.to_string(),
         });
-    };
-    let now = now_ms();
-    let mut outputs = store
-        .write(vec![
-            Write::UpdateAttributes {
-                id: id.to_string(),
-                update,
-            },
-            audit(actor, "device.update", id, patch, now),
-        ])
-        .await?
-        .into_iter();
-    match outputs.next() {
-        Some(Output::Device(device)) => Ok(device),
-        _ => Err(unexpected("the updated device")),
     }
+    let mut job = Vec::with_capacity(3);
+    if let Some(on) = change.require_freshness {
+        job.push(Write::SetRequireFreshness {
+            id: id.to_string(),
+            on,
+        });
+    }
+    if let Some(update) = change.attributes {
+        job.push(Write::UpdateAttributes {
+            id: id.to_string(),
+            update,
+        });
+    }
+    job.push(audit(actor, "device.update", id, patch, now_ms()));
+    // The last write that answers the device ran after the others: it shows them all.
+    store
+        .write(job)
+        .await?
+        .into_iter()
+        .rev()
+        .find_map(|o| match o {
+            Output::Device(d) => Some(d),
+            _ => None,
+        })
+        .ok_or_else(|| unexpected("the updated device"))
 }
 
-/// What a merge patch of the device representation does to its attributes (`None`: nothing).
-pub fn attribute_update(patch: &Value) -> Result<Option<AttributeUpdate>, StoreError> {
+/// What a merge patch of the device representation does.
+pub fn device_patch(patch: &Value) -> Result<DevicePatch, StoreError> {
     let Value::Object(members) = patch else {
         return Err(StoreError::Invalid(
             "a device merge patch must be a JSON object such as {\"attributes\": {…}}".into(),
         ));
     };
-    if let Some(other) = members.keys().find(|k| k.as_str() != "attributes") {
+    if let Some(other) = members
+        .keys()
+        .find(|k| !matches!(k.as_str(), "attributes" | "require_freshness"))
+    {
         return Err(StoreError::Invalid(format!(
-            "{other:?} cannot be changed: only \"attributes\" may be patched"
+            "{other:?} cannot be changed: only \"attributes\" and \"require_freshness\" may be patched"
         )));
     }
-    match members.get("attributes") {
-        None => Ok(None),
-        Some(Value::Null) => Ok(Some(AttributeUpdate::Replace(Value::Null))),
-        Some(attrs @ Value::Object(_)) => Ok(Some(AttributeUpdate::Merge(attrs.clone()))),
-        Some(_) => Err(StoreError::Invalid(
-            "\"attributes\" must be a JSON object or null".into(),
-        )),
-    }
+    let attributes = match members.get("attributes") {
+        None => None,
+        Some(Value::Null) => Some(AttributeUpdate::Replace(Value::Null)),
+        Some(attrs @ Value::Object(_)) => Some(AttributeUpdate::Merge(attrs.clone())),
+        Some(_) => {
+            return Err(StoreError::Invalid(
+                "\"attributes\" must be a JSON object or null".into(),
+            ))
+        }
+    };
+    let require_freshness = match members.get("require_freshness") {
+        None => None,
+        Some(Value::Bool(on)) => Some(*on),
+        Some(_) => {
+            return Err(StoreError::Invalid(
+                "\"require_freshness\" must be true or false".into(),
+            ))
+        }
+    };
+    Ok(DevicePatch {
+        attributes,
+        require_freshness,
+    })
 }
 
 // ---- helpers shared with the submodules ------------------------------------------------------
@@ -656,14 +723,17 @@ async fn get_device(
     Ok(Json(DeviceView::from(&device).with_status(&state)))
 }
 
-/// Changes a device's attributes with an RFC 7396 merge patch of the device.
+/// Changes a device's attributes or its own freshness policy with an RFC 7396 merge patch of
+/// the device.
 #[utoipa::path(
     patch,
     path = "/api/v1/devices/{id}",
     tag = "devices",
     params(("id" = String, Path, description = "Device id")),
-    request_body(content = Object, content_type = "application/merge-patch+json",
-        description = "`{\"attributes\": {…}}`: members set to null are removed"),
+    request_body(content = DevicePatchBody, content_type = "application/merge-patch+json",
+        description = "`{\"attributes\": {…}, \"require_freshness\": true}`: attribute members set to \
+            null are removed; with `require_freshness` on, the device's telemetry messages must carry \
+            `sent` and `nonce` (409 / CoAP 4.09 / MQTT v5 0x99 otherwise)"),
     responses(
         (status = 200, description = "The device after the patch", body = DeviceView),
         (status = 400, description = "Bad id or patch", body = ErrorBody),
@@ -685,7 +755,10 @@ async fn patch_device(
     valid_id(&id)?;
     check_merge_patch_type(&headers)?;
     let body = json_body(body)?;
-    let device = patch_attributes(&state.store, &actor, &id, body).await?;
+    let device = apply_patch(&state.store, &actor, &id, body).await?;
+    state
+        .ingest
+        .set_device_requires_freshness(&id, device.require_freshness);
     if let Some(rules) = state.ingest.rules() {
         rules.device_attributes(&id, device.attributes.clone());
     }
@@ -746,6 +819,7 @@ async fn delete_device(
     state
         .broker
         .end_sessions(&crate::broker::Owner::Device(id.as_str().into()), None);
+    state.ingest.set_device_requires_freshness(&id, false);
     if let Some(rules) = state.ingest.rules() {
         rules.forget_device(&id);
     }
@@ -803,26 +877,43 @@ mod tests {
     }
 
     #[test]
-    fn a_device_patch_may_only_touch_attributes() {
-        let merge = attribute_update(&json!({"attributes": {"a": 1, "b": null}})).unwrap();
+    fn a_device_patch_may_only_touch_attributes_and_require_freshness() {
+        let merge = device_patch(&json!({"attributes": {"a": 1, "b": null}})).unwrap();
         assert_eq!(
-            merge,
+            merge.attributes,
             Some(AttributeUpdate::Merge(json!({"a": 1, "b": null})))
         );
+        assert_eq!(merge.require_freshness, None);
         assert_eq!(
-            attribute_update(&json!({"attributes": null})).unwrap(),
+            device_patch(&json!({"attributes": null}))
+                .unwrap()
+                .attributes,
             Some(AttributeUpdate::Replace(Value::Null))
         );
-        assert_eq!(attribute_update(&json!({})).unwrap(), None);
+        assert!(device_patch(&json!({})).unwrap().is_empty());
+        assert_eq!(
+            device_patch(&json!({"require_freshness": true})).unwrap(),
+            DevicePatch {
+                attributes: None,
+                require_freshness: Some(true)
+            }
+        );
+        let both =
+            device_patch(&json!({"require_freshness": false, "attributes": {"k": 1}})).unwrap();
+        assert_eq!(both.require_freshness, Some(false));
+        assert!(both.attributes.is_some());
         for bad in [
             json!({"id": "x"}),
             json!({"attributes": {}, "secret": "s"}),
             json!({"attributes": [1]}),
+            json!({"require_freshness": "yes"}),
+            json!({"require_freshness": null}),
+            json!({"require_freshness": 1}),
             json!("attributes"),
             json!([]),
         ] {
             assert!(
-                matches!(attribute_update(&bad), Err(StoreError::Invalid(_))),
+                matches!(device_patch(&bad), Err(StoreError::Invalid(_))),
                 "{bad}"
             );
         }
@@ -856,6 +947,7 @@ mod tests {
             reported: None,
             firmware: None,
             last_seen_ms: None,
+            require_freshness: false,
         };
         let text = serde_json::to_string(&DeviceView::from(&d)).unwrap();
         assert!(!text.contains("argon2"), "{text}");
@@ -865,7 +957,7 @@ mod tests {
                 "id": "d1", "attributes": {"k": "v"}, "created_at": "1970-01-01T00:00:00.000Z",
                 "last_seen": null,
                 "desired": {"version": 2, "config": {"x": 1}, "updated_at": "1970-01-01T00:00:01.000Z"},
-                "reported": null, "firmware": null,
+                "reported": null, "firmware": null, "require_freshness": false,
                 "online": false, "last_seen_ms": null, "open_alarms": 0
             })
         );

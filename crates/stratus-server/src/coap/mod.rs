@@ -107,7 +107,10 @@
 //! A second socket bound to 224.0.1.187 (and ff02::fd when IPv6 is there) on the CoAP port
 //! answers only `GET /.well-known/core`, after a random Leisure delay of up to
 //! `multicast_leisure_ms`, and never with an error or a reset (§8.1): a discovery whose
-//! filter matches nothing gets no answer at all.
+//! filter matches nothing gets no answer at all. The group is joined only on the interface of
+//! the plain listener's bind address ([`multicast_joins`]): with `--bind 127.0.0.1` discovery
+//! is answered on loopback and nowhere else; with a LAN address, on that LAN; with `0.0.0.0`,
+//! on the kernel's default multicast interface.
 
 pub mod dtls;
 pub mod psk;
@@ -227,31 +230,117 @@ pub fn bind_udp(ip: IpAddr, port: u16, reuse: bool) -> std::io::Result<UdpSocket
     UdpSocket::from_std(socket.into())
 }
 
-/// Binds the multicast sockets on `port`: 224.0.1.187 always (an error when that fails), and
-/// ff02::fd when IPv6 is available (skipped quietly otherwise).
-pub fn bind_multicast(port: u16) -> std::io::Result<Vec<UdpSocket>> {
-    use socket2::{Domain, Protocol, Socket, Type};
+/// Where a multicast group is joined: the interface of the address the CoAP listener binds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MulticastJoin {
+    /// 224.0.1.187 on the IPv4 interface that has this address (`IP_ADD_MEMBERSHIP` with it as
+    /// the interface address); `0.0.0.0`: the kernel's choice, the interface of the route to the
+    /// group.
+    V4(Ipv4Addr),
+    /// ff02::fd on the interface with this index (`IPV6_JOIN_GROUP`); 0: the kernel's choice.
+    V6(u32),
+}
+
+/// The memberships for a listener bound to `bind`: only on the interface of that address. A
+/// wildcard bind (`0.0.0.0`, `::`) joins 224.0.1.187 and ff02::fd on the kernel's default
+/// interface, as every multicast listener does; a specific address joins only its own
+/// interface, so `--bind 127.0.0.1` answers discovery on loopback and never on the LAN. An
+/// IPv6 address's interface is looked up in `/proc/net/if_inet6` (an error when no interface
+/// has it).
+pub fn multicast_joins(bind: IpAddr) -> std::io::Result<Vec<MulticastJoin>> {
+    match bind {
+        IpAddr::V4(a) if a.is_unspecified() => Ok(vec![MulticastJoin::V4(a), MulticastJoin::V6(0)]),
+        IpAddr::V4(a) => Ok(vec![MulticastJoin::V4(a)]),
+        IpAddr::V6(a) if a.is_unspecified() => Ok(vec![
+            MulticastJoin::V4(Ipv4Addr::UNSPECIFIED),
+            MulticastJoin::V6(0),
+        ]),
+        IpAddr::V6(a) => match a.to_ipv4_mapped() {
+            Some(v4) => multicast_joins(IpAddr::V4(v4)),
+            None => {
+                let table = std::fs::read_to_string("/proc/net/if_inet6")?;
+                match interface_of_v6(&table, a) {
+                    Some(index) => Ok(vec![MulticastJoin::V6(index)]),
+                    None => Err(std::io::Error::new(
+                        std::io::ErrorKind::AddrNotAvailable,
+                        format!("no interface has the address {a}"),
+                    )),
+                }
+            }
+        },
+    }
+}
+
+/// The index of the interface that has `addr`, from the text of Linux's `/proc/net/if_inet6`
+/// (one address a line: 32 hex digits, then the interface index in hex, …, the name).
+fn interface_of_v6(table: &str, addr: Ipv6Addr) -> Option<u32> {
+    let want = addr
+        .octets()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>();
+    table.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let address = fields.next()?;
+        let index = fields.next()?;
+        (address.eq_ignore_ascii_case(&want))
+            .then(|| u32::from_str_radix(index, 16).ok())
+            .flatten()
+    })
+}
+
+/// Binds the multicast sockets on `port` for a listener bound to `bind`, one per
+/// [`multicast_joins`]: the IPv4 group is required (an error when it fails); the IPv6 group of
+/// a wildcard bind is skipped quietly when IPv6 is not there. Each socket takes only the
+/// datagrams of its own membership (`IP_MULTICAST_ALL`/`IPV6_MULTICAST_ALL` off on Linux), so
+/// a group joined on another interface by another socket of the host is not answered.
+pub fn bind_multicast(bind: IpAddr, port: u16) -> std::io::Result<Vec<UdpSocket>> {
     let mut out = Vec::new();
-    let v4 = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-    v4.set_reuse_address(true)?;
-    v4.set_nonblocking(true)?;
-    v4.bind(&SocketAddr::new(MULTICAST_V4.into(), port).into())?;
-    v4.join_multicast_v4(&MULTICAST_V4, &Ipv4Addr::UNSPECIFIED)?;
-    out.push(UdpSocket::from_std(v4.into())?);
-    let v6 = (|| -> std::io::Result<UdpSocket> {
-        let s = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
-        s.set_only_v6(true)?;
-        s.set_reuse_address(true)?;
-        s.set_nonblocking(true)?;
-        s.bind(&SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port).into())?;
-        s.join_multicast_v6(&MULTICAST_V6, 0)?;
-        UdpSocket::from_std(s.into())
-    })();
-    match v6 {
-        Ok(s) => out.push(s),
-        Err(e) => tracing::debug!(error = %e, "no IPv6 CoAP multicast (ff02::fd)"),
+    for join in multicast_joins(bind)? {
+        match join {
+            MulticastJoin::V4(interface) => out.push(bind_multicast_v4(interface, port)?),
+            MulticastJoin::V6(index) => match bind_multicast_v6(index, port) {
+                Ok(s) => out.push(s),
+                Err(e) if index == 0 => {
+                    tracing::debug!(error = %e, "no IPv6 CoAP multicast (ff02::fd)")
+                }
+                Err(e) => return Err(e),
+            },
+        }
     }
     Ok(out)
+}
+
+fn bind_multicast_v4(interface: Ipv4Addr, port: u16) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    // Linux: without this the socket also gets the group's datagrams from every interface
+    // where any socket of the host joined it.
+    let _ = s.set_multicast_all_v4(false);
+    s.bind(&SocketAddr::new(MULTICAST_V4.into(), port).into())?;
+    s.join_multicast_v4(&MULTICAST_V4, &interface)?;
+    UdpSocket::from_std(s.into())
+}
+
+fn bind_multicast_v6(index: u32, port: u16) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_only_v6(true)?;
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    let _ = s.set_multicast_all_v6(false);
+    // A known interface: bound to the link-local group with its scope, which also ties the
+    // socket to that interface; the kernel's choice: the wildcard.
+    let local = if index == 0 {
+        std::net::SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0)
+    } else {
+        std::net::SocketAddrV6::new(MULTICAST_V6, port, 0, index)
+    };
+    s.bind(&SocketAddr::V6(local).into())?;
+    s.join_multicast_v6(&MULTICAST_V6, index)?;
+    UdpSocket::from_std(s.into())
 }
 
 /// Serves CoAP on `socket` until `shutdown` turns true.

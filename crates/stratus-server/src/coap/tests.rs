@@ -438,3 +438,81 @@ async fn multicast_answers_only_discovery_and_never_errors() {
     assert!(d.outgoing.is_empty(), "{:?}", d.outgoing);
     f.server.shutdown(Duration::from_secs(5)).await;
 }
+
+#[test]
+fn multicast_is_joined_on_the_interface_of_the_bind_address() {
+    use MulticastJoin::{V4, V6};
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let v4 = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+    // A LAN address: the membership names that address, so the kernel joins on its interface.
+    assert_eq!(
+        multicast_joins(ip("192.168.1.10")).unwrap(),
+        [V4(v4("192.168.1.10"))]
+    );
+    // Loopback: loopback only, and no IPv6 group for an IPv4 bind.
+    assert_eq!(
+        multicast_joins(ip("127.0.0.1")).unwrap(),
+        [V4(Ipv4Addr::LOCALHOST)]
+    );
+    assert_eq!(
+        multicast_joins(ip("::ffff:10.0.0.7")).unwrap(),
+        [V4(v4("10.0.0.7"))]
+    );
+    // The wildcard: the kernel's default interface, both families.
+    assert_eq!(
+        multicast_joins(ip("0.0.0.0")).unwrap(),
+        [V4(Ipv4Addr::UNSPECIFIED), V6(0)]
+    );
+    assert_eq!(
+        multicast_joins(ip("::")).unwrap(),
+        [V4(Ipv4Addr::UNSPECIFIED), V6(0)]
+    );
+    // An IPv6 address: the index of the interface that has it.
+    let table = "fe80000000000000021122fffe334455 02 40 20 80     eth0\n\
+                 00000000000000000000000000000001 01 80 10 80       lo\n\
+                 fd000000000000000000000000000002 0a 40 00 82     wlan0\n";
+    assert_eq!(interface_of_v6(table, "::1".parse().unwrap()), Some(1));
+    assert_eq!(interface_of_v6(table, "fd00::2".parse().unwrap()), Some(10));
+    assert_eq!(interface_of_v6(table, "fd00::3".parse().unwrap()), None);
+    assert_eq!(interface_of_v6("garbage\n\n", "::1".parse().unwrap()), None);
+}
+
+/// The interfaces `/proc/net/igmp` lists the group 224.0.1.187 on (`None` without the file).
+fn interfaces_with_coap_group() -> Option<Vec<String>> {
+    let text = std::fs::read_to_string("/proc/net/igmp").ok()?;
+    // Groups are in hex of the address as stored (little-endian on the hosts we run on).
+    let group = format!("{:08X}", u32::from_ne_bytes(MULTICAST_V4.octets()));
+    let mut out = Vec::new();
+    let mut device = String::new();
+    for line in text.lines().skip(1) {
+        if !line.starts_with('\t') {
+            device = line
+                .split_whitespace()
+                .nth(1)
+                .unwrap_or("")
+                .trim_end_matches(':')
+                .to_string();
+        } else if line.split_whitespace().next() == Some(group.as_str()) {
+            out.push(device.clone());
+        }
+    }
+    Some(out)
+}
+
+#[tokio::test]
+async fn a_loopback_bind_joins_the_group_on_loopback_and_nowhere_else() {
+    let Some(before) = interfaces_with_coap_group() else {
+        return; // not Linux
+    };
+    let sockets = bind_multicast(IpAddr::V4(Ipv4Addr::LOCALHOST), 0).unwrap();
+    assert_eq!(sockets.len(), 1, "an IPv4 bind joins no IPv6 group");
+    assert_eq!(
+        sockets[0].local_addr().unwrap().ip(),
+        IpAddr::V4(MULTICAST_V4)
+    );
+    let after = interfaces_with_coap_group().unwrap();
+    assert!(after.iter().any(|d| d == "lo"), "{after:?}");
+    let new: Vec<_> = after.iter().filter(|d| !before.contains(d)).collect();
+    assert!(new.iter().all(|d| *d == "lo"), "joined on {new:?}");
+    drop(sockets);
+}

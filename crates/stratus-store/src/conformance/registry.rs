@@ -14,6 +14,7 @@ pub fn run_devices<S: Store>(open: impl Fn() -> S) {
     list_pages_by_id(&open);
     attributes_replace_and_merge(&open);
     secret_rotation(&open);
+    require_freshness_per_device(&open);
     desired_config_compare_and_set(&open);
     reported_config_firmware_and_last_seen(&open);
     delete_removes_the_device_and_its_telemetry(&open);
@@ -200,6 +201,74 @@ fn secret_rotation<S: Store>(open: &impl Fn() -> S) {
         |e| matches!(e, StoreError::NotFound { .. }),
     );
     s.delete_device("dev-secret").expect("delete");
+}
+
+fn require_freshness_per_device<S: Store>(open: &impl Fn() -> S) {
+    let s = open();
+    let a = s.create_device(new_device("fresh-a")).expect("create");
+    s.create_device(new_device("fresh-b")).expect("create");
+    assert!(!a.require_freshness, "off for a new device");
+    assert_eq!(
+        s.devices_requiring_freshness().expect("list"),
+        Vec::<String>::new()
+    );
+    let on = s.set_require_freshness("fresh-b", true).expect("set");
+    assert!(on.require_freshness, "the answer shows the new policy");
+    assert_eq!(
+        on.attributes,
+        json!({ "model": "t-1000" }),
+        "nothing else changes"
+    );
+    drop(s);
+    let s = open();
+    assert!(
+        s.device("fresh-b")
+            .expect("get")
+            .expect("there")
+            .require_freshness,
+        "the policy is stored"
+    );
+    assert!(
+        !s.device("fresh-a")
+            .expect("get")
+            .expect("there")
+            .require_freshness,
+        "only for that device"
+    );
+    assert_eq!(
+        s.devices_requiring_freshness().expect("list"),
+        vec!["fresh-b".to_string()]
+    );
+    let listed = s.list_devices(Some("fresh-"), 10).expect("list");
+    assert_eq!(
+        listed
+            .iter()
+            .map(|d| (d.id.as_str(), d.require_freshness))
+            .collect::<Vec<_>>(),
+        [("fresh-a", false), ("fresh-b", true)]
+    );
+    assert!(
+        !s.set_require_freshness("fresh-b", false)
+            .expect("unset")
+            .require_freshness
+    );
+    assert_eq!(
+        s.devices_requiring_freshness().expect("list"),
+        Vec::<String>::new()
+    );
+    expect_err(
+        s.set_require_freshness("fresh-none", true),
+        "an unknown device",
+        |e| matches!(e, StoreError::NotFound { kind: "device", .. }),
+    );
+    s.set_require_freshness("fresh-a", true).expect("set");
+    s.delete_device("fresh-a").expect("delete");
+    assert_eq!(
+        s.devices_requiring_freshness().expect("list"),
+        Vec::<String>::new(),
+        "a deleted device takes its policy with it"
+    );
+    s.delete_device("fresh-b").expect("delete");
 }
 
 fn desired_config_compare_and_set<S: Store>(open: &impl Fn() -> S) {

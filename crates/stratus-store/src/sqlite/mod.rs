@@ -280,6 +280,7 @@ impl SqliteStore {
         writer.execute_batch(SCHEMA)?;
         registry::add_coap_psk_column(&writer)?;
         mqtt::add_session_owner_column(&writer)?;
+        registry::add_require_freshness_column(&writer)?;
         writer.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         let mut readers = Vec::new();
         for _ in 0..options.readers.max(1) {
@@ -358,6 +359,9 @@ fn apply_write(conn: &Connection, write: &Write) -> Result<Output, StoreError> {
         Write::CreateDevice(new) => registry::create_device(conn, new).map(Output::Device),
         Write::UpdateAttributes { id, update } => {
             registry::update_attributes(conn, id, update).map(Output::Device)
+        }
+        Write::SetRequireFreshness { id, on } => {
+            registry::set_require_freshness(conn, id, *on).map(Output::Device)
         }
         Write::SetDeviceSecret { id, secret_hash } => {
             registry::set_device_secret(conn, id, secret_hash).map(|()| Output::Done)
@@ -553,6 +557,10 @@ impl DeviceStore for SqliteStore {
 
     fn coap_psks(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.read(registry::coap_psks)
+    }
+
+    fn devices_requiring_freshness(&self) -> Result<Vec<String>, StoreError> {
+        self.read(registry::devices_requiring_freshness)
     }
 }
 

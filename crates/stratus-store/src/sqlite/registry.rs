@@ -11,7 +11,8 @@ use crate::devices::{
 use crate::StoreError;
 
 const DEVICE_COLUMNS: &str = "id, secret_hash, attributes, created_at_ms, desired_version, \
-     desired, desired_updated_ms, reported, reported_updated_ms, firmware, last_seen_ms";
+     desired, desired_updated_ms, reported, reported_updated_ms, firmware, last_seen_ms, \
+     require_freshness";
 
 fn read_device(r: &Row<'_>) -> Result<Device, StoreError> {
     let attributes: String = r.get(2)?;
@@ -43,6 +44,7 @@ fn read_device(r: &Row<'_>) -> Result<Device, StoreError> {
             .map(|text| parse_json(&text, "firmware state"))
             .transpose()?,
         last_seen_ms: r.get(10)?,
+        require_freshness: r.get::<_, i64>(11)? != 0,
     })
 }
 
@@ -141,6 +143,7 @@ pub(super) fn create_device(conn: &Connection, new: &NewDevice) -> Result<Device
         reported: None,
         firmware: None,
         last_seen_ms: None,
+        require_freshness: false,
     })
 }
 
@@ -178,6 +181,44 @@ pub(super) fn add_coap_psk_column(conn: &Connection) -> Result<(), StoreError> {
         conn.execute_batch("ALTER TABLE devices ADD COLUMN coap_psk BLOB")?;
     }
     Ok(())
+}
+
+/// Adds `devices.require_freshness` (a device's own replay policy, see
+/// [`Write::SetRequireFreshness`]) to a database created before it existed: 0 for every
+/// device already there. Older Stratus versions ignore the column.
+///
+/// [`Write::SetRequireFreshness`]: crate::Write::SetRequireFreshness
+pub(super) fn add_require_freshness_column(conn: &Connection) -> Result<(), StoreError> {
+    let present: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info('devices') WHERE name = 'require_freshness'",
+        [],
+        |r| r.get(0),
+    )?;
+    if present == 0 {
+        conn.execute_batch(
+            "ALTER TABLE devices ADD COLUMN require_freshness INTEGER NOT NULL DEFAULT 0",
+        )?;
+    }
+    Ok(())
+}
+
+pub(super) fn set_require_freshness(
+    conn: &Connection,
+    id: &str,
+    on: bool,
+) -> Result<Device, StoreError> {
+    let changed = conn
+        .prepare_cached("UPDATE devices SET require_freshness = ?2 WHERE id = ?1")?
+        .execute(params![id, i64::from(on)])?;
+    changed_one(changed, "device", id)?;
+    existing_device(conn, id)
+}
+
+pub(super) fn devices_requiring_freshness(conn: &Connection) -> Result<Vec<String>, StoreError> {
+    let mut stmt =
+        conn.prepare_cached("SELECT id FROM devices WHERE require_freshness != 0 ORDER BY id")?;
+    let rows = stmt.query_map([], |r| r.get(0))?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
 }
 
 /// Longest sealed key accepted (a sealed 43-byte key is 72 bytes).

@@ -636,6 +636,7 @@ mod tests {
         config.server.bind = std::net::Ipv4Addr::LOCALHOST.into();
         config.http.port = 0;
         config.mqtt.port = 0;
+        config.coap.port = 0;
         let server = crate::Server::start(config).await.unwrap();
         let admin = server.auth.principal("admin").unwrap();
         let token = server.auth.issue(&admin, None).unwrap().access_token;
