@@ -17,7 +17,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 use serde_json::Value as Json;
 
-use crate::audit::{AuditEntry, AuditStore, AuditVerdict};
+use crate::audit::{AuditCheck, AuditEntry, AuditKey, AuditStore, AuditVerdict};
 use crate::clients::{ClientStore, OAuthClient};
 use crate::devices::{Device, DeviceStore};
 use crate::firmware::{Assignment, Campaign, FirmwareEvent, FirmwareRecord, FirmwareStore};
@@ -217,6 +217,9 @@ pub struct SqliteOptions {
     pub reader_cache_kib: u64,
     /// How long a connection waits for a lock held by another process before failing.
     pub busy_timeout: Duration,
+    /// The key of the audit chain (see [`crate::audit`]); without one, audit entries follow
+    /// the unkeyed rule and a keyed log can be neither appended to nor verified.
+    pub audit_key: Option<AuditKey>,
 }
 
 impl Default for SqliteOptions {
@@ -227,6 +230,7 @@ impl Default for SqliteOptions {
             writer_cache_kib: 64 * 1024,
             reader_cache_kib: 16 * 1024,
             busy_timeout: Duration::from_secs(5),
+            audit_key: None,
         }
     }
 }
@@ -241,6 +245,7 @@ pub struct SqliteStore {
     readers: Vec<Mutex<Connection>>,
     next_reader: AtomicUsize,
     path: PathBuf,
+    audit_key: Option<AuditKey>,
 }
 
 impl SqliteStore {
@@ -303,6 +308,7 @@ impl SqliteStore {
             readers,
             next_reader: AtomicUsize::new(0),
             path: path.to_owned(),
+            audit_key: options.audit_key.clone(),
         })
     }
 
@@ -347,7 +353,11 @@ fn cache_pages(kib: u64) -> i64 {
 }
 
 /// Applies one write to the open transaction.
-fn apply_write(conn: &Connection, write: &Write) -> Result<Output, StoreError> {
+fn apply_write(
+    conn: &Connection,
+    audit_key: Option<&AuditKey>,
+    write: &Write,
+) -> Result<Output, StoreError> {
     match write {
         Write::Mqtt(ops) => {
             for op in ops {
@@ -410,7 +420,7 @@ fn apply_write(conn: &Connection, write: &Write) -> Result<Output, StoreError> {
         )
         .map(|()| Output::Done),
         Write::PurgeTelemetry { now_ms } => telemetry::purge(conn, *now_ms).map(Output::Count),
-        Write::AppendAudit(entry) => audit::append(conn, entry).map(Output::Audit),
+        Write::AppendAudit(entry) => audit::append(conn, audit_key, entry).map(Output::Audit),
         Write::PutRule(rule) => rules::put_rule(conn, rule).map(|()| Output::Done),
         Write::DeleteRule { id } => rules::delete_rule(conn, id).map(|()| Output::Done),
         Write::PutAlarm(alarm) => rules::put_alarm(conn, alarm).map(Output::Count),
@@ -441,6 +451,7 @@ fn apply_write(conn: &Connection, write: &Write) -> Result<Output, StoreError> {
 /// whole succeeded), any other write on its own.
 fn apply_job(
     conn: &Connection,
+    audit_key: Option<&AuditKey>,
     batch: &mut telemetry::Batch,
     job: &[Write],
     rollups: &mut HashMap<(i64, i64), crate::telemetry::Accumulator>,
@@ -453,7 +464,7 @@ fn apply_job(
             Write::TouchDevice { id, seen_at_ms } => {
                 batch.touch(conn, id, *seen_at_ms).map(|()| Output::Done)
             }
-            w => apply_write(conn, w),
+            w => apply_write(conn, audit_key, w),
         })
         .collect()
 }
@@ -478,7 +489,8 @@ impl WriteBackend for SqliteStore {
                 // Nothing to undo on its own: an error now is the database's, and fails the
                 // whole commit.
                 let mut rollups = HashMap::new();
-                let outputs = apply_job(&tx, &mut batch, job, &mut rollups)?;
+                let outputs =
+                    apply_job(&tx, self.audit_key.as_ref(), &mut batch, job, &mut rollups)?;
                 batch.keep(rollups);
                 results.push(Ok(outputs));
                 continue;
@@ -487,7 +499,7 @@ impl WriteBackend for SqliteStore {
             // undone alone.
             tx.prepare_cached("SAVEPOINT job")?.execute([])?;
             let mut rollups = HashMap::new();
-            match apply_job(&tx, &mut batch, job, &mut rollups) {
+            match apply_job(&tx, self.audit_key.as_ref(), &mut batch, job, &mut rollups) {
                 Ok(outputs) => {
                     tx.prepare_cached("RELEASE job")?.execute([])?;
                     batch.keep(rollups);
@@ -640,10 +652,14 @@ impl AuditStore for SqliteStore {
         self.read(|conn| audit::list(conn, from_seq, limit))
     }
 
-    fn verify_audit(&self) -> Result<AuditVerdict, StoreError> {
+    fn audit_len(&self) -> Result<u64, StoreError> {
+        self.read(audit::len)
+    }
+
+    fn check_audit(&self, check: &AuditCheck) -> Result<AuditVerdict, StoreError> {
         self.read(|conn| {
             let tx = conn.unchecked_transaction()?;
-            audit::verify(&tx)
+            audit::check(&tx, self.audit_key.as_ref(), check)
         })
     }
 }
