@@ -48,6 +48,7 @@ pub mod broker;
 pub mod coap;
 pub mod config;
 pub mod dashboard;
+pub mod data_dir;
 pub mod events;
 pub mod firmware;
 pub mod http;
