@@ -106,6 +106,8 @@ pub struct Server {
     pub rules: Arc<rules::Rules>,
     /// The firmware service.
     pub firmware: Arc<firmware::Firmware>,
+    /// The audit log's head exporter.
+    pub audit_heads: Arc<audit::AuditHeads>,
     shutdown: watch::Sender<bool>,
     listeners: JoinSet<()>,
     connections: TaskTracker,
@@ -178,10 +180,11 @@ impl Server {
             metrics,
             persistence,
         ));
-        let store = broker
+        let (store, audit_key) = broker
             .persistence()
-            .map(|p| p.store().clone())
+            .map(|p| (p.store().clone(), p.audit_key().clone()))
             .context("the broker has no store")?;
+        let audit_heads = Arc::new(audit::AuditHeads::open(store.clone(), audit_key, data_dir));
         let auth = Arc::new(
             auth::Auth::open(store.clone(), data_dir)
                 .await
@@ -263,6 +266,10 @@ impl Server {
                 .run_housekeeping(Duration::from_secs(300), shutdown_rx.clone()),
         );
         listeners.spawn(rules.clone().run(shutdown_rx.clone()));
+        listeners.spawn(audit_heads.clone().run(
+            Duration::from_secs(config.audit.head_interval_secs),
+            shutdown_rx.clone(),
+        ));
         listeners.spawn(sys::run(
             broker.clone(),
             Duration::from_secs(config.mqtt.sys_interval_secs),
@@ -293,6 +300,7 @@ impl Server {
             auth: auth.clone(),
             ingest: pipeline.clone(),
             max_body: config.http.max_body_bytes,
+            audit_heads: Some(audit_heads.clone()),
         };
         let app = http::router(http::AppState {
             broker: broker.clone(),
@@ -386,6 +394,7 @@ impl Server {
             broker,
             rules,
             firmware,
+            audit_heads,
             shutdown,
             listeners,
             connections,
@@ -409,6 +418,10 @@ impl Server {
         // Whatever the closing connections changed (parked sessions) reaches the disk.
         if let Err(e) = self.broker.flush().await {
             tracing::error!(error = %e, "final store flush failed");
+        }
+        // The head of everything written, for `stratus audit verify` to hold the log to.
+        if let Err(e) = self.audit_heads.export().await {
+            tracing::error!(error = %e, "could not export the audit head at shutdown");
         }
     }
 }

@@ -45,7 +45,7 @@ enum Command {
     Device(device_cmd::DeviceArgs),
     /// Sign, verify and upload firmware (Ed25519 keys, signed manifests).
     Firmware(firmware_cmd::FirmwareArgs),
-    /// Verify the audit log's hash chain.
+    /// Verify the audit log (its keyed hash chain and its exported head) or print its head.
     Audit(audit_cmd::AuditArgs),
     /// Simulate a fleet of devices (MQTT, HTTP, CoAP) against a running server.
     Sim(sim::SimArgs),
