@@ -173,6 +173,9 @@ impl Server {
 
         let metrics = Arc::new(metrics::Metrics::new());
         let data_dir = &config.server.data_dir;
+        let secured = crate::data_dir::secure(data_dir)
+            .with_context(|| format!("securing the data dir {}", data_dir.display()))?;
+        crate::data_dir::warn_about(data_dir, &secured);
         let (persistence, snapshot) = persist::Persistence::open(data_dir)
             .with_context(|| format!("opening the store in {}", data_dir.display()))?;
         let broker = Arc::new(broker::Broker::with_persistence(

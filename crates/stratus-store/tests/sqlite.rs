@@ -163,6 +163,31 @@ fn a_value_of_the_wrong_type_is_a_broken_link() {
 }
 
 #[test]
+fn a_new_database_and_its_wal_are_private_to_the_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("data").join("nested").join("stratus.db");
+    let store = SqliteStore::open(&path).unwrap();
+    store
+        .append_audit(NewAuditEntry {
+            ts_ms: 1,
+            actor: "admin".into(),
+            action: "config.put".into(),
+            target: String::new(),
+            detail: json!(null),
+        })
+        .unwrap();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&path), 0o600);
+    for suffix in ["-wal", "-shm"] {
+        let file = PathBuf::from(format!("{}{suffix}", path.display()));
+        assert_eq!(mode(&file), 0o600, "{}", file.display());
+    }
+    assert_eq!(mode(path.parent().unwrap()), 0o700);
+    assert_eq!(mode(&dir.path().join("data")), 0o700);
+}
+
+#[test]
 fn aggregation_matches_a_naive_computation_for_generated_cases() {
     use proptest::test_runner::{Config, TestRunner};
     let (_dir, path) = temp_db("agg.db");

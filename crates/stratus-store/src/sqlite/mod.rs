@@ -254,13 +254,11 @@ impl SqliteStore {
         SqliteStore::open_with(path, &SqliteOptions::default())
     }
 
-    /// Opens (creating if needed) the database at `path`.
+    /// Opens (creating if needed) the database at `path`. A new database file (and any
+    /// directory created for it) is private to the owner, whatever the process umask: mode
+    /// 0600 (0700), which SQLite gives its `-wal` and `-shm` files too.
     pub fn open_with(path: &Path, options: &SqliteOptions) -> Result<SqliteStore, StoreError> {
-        if let Some(dir) = path.parent() {
-            if !dir.as_os_str().is_empty() {
-                std::fs::create_dir_all(dir)?;
-            }
-        }
+        create_private(path)?;
         let writer = Connection::open(path)?;
         writer.busy_timeout(options.busy_timeout)?;
         let mode: String =
@@ -345,6 +343,31 @@ impl SqliteStore {
             Err(poisoned) => poisoned.into_inner(),
         };
         read(&conn)
+    }
+}
+
+/// Creates the database file (mode 0600) and its directory (0700) when missing, so that
+/// SQLite, which gives its `-wal` and `-shm` files the database file's mode, never creates
+/// anything others can read.
+fn create_private(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if let Some(dir) = path.parent() {
+        if !dir.as_os_str().is_empty() && !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+        }
+    }
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 
