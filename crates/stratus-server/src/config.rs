@@ -33,6 +33,25 @@ pub struct Config {
     pub rules: crate::rules::service::RulesConfig,
     /// `[firmware]`: trusted signing keys and upload limits.
     pub firmware: FirmwareConfig,
+    /// `[audit]`: the export of the audit log's head.
+    pub audit: AuditConfig,
+}
+
+/// `[audit]` (see [`crate::audit`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditConfig {
+    /// How often the audit log's head is checked and, when it moved, written to
+    /// `DATA_DIR/audit.head` and logged (also at shutdown).
+    pub head_interval_secs: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            head_interval_secs: crate::audit::DEFAULT_HEAD_INTERVAL_SECS,
+        }
+    }
 }
 
 /// `[firmware]` (see [`crate::api::firmware`]).
@@ -481,6 +500,12 @@ impl Config {
         }
         if self.firmware.max_image_bytes < 1024 {
             return bad("firmware.max_image_bytes", "must be at least 1024");
+        }
+        if self.audit.head_interval_secs == 0 || self.audit.head_interval_secs > 86_400 {
+            return bad(
+                "audit.head_interval_secs",
+                "must be between 1 and 86400 (a day)",
+            );
         }
         self.firmware.trusted_keys()?;
         m.acl.validate().map_err(ConfigError)?;

@@ -83,7 +83,7 @@ impl Firmware {
     ) -> std::io::Result<Firmware> {
         let dir = data_dir.join("firmware");
         let tmp = dir.join("tmp");
-        std::fs::create_dir_all(&tmp)?;
+        crate::data_dir::create_private_dir(&tmp)?;
         for entry in std::fs::read_dir(&tmp)? {
             let _ = std::fs::remove_file(entry?.path());
         }

@@ -48,6 +48,7 @@ pub mod broker;
 pub mod coap;
 pub mod config;
 pub mod dashboard;
+pub mod data_dir;
 pub mod events;
 pub mod firmware;
 pub mod http;
@@ -105,6 +106,8 @@ pub struct Server {
     pub rules: Arc<rules::Rules>,
     /// The firmware service.
     pub firmware: Arc<firmware::Firmware>,
+    /// The audit log's head exporter.
+    pub audit_heads: Arc<audit::AuditHeads>,
     shutdown: watch::Sender<bool>,
     listeners: JoinSet<()>,
     connections: TaskTracker,
@@ -180,6 +183,9 @@ impl Server {
 
         let metrics = Arc::new(metrics::Metrics::new());
         let data_dir = &config.server.data_dir;
+        let secured = crate::data_dir::secure(data_dir)
+            .with_context(|| format!("securing the data dir {}", data_dir.display()))?;
+        crate::data_dir::warn_about(data_dir, &secured);
         let (persistence, snapshot) = persist::Persistence::open(data_dir)
             .with_context(|| format!("opening the store in {}", data_dir.display()))?;
         let broker = Arc::new(broker::Broker::with_persistence(
@@ -187,10 +193,11 @@ impl Server {
             metrics,
             persistence,
         ));
-        let store = broker
+        let (store, audit_key) = broker
             .persistence()
-            .map(|p| p.store().clone())
+            .map(|p| (p.store().clone(), p.audit_key().clone()))
             .context("the broker has no store")?;
+        let audit_heads = Arc::new(audit::AuditHeads::open(store.clone(), audit_key, data_dir));
         let auth = Arc::new(
             auth::Auth::open(store.clone(), data_dir)
                 .await
@@ -276,6 +283,10 @@ impl Server {
                 .run_housekeeping(Duration::from_secs(300), shutdown_rx.clone()),
         );
         listeners.spawn(rules.clone().run(shutdown_rx.clone()));
+        listeners.spawn(audit_heads.clone().run(
+            Duration::from_secs(config.audit.head_interval_secs),
+            shutdown_rx.clone(),
+        ));
         listeners.spawn(sys::run(
             broker.clone(),
             Duration::from_secs(config.mqtt.sys_interval_secs),
@@ -314,6 +325,7 @@ impl Server {
             auth: auth.clone(),
             ingest: pipeline.clone(),
             max_body: config.http.max_body_bytes,
+            audit_heads: Some(audit_heads.clone()),
         };
         let app = http::router(http::AppState {
             broker: broker.clone(),
@@ -407,6 +419,7 @@ impl Server {
             broker,
             rules,
             firmware,
+            audit_heads,
             shutdown,
             listeners,
             connections,
@@ -430,6 +443,10 @@ impl Server {
         // Whatever the closing connections changed (parked sessions) reaches the disk.
         if let Err(e) = self.broker.flush().await {
             tracing::error!(error = %e, "final store flush failed");
+        }
+        // The head of everything written, for `stratus audit verify` to hold the log to.
+        if let Err(e) = self.audit_heads.export().await {
+            tracing::error!(error = %e, "could not export the audit head at shutdown");
         }
     }
 }

@@ -19,7 +19,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use stratus_mqtt::{persist, Message, MqttStr, QoS};
 use stratus_store::{
-    Completion, MqttOp, MqttSnapshot, StoreError, StoreHandle, StoredMessage, StoredRetained,
+    AuditKey, Completion, MqttOp, MqttSnapshot, SqliteOptions, StoreError, StoreHandle,
+    StoredMessage, StoredRetained,
 };
 
 /// The file under the data dir that holds the broker's state.
@@ -29,13 +30,24 @@ pub const DATABASE_FILE: &str = "stratus.db";
 /// committer the broker's changes share with everything else Stratus writes.
 pub struct Persistence {
     store: StoreHandle,
+    audit_key: AuditKey,
     next_seq: AtomicU64,
 }
 
 impl Persistence {
-    /// Opens (creating if needed) the store under `data_dir` and reads what it holds.
+    /// Opens (creating if needed) the store under `data_dir`, appending to the audit log with
+    /// the data dir's audit key (created on first start, see [`crate::audit`]), and reads
+    /// what it holds.
     pub fn open(data_dir: &Path) -> Result<(Persistence, MqttSnapshot), StoreError> {
-        let store = StoreHandle::open_sqlite(&data_dir.join(DATABASE_FILE))?;
+        let audit_key = crate::audit::open_audit_key(data_dir).map_err(|e| match e {
+            crate::audit::AuditFileError::Store(e) => e,
+            other => StoreError::Io(std::io::Error::other(other.to_string())),
+        })?;
+        let options = SqliteOptions {
+            audit_key: Some(audit_key.clone()),
+            ..SqliteOptions::default()
+        };
+        let store = StoreHandle::open_sqlite_with(&data_dir.join(DATABASE_FILE), &options)?;
         let snapshot = store.store().load_mqtt()?;
         let last = snapshot
             .sessions
@@ -46,6 +58,7 @@ impl Persistence {
         Ok((
             Persistence {
                 store,
+                audit_key,
                 next_seq: AtomicU64::new(last + 1),
             },
             snapshot,
@@ -55,6 +68,11 @@ impl Persistence {
     /// The store, for everything else the server keeps.
     pub fn store(&self) -> &StoreHandle {
         &self.store
+    }
+
+    /// The key the store appends audit entries with.
+    pub fn audit_key(&self) -> &AuditKey {
+        &self.audit_key
     }
 
     /// A new message number (increasing across every session).

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde_json::Value as Json;
 
-use crate::audit::{AuditEntry, AuditVerdict, NewAuditEntry};
+use crate::audit::{AuditCheck, AuditEntry, AuditVerdict, NewAuditEntry};
 use crate::clients::OAuthClient;
 use crate::devices::{AttributeUpdate, DesiredConfig, Device, NewDevice, ReportedConfig};
 use crate::firmware::{Assignment, Campaign, FirmwareEvent, FirmwareRecord};
@@ -454,6 +454,16 @@ impl StoreHandle {
     /// See [`AuditStore::verify_audit`](crate::AuditStore::verify_audit).
     pub async fn verify_audit(&self) -> Result<AuditVerdict, StoreError> {
         self.read(|s| s.verify_audit()).await
+    }
+
+    /// See [`AuditStore::check_audit`](crate::AuditStore::check_audit).
+    pub async fn check_audit(&self, check: AuditCheck) -> Result<AuditVerdict, StoreError> {
+        self.read(move |s| s.check_audit(&check)).await
+    }
+
+    /// See [`AuditStore::audit_len`](crate::AuditStore::audit_len).
+    pub async fn audit_len(&self) -> Result<u64, StoreError> {
+        self.read(|s| s.audit_len()).await
     }
 
     // ---- rules and alarms ---------------------------------------------------------------

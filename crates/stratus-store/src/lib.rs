@@ -10,7 +10,7 @@
 //! | registry | [`DeviceStore`] | devices: secret hash, attributes, desired (versioned) and reported config, firmware state, last seen |
 //! | OAuth | [`ClientStore`] | applications and the admin (client id, secret hash, scopes); revoked token ids |
 //! | telemetry | [`TelemetryStore`] | points `(device, key, ts, number/bool/text)`, per-minute rollups, retention rules |
-//! | audit | [`AuditStore`] | an append-only, SHA-256 hash-chained log |
+//! | audit | [`AuditStore`] | an append-only log chained by HMAC-SHA-256 under a key kept outside the store |
 //! | rules | [`RuleStore`] | rule definitions (JSON, as the API accepted them) and alarms with their history |
 //! | firmware | [`FirmwareStore`] | firmware metadata (images are files under `DATA_DIR/firmware/`), campaigns, each device's assignment, status history |
 //!
@@ -87,10 +87,14 @@
 //! say) to keep each run small.
 //!
 //! ## Audit log
-//! Each entry's hash is SHA-256 over a length-prefixed encoding of (seq, ts, actor, action,
-//! target, canonical JSON detail, previous hash) ([`audit::entry_hash`]); the chain is extended
-//! inside the write transaction, which the single writer serialises.
-//! [`AuditStore::verify_audit`] recomputes it and names the first entry that does not verify.
+//! Each entry's hash is an HMAC-SHA-256, under a key the backend is given
+//! ([`SqliteOptions::audit_key`]) and that is not stored with the data, over a length-prefixed
+//! encoding of (seq, ts, actor, action, target, canonical JSON detail, previous hash)
+//! ([`audit::entry_mac`]); entries written before a log was keyed keep their SHA-256 chain
+//! ([`audit::entry_hash`]). The chain is extended inside the write transaction, which the
+//! single writer serialises. [`AuditStore::check_audit`] recomputes it, optionally against
+//! heads kept elsewhere that show a cut tail, and names the first entry that does not verify.
+//! The [`audit`] module says what this protects against and what it does not.
 //!
 //! ## Not kept here: freshness nonces
 //! Replay protection remembers a device's nonces only for the freshness window (seconds), so
@@ -105,7 +109,11 @@
 //!   `spawn_blocking` for the async read facade; no runtime is started here.
 //! - `serde_json`: attributes, configurations, firmware state and audit details are JSON
 //!   values end to end.
-//! - `sha2`: SHA-256 for the audit hash chain (RustCrypto, pure Rust, constant API since 0.10).
+//! - `sha2`: SHA-256 for the unkeyed audit chain of older logs (RustCrypto, pure Rust, constant
+//!   API since 0.10).
+//! - `ring`: HMAC-SHA-256 for the keyed audit chain, with a constant-time tag comparison; the
+//!   server already builds it for rustls, where RustCrypto's `hmac` would be a new dependency.
+//! - `hex`: the lowercase hex the hashes are stored and shown in.
 //! - `bytes`: payloads are shared with the broker without copying until they are written.
 //! - `thiserror`, `tracing`: errors and logs.
 
@@ -127,7 +135,10 @@ pub mod sqlite;
 pub mod telemetry;
 pub mod write;
 
-pub use audit::{AuditEntry, AuditStore, AuditVerdict, BrokenLink, BrokenReason, NewAuditEntry};
+pub use audit::{
+    AuditCheck, AuditEntry, AuditHead, AuditKey, AuditStore, AuditVerdict, BrokenLink,
+    BrokenReason, NewAuditEntry,
+};
 pub use clients::{ClientStore, OAuthClient};
 pub use devices::{AttributeUpdate, DesiredConfig, Device, DeviceStore, NewDevice, ReportedConfig};
 pub use firmware::{

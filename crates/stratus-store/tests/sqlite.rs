@@ -60,43 +60,74 @@ fn sqlite_passes_the_firmware_conformance_suite() {
     conformance::run_firmware(|| SqliteStore::open(&path).unwrap());
 }
 
+fn keyed(path: &Path) -> SqliteStore {
+    keyed_with(path, Some(conformance::audit_key()))
+}
+
+fn keyed_with(path: &Path, audit_key: Option<AuditKey>) -> SqliteStore {
+    SqliteStore::open_with(
+        path,
+        &SqliteOptions {
+            audit_key,
+            ..SqliteOptions::default()
+        },
+    )
+    .unwrap()
+}
+
 #[test]
 fn sqlite_passes_the_audit_conformance_suite() {
     let (_dir, path) = temp_db("stratus.db");
-    conformance::run_audit(|| SqliteStore::open(&path).unwrap());
+    conformance::run_audit(|| keyed(&path));
 }
 
 #[test]
 fn sqlite_passes_the_whole_suite_on_one_database() {
     let (_dir, path) = temp_db("stratus.db");
-    conformance::run_all(|| SqliteStore::open(&path).unwrap());
-}
-
-fn sql(path: &Path, statement: &str, seq: u64) {
-    let conn = rusqlite::Connection::open(path).unwrap();
-    conn.execute(statement, [seq as i64]).unwrap();
+    conformance::run_all(|| keyed(&path));
 }
 
 #[test]
 fn audit_tampering_through_sql_is_detected() {
     let (_dir, path) = temp_db("audit.db");
     conformance::run_audit_tamper(
-        || SqliteStore::open(&path).unwrap(),
-        |seq| {
-            sql(
-                &path,
-                "UPDATE audit SET detail = '{\"i\":999}' WHERE seq = ?1",
-                seq,
-            )
+        || keyed(&path),
+        |rows| {
+            let mut conn = rusqlite::Connection::open(&path).unwrap();
+            let tx = conn.transaction().unwrap();
+            tx.execute("DELETE FROM audit", []).unwrap();
+            for r in rows {
+                tx.execute(
+                    "INSERT INTO audit (seq, ts_ms, actor, action, target, detail, prev_hash, \
+                     hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    rusqlite::params![
+                        r.seq,
+                        r.ts_ms,
+                        r.actor,
+                        r.action,
+                        r.target,
+                        r.detail,
+                        r.prev_hash,
+                        r.hash
+                    ],
+                )
+                .unwrap();
+            }
+            tx.commit().unwrap();
         },
-        |seq| sql(&path, "DELETE FROM audit WHERE seq = ?1", seq),
     );
 }
 
 #[test]
-fn an_entry_rewritten_with_a_recomputed_hash_breaks_the_next_link() {
+fn sqlite_keeps_unkeyed_audit_logs_verifiable_once_keyed() {
     let (_dir, path) = temp_db("audit.db");
-    let store = SqliteStore::open(&path).unwrap();
+    conformance::run_audit_upgrade(|key| keyed_with(&path, key));
+}
+
+#[test]
+fn a_value_of_the_wrong_type_is_a_broken_link() {
+    let (_dir, path) = temp_db("audit.db");
+    let store = keyed(&path);
     for i in 1..=4 {
         store
             .append_audit(NewAuditEntry {
@@ -108,39 +139,52 @@ fn an_entry_rewritten_with_a_recomputed_hash_breaks_the_next_link() {
             })
             .unwrap();
     }
-    let e2 = store.list_audit(2, 1).unwrap().remove(0);
-    let forged = audit::entry_hash(
-        2,
-        e2.ts_ms,
-        "mallory",
-        &e2.action,
-        &e2.target,
-        &audit::canonical_json(&e2.detail),
-        &e2.prev_hash,
-    );
     let conn = rusqlite::Connection::open(&path).unwrap();
-    conn.execute(
-        "UPDATE audit SET actor = 'mallory', hash = ?1 WHERE seq = 2",
-        [&forged],
-    )
-    .unwrap();
-    assert_eq!(
-        store.verify_audit().unwrap(),
-        AuditVerdict::Broken(BrokenLink {
-            seq: 3,
-            reason: BrokenReason::PrevHashMismatch
-        })
-    );
-    conn.execute("UPDATE audit SET detail = x'ff' WHERE seq = 1", [])
+    conn.execute("UPDATE audit SET detail = x'ff' WHERE seq = 4", [])
         .unwrap();
     assert_eq!(
         store.verify_audit().unwrap(),
         AuditVerdict::Broken(BrokenLink {
-            seq: 1,
+            seq: 4,
             reason: BrokenReason::Unreadable
         }),
         "a value of the wrong type is a broken link, not a failed verification"
     );
+    let fifth = store
+        .append_audit(NewAuditEntry {
+            ts_ms: 5,
+            actor: "admin".into(),
+            action: "config.put".into(),
+            target: "dev-1".into(),
+            detail: json!(null),
+        })
+        .expect("a damaged newest entry does not stop keyed appends");
+    assert_eq!(fifth.seq, 5);
+}
+
+#[test]
+fn a_new_database_and_its_wal_are_private_to_the_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("data").join("nested").join("stratus.db");
+    let store = SqliteStore::open(&path).unwrap();
+    store
+        .append_audit(NewAuditEntry {
+            ts_ms: 1,
+            actor: "admin".into(),
+            action: "config.put".into(),
+            target: String::new(),
+            detail: json!(null),
+        })
+        .unwrap();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&path), 0o600);
+    for suffix in ["-wal", "-shm"] {
+        let file = PathBuf::from(format!("{}{suffix}", path.display()));
+        assert_eq!(mode(&file), 0o600, "{}", file.display());
+    }
+    assert_eq!(mode(path.parent().unwrap()), 0o700);
+    assert_eq!(mode(&dir.path().join("data")), 0o700);
 }
 
 #[test]

@@ -20,7 +20,7 @@ use reqwest::Method;
 use serde_json::{json, Map, Value};
 use stratus_server::api::devices::{self as registry, CreatedDevice, DeviceView, SecretView};
 use stratus_server::coap::psk::PskSealer;
-use stratus_store::StoreHandle;
+use stratus_store::{SqliteOptions, StoreHandle};
 
 use crate::admin::{self, AdminClient, RequestError, ServerArgs, UsageError};
 
@@ -204,7 +204,16 @@ fn open_store(dir: &Path) -> anyhow::Result<StoreHandle> {
         ))
         .into());
     }
-    StoreHandle::open_sqlite(&db).with_context(|| format!("opening {}", db.display()))
+    // Changes are audited like the server's, so with the data dir's audit key (created here
+    // when a data dir from before the key has none, as the server would at its next start).
+    let audit_key = stratus_server::audit::open_audit_key(dir)
+        .with_context(|| format!("opening the audit key of {}", dir.display()))?;
+    let options = SqliteOptions {
+        audit_key: Some(audit_key),
+        ..SqliteOptions::default()
+    };
+    StoreHandle::open_sqlite_with(&db, &options)
+        .with_context(|| format!("opening {}", db.display()))
 }
 
 /// The data dir's CoAPS key sealer (`coap-psk.key`, created when missing, as the server does).

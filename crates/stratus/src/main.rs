@@ -7,7 +7,9 @@
 //! `stratus-store` directly. `stratus firmware` signs and verifies with `stratus-firmware`;
 //! its `upload` streams the image from the file into the multipart body (reqwest's `stream`
 //! feature with tokio-util's `ReaderStream`, `futures-util` and `bytes` to chain the parts).
-//! `libc` for one call, glibc's `mallopt`, made first thing in `main` (see `alloc_tuning`).
+//! `libc` for one call, glibc's `mallopt`, made first thing in `main` (see `alloc_tuning`);
+//! `rustix` (safe system calls) for the resource limits of `stratus sim` and the umask of
+//! `stratus serve`.
 //! `stratus tls init` (see `tls_cmd`) makes its CA and certificates with `rcgen` (with its
 //! `x509-parser` feature, to sign with an existing CA), reads them back with `x509-parser` and
 //! `rustls-pki-types` (both already the server's), and edits the configuration file with
@@ -51,7 +53,7 @@ enum Command {
     Device(device_cmd::DeviceArgs),
     /// Sign, verify and upload firmware (Ed25519 keys, signed manifests).
     Firmware(firmware_cmd::FirmwareArgs),
-    /// Verify the audit log's hash chain.
+    /// Verify the audit log (its keyed hash chain and its exported head) or print its head.
     Audit(audit_cmd::AuditArgs),
     /// Simulate a fleet of devices (MQTT, HTTP, CoAP) against a running server.
     Sim(sim::SimArgs),
@@ -135,6 +137,10 @@ fn report(result: anyhow::Result<bool>) -> ExitCode {
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
+    // Whatever the server creates (the data dir, the database and its WAL, keys, firmware
+    // images) is for its own user only, whatever umask it was started with; the data dir
+    // module also sets these modes explicitly and narrows what an older start left wider.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let overrides = Overrides {
         bind: args.bind,
         data_dir: args.data_dir,

@@ -169,21 +169,8 @@ impl DevicesFile {
     }
 
     fn save(&self, path: &Path) -> anyhow::Result<()> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)?;
-        }
-        let tmp = path.with_extension("json.tmp");
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(self)?)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
+        // Mode 0600 (a new directory 0700), replaced atomically.
+        stratus_server::data_dir::replace_private(path, &serde_json::to_vec_pretty(self)?)?;
         Ok(())
     }
 }

@@ -1,10 +1,12 @@
 //! The audit log over HTTP (scope `admin`): `GET /api/v1/audit` lists entries,
-//! `GET /api/v1/audit/verify` recomputes the hash chain.
+//! `GET /api/v1/audit/verify` recomputes the keyed hash chain (see [`crate::audit`]) and holds
+//! the log to the last head the server exported, so entries cut since then are reported.
 //!
 //! An entry: `{"seq": 7, "at": "2024-05-01T12:00:00.000Z", "actor": "admin",
 //! "action": "device.create", "target": "pump-7", "detail": {…}, "prev_hash": "…", "hash": "…"}`;
 //! a page: `{"entries": [...], "next": 8 | null}` (pass `next` as `?from=`). The verdict:
-//! `{"intact": true, "entries": 7, "head_hash": "…" | null}` or
+//! `{"intact": true, "entries": 7, "head_hash": "…" | null, "head": "7:…"}` (`head` is the
+//! `SEQ:HASH` to keep for `stratus audit verify --head`) or
 //! `{"intact": false, "broken_at": 4, "reason": "content does not match its hash"}`.
 
 use axum::extract::rejection::QueryRejection;
@@ -12,7 +14,7 @@ use axum::extract::{Query, State};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use stratus_store::{AuditEntry, AuditVerdict};
+use stratus_store::{AuditCheck, AuditEntry, AuditVerdict};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -90,6 +92,10 @@ pub struct AuditVerification {
     /// The last entry's hash (when intact; `null` for an empty log).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub head_hash: Option<Option<String>>,
+    /// The head, `SEQ:HASH` (when intact; `0:000…` for an empty log): keep it elsewhere and
+    /// pass it to `stratus audit verify --head` to detect entries cut later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<String>,
     /// The first entry that does not verify (when broken).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub broken_at: Option<u64>,
@@ -105,6 +111,7 @@ impl From<&AuditVerdict> for AuditVerification {
                 intact: true,
                 entries: Some(*entries),
                 head_hash: Some(head_hash.clone()),
+                head: v.head().map(|h| h.to_string()),
                 broken_at: None,
                 reason: None,
             },
@@ -112,6 +119,7 @@ impl From<&AuditVerdict> for AuditVerification {
                 intact: false,
                 entries: None,
                 head_hash: None,
+                head: None,
                 broken_at: Some(link.seq),
                 reason: Some(link.reason.to_string()),
             },
@@ -169,7 +177,8 @@ async fn list_audit(
     }))
 }
 
-/// Recomputes the audit log's hash chain and names the first entry that does not verify.
+/// Recomputes the audit log's keyed hash chain, checks that it still reaches the last head the
+/// server exported, and names the first entry that does not verify.
 #[utoipa::path(
     get,
     path = "/api/v1/audit/verify",
@@ -186,6 +195,16 @@ async fn verify_audit(
     caller: Caller,
 ) -> Result<Json<AuditVerification>, ApiError> {
     caller.require(SCOPE_ADMIN)?;
-    let verdict = state.store.verify_audit().await?;
+    let heads = match &state.audit_heads {
+        Some(exporter) => exporter.last().await.into_iter().collect(),
+        None => Vec::new(),
+    };
+    let verdict = state
+        .store
+        .check_audit(AuditCheck {
+            resume: None,
+            heads,
+        })
+        .await?;
     Ok(Json(AuditVerification::from(&verdict)))
 }

@@ -223,7 +223,12 @@ async fn upload_firmware(
                     path: fw.temp_path(),
                     kept: false,
                 };
-                let mut file = tokio::fs::File::create(&temp.path)
+                // Owner-only whatever the umask; the rename keeps the mode.
+                let mut file = tokio::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(crate::data_dir::FILE_MODE)
+                    .open(&temp.path)
                     .await
                     .map_err(|e| ApiError::internal("creating the image file", &e))?;
                 let mut hasher = ImageHasher::new();

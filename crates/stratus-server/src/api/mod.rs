@@ -43,6 +43,8 @@ pub struct ApiState {
     pub max_body: usize,
     /// The firmware service (`None`: the firmware routes answer 503).
     pub firmware: Option<Arc<crate::firmware::Firmware>>,
+    /// The audit head exporter: verification also holds the log to its last head.
+    pub audit_heads: Option<Arc<crate::audit::AuditHeads>>,
 }
 
 #[derive(OpenApi)]

@@ -44,6 +44,7 @@ use sha2::{Digest, Sha256};
 use stratus_store::{OAuthClient, StoreError, StoreHandle};
 
 use crate::coap::psk::PskSealer;
+use crate::data_dir::{load_or_create_key, write_private};
 
 /// Scope of a device's tokens.
 pub const SCOPE_DEVICE: &str = "device";
@@ -385,42 +386,6 @@ fn verify_hash(secret: &str, hash: &str) -> bool {
         .zip(expected)
         .fold(0u8, |acc, (a, b)| acc | (a ^ b))
         == 0
-}
-
-/// Reads the token key from `path`, creating it (mode 0600) on first start.
-fn load_or_create_key(path: &Path) -> Result<Vec<u8>, std::io::Error> {
-    match std::fs::read(path) {
-        Ok(k) if k.len() >= 32 => return Ok(k),
-        Ok(_) => {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("{} is shorter than 32 bytes", path.display()),
-            ))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let mut key = vec![0u8; 32];
-    rand::rng().fill_bytes(&mut key);
-    write_private(path, &key)?;
-    Ok(key)
-}
-
-/// Writes `data` to a new file readable by the owner only.
-pub fn write_private(path: &Path, data: &[u8]) -> Result<(), std::io::Error> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(data)?;
-    f.sync_all()
 }
 
 impl Auth {

@@ -41,24 +41,9 @@ impl PskSealer {
     /// Reads `DATA_DIR/coap-psk.key`, creating it (32 random bytes, mode 0600) when missing.
     pub fn load_or_create(data_dir: &Path) -> std::io::Result<PskSealer> {
         let path = data_dir.join(PSK_KEY_FILE);
-        match std::fs::read(&path) {
-            Ok(k) if k.len() >= 32 => {
-                let mut key = [0u8; 32];
-                key.copy_from_slice(&k[..32]);
-                return Ok(PskSealer { key });
-            }
-            Ok(_) => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    format!("{} is shorter than 32 bytes", path.display()),
-                ))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
+        let stored = crate::data_dir::load_or_create_key(&path)?;
         let mut key = [0u8; 32];
-        rand::rng().fill_bytes(&mut key);
-        crate::auth::write_private(&path, &key)?;
+        key.copy_from_slice(&stored[..32]);
         Ok(PskSealer { key })
     }
 

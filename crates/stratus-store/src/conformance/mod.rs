@@ -3,9 +3,10 @@
 //! A backend's test calls [`run_all`] (or the per-kind functions) with a function that opens
 //! its storage afresh: the same storage each time, so that what one handle committed the next
 //! one must find, and empty at the start. Each check cleans up what it created, except the
-//! audit log, which is append-only: [`run_audit`] wants an empty log and
-//! [`run_audit_tamper`] a storage of its own. [`check_aggregation`] compares one aggregation
-//! against a naive computation, for property tests.
+//! audit log, which is append-only: [`run_audit`] wants an empty log, [`run_audit_tamper`] and
+//! [`run_audit_upgrade`] a storage of their own; the audit checks expect the store to append
+//! with [`audit_key`]. [`check_aggregation`] compares one aggregation against a naive
+//! computation, for property tests.
 //!
 //! The checks panic with a message naming what broke, like assertions in a test.
 
@@ -17,7 +18,7 @@ mod registry;
 mod rules;
 mod telemetry;
 
-pub use audit::{run_audit, run_audit_tamper};
+pub use audit::{audit_key, run_audit, run_audit_tamper, run_audit_upgrade};
 pub use firmware::run_firmware;
 pub use jobs::{run_group_commit, run_jobs};
 pub use mqtt::run_mqtt;
@@ -28,8 +29,9 @@ pub use telemetry::{check_aggregation, run_telemetry, AggregationCase};
 use crate::devices::NewDevice;
 use crate::{Store, StoreError};
 
-/// Runs every check except the tamper test. `open` must return a new handle on the same,
-/// initially empty, storage each time it is called.
+/// Runs every check except the audit tamper and upgrade tests. `open` must return a new
+/// handle on the same, initially empty, storage each time it is called, appending to the
+/// audit log with [`audit_key`].
 pub fn run_all<S: Store>(open: impl Fn() -> S) {
     run_mqtt(&open);
     run_devices(&open);

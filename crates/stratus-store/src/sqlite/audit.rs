@@ -4,62 +4,52 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::{parse_json, sql_int};
 use crate::audit::{
-    canonical_json, entry_hash, AuditEntry, AuditVerdict, BrokenLink, BrokenReason, ChainVerifier,
-    NewAuditEntry, StoredAuditRow, GENESIS_HASH,
+    next_entry, AuditCheck, AuditEntry, AuditKey, AuditVerdict, BrokenLink, BrokenReason,
+    ChainVerifier, NewAuditEntry, StoredAuditRow,
 };
 use crate::StoreError;
 
 const COLUMNS: &str = "seq, ts_ms, actor, action, target, detail, prev_hash, hash";
 
-pub(super) fn append(conn: &Connection, entry: &NewAuditEntry) -> Result<AuditEntry, StoreError> {
-    entry.validate()?;
-    let last: Option<(i64, String)> = conn
-        .prepare_cached("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")?
-        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()?;
-    let (seq, prev_hash) = match last {
-        None => (1u64, GENESIS_HASH.to_owned()),
-        Some((seq, hash)) => {
-            let seq = u64::try_from(seq)
-                .ok()
-                .and_then(|s| s.checked_add(1))
-                .ok_or_else(|| StoreError::Corrupt(format!("audit seq {seq} out of range")))?;
-            (seq, hash)
-        }
+pub(super) fn append(
+    conn: &Connection,
+    key: Option<&AuditKey>,
+    entry: &NewAuditEntry,
+) -> Result<AuditEntry, StoreError> {
+    // With a key only the newest seq and hash matter (a damaged newest row must not stop
+    // appends); without one, next_entry checks that the newest row is unkeyed.
+    let last = if key.is_some() {
+        conn.prepare_cached("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")?
+            .query_row([], |r| {
+                Ok(StoredAuditRow {
+                    seq: r.get(0)?,
+                    hash: r.get(1)?,
+                    ..StoredAuditRow::default()
+                })
+            })
+            .optional()?
+    } else {
+        conn.prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM audit ORDER BY seq DESC LIMIT 1"
+        ))?
+        .query_row([], read_row)
+        .optional()?
     };
-    let detail = canonical_json(&entry.detail);
-    let hash = entry_hash(
-        seq,
-        entry.ts_ms,
-        &entry.actor,
-        &entry.action,
-        &entry.target,
-        &detail,
-        &prev_hash,
-    );
+    let (appended, detail) = next_entry(key, last.as_ref(), entry)?;
     conn.prepare_cached(&format!(
         "INSERT INTO audit ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
     ))?
     .execute(params![
-        seq,
-        entry.ts_ms,
-        entry.actor,
-        entry.action,
-        entry.target,
+        appended.seq,
+        appended.ts_ms,
+        appended.actor,
+        appended.action,
+        appended.target,
         detail,
-        prev_hash,
-        hash
+        appended.prev_hash,
+        appended.hash
     ])?;
-    Ok(AuditEntry {
-        seq,
-        ts_ms: entry.ts_ms,
-        actor: entry.actor.clone(),
-        action: entry.action.clone(),
-        target: entry.target.clone(),
-        detail: entry.detail.clone(),
-        prev_hash,
-        hash,
-    })
+    Ok(appended)
 }
 
 fn read_row(r: &Row<'_>) -> rusqlite::Result<StoredAuditRow> {
@@ -103,10 +93,25 @@ pub(super) fn list(
     Ok(entries)
 }
 
-pub(super) fn verify(conn: &Connection) -> Result<AuditVerdict, StoreError> {
-    let mut stmt = conn.prepare(&format!("SELECT {COLUMNS} FROM audit ORDER BY seq"))?;
-    let mut rows = stmt.query([])?;
-    let mut verifier = ChainVerifier::new();
+pub(super) fn len(conn: &Connection) -> Result<u64, StoreError> {
+    let max: Option<i64> = conn
+        .prepare_cached("SELECT max(seq) FROM audit")?
+        .query_row([], |r| r.get(0))?;
+    Ok(max.map_or(0, |m| u64::try_from(m).unwrap_or(0)))
+}
+
+/// Runs `check` in the snapshot of `conn`'s open read transaction.
+pub(super) fn check(
+    conn: &Connection,
+    key: Option<&AuditKey>,
+    check: &AuditCheck,
+) -> Result<AuditVerdict, StoreError> {
+    let mut verifier = ChainVerifier::with_check(key, check, len(conn)?);
+    let from = i64::try_from(verifier.next_seq()).unwrap_or(i64::MAX);
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {COLUMNS} FROM audit WHERE seq >= ?1 ORDER BY seq"
+    ))?;
+    let mut rows = stmt.query([from])?;
     while let Some(r) = rows.next()? {
         let checked = match read_row(r) {
             Ok(row) => verifier.check(&row),

@@ -17,7 +17,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 use serde_json::Value as Json;
 
-use crate::audit::{AuditEntry, AuditStore, AuditVerdict};
+use crate::audit::{AuditCheck, AuditEntry, AuditKey, AuditStore, AuditVerdict};
 use crate::clients::{ClientStore, OAuthClient};
 use crate::devices::{Device, DeviceStore};
 use crate::firmware::{Assignment, Campaign, FirmwareEvent, FirmwareRecord, FirmwareStore};
@@ -217,6 +217,9 @@ pub struct SqliteOptions {
     pub reader_cache_kib: u64,
     /// How long a connection waits for a lock held by another process before failing.
     pub busy_timeout: Duration,
+    /// The key of the audit chain (see [`crate::audit`]); without one, audit entries follow
+    /// the unkeyed rule and a keyed log can be neither appended to nor verified.
+    pub audit_key: Option<AuditKey>,
 }
 
 impl Default for SqliteOptions {
@@ -227,6 +230,7 @@ impl Default for SqliteOptions {
             writer_cache_kib: 64 * 1024,
             reader_cache_kib: 16 * 1024,
             busy_timeout: Duration::from_secs(5),
+            audit_key: None,
         }
     }
 }
@@ -241,6 +245,7 @@ pub struct SqliteStore {
     readers: Vec<Mutex<Connection>>,
     next_reader: AtomicUsize,
     path: PathBuf,
+    audit_key: Option<AuditKey>,
 }
 
 impl SqliteStore {
@@ -249,13 +254,11 @@ impl SqliteStore {
         SqliteStore::open_with(path, &SqliteOptions::default())
     }
 
-    /// Opens (creating if needed) the database at `path`.
+    /// Opens (creating if needed) the database at `path`. A new database file (and any
+    /// directory created for it) is private to the owner, whatever the process umask: mode
+    /// 0600 (0700), which SQLite gives its `-wal` and `-shm` files too.
     pub fn open_with(path: &Path, options: &SqliteOptions) -> Result<SqliteStore, StoreError> {
-        if let Some(dir) = path.parent() {
-            if !dir.as_os_str().is_empty() {
-                std::fs::create_dir_all(dir)?;
-            }
-        }
+        create_private(path)?;
         let writer = Connection::open(path)?;
         writer.busy_timeout(options.busy_timeout)?;
         let mode: String =
@@ -304,6 +307,7 @@ impl SqliteStore {
             readers,
             next_reader: AtomicUsize::new(0),
             path: path.to_owned(),
+            audit_key: options.audit_key.clone(),
         })
     }
 
@@ -343,12 +347,41 @@ impl SqliteStore {
     }
 }
 
+/// Creates the database file (mode 0600) and its directory (0700) when missing, so that
+/// SQLite, which gives its `-wal` and `-shm` files the database file's mode, never creates
+/// anything others can read.
+fn create_private(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if let Some(dir) = path.parent() {
+        if !dir.as_os_str().is_empty() && !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+        }
+    }
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn cache_pages(kib: u64) -> i64 {
     i64::try_from(kib).unwrap_or(i64::MAX)
 }
 
 /// Applies one write to the open transaction.
-fn apply_write(conn: &Connection, write: &Write) -> Result<Output, StoreError> {
+fn apply_write(
+    conn: &Connection,
+    audit_key: Option<&AuditKey>,
+    write: &Write,
+) -> Result<Output, StoreError> {
     match write {
         Write::Mqtt(ops) => {
             for op in ops {
@@ -414,7 +447,7 @@ fn apply_write(conn: &Connection, write: &Write) -> Result<Output, StoreError> {
         )
         .map(|()| Output::Done),
         Write::PurgeTelemetry { now_ms } => telemetry::purge(conn, *now_ms).map(Output::Count),
-        Write::AppendAudit(entry) => audit::append(conn, entry).map(Output::Audit),
+        Write::AppendAudit(entry) => audit::append(conn, audit_key, entry).map(Output::Audit),
         Write::PutRule(rule) => rules::put_rule(conn, rule).map(|()| Output::Done),
         Write::DeleteRule { id } => rules::delete_rule(conn, id).map(|()| Output::Done),
         Write::PutAlarm(alarm) => rules::put_alarm(conn, alarm).map(Output::Count),
@@ -445,6 +478,7 @@ fn apply_write(conn: &Connection, write: &Write) -> Result<Output, StoreError> {
 /// whole succeeded), any other write on its own.
 fn apply_job(
     conn: &Connection,
+    audit_key: Option<&AuditKey>,
     batch: &mut telemetry::Batch,
     job: &[Write],
     rollups: &mut HashMap<(i64, i64), crate::telemetry::Accumulator>,
@@ -457,7 +491,7 @@ fn apply_job(
             Write::TouchDevice { id, seen_at_ms } => {
                 batch.touch(conn, id, *seen_at_ms).map(|()| Output::Done)
             }
-            w => apply_write(conn, w),
+            w => apply_write(conn, audit_key, w),
         })
         .collect()
 }
@@ -482,7 +516,8 @@ impl WriteBackend for SqliteStore {
                 // Nothing to undo on its own: an error now is the database's, and fails the
                 // whole commit.
                 let mut rollups = HashMap::new();
-                let outputs = apply_job(&tx, &mut batch, job, &mut rollups)?;
+                let outputs =
+                    apply_job(&tx, self.audit_key.as_ref(), &mut batch, job, &mut rollups)?;
                 batch.keep(rollups);
                 results.push(Ok(outputs));
                 continue;
@@ -491,7 +526,7 @@ impl WriteBackend for SqliteStore {
             // undone alone.
             tx.prepare_cached("SAVEPOINT job")?.execute([])?;
             let mut rollups = HashMap::new();
-            match apply_job(&tx, &mut batch, job, &mut rollups) {
+            match apply_job(&tx, self.audit_key.as_ref(), &mut batch, job, &mut rollups) {
                 Ok(outputs) => {
                     tx.prepare_cached("RELEASE job")?.execute([])?;
                     batch.keep(rollups);
@@ -648,10 +683,14 @@ impl AuditStore for SqliteStore {
         self.read(|conn| audit::list(conn, from_seq, limit))
     }
 
-    fn verify_audit(&self) -> Result<AuditVerdict, StoreError> {
+    fn audit_len(&self) -> Result<u64, StoreError> {
+        self.read(audit::len)
+    }
+
+    fn check_audit(&self, check: &AuditCheck) -> Result<AuditVerdict, StoreError> {
         self.read(|conn| {
             let tx = conn.unchecked_transaction()?;
-            audit::verify(&tx)
+            audit::check(&tx, self.audit_key.as_ref(), check)
         })
     }
 }
