@@ -1,12 +1,13 @@
 //! `stratus bench coap`: confirmable telemetry POSTs to Stratus's CoAP listener from 64
 //! clients in a closed loop, the benchmark of issue #6 (target: 40,000 requests/s).
 //!
-//! The setup registers one device (`bench-<run>-coap`) with the admin credentials over HTTP
-//! and fetches its access token; then every client — its own connected UDP socket, so its own
-//! CoAP endpoint on the server — sends `POST /telemetry?token=…` (CON, Content-Format JSON,
-//! one record `{"ts":T,"coap":21.5}`) and waits for the answer before the next one. The token
-//! is longer than one Uri-Query option may be (255 bytes), so it is split over several
-//! `token=` items, which the server joins in order.
+//! The setup registers one device per client (`bench-<run>-coap-N`: the server bounds each
+//! device's requests per second, `[telemetry] max_requests_per_sec`) with the admin
+//! credentials over HTTP and fetches their access tokens; then every client — its own
+//! connected UDP socket, so its own CoAP endpoint on the server — sends `POST
+//! /telemetry?token=…` (CON, Content-Format JSON, one record `{"ts":T,"coap":21.5}`) and
+//! waits for the answer before the next one. A token longer than one Uri-Query option may be
+//! (255 bytes) would be split over several `token=` items, which the server joins in order.
 //!
 //! No CoAP client library and no per-request encoding: the datagram is encoded once with the
 //! workspace codec (`stratus_coap::encode`), then only its message ID, token and the record's
@@ -221,8 +222,9 @@ pub struct Extra {
     pub timeouts: AtomicU64,
 }
 
-/// Registers the bench device and returns its access token.
-async fn setup(plan: &CoapPlan, run: u32) -> anyhow::Result<(String, String)> {
+/// Registers one bench device per client (as a fleet would be: the server bounds each
+/// device's requests per second) and returns their access tokens.
+async fn setup(plan: &CoapPlan, run: u32) -> anyhow::Result<Vec<String>> {
     let host = plan.http_addr.to_string();
     let mut c = Client::connect(plan.http_addr)
         .await
@@ -230,10 +232,13 @@ async fn setup(plan: &CoapPlan, run: u32) -> anyhow::Result<(String, String)> {
     let admin = client::access_token(&mut c, &host, "admin", &plan.admin_secret)
         .await
         .context("the admin token (check --admin-secret / STRATUS_ADMIN_SECRET)")?;
-    let id = format!("bench-{run:08x}-coap");
-    let secret = client::register_device(&mut c, &host, &admin, &id).await?;
-    let token = client::access_token(&mut c, &host, &id, &secret).await?;
-    Ok((id, token))
+    let mut tokens = Vec::with_capacity(CLIENTS);
+    for i in 0..CLIENTS {
+        let id = format!("bench-{run:08x}-coap-{i}");
+        let secret = client::register_device(&mut c, &host, &admin, &id).await?;
+        tokens.push(client::access_token(&mut c, &host, &id, &secret).await?);
+    }
+    Ok(tokens)
 }
 
 /// One client's closed loop until `end`.
@@ -313,12 +318,16 @@ async fn client_loop(
 /// The measured phase: [`CLIENTS`] clients for [`duration`]`(scale)`.
 pub async fn load(
     coap_addr: SocketAddr,
-    access_token: &str,
+    access_tokens: &[String],
     scale: f64,
     meter: Arc<Meter>,
     extra: Arc<Extra>,
 ) -> anyhow::Result<()> {
-    let datagram = Arc::new(Datagram::new(access_token)?);
+    let datagrams = access_tokens
+        .iter()
+        .map(|t| Datagram::new(t).map(Arc::new))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    anyhow::ensure!(!datagrams.is_empty(), "no access token to send with");
     let bind: SocketAddr = if coap_addr.is_ipv4() {
         ([127, 0, 0, 1], 0).into()
     } else {
@@ -344,7 +353,7 @@ pub async fn load(
             client_loop(
                 i,
                 s,
-                datagram.clone(),
+                datagrams[i % datagrams.len()].clone(),
                 base_ts,
                 end,
                 meter.clone(),
@@ -376,8 +385,8 @@ pub async fn run_plan(plan: &CoapPlan) -> anyhow::Result<HttpReport> {
     let extra = Arc::new(Extra::default());
     let (plan2, meter2, extra2) = (plan.clone(), meter.clone(), extra.clone());
     let mut task = tokio::spawn(async move {
-        let (_id, token) = setup(&plan2, run).await.context("setup")?;
-        load(plan2.coap_addr, &token, plan2.scale, meter2, extra2).await
+        let tokens = setup(&plan2, run).await.context("setup")?;
+        load(plan2.coap_addr, &tokens, plan2.scale, meter2, extra2).await
     });
     let outcome = tokio::time::timeout(plan.timeout, &mut task).await;
     meter.progress.end();

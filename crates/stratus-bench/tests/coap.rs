@@ -113,31 +113,36 @@ async fn bench_coap_runs_against_stratus_without_errors() {
         .await
         .unwrap();
     let list: serde_json::Value = serde_json::from_slice(&list.body).unwrap();
-    let id = list["devices"]
+    let ids: Vec<String> = list["devices"]
         .as_array()
         .unwrap()
         .iter()
         .filter_map(|d| d["id"].as_str())
-        .find(|id| id.ends_with("-coap"))
-        .expect("the bench device")
-        .to_string();
+        .filter(|id| id.contains("-coap-"))
+        .map(String::from)
+        .collect();
+    assert_eq!(ids.len(), 64, "one bench device per client: {ids:?}");
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64;
-    let path = format!(
-        "/api/v1/devices/{id}/telemetry?key={}&agg=count&interval=1h&from={}&to={now}",
-        stratus_bench::coap::KEY,
-        now - 3 * 86_400_000
-    );
-    let answer = c.send(&get(path), Bytes::new()).await.unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
-    let stored: u64 = v["buckets"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| b["count"].as_u64().unwrap())
-        .sum();
+    let mut stored = 0u64;
+    for id in &ids {
+        let path = format!(
+            "/api/v1/devices/{id}/telemetry?key={}&agg=count&interval=1h&from={}&to={now}",
+            stratus_bench::coap::KEY,
+            now - 3 * 86_400_000
+        );
+        let answer = c.send(&get(path), Bytes::new()).await.unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
+        stored += v["buckets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["count"].as_u64().unwrap())
+            .sum::<u64>();
+    }
+    let v = &stored;
     assert_eq!(stored, acked, "{v}");
     server.shutdown(Duration::from_secs(2)).await;
 }

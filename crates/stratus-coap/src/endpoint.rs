@@ -1054,6 +1054,13 @@ impl Endpoint {
         self.observers.len()
     }
 
+    /// Whether `peer`'s request with `token` is a registered observer (its registration was
+    /// answered with Observe; the table's cap, [`crate::Config::max_observers`], may have
+    /// declined it).
+    pub fn is_observing(&self, peer: SocketAddr, token: Token) -> bool {
+        self.observers.contains_key(&(peer, token))
+    }
+
     /// Removes one observer without telling it (e.g. its credentials were revoked). Returns
     /// whether it existed. The next notification it would have got is not sent.
     pub fn cancel_observer(&mut self, peer: SocketAddr, token: Token) -> bool {

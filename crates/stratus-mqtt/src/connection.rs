@@ -50,6 +50,86 @@ pub struct Limits {
     pub receive_maximum: u16,
     /// Topic Alias Maximum announced to MQTT 5.0 clients.
     pub topic_alias_maximum: u16,
+    /// PUBLISH packets a client may send per second (0: no limit); see [`RateLimit`].
+    pub max_publish_rate: u32,
+    /// Payload bytes a client may publish per second (0: no limit).
+    pub max_publish_bytes_rate: u32,
+    /// Consecutive seconds over a publish rate after which the connection is closed
+    /// (MQTT 5.0: DISCONNECT 0x96 Message rate too high).
+    pub rate_sustain_secs: u8,
+}
+
+/// The publish rates of one client, counted in one-second windows: a PUBLISH over
+/// [`Limits::max_publish_rate`] or [`Limits::max_publish_bytes_rate`] in its second is not
+/// routed — an MQTT 5.0 client gets PUBACK/PUBREC 0x97 Quota exceeded, an MQTT 3.1.1 client a
+/// plain acknowledgement (it cannot be refused) and the message is dropped and counted in
+/// [`Stats::throttled`]; a client over a rate in [`Limits::rate_sustain_secs`] consecutive
+/// seconds is disconnected (0x96 Message rate too high). Fixed windows let a client send up to
+/// twice its rate across a window boundary; they cost three integers and no clock of their
+/// own (time is the connection's `now`).
+#[derive(Debug, Default, Clone, Copy)]
+struct RateWindow {
+    /// The window: whole seconds since [`RATE_EPOCH`].
+    second: u32,
+    messages: u32,
+    bytes: u32,
+    /// Consecutive windows (ending with this one) in which the client went over a rate.
+    streak: u8,
+    /// Whether it went over in this window.
+    over: bool,
+}
+
+/// What the rate window says of one PUBLISH.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RateVerdict {
+    Pass,
+    Throttle,
+    Disconnect,
+}
+
+impl RateWindow {
+    fn check(&mut self, second: u32, bytes: usize, limits: &Limits) -> RateVerdict {
+        if limits.max_publish_rate == 0 && limits.max_publish_bytes_rate == 0 {
+            return RateVerdict::Pass;
+        }
+        if second != self.second {
+            let consecutive = second == self.second.wrapping_add(1);
+            if !(self.over && consecutive) {
+                self.streak = 0;
+            }
+            *self = RateWindow {
+                second,
+                streak: self.streak,
+                ..RateWindow::default()
+            };
+        }
+        self.messages = self.messages.saturating_add(1);
+        self.bytes = self
+            .bytes
+            .saturating_add(u32::try_from(bytes).unwrap_or(u32::MAX));
+        let over = (limits.max_publish_rate != 0 && self.messages > limits.max_publish_rate)
+            || (limits.max_publish_bytes_rate != 0 && self.bytes > limits.max_publish_bytes_rate);
+        if !over {
+            return RateVerdict::Pass;
+        }
+        if !self.over {
+            self.over = true;
+            self.streak = self.streak.saturating_add(1);
+        }
+        if limits.rate_sustain_secs != 0 && self.streak >= limits.rate_sustain_secs {
+            RateVerdict::Disconnect
+        } else {
+            RateVerdict::Throttle
+        }
+    }
+}
+
+/// The instant publish-rate windows count seconds from (the first one any connection asked).
+static RATE_EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+fn rate_second(now: Instant) -> u32 {
+    let epoch = *RATE_EPOCH.get_or_init(|| now);
+    u32::try_from(now.saturating_duration_since(epoch).as_secs()).unwrap_or(u32::MAX)
 }
 
 impl Default for Limits {
@@ -64,6 +144,9 @@ impl Default for Limits {
             max_keepalive: 0,
             receive_maximum: 1024,
             topic_alias_maximum: 64,
+            max_publish_rate: 0,
+            max_publish_bytes_rate: 0,
+            rate_sustain_secs: 10,
         }
     }
 }
@@ -261,6 +344,8 @@ pub struct Stats {
     pub packets_received: u32,
     /// Control packets of any type sent.
     pub packets_sent: u32,
+    /// PUBLISH packets over the client's publish rate, not routed (see [`Limits::max_publish_rate`]).
+    pub throttled: u32,
 }
 
 #[derive(Debug)]
@@ -327,6 +412,7 @@ pub struct Connection {
     problem_information: bool,
     /// Whether [`Event::Session`] changes are reported.
     track_session: bool,
+    rate: RateWindow,
 }
 
 /// The topic aliases of a connection (MQTT 5.0 §3.3.2.3.4).
@@ -356,6 +442,7 @@ impl Connection {
             transmit: BytesMut::new(),
             events: VecDeque::new(),
             stats: Stats::default(),
+            rate: RateWindow::default(),
             now,
             max_inflight: 1,
             client_max_packet: None,
@@ -893,6 +980,26 @@ impl Connection {
             return;
         }
         let packet_id = publish.packet_id;
+        let retransmitted = matches!((publish.qos, packet_id, &self.session),
+            (QoS::ExactlyOnce, Some(id), Some(s)) if s.inbound_qos2.contains(&id));
+        if !retransmitted {
+            let second = rate_second(self.now);
+            match self.rate.check(second, publish.payload.len(), &self.limits) {
+                RateVerdict::Pass => {}
+                RateVerdict::Throttle => {
+                    self.throttle(publish.qos, packet_id);
+                    return;
+                }
+                RateVerdict::Disconnect => {
+                    self.stats.throttled += 1;
+                    self.close(CloseReason::Violation(
+                        ReasonCode::MessageRateTooHigh,
+                        "publish rate over the limit for too long",
+                    ));
+                    return;
+                }
+            }
+        }
         match (publish.qos, packet_id) {
             (QoS::ExactlyOnce, Some(id)) => {
                 let Some(session) = self.session.as_mut() else {
@@ -933,6 +1040,33 @@ impl Connection {
             Message::new(publish.topic, publish.payload, publish.qos, publish.retain)
         };
         self.events.push_back(Event::Publish { message, packet_id });
+    }
+
+    /// Drops a PUBLISH over the client's rate: MQTT 5.0 QoS 1/2 get 0x97 Quota exceeded (a
+    /// QoS 2 exchange ends at its PUBREC); MQTT 3.1.1 cannot refuse, so QoS 1/2 get a plain
+    /// acknowledgement (QoS 2: its PUBREL is answered as usual).
+    fn throttle(&mut self, qos: QoS, packet_id: Option<PacketId>) {
+        self.stats.throttled += 1;
+        let Some(id) = packet_id else {
+            return;
+        };
+        let reason = if self.protocol.is_v5() {
+            ReasonCode::QuotaExceeded
+        } else {
+            if qos == QoS::ExactlyOnce {
+                if let Some(s) = self.session.as_mut() {
+                    s.inbound_qos2.insert(id);
+                }
+            }
+            ReasonCode::Success
+        };
+        self.acks.push_back(PendingAck {
+            packet_id: id,
+            qos,
+            done: true,
+            reason,
+        });
+        self.flush_acks();
     }
 
     /// Marks the inbound QoS 1/2 message `packet_id` as handled; PUBACK/PUBREC go out in the

@@ -49,7 +49,7 @@ pub use properties::{
     UnsubAckProperties, UnsubscribeProperties, UserProperty, WillProperties,
 };
 pub use reason::ReasonCode;
-pub use retained::RetainedStore;
+pub use retained::{Replaced, RetainedStore};
 pub use session::Session;
 pub use tree::SubscriptionTree;
 pub use types::{MqttStr, PacketId, ProtocolVersion, QoS, Utf8Error};

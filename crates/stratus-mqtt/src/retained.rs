@@ -19,6 +19,20 @@ pub struct RetainedStore {
 struct Node {
     children: HashMap<Box<str>, Node, RandomState>,
     message: Option<Message>,
+    /// Who set `message`, as the host names it ([`RetainedStore::set_by`]).
+    origin: Option<Box<str>>,
+}
+
+/// The retained message a [`RetainedStore::set_by`] or [`RetainedStore::remove_by`] replaced
+/// or removed: its payload size and who had set it (for per-client quotas).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Replaced {
+    /// Whether the topic had a retained message.
+    pub existed: bool,
+    /// Its payload bytes (0 when there was none).
+    pub bytes: usize,
+    /// Who had set it, when the host said.
+    pub origin: Option<Box<str>>,
 }
 
 impl Node {
@@ -52,38 +66,81 @@ impl RetainedStore {
     /// empty payload deletes the topic's retained message instead (MQTT-3.3.1-10/11). The
     /// stored copy is compacted ([`Message::compact`]).
     pub fn set(&mut self, message: Message) {
+        self.set_by(message, None);
+    }
+
+    /// [`set`](Self::set), recording `origin` (who set it, as the host names it) with the
+    /// message; returns what it replaced or removed.
+    pub fn set_by(&mut self, message: Message, origin: Option<&str>) -> Replaced {
         if message.payload.is_empty() {
-            self.remove(&message.topic);
-            return;
+            return self.remove_by(&message.topic);
         }
         let mut node = &mut self.root;
         for level in message.topic.split('/') {
             node = node.children.entry(level.into()).or_default();
         }
         self.bytes += message.payload.len();
-        if let Some(old) = node.message.replace(message.compact()) {
-            self.bytes -= old.payload.len();
-        } else {
-            self.len += 1;
+        let old_origin = std::mem::replace(&mut node.origin, origin.map(Box::from));
+        match node.message.replace(message.compact()) {
+            Some(old) => {
+                self.bytes -= old.payload.len();
+                Replaced {
+                    existed: true,
+                    bytes: old.payload.len(),
+                    origin: old_origin,
+                }
+            }
+            None => {
+                self.len += 1;
+                Replaced::default()
+            }
+        }
+    }
+
+    /// The payload size and origin of `topic`'s retained message, if it has one.
+    pub fn usage_of(&self, topic: &str) -> Replaced {
+        let mut node = &self.root;
+        for level in topic.split('/') {
+            match node.children.get(level) {
+                Some(n) => node = n,
+                None => return Replaced::default(),
+            }
+        }
+        match &node.message {
+            Some(m) => Replaced {
+                existed: true,
+                bytes: m.payload.len(),
+                origin: node.origin.clone(),
+            },
+            None => Replaced::default(),
         }
     }
 
     /// Deletes the retained message of `topic`; returns whether there was one.
     pub fn remove(&mut self, topic: &str) -> bool {
+        self.remove_by(topic).existed
+    }
+
+    /// [`remove`](Self::remove), telling what it removed.
+    pub fn remove_by(&mut self, topic: &str) -> Replaced {
         let levels: Vec<&str> = topic.split('/').collect();
         match Self::remove_in(&mut self.root, &levels) {
-            Some(old) => {
+            Some((old, origin)) => {
                 self.len -= 1;
                 self.bytes -= old.payload.len();
-                true
+                Replaced {
+                    existed: true,
+                    bytes: old.payload.len(),
+                    origin,
+                }
             }
-            None => false,
+            None => Replaced::default(),
         }
     }
 
-    fn remove_in(node: &mut Node, levels: &[&str]) -> Option<Message> {
+    fn remove_in(node: &mut Node, levels: &[&str]) -> Option<(Message, Option<Box<str>>)> {
         match levels {
-            [] => node.message.take(),
+            [] => node.message.take().map(|m| (m, node.origin.take())),
             [level, rest @ ..] => {
                 let child = node.children.get_mut(*level)?;
                 let removed = Self::remove_in(child, rest);

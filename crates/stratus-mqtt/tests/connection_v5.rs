@@ -784,3 +784,151 @@ fn the_qos0_encoder_writes_what_the_connection_would_and_only_when_it_may() {
     h.received();
     assert!(h.conn.qos0_encoder().is_none());
 }
+
+fn puback_codes(packets: &[Packet]) -> Vec<(u16, ReasonCode)> {
+    packets
+        .iter()
+        .filter_map(|p| match p {
+            Packet::PubAck(a) | Packet::PubRec(a) => Some((a.packet_id, a.reason)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn published(events: &[Event]) -> usize {
+    events
+        .iter()
+        .filter(|e| matches!(e, Event::Publish { .. }))
+        .count()
+}
+
+#[test]
+fn a_publish_over_the_rate_gets_0x97_and_is_not_routed() {
+    let limits = Limits {
+        max_publish_rate: 3,
+        ..Limits::default()
+    };
+    let (mut h, _) = V5::connect(limits, connect5("c"));
+    let none = PublishProperties::default();
+    for id in 1..=3 {
+        h.send(publish("t", Some(id), QoS::AtLeastOnce, none.clone()));
+    }
+    let routed = h.events();
+    assert_eq!(published(&routed), 3);
+    for id in 1..=3 {
+        h.conn.acknowledge(id);
+    }
+    h.send(publish("t", Some(4), QoS::AtLeastOnce, none.clone()));
+    h.send(publish("t", Some(5), QoS::ExactlyOnce, none.clone()));
+    h.send(publish("t", None, QoS::AtMostOnce, none.clone()));
+    assert_eq!(published(&h.events()), 0, "nothing over the rate is routed");
+    let acks = puback_codes(&h.received());
+    assert!(acks.contains(&(4, ReasonCode::QuotaExceeded)), "{acks:?}");
+    assert!(acks.contains(&(5, ReasonCode::QuotaExceeded)), "{acks:?}");
+    assert_eq!(h.conn.take_stats().throttled, 3);
+    assert!(h.conn.is_connected());
+    // The next second has room again.
+    h.advance(1.0);
+    h.send(publish("t", Some(6), QoS::AtLeastOnce, none));
+    assert_eq!(published(&h.events()), 1);
+}
+
+#[test]
+fn a_byte_rate_counts_payload_bytes() {
+    let limits = Limits {
+        max_publish_bytes_rate: 10,
+        ..Limits::default()
+    };
+    let (mut h, _) = V5::connect(limits, connect5("c"));
+    let big = |id| {
+        Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: s("t"),
+            packet_id: Some(id),
+            payload: Bytes::from_static(b"0123456"),
+            properties: PublishProperties::default(),
+        })
+    };
+    h.send(big(1));
+    h.send(big(2));
+    assert_eq!(published(&h.events()), 1, "7 + 7 bytes > 10");
+    h.conn.acknowledge(1);
+    assert!(puback_codes(&h.received()).contains(&(2, ReasonCode::QuotaExceeded)));
+}
+
+#[test]
+fn a_rate_exceeded_for_consecutive_seconds_disconnects_with_0x96() {
+    let limits = Limits {
+        max_publish_rate: 1,
+        rate_sustain_secs: 3,
+        ..Limits::default()
+    };
+    let (mut h, _) = V5::connect(limits, connect5("c"));
+    let none = PublishProperties::default();
+    // Over in one second, then a quiet second: the streak starts again.
+    h.send(publish("t", None, QoS::AtMostOnce, none.clone()));
+    h.send(publish("t", None, QoS::AtMostOnce, none.clone()));
+    h.advance(2.0);
+    for second in 0..3 {
+        assert!(h.conn.is_connected(), "second {second}");
+        h.send(publish("t", None, QoS::AtMostOnce, none.clone()));
+        h.send(publish("t", None, QoS::AtMostOnce, none.clone()));
+        h.advance(1.0);
+    }
+    assert!(!h.conn.is_connected());
+    assert_eq!(
+        disconnect_code(&h.received()),
+        Some(ReasonCode::MessageRateTooHigh)
+    );
+}
+
+#[test]
+fn a_v311_client_over_the_rate_is_acknowledged_and_its_message_dropped() {
+    let limits = Limits {
+        max_publish_rate: 1,
+        ..Limits::default()
+    };
+    let mut h = Harness::new(limits);
+    h.send(Packet::Connect(Connect {
+        protocol: ProtocolVersion::V311,
+        ..connect5("c")
+    }));
+    h.events();
+    h.conn.accept(Session::new(), false);
+    h.received();
+    let p = |id, qos| {
+        Packet::Publish(Publish {
+            dup: false,
+            qos,
+            retain: false,
+            topic: s("t"),
+            packet_id: Some(id),
+            payload: Bytes::from_static(b"x"),
+            properties: PublishProperties::default(),
+        })
+    };
+    h.send(p(1, QoS::AtLeastOnce));
+    assert_eq!(published(&h.events()), 1);
+    h.conn.acknowledge(1);
+    h.send(p(2, QoS::AtLeastOnce));
+    h.send(p(3, QoS::ExactlyOnce));
+    assert_eq!(published(&h.events()), 0);
+    let acks = puback_codes(&h.received());
+    assert_eq!(
+        acks,
+        vec![
+            (1, ReasonCode::Success),
+            (2, ReasonCode::Success),
+            (3, ReasonCode::Success)
+        ]
+    );
+    // The dropped QoS 2 message's exchange completes as usual.
+    h.send(Packet::PubRel(PubAck::new(3)));
+    assert!(h
+        .received()
+        .iter()
+        .any(|p| matches!(p, Packet::PubComp(a) if a.packet_id == 3)));
+    assert!(h.conn.is_connected());
+}

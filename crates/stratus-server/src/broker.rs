@@ -865,6 +865,9 @@ pub struct Routed {
     /// Online clients whose backlog is over its bound: the publisher should wait for them
     /// ([`ClientHandle::wait_for_space`]): hold its acknowledgement, or stop reading (QoS 0).
     pub congested: Vec<Arc<ClientHandle>>,
+    /// The message was refused (its retained copy would exceed a retained quota) and went
+    /// nowhere.
+    pub refused: bool,
 }
 
 /// A session handed to a new connection.
@@ -946,6 +949,119 @@ impl Owner {
     }
 }
 
+/// Bounds on retained messages (`[mqtt] max_retained…`): per client (by client id) and in
+/// total, in count and payload bytes. The server's own retained messages (desired config,
+/// firmware notices) and restored ones without a recorded setter are not bounded per client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetainQuota {
+    /// Retained messages one client may have set.
+    pub per_client: usize,
+    /// Their payload bytes.
+    pub per_client_bytes: usize,
+    /// Retained messages clients may set in total.
+    pub total: usize,
+    /// Their payload bytes in total.
+    pub total_bytes: usize,
+}
+
+impl Default for RetainQuota {
+    fn default() -> Self {
+        RetainQuota {
+            per_client: usize::MAX,
+            per_client_bytes: usize::MAX,
+            total: usize::MAX,
+            total_bytes: usize::MAX,
+        }
+    }
+}
+
+/// What one client's retained messages cost.
+#[derive(Debug, Clone, Copy, Default)]
+struct Usage {
+    count: usize,
+    bytes: usize,
+}
+
+/// The retained messages, and what each client that set some of them uses.
+#[derive(Default)]
+struct Retained {
+    store: RetainedStore,
+    by_origin: HashMap<Box<str>, Usage>,
+    /// What every client together uses (the server's own retained messages — `$SYS`, desired
+    /// config, firmware notices — are not counted).
+    clients: Usage,
+}
+
+impl Retained {
+    /// Stores (or with an empty payload deletes) a retained message set by `origin`; `Err`
+    /// when that would take `origin` or the clients together over `quota` (nothing changes
+    /// then). Deleting is always allowed; without an origin (the server's own) nothing is
+    /// bounded.
+    fn set(
+        &mut self,
+        message: Message,
+        origin: Option<&str>,
+        quota: &RetainQuota,
+    ) -> Result<(), ()> {
+        let bytes = message.payload.len();
+        if let (Some(o), true) = (origin, bytes > 0) {
+            let old = self.store.usage_of(&message.topic);
+            // What the message it replaces cost a client, and whether that client is `o`.
+            let (old_count, old_bytes) = match &old.origin {
+                Some(_) => (1, old.bytes),
+                None => (0, 0),
+            };
+            let same = old.origin.as_deref() == Some(o);
+            let count = (self.clients.count + 1).saturating_sub(old_count);
+            let total_bytes = (self.clients.bytes + bytes).saturating_sub(old_bytes);
+            let mine = self.by_origin.get(o).copied().unwrap_or_default();
+            let my_count = mine.count + usize::from(!same);
+            let my_bytes = (mine.bytes + bytes).saturating_sub(if same { old.bytes } else { 0 });
+            if count > quota.total
+                || total_bytes > quota.total_bytes
+                || my_count > quota.per_client
+                || my_bytes > quota.per_client_bytes
+            {
+                return Err(());
+            }
+        }
+        let replaced = self.store.set_by(message, origin.filter(|_| bytes > 0));
+        self.release(replaced);
+        if let (Some(o), true) = (origin, bytes > 0) {
+            let u = self.by_origin.entry(o.into()).or_default();
+            u.count += 1;
+            u.bytes += bytes;
+            self.clients.count += 1;
+            self.clients.bytes += bytes;
+        }
+        Ok(())
+    }
+
+    /// Deletes `topic`'s retained message (expired); returns whether there was one.
+    fn remove(&mut self, topic: &str) -> bool {
+        let replaced = self.store.remove_by(topic);
+        let existed = replaced.existed;
+        self.release(replaced);
+        existed
+    }
+
+    /// Gives back what a replaced or removed message cost its setter.
+    fn release(&mut self, replaced: stratus_mqtt::Replaced) {
+        let Some(origin) = replaced.origin.filter(|_| replaced.existed) else {
+            return;
+        };
+        self.clients.count = self.clients.count.saturating_sub(1);
+        self.clients.bytes = self.clients.bytes.saturating_sub(replaced.bytes);
+        if let Some(u) = self.by_origin.get_mut(&*origin) {
+            u.count = u.count.saturating_sub(1);
+            u.bytes = u.bytes.saturating_sub(replaced.bytes);
+            if u.count == 0 {
+                self.by_origin.remove(&*origin);
+            }
+        }
+    }
+}
+
 /// Why [`Broker::attach_session`] refused a connection.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AttachRefused {
@@ -984,7 +1100,8 @@ pub struct Broker {
     clients: Mutex<HashSet<Registered>>,
     tree: RwLock<SubscriptionTree<Subscriber>>,
     groups: Mutex<HashMap<String, Arc<SharedGroup>>>,
-    retained: RwLock<RetainedStore>,
+    retained: RwLock<Retained>,
+    retain_quota: RetainQuota,
     max_queued: usize,
     next_conn: AtomicU64,
     persist: Option<Persistence>,
@@ -1005,7 +1122,8 @@ impl Broker {
             clients: Mutex::new(HashSet::new()),
             tree: RwLock::new(SubscriptionTree::new()),
             groups: Mutex::new(HashMap::new()),
-            retained: RwLock::new(RetainedStore::new()),
+            retained: RwLock::new(Retained::default()),
+            retain_quota: RetainQuota::default(),
             max_queued,
             next_conn: AtomicU64::new(1),
             persist: None,
@@ -1030,6 +1148,12 @@ impl Broker {
     /// Where client handles send the tokens of parked connections to wake.
     pub fn park_wakes(&self) -> &Arc<ParkWakes> {
         &self.wakes
+    }
+
+    /// Bounds the retained messages clients may set (see [`RetainQuota`]).
+    pub fn with_retain_quota(mut self, quota: RetainQuota) -> Self {
+        self.retain_quota = quota;
+        self
     }
 
     /// A broker that keeps retained messages and persistent sessions in `persist`.
@@ -1677,7 +1801,7 @@ impl Broker {
         let mut out = Vec::new();
         let mut expired = Vec::new();
         let now = Instant::now();
-        self.retained.read().for_each_match(filter, |m| {
+        self.retained.read().store.for_each_match(filter, |m| {
             if m.is_expired(now) {
                 expired.push(m.topic.clone());
             } else {
@@ -1687,7 +1811,7 @@ impl Broker {
         if !expired.is_empty() {
             let mut retained = self.retained.write();
             for t in expired {
-                if retained.get(&t).is_some_and(|m| m.is_expired(now)) {
+                if retained.store.get(&t).is_some_and(|m| m.is_expired(now)) {
                     retained.remove(&t);
                     if let Some(p) = &self.persist {
                         p.write(MqttOp::RetainDelete {
@@ -1698,14 +1822,14 @@ impl Broker {
             }
             self.metrics
                 .mqtt_retained_messages
-                .set(retained.len() as i64);
+                .set(retained.store.len() as i64);
         }
         out
     }
 
     /// Number of retained messages.
     pub fn retained_count(&self) -> usize {
-        self.retained.read().len()
+        self.retained.read().store.len()
     }
 
     /// Number of subscriptions.
@@ -1806,7 +1930,16 @@ impl Broker {
         let mut routed = Routed::default();
         if message.retain {
             let mut retained = self.retained.write();
-            retained.set(message.clone());
+            let by = origin.map(|h| h.id.as_str());
+            if retained
+                .set(message.clone(), by, &self.retain_quota)
+                .is_err()
+            {
+                drop(retained);
+                self.metrics.limit_hit("mqtt_retained", 1);
+                routed.refused = true;
+                return routed;
+            }
             if let Some(p) = &self.persist {
                 // Under the lock, so the store sees a topic's retained messages in order.
                 p.write(if message.payload.is_empty() {
@@ -1814,13 +1947,13 @@ impl Broker {
                         topic: message.topic.to_string(),
                     }
                 } else {
-                    MqttOp::RetainSet(persist::stored_retained(&message))
+                    MqttOp::RetainSet(persist::stored_retained(&message, by))
                 });
                 routed.stored = true;
             }
             self.metrics
                 .mqtt_retained_messages
-                .set(retained.len() as i64);
+                .set(retained.store.len() as i64);
         }
         let was_retained = message.retain;
         let message = Arc::new(message);
@@ -1943,7 +2076,11 @@ impl Broker {
                     r.expires_at_ms,
                 );
                 match loaded {
-                    Some((m, _)) if !m.is_expired(now) => retained.set(m),
+                    Some((m, _)) if !m.is_expired(now) => {
+                        // What it was set under stays counted (no quota: it was accepted).
+                        let origin = Some(r.origin.as_str()).filter(|o| !o.is_empty());
+                        let _ = retained.set(m, origin, &RetainQuota::default());
+                    }
                     Some(_) => p.write(MqttOp::RetainDelete { topic: r.topic }),
                     None => {
                         tracing::warn!(topic = %r.topic, "unreadable stored retained message skipped")
@@ -1952,7 +2089,7 @@ impl Broker {
             }
             self.metrics
                 .mqtt_retained_messages
-                .set(retained.len() as i64);
+                .set(retained.store.len() as i64);
         }
         let mut restored = Vec::new();
         for stored in snapshot.sessions {
@@ -2113,7 +2250,7 @@ impl Broker {
             tokio::time::sleep(delay).await;
             if handle.current_conn() == conn {
                 tracing::debug!(topic = %will.topic, "publishing delayed will");
-                broker.publish(will, None);
+                broker.publish(will, Some(&handle));
             }
         });
     }
@@ -2667,5 +2804,100 @@ mod tests {
             1
         );
         assert!(!b.attach(s("c"), false, false).await.session_present);
+    }
+}
+
+#[cfg(test)]
+mod retained_quota_tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn m(topic: &str, payload: &'static [u8]) -> Message {
+        Message::new(
+            MqttStr::try_from(topic).unwrap(),
+            Bytes::from_static(payload),
+            QoS::AtLeastOnce,
+            true,
+        )
+    }
+
+    #[test]
+    fn each_client_has_its_quota_within_the_total() {
+        let quota = RetainQuota {
+            per_client: 2,
+            per_client_bytes: 10,
+            total: 3,
+            total_bytes: 100,
+        };
+        let mut r = Retained::default();
+        assert!(r.set(m("a/1", b"x"), Some("a"), &quota).is_ok());
+        assert!(r.set(m("a/2", b"x"), Some("a"), &quota).is_ok());
+        assert!(
+            r.set(m("a/3", b"x"), Some("a"), &quota).is_err(),
+            "a's third"
+        );
+        assert!(
+            r.set(m("a/1", b"yy"), Some("a"), &quota).is_ok(),
+            "a replacement"
+        );
+        assert!(r.set(m("b/1", b"x"), Some("b"), &quota).is_ok());
+        assert!(
+            r.set(m("b/2", b"x"), Some("b"), &quota).is_err(),
+            "the total"
+        );
+        assert!(r.set(m("a/2", b""), Some("a"), &quota).is_ok(), "deleting");
+        assert!(
+            r.set(m("b/2", b"x"), Some("b"), &quota).is_ok(),
+            "room again"
+        );
+        // b overwrote nothing of a's: a holds one message, b two.
+        assert_eq!(r.by_origin.get("a").map(|u| u.count), Some(1));
+        assert_eq!(r.by_origin.get("b").map(|u| u.count), Some(2));
+        // Taking over a's topic moves its cost to b (over b's quota: refused).
+        assert!(r.set(m("a/1", b"z"), Some("b"), &quota).is_err());
+        assert!(
+            r.set(m("big", b"0123456789ab"), Some("c"), &quota).is_err(),
+            "bytes"
+        );
+        // The server's own are not bounded, nor counted in the clients' total.
+        for i in 0..5 {
+            assert!(r.set(m(&format!("$SYS/{i}"), b"x"), None, &quota).is_ok());
+        }
+        assert!(
+            r.set(m("b/2", b"w"), Some("b"), &quota).is_ok(),
+            "replacing b's own"
+        );
+    }
+}
+
+#[cfg(test)]
+mod retained_quota_broker_tests {
+    use super::*;
+    use bytes::Bytes;
+
+    #[tokio::test]
+    async fn a_client_over_its_retained_quota_is_refused_through_the_broker() {
+        let quota = RetainQuota {
+            per_client: 3,
+            per_client_bytes: 16 << 20,
+            total: 8,
+            total_bytes: 256 << 20,
+        };
+        let b = Broker::new(100, Arc::new(Metrics::new())).with_retain_quota(quota);
+        let a = b
+            .attach(MqttStr::try_from("ra").unwrap(), true, false)
+            .await;
+        let refused: Vec<bool> = (0..4)
+            .map(|i| {
+                let m = Message::new(
+                    MqttStr::try_from(format!("ret/a/{i}")).unwrap(),
+                    Bytes::from_static(b"v"),
+                    QoS::AtLeastOnce,
+                    true,
+                );
+                b.publish(m, Some(&a.handle)).refused
+            })
+            .collect();
+        assert_eq!(refused, vec![false, false, false, true]);
     }
 }

@@ -152,6 +152,8 @@ pub struct AuthConfig {
     pub allow_anonymous: bool,
     /// Lifetime of the access tokens the token endpoint issues, in seconds (`expires_in`).
     pub token_ttl_secs: u64,
+    /// `[auth.throttle]`: back-off of failed authentications.
+    pub throttle: crate::auth::throttle::ThrottleConfig,
 }
 
 impl Default for AuthConfig {
@@ -159,6 +161,7 @@ impl Default for AuthConfig {
         AuthConfig {
             allow_anonymous: false,
             token_ttl_secs: crate::auth::DEFAULT_TOKEN_TTL_SECS,
+            throttle: crate::auth::throttle::ThrottleConfig::default(),
         }
     }
 }
@@ -199,6 +202,9 @@ pub struct CoapConfig {
     pub max_pending_requests: usize,
     /// Observers in total.
     pub max_observers: usize,
+    /// Observers of one device (`/config` and `/firmware` together); a registration beyond
+    /// is answered as a plain GET, without Observe (RFC 7641 §4.1), and counted.
+    pub max_observers_per_device: usize,
     /// DTLS sessions kept at once (handshaking or established); the least recently used
     /// goes first.
     pub max_dtls_sessions: usize,
@@ -272,6 +278,29 @@ pub struct MqttConfig {
     pub topic_alias_maximum: u16,
     /// Which client ids a device may connect with: its own id only, or also `{id}-…`/`{id}/…`.
     pub device_client_ids: DeviceClientIds,
+    /// PUBLISH packets per second per client (0: no limit); more get PUBACK 0x97 (3.1.1:
+    /// dropped and counted).
+    pub max_publish_rate: u32,
+    /// Payload bytes per second per client (0: no limit).
+    pub max_publish_bytes_rate: u32,
+    /// Consecutive seconds over a publish rate before the client is disconnected (0x96).
+    pub rate_sustain_secs: u8,
+    /// Subscriptions per client; more get SUBACK 0x97 (3.1.1: 0x80).
+    pub max_subscriptions: usize,
+    /// Retained messages a client may have set; more get PUBACK 0x97 (3.1.1: dropped).
+    pub max_retained_per_client: usize,
+    /// Payload bytes of the retained messages a client may have set.
+    pub max_retained_bytes_per_client: usize,
+    /// Retained messages in the broker; more get PUBACK 0x97 (3.1.1: dropped).
+    pub max_retained: usize,
+    /// Payload bytes of every retained message in the broker.
+    pub max_retained_bytes: usize,
+    /// Simultaneous connections of one device or application (anonymous clients are bounded
+    /// by address only); more are refused with CONNACK 0x97 (3.1.1: 0x03).
+    pub max_connections_per_principal: usize,
+    /// Simultaneous connections from one IP address; more are refused with CONNACK 0x9F
+    /// Connection rate exceeded (3.1.1: 0x03).
+    pub max_connections_per_address: usize,
     /// `[mqtt.acl]`: topic access rules (see [`crate::acl`]).
     pub acl: AclConfig,
 }
@@ -307,6 +336,7 @@ impl Default for CoapConfig {
             unverified_response_limit: 256,
             max_pending_requests: 4096,
             max_observers: 4096,
+            max_observers_per_device: 8,
             max_dtls_sessions: 4096,
         }
     }
@@ -329,6 +359,16 @@ impl Default for MqttConfig {
             receive_maximum: 1024,
             topic_alias_maximum: 64,
             device_client_ids: DeviceClientIds::Exact,
+            max_publish_rate: 1000,
+            max_publish_bytes_rate: 16 * 1024 * 1024,
+            rate_sustain_secs: 10,
+            max_subscriptions: 1000,
+            max_retained_per_client: 1000,
+            max_retained_bytes_per_client: 16 * 1024 * 1024,
+            max_retained: 100_000,
+            max_retained_bytes: 256 * 1024 * 1024,
+            max_connections_per_principal: 64,
+            max_connections_per_address: 1000,
             acl: AclConfig::default(),
         }
     }
@@ -543,6 +583,9 @@ impl Config {
             max_keepalive: self.mqtt.max_keepalive,
             receive_maximum: self.mqtt.receive_maximum,
             topic_alias_maximum: self.mqtt.topic_alias_maximum,
+            max_publish_rate: self.mqtt.max_publish_rate,
+            max_publish_bytes_rate: self.mqtt.max_publish_bytes_rate,
+            rate_sustain_secs: self.mqtt.rate_sustain_secs,
         }
     }
 }
@@ -709,5 +752,31 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("firmware.pubkeys"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod quota_config_tests {
+    use super::*;
+
+    #[test]
+    fn quota_keys_keep_their_defaults_beside_set_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("stratus.toml");
+        std::fs::write(
+            &file,
+            "[mqtt]\nmax_retained_per_client = 3\nmax_retained = 8\n",
+        )
+        .unwrap();
+        let c = Config::load_from_env(
+            Some(&file),
+            &Overrides::default(),
+            figment::providers::Env::prefixed("STRATUS_TEST_NONE_"),
+        )
+        .unwrap();
+        assert_eq!(c.mqtt.max_retained_per_client, 3);
+        assert_eq!(c.mqtt.max_retained, 8);
+        assert_eq!(c.mqtt.max_retained_bytes_per_client, 16 << 20);
+        assert_eq!(c.mqtt.max_retained_bytes, 256 << 20);
     }
 }

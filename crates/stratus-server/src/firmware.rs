@@ -181,7 +181,7 @@ impl Firmware {
             });
             if let Some(message) = notice_message(&device.id, &notice) {
                 job.push(Write::Mqtt(vec![MqttOp::RetainSet(
-                    crate::persist::stored_retained(&message),
+                    crate::persist::stored_retained(&message, None),
                 )]));
                 messages.push(message);
             }

@@ -58,6 +58,7 @@ pub mod mqtt;
 pub mod persist;
 pub mod pipeline;
 pub mod policy;
+pub mod rate;
 pub mod rules;
 pub mod sys;
 pub mod tls;
@@ -186,13 +187,18 @@ impl Server {
         let secured = crate::data_dir::secure(data_dir)
             .with_context(|| format!("securing the data dir {}", data_dir.display()))?;
         crate::data_dir::warn_about(data_dir, &secured);
-        let (persistence, snapshot) = persist::Persistence::open(data_dir)
-            .with_context(|| format!("opening the store in {}", data_dir.display()))?;
-        let broker = Arc::new(broker::Broker::with_persistence(
-            config.mqtt.max_queued,
-            metrics,
-            persistence,
-        ));
+        let (persistence, snapshot) =
+            persist::Persistence::open_with(data_dir, config.telemetry.max_series_per_device)
+                .with_context(|| format!("opening the store in {}", data_dir.display()))?;
+        let broker = Arc::new(
+            broker::Broker::with_persistence(config.mqtt.max_queued, metrics, persistence)
+                .with_retain_quota(broker::RetainQuota {
+                    per_client: config.mqtt.max_retained_per_client,
+                    per_client_bytes: config.mqtt.max_retained_bytes_per_client,
+                    total: config.mqtt.max_retained,
+                    total_bytes: config.mqtt.max_retained_bytes,
+                }),
+        );
         let (store, audit_key) = broker
             .persistence()
             .map(|p| (p.store().clone(), p.audit_key().clone()))
@@ -202,7 +208,8 @@ impl Server {
             auth::Auth::open(store.clone(), data_dir)
                 .await
                 .context("loading identities")?
-                .with_token_ttl(config.auth.token_ttl_secs),
+                .with_token_ttl(config.auth.token_ttl_secs)
+                .with_throttle(config.auth.throttle),
         );
         let restored = broker.restore(snapshot, |client_id, owner| {
             restored_owner(&auth, client_id, owner)
@@ -262,6 +269,11 @@ impl Server {
             pipeline: pipeline.clone(),
             device_client_ids: config.mqtt.device_client_ids,
             credentials: Arc::new(mqtt::CredentialWatch::new()),
+            quotas: mqtt::Quotas::new(
+                config.mqtt.max_subscriptions,
+                config.mqtt.max_connections_per_principal,
+                config.mqtt.max_connections_per_address,
+            ),
         });
         listeners.spawn(
             ctx.credentials

@@ -102,6 +102,15 @@ pub struct Metrics {
     pub stream_readers: Gauge,
     /// Live stream readers dropped for falling behind.
     pub stream_dropped: Counter,
+    /// Requests refused by a configured limit or quota, by limit (see [`Metrics::limit_hit`]).
+    pub limit_hits: Family<LimitLabel, Counter>,
+}
+
+/// Label of the limit counter: which limit refused something.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabel {
+    /// The limit's name, e.g. `mqtt_publish_rate`, `mqtt_subscriptions`, `auth_throttle`.
+    pub limit: &'static str,
 }
 
 /// Label of a CoAP response counter.
@@ -324,7 +333,21 @@ impl Metrics {
             "Seconds since the server started",
             m.uptime_seconds.clone(),
         );
+        r.register(
+            "stratus_limit_hits",
+            "Requests refused by a configured limit or quota, by limit",
+            m.limit_hits.clone(),
+        );
         m
+    }
+
+    /// Counts `n` requests refused by the limit `limit`.
+    pub fn limit_hit(&self, limit: &'static str, n: u64) {
+        if n > 0 {
+            self.limit_hits
+                .get_or_create(&LimitLabel { limit })
+                .inc_by(n);
+        }
     }
 
     /// The Prometheus text exposition of every metric.

@@ -4,8 +4,10 @@
 
 mod credentials;
 mod parking;
+mod quota;
 
 pub use credentials::CredentialWatch;
+pub use quota::Quotas;
 
 use std::collections::VecDeque;
 use std::future::pending;
@@ -61,6 +63,31 @@ pub struct MqttContext {
     pub device_client_ids: DeviceClientIds,
     /// The credentials of live connections, ended when they stop holding.
     pub credentials: Arc<CredentialWatch>,
+    /// Subscriptions per client, connections per principal and per address.
+    pub quotas: Quotas,
+}
+
+/// Why a connection is refused whatever its CONNECT says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Overload {
+    /// Room for it.
+    No,
+    /// Over `[mqtt] max_connections`.
+    Server,
+    /// Over `[mqtt] max_connections_per_address`.
+    Address,
+}
+
+/// A refused CONNECT: the MQTT 5.0 reason code (3.1.1 clients get its twin) and why.
+struct Refusal {
+    code: ReasonCode,
+    why: &'static str,
+}
+
+impl Refusal {
+    fn new(code: ReasonCode, why: &'static str) -> Refusal {
+        Refusal { code, why }
+    }
 }
 
 /// Who a CONNECT authenticated as.
@@ -178,19 +205,45 @@ struct Driver {
     /// The name the transport authenticated (TLS client certificate CN).
     identity: Option<Box<MqttStr>>,
     client: Option<Attachment>,
-    over_limit: bool,
+    over_limit: Overload,
     /// More mail can be moved into the connection right away.
     more_mail: bool,
     /// Flow control: messages of this client that congested subscribers, in receive order,
     /// until those subscribers catch up or the slow-consumer timeout passes. A QoS 1/2 one holds
     /// back its acknowledgement; a QoS 0 one stops reading from the client.
-    held_acks: VecDeque<HeldAck>,
+    held_acks: HeldAcks,
     /// How many of `held_acks` are QoS 0 (reading is paused while any is).
     held_qos0: u32,
     /// The client's will as stored with its persisted session (boxed: most have none).
     stored_will: Option<Box<Bytes>>,
     /// The will was still pending (delayed) when the connection closed: the store keeps it.
     will_pending: bool,
+}
+
+/// The held acknowledgements of a connection, in receive order: a queue kept behind a pointer
+/// that exists only once something was held (most connections of a quiet fleet never hold
+/// one, and the queue inline would cost each idle connection 24 bytes).
+#[derive(Default)]
+// The box is the point: the inline queue is what an idle connection must not pay for.
+#[allow(clippy::box_collection)]
+struct HeldAcks(Option<Box<VecDeque<HeldAck>>>);
+
+impl HeldAcks {
+    fn is_empty(&self) -> bool {
+        self.0.as_ref().is_none_or(|q| q.is_empty())
+    }
+
+    fn push_back(&mut self, held: HeldAck) {
+        self.0.get_or_insert_default().push_back(held);
+    }
+
+    fn pop_front(&mut self) -> Option<HeldAck> {
+        self.0.as_mut()?.pop_front()
+    }
+
+    fn front_mut(&mut self) -> Option<&mut HeldAck> {
+        self.0.as_mut()?.front_mut()
+    }
 }
 
 /// A message whose acknowledgement is held back: for durability, then for flow control.
@@ -223,7 +276,7 @@ pub async fn run_connection<R: MqttRead, W: MqttWrite>(
     let mut d = Driver::start(ctx, peer, identity);
     let mut io = Io::new(reader, writer);
     d.run_busy(&mut io, &mut shutdown, None, false).await;
-    d.close(io.writer).await;
+    d.close(io).await;
 }
 
 /// Drives a plain TCP MQTT connection until it closes. Whenever it has been quiet for `linger`
@@ -275,12 +328,12 @@ async fn run_tcp(
             }
         }
     }
-    d.close(io.writer).await;
+    d.close(io).await;
 }
 
-/// Writes `last` and closes the transport, for one second at most.
-async fn farewell<W: MqttWrite>(mut writer: W, last: Bytes, metrics: Arc<crate::metrics::Metrics>) {
-    let flush = async {
+/// Writes `last` and closes the sending direction, for one second at most.
+async fn farewell<W: MqttWrite>(writer: &mut W, last: Bytes, metrics: &crate::metrics::Metrics) {
+    let goodbye = async {
         let mut rest = &last[..];
         while !rest.is_empty() {
             match writer.write_some(rest).await {
@@ -294,7 +347,25 @@ async fn farewell<W: MqttWrite>(mut writer: W, last: Bytes, metrics: Arc<crate::
         let _ = writer.flush().await;
         let _ = writer.close().await;
     };
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), flush).await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), goodbye).await;
+}
+
+/// Reads and discards what the client still sends until it closes too, for one second at
+/// most. Closing a socket with unread input makes the kernel answer with RST, and a client
+/// that was still writing (pipelining past Receive Maximum, over its rate) could then lose
+/// the DISCONNECT and its reason code before reading it: a server that must be heard lingers.
+async fn linger<R: MqttRead>(mut reader: R) {
+    let drain = async {
+        let mut scratch = BytesMut::new();
+        loop {
+            scratch.clear();
+            match reader.read_into(&mut scratch).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drain).await;
 }
 
 /// A connection's transport halves and what sits between them and the state machine.
@@ -346,16 +417,25 @@ impl Driver {
     fn start(ctx: Arc<MqttContext>, peer: SocketAddr, identity: Option<MqttStr>) -> Box<Driver> {
         let open = ctx.open.fetch_add(1, Ordering::Relaxed) + 1;
         ctx.broker.metrics.mqtt_connections.inc();
+        // Counted here and given back in `finish`, whatever happens in between.
+        let address_ok = ctx.quotas.address_opened(peer.ip());
+        let over_limit = if open > ctx.max_connections {
+            Overload::Server
+        } else if !address_ok {
+            Overload::Address
+        } else {
+            Overload::No
+        };
         Box::new(Driver {
             conn: Connection::new(ctx.limits.clone(), Instant::now()),
-            over_limit: open > ctx.max_connections,
+            over_limit,
             ctx,
             peer_ip: peer.ip(),
             peer_port: peer.port(),
             identity: identity.map(Box::new),
             client: None,
             more_mail: false,
-            held_acks: VecDeque::new(),
+            held_acks: HeldAcks::default(),
             held_qos0: 0,
             stored_will: None,
             will_pending: false,
@@ -364,10 +444,17 @@ impl Driver {
 
     /// Flushes the last words (CONNACK refusals, SUBACKs) with a bound, closes the transport
     /// and hands the session back. Boxed, so its futures take no room in a busy task.
-    async fn close<W: MqttWrite>(mut self: Box<Self>, writer: W) {
+    /// The session is handed back before the linger, so a client taking over does not wait
+    /// for it.
+    async fn close<R: MqttRead, W: MqttWrite>(mut self: Box<Self>, io: Io<R, W>) {
         let last = self.conn.transmit().split().freeze();
-        Box::pin(farewell(writer, last, self.ctx.broker.metrics.clone())).await;
+        let Io {
+            reader, mut writer, ..
+        } = io;
+        let metrics = self.ctx.broker.metrics.clone();
+        Box::pin(farewell(&mut writer, last, &metrics)).await;
         self.finish();
+        Box::pin(linger(reader)).await;
     }
 
     /// The client's address.
@@ -379,7 +466,7 @@ impl Driver {
     fn release_idle_memory(&mut self) {
         self.conn.release_idle_memory();
         if self.held_acks.is_empty() {
-            self.held_acks = VecDeque::new();
+            self.held_acks = HeldAcks::default();
         }
     }
 
@@ -761,6 +848,7 @@ impl Driver {
                 }
                 // MQTT 3.1.1 cannot refuse: the message is acknowledged, dropped and counted.
                 Err(Rejected::Replay(r)) if r.is_capacity() => ReasonCode::QuotaExceeded,
+                Err(Rejected::Quota { .. }) => ReasonCode::QuotaExceeded,
                 Err(_) => ReasonCode::PayloadFormatInvalid,
             };
             if let Some(id) = held.packet_id {
@@ -963,6 +1051,7 @@ impl Driver {
         m.mqtt_packets_received
             .inc_by(u64::from(stats.packets_received));
         m.mqtt_packets_sent.inc_by(u64::from(stats.packets_sent));
+        m.limit_hit("mqtt_publish_rate", u64::from(stats.throttled));
     }
 
     /// Authentication (SPEC "Identities"): a TLS client certificate; a known device or
@@ -970,12 +1059,25 @@ impl Driver {
     /// `--allow-anonymous`, anyone else (a user name that is not a known id is then only a
     /// name for the ACL rules). Without `--allow-anonymous`, an unknown user name costs the
     /// same argon2 verification as a wrong password, so the timing does not tell which exist.
-    async fn authenticate(
-        &self,
-        connect: &stratus_mqtt::Connect,
-    ) -> Result<Admitted, ConnectReturnCode> {
-        if self.over_limit {
-            return Err(ConnectReturnCode::ServerUnavailable);
+    async fn authenticate(&self, connect: &stratus_mqtt::Connect) -> Result<Admitted, Refusal> {
+        match self.over_limit {
+            Overload::No => {}
+            Overload::Server => {
+                return Err(Refusal::new(
+                    ReasonCode::ServerUnavailable,
+                    "the server has as many connections as it takes",
+                ))
+            }
+            Overload::Address => {
+                self.ctx
+                    .broker
+                    .metrics
+                    .limit_hit("mqtt_connections_per_address", 1);
+                return Err(Refusal::new(
+                    ReasonCode::ConnectionRateExceeded,
+                    "too many connections from this address",
+                ));
+            }
         }
         if let Some(cn) = self.identity.as_deref() {
             // Authenticated by the transport (TLS client certificate).
@@ -992,9 +1094,13 @@ impl Driver {
             .and_then(|p| std::str::from_utf8(p).ok());
         match connect.username.as_deref() {
             Some(user) if auth.is_known(user) || !self.ctx.allow_anonymous => {
+                let source = Some(self.peer_ip);
                 let result = match password {
-                    Some(pw) => auth.authenticate_password(user, pw).await,
-                    None => Err(AuthError::BadCredentials),
+                    Some(pw) => auth.authenticate_password(user, pw, source).await,
+                    None => {
+                        auth.record_failure(source, Some(user));
+                        Err(AuthError::BadCredentials)
+                    }
                 };
                 match result {
                     Ok(principal) => Ok(Admitted {
@@ -1007,11 +1113,25 @@ impl Driver {
                     }),
                     Err(AuthError::BadCredentials | AuthError::InvalidToken(_)) => {
                         self.auth_failed(user, "bad credentials");
-                        Err(ConnectReturnCode::BadUsernameOrPassword)
+                        Err(Refusal::new(ReasonCode::BadUserNameOrPassword, ""))
+                    }
+                    Err(AuthError::Throttled { .. }) => {
+                        self.ctx.broker.metrics.limit_hit("auth_throttle", 1);
+                        Err(Refusal::new(
+                            ReasonCode::ConnectionRateExceeded,
+                            "too many failed attempts from this address or for this user; retry later",
+                        ))
+                    }
+                    Err(AuthError::Busy) => {
+                        self.ctx.broker.metrics.limit_hit("auth_busy", 1);
+                        Err(Refusal::new(
+                            ReasonCode::ServerBusy,
+                            "the server is busy verifying credentials; retry later",
+                        ))
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "mqtt authentication failed");
-                        Err(ConnectReturnCode::ServerUnavailable)
+                        Err(Refusal::new(ReasonCode::ServerUnavailable, ""))
                     }
                 }
             }
@@ -1021,8 +1141,9 @@ impl Driver {
                 principal: None,
             }),
             _ => {
+                self.ctx.auth.record_failure(Some(self.peer_ip), None);
                 self.auth_failed("anonymous", "no credentials");
-                Err(ConnectReturnCode::NotAuthorized)
+                Err(Refusal::new(ReasonCode::NotAuthorized, ""))
             }
         }
     }
@@ -1069,12 +1190,12 @@ impl Driver {
     async fn handle_connect(&mut self, connect: stratus_mqtt::Connect, rbuf: &mut BytesMut) {
         let admitted = match self.authenticate(&connect).await {
             Ok(a) => a,
-            Err(code) => {
-                if code != ConnectReturnCode::ServerUnavailable {
+            Err(r) => {
+                if r.code != ReasonCode::ServerUnavailable {
                     self.ctx.broker.metrics.denied("connect");
                 }
-                tracing::info!(peer = %self.peer(), client_id = %connect.client_id, ?code, "mqtt connect refused");
-                self.conn.refuse(code);
+                tracing::info!(peer = %self.peer(), client_id = %connect.client_id, code = ?r.code, why = r.why, "mqtt connect refused");
+                self.conn.refuse_with(r.code, r.why);
                 return;
             }
         };
@@ -1118,6 +1239,21 @@ impl Driver {
                 return;
             }
         }
+        if let Some(p) = &principal {
+            let max = self.ctx.quotas.max_connections_per_principal;
+            if !self.ctx.credentials.admit(&p.id, max) {
+                self.ctx
+                    .broker
+                    .metrics
+                    .limit_hit("mqtt_connections_per_principal", 1);
+                self.refuse_client_id(
+                    &client_id,
+                    ReasonCode::QuotaExceeded,
+                    "too many connections with these credentials",
+                );
+                return;
+            }
+        }
         let expiry = self.conn.session_expiry();
         let broker = &self.ctx.broker;
         let attached = broker
@@ -1132,6 +1268,9 @@ impl Driver {
         let mut attached = match attached {
             Ok(a) => a,
             Err(AttachRefused::NotOwner) => {
+                if let Some(p) = &principal {
+                    self.ctx.credentials.release(&p.id);
+                }
                 self.refuse_client_id(
                     &client_id,
                     ReasonCode::NotAuthorized,
@@ -1161,6 +1300,9 @@ impl Driver {
                     Some(attached.session),
                     true,
                 );
+                if let Some(p) = &principal {
+                    self.ctx.credentials.release(&p.id);
+                }
                 self.conn.refuse(ConnectReturnCode::ServerUnavailable);
                 return;
             }
@@ -1259,6 +1401,11 @@ impl Driver {
         }
         let origin = self.client.as_ref().map(|c| &c.handle);
         let routed = self.ctx.broker.publish_deferred(message, origin, later);
+        if routed.refused {
+            // Over a retained quota: MQTT 5.0 clients get 0x97 Quota exceeded; a 3.1.1
+            // acknowledgement cannot refuse, the message is dropped and counted.
+            return (Vec::new(), ReasonCode::QuotaExceeded, false);
+        }
         let code = if routed.delivered == 0 {
             ReasonCode::NoMatchingSubscribers
         } else {
@@ -1277,6 +1424,11 @@ impl Driver {
         let id = sub.properties.subscription_identifier;
         // Whether retained messages are sent, per filter (Retain Handling; never for shared ones).
         let mut send_retained = Vec::with_capacity(sub.filters.len());
+        // Subscriptions per client: a new filter beyond the quota is refused (0x97 Quota
+        // exceeded; 3.1.1 clients see 0x80); replacing one it holds is not a new one.
+        let held = self.conn.session().map_or(0, |s| s.subscriptions.len());
+        let max_subscriptions = self.ctx.quotas.max_subscriptions;
+        let mut added = 0usize;
         let codes: Vec<ReasonCode> = sub
             .filters
             .iter()
@@ -1299,7 +1451,23 @@ impl Driver {
                     broker.metrics.denied("subscribe");
                     send_retained.push(false);
                     ReasonCode::NotAuthorized
+                } else if !self
+                    .conn
+                    .session()
+                    .is_some_and(|s| s.subscriptions.contains_key(filter))
+                    && held + added >= max_subscriptions
+                {
+                    broker.metrics.limit_hit("mqtt_subscriptions", 1);
+                    send_retained.push(false);
+                    ReasonCode::QuotaExceeded
                 } else {
+                    if !self
+                        .conn
+                        .session()
+                        .is_some_and(|s| s.subscriptions.contains_key(filter))
+                    {
+                        added += 1;
+                    }
                     let existed = broker.subscribe(&c.handle, filter, *options, id);
                     send_retained.push(
                         shared.is_none()
@@ -1376,7 +1544,9 @@ impl Driver {
                 }
                 _ => {
                     tracing::debug!(peer = %self.peer(), topic = %will.topic, "publishing will");
-                    self.ctx.broker.publish(will, None);
+                    // Published as the client's (its retained quota, No Local).
+                    let origin = self.client.as_ref().map(|c| &c.handle);
+                    self.ctx.broker.publish(will, origin);
                 }
             }
         }
@@ -1385,6 +1555,7 @@ impl Driver {
     /// Hands the session back to the broker (parked when persistent) after the socket closed.
     fn finish(mut self) {
         self.ctx.open.fetch_sub(1, Ordering::Relaxed);
+        self.ctx.quotas.address_closed(self.peer_ip);
         if let Some(c) = self.client.take() {
             self.ctx.broker.metrics.mqtt_clients_connected.dec();
             self.ctx.credentials.remove(c.conn);

@@ -39,12 +39,21 @@ impl Persistence {
     /// the data dir's audit key (created on first start, see [`crate::audit`]), and reads
     /// what it holds.
     pub fn open(data_dir: &Path) -> Result<(Persistence, MqttSnapshot), StoreError> {
+        Persistence::open_with(data_dir, usize::MAX)
+    }
+
+    /// [`open`](Self::open) with at most `max_series_per_device` telemetry series per device.
+    pub fn open_with(
+        data_dir: &Path,
+        max_series_per_device: usize,
+    ) -> Result<(Persistence, MqttSnapshot), StoreError> {
         let audit_key = crate::audit::open_audit_key(data_dir).map_err(|e| match e {
             crate::audit::AuditFileError::Store(e) => e,
             other => StoreError::Io(std::io::Error::other(other.to_string())),
         })?;
         let options = SqliteOptions {
             audit_key: Some(audit_key.clone()),
+            max_series_per_device,
             ..SqliteOptions::default()
         };
         let store = StoreHandle::open_sqlite_with(&data_dir.join(DATABASE_FILE), &options)?;
@@ -164,13 +173,14 @@ pub fn stored_message(
 }
 
 /// A retained message as stored.
-pub fn stored_retained(message: &Message) -> StoredRetained {
+pub fn stored_retained(message: &Message, origin: Option<&str>) -> StoredRetained {
     StoredRetained {
         topic: message.topic.to_string(),
         payload: message.payload.clone(),
         qos: message.qos as u8,
         properties: properties_blob(message, &[]),
         expires_at_ms: message.expires_at.map(instant_to_ms),
+        origin: origin.unwrap_or_default().to_string(),
     }
 }
 

@@ -71,6 +71,17 @@ pub enum Rejected {
     /// The store refused or failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Over a quota (series per device) or a rate (requests per second per device): HTTP 429,
+    /// CoAP 4.29, MQTT 5 0x97.
+    #[error("{why}")]
+    Quota {
+        /// The limit's metric name.
+        limit: &'static str,
+        /// What was over which limit.
+        why: String,
+        /// For a rate: when to try again, in milliseconds.
+        retry_after_ms: Option<u64>,
+    },
 }
 
 impl Rejected {
@@ -82,13 +93,14 @@ impl Rejected {
             Rejected::Replay(r) if r.is_capacity() => "nonce_memory_full",
             Rejected::Replay(_) => "replay",
             Rejected::Store(StoreError::NotFound { .. }) => "unknown_device",
+            Rejected::Quota { .. } => "quota",
             Rejected::Store(_) => "store",
         }
     }
 }
 
 /// Settings of the pipeline (`[telemetry]` in the config).
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TelemetryConfig {
     /// Refuse messages without `sent` and `nonce` from every device.
@@ -100,6 +112,26 @@ pub struct TelemetryConfig {
     /// Default retention of every series, in days (0: keep forever). Points older than this
     /// are purged every few minutes; per-device or per-key rules can be set in the store.
     pub retention_days: u64,
+    /// Series one device may have; a message that would create one more is refused whole
+    /// (HTTP 429 `quota_exceeded`, CoAP 4.29, MQTT 5 PUBACK 0x97).
+    pub max_series_per_device: usize,
+    /// Telemetry requests per second of one device over HTTP and CoAP (0: no limit); more
+    /// get HTTP 429 + `Retry-After` and CoAP 4.29 + Max-Age (MQTT has `[mqtt]
+    /// max_publish_rate`).
+    pub max_requests_per_sec: u32,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            require_freshness: false,
+            freshness: FreshnessConfig::default(),
+            limits: ingest::Limits::default(),
+            retention_days: 0,
+            max_series_per_device: 1000,
+            max_requests_per_sec: 1000,
+        }
+    }
 }
 
 /// The pipeline, shared by every transport.
@@ -110,6 +142,8 @@ pub struct Pipeline {
     config: TelemetryConfig,
     rules: Option<Arc<crate::rules::Rules>>,
     strict: StrictDevices,
+    /// Requests per second per device over HTTP and CoAP.
+    rates: crate::rate::Rates,
 }
 
 /// The devices whose own policy requires freshness.
@@ -146,6 +180,7 @@ impl Pipeline {
     /// A pipeline writing to `store` and fanning out through `broker`.
     pub fn new(store: StoreHandle, broker: Arc<Broker>, config: TelemetryConfig) -> Self {
         Pipeline {
+            rates: crate::rate::Rates::new(config.max_requests_per_sec),
             guard: FreshnessGuard::new(config.freshness.clone()),
             store,
             broker,
@@ -203,8 +238,22 @@ impl Pipeline {
         format: ContentFormat,
         source: Source,
     ) -> Result<Accepted, Rejected> {
-        let result = self.ingest_inner(device, &payload, format, source).await;
+        let result = match self.admit(device, source) {
+            Ok(()) => self.ingest_inner(device, &payload, format, source).await,
+            Err(e) => Err(e),
+        };
+        let result = result.map_err(|e| match e {
+            Rejected::Store(StoreError::QuotaExceeded(why)) => Rejected::Quota {
+                limit: "telemetry_series_per_device",
+                why,
+                retry_after_ms: None,
+            },
+            other => other,
+        });
         let metrics = &self.broker.metrics;
+        if let Err(Rejected::Quota { limit, .. }) = &result {
+            metrics.limit_hit(limit, 1);
+        }
         match &result {
             Ok(a) => {
                 metrics.telemetry_records.inc_by(a.records as u64);
@@ -296,6 +345,25 @@ impl Pipeline {
         })
     }
 
+    /// Counts an HTTP or CoAP request of `device` against its rate (MQTT connections have their
+    /// own, per client).
+    fn admit(&self, device: &str, source: Source) -> Result<(), Rejected> {
+        if source == Source::Mqtt {
+            return Ok(());
+        }
+        let now = crate::persist::now_ms();
+        self.rates
+            .admit(device, now)
+            .map_err(|retry_after_ms| Rejected::Quota {
+                limit: "telemetry_requests_per_device",
+                why: format!(
+                    "device {device:?} sent more than {} telemetry requests this second",
+                    self.config.max_requests_per_sec
+                ),
+                retry_after_ms: Some(retry_after_ms),
+            })
+    }
+
     /// Publishes a stored message to MQTT subscribers of `devices/{id}/telemetry`.
     fn fan_out(&self, device: &str, payload: Bytes) {
         let Ok(topic) = MqttStr::try_from(format!("devices/{device}/telemetry")) else {
@@ -339,9 +407,11 @@ impl Pipeline {
         }
     }
 
-    /// Drops nonces older than the window (call now and then).
+    /// Drops nonces older than the window and the rates of quiet devices (call now and then).
     pub fn prune(&self) {
-        self.guard.prune(crate::persist::now_ms() as i64);
+        let now = crate::persist::now_ms();
+        self.guard.prune(now as i64);
+        self.rates.prune(now);
     }
 }
 

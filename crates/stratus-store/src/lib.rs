@@ -228,6 +228,10 @@ pub enum StoreError {
     /// The input breaks a rule of the store (HTTP 400); the text names the rule.
     #[error("invalid: {0}")]
     Invalid(String),
+    /// The write would take a record over a configured quota (e.g. series per device); the
+    /// text names the quota. Nothing of the job was written.
+    #[error("quota exceeded: {0}")]
+    QuotaExceeded(String),
     /// The transaction this job shared with others failed to commit; nothing of it was written.
     #[error("commit failed: {0}")]
     CommitFailed(Arc<StoreError>),

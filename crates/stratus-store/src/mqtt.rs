@@ -18,6 +18,9 @@ pub struct StoredRetained {
     pub properties: Bytes,
     /// When it expires (Unix epoch milliseconds), if it does.
     pub expires_at_ms: Option<u64>,
+    /// The client id that set it (for per-client retained quotas); empty for the server's own
+    /// and for messages stored before setters were recorded.
+    pub origin: String,
 }
 
 /// A subscription of a persistent session.

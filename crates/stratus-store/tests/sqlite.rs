@@ -43,6 +43,16 @@ fn sqlite_passes_the_telemetry_conformance_suite() {
 }
 
 #[test]
+fn sqlite_passes_the_series_quota_conformance_check() {
+    let (_dir, path) = temp_db("stratus.db");
+    let options = SqliteOptions {
+        max_series_per_device: 3,
+        ..SqliteOptions::default()
+    };
+    conformance::run_series_quota(|| SqliteStore::open_with(&path, &options).unwrap());
+}
+
+#[test]
 fn sqlite_passes_the_rule_and_alarm_conformance_suite() {
     let (_dir, path) = temp_db("stratus.db");
     conformance::run_rules(|| SqliteStore::open(&path).unwrap());
@@ -240,6 +250,7 @@ fn retained(i: usize) -> MqttOp {
         qos: 1,
         properties: Bytes::new(),
         expires_at_ms: None,
+        origin: String::new(),
     })
 }
 

@@ -109,6 +109,8 @@ pub struct ApiError {
     pub description: String,
     /// `WWW-Authenticate` value, if any.
     pub challenge: Option<String>,
+    /// `Retry-After` in seconds, if any (429, 503).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -119,6 +121,39 @@ impl ApiError {
             code,
             description: description.into(),
             challenge: None,
+            retry_after: None,
+        }
+    }
+
+    /// 429 `too_many_requests` with `Retry-After` (at least a second).
+    pub fn too_many_requests(description: impl Into<String>, retry_after_ms: u64) -> Self {
+        ApiError {
+            retry_after: Some(retry_after_ms.div_ceil(1000).max(1)),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_requests",
+                description,
+            )
+        }
+    }
+
+    /// The answer to an authentication that was not verified: a ban (429) or a full argon2
+    /// queue (503, retry in a second); `None` for every other error.
+    pub fn from_auth_backoff(e: &crate::auth::AuthError) -> Option<Self> {
+        match e {
+            crate::auth::AuthError::Throttled { retry_after_ms } => Some(Self::too_many_requests(
+                "too many failed attempts from this address or for this client; retry later",
+                *retry_after_ms,
+            )),
+            crate::auth::AuthError::Busy => Some(ApiError {
+                retry_after: Some(1),
+                ..Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "temporarily_unavailable",
+                    "the server is busy verifying credentials; retry in a second",
+                )
+            }),
+            _ => None,
         }
     }
 
@@ -198,6 +233,11 @@ impl IntoResponse for ApiError {
             Json(json!({"error": self.code, "error_description": self.description})),
         )
             .into_response();
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         if let Some(c) = self.challenge.and_then(|c| HeaderValue::from_str(&c).ok()) {
             response.headers_mut().insert(header::WWW_AUTHENTICATE, c);
         }
@@ -247,6 +287,10 @@ impl FromRequestParts<ApiState> for Caller {
                 None => return Err(ApiError::invalid_token("an access token is required")),
             },
         };
+        let source = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.ip());
         match state.auth.verify_token(token) {
             Ok((principal, _)) => {
                 if from_cookie {
@@ -255,6 +299,14 @@ impl FromRequestParts<ApiState> for Caller {
                 Ok(Caller(principal))
             }
             Err(AuthError::InvalidToken(why)) => {
+                state.auth.record_failure(source, None);
+                if let Err(e) = state.auth.check_throttle(source, None) {
+                    // A source that keeps showing bad tokens is told to slow down.
+                    state.broker.metrics.limit_hit("auth_throttle", 1);
+                    if let Some(refusal) = ApiError::from_auth_backoff(&e) {
+                        return Err(refusal);
+                    }
+                }
                 state.broker.metrics.auth_failure("http");
                 crate::audit::record(
                     &state.store,

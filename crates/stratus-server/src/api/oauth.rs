@@ -593,16 +593,45 @@ pub(crate) async fn authenticate(
     credentials: Credentials,
     allow_bearer: bool,
 ) -> Result<Principal, ApiError> {
+    let source = peer.as_ref().map(|Extension(ConnectInfo(addr))| addr.ip());
     let verdict = match &credentials {
-        Credentials::Basic(b) => match state.auth.authenticate_secret(&b.id, &b.secret).await {
+        Credentials::Basic(b) => match state
+            .auth
+            .authenticate_secret_from(&b.id, &b.secret, source)
+            .await
+        {
             Err(AuthError::BadCredentials) if b.raw.is_some() => {
                 let (id, secret) = b.raw.as_ref().map_or(("", ""), |(i, s)| (i, s));
-                state.auth.authenticate_secret(id, secret).await
+                state
+                    .auth
+                    .authenticate_secret_from(id, secret, source)
+                    .await
             }
             other => other,
         },
-        Credentials::Form { id, secret } => state.auth.authenticate_secret(id, secret).await,
-        Credentials::Bearer(token) => state.auth.verify_token(token).map(|(p, _)| p),
+        Credentials::Form { id, secret } => {
+            state
+                .auth
+                .authenticate_secret_from(id, secret, source)
+                .await
+        }
+        Credentials::Bearer(token) => {
+            state
+                .auth
+                .verify_token(token)
+                .map(|(p, _)| p)
+                .map_err(|e| match e {
+                    AuthError::InvalidToken(why) => {
+                        state.auth.record_failure(source, None);
+                        // A source that keeps showing bad tokens is told to slow down.
+                        match state.auth.check_throttle(source, None) {
+                            Err(throttled) => throttled,
+                            Ok(()) => AuthError::InvalidToken(why),
+                        }
+                    }
+                    other => other,
+                })
+        }
     };
     match verdict {
         Ok(p) => Ok(p),
@@ -617,7 +646,13 @@ pub(crate) async fn authenticate(
         Err(AuthError::InvalidToken(why)) => {
             Err(auth_failed(state, peer, endpoint, None, ApiError::invalid_token(why)).await)
         }
-        Err(e) => Err(ApiError::internal("client authentication", &e)),
+        Err(e) => match ApiError::from_auth_backoff(&e) {
+            Some(refusal) => {
+                state.broker.metrics.limit_hit("auth_throttle", 1);
+                Err(refusal)
+            }
+            None => Err(ApiError::internal("client authentication", &e)),
+        },
     }
 }
 

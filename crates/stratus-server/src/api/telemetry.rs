@@ -122,6 +122,14 @@ pub fn rejection(e: Rejected) -> ApiError {
         Rejected::Replay(r) => ApiError::new(StatusCode::CONFLICT, "replay", r.to_string()),
         Rejected::Store(e @ StoreError::Invalid(_)) => ApiError::bad_request(e.to_string()),
         Rejected::Store(e) => ApiError::from(e),
+        Rejected::Quota {
+            why,
+            retry_after_ms: Some(ms),
+            ..
+        } => ApiError::too_many_requests(why, ms),
+        Rejected::Quota { why, .. } => {
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "quota_exceeded", why)
+        }
     }
 }
 

@@ -25,6 +25,7 @@
 //! - The directory of principals (every device and client: id, kind, scopes, hash) is loaded
 //!   at start and kept in step by the API; a fleet of 100,000 devices is a few tens of MiB.
 
+pub mod throttle;
 pub mod token;
 
 use std::collections::HashMap;
@@ -85,6 +86,15 @@ pub enum AuthError {
     /// Reading or writing the key file failed.
     #[error("token key: {0}")]
     Key(#[from] std::io::Error),
+    /// Too many failures from this address or for this identity: retry after the wait.
+    #[error("too many failed attempts; retry in {} s", retry_after_ms.div_ceil(1000))]
+    Throttled {
+        /// How long the ban lasts, in milliseconds.
+        retry_after_ms: u64,
+    },
+    /// The argon2 threads have more work queued than they take: try again shortly.
+    #[error("the server is busy verifying credentials")]
+    Busy,
 }
 
 /// What kind of principal.
@@ -255,6 +265,15 @@ pub struct Auth {
     revision: AtomicU64,
     /// An argon2 hash of a random secret: an unknown id is verified against it.
     dummy_hash: String,
+    /// Failed attempts, per source and identity (see [`throttle`]).
+    throttle: throttle::Throttle,
+}
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Seconds since the Unix epoch.
@@ -305,6 +324,43 @@ pub async fn run_argon2<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'stati
     });
     argon2_pool().lock().ok()?.send(job).ok()?;
     rx.await.ok()
+}
+
+/// Verifications waiting for an argon2 thread at most: beyond them a verification is refused
+/// at once ([`AuthError::Busy`]), so a flood of guesses builds no queue and costs the clients
+/// whose secrets are already verified (a digest, no argon2) nothing.
+const ARGON2_MAX_WAITING: usize = 64;
+
+/// Verifications submitted and not yet started.
+static ARGON2_WAITING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// What [`verify_argon2`] came to.
+enum Argon2Outcome<T> {
+    Done(T),
+    /// [`ARGON2_MAX_WAITING`] verifications wait already.
+    Busy,
+    /// The argon2 threads are gone.
+    Gone,
+}
+
+/// [`run_argon2`] for verifications (what an attacker can ask for): refused when
+/// [`ARGON2_MAX_WAITING`] wait already.
+async fn verify_argon2<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Argon2Outcome<T> {
+    if ARGON2_WAITING.fetch_add(1, Ordering::AcqRel) >= ARGON2_MAX_WAITING {
+        ARGON2_WAITING.fetch_sub(1, Ordering::AcqRel);
+        return Argon2Outcome::Busy;
+    }
+    let started = run_argon2(move || {
+        ARGON2_WAITING.fetch_sub(1, Ordering::AcqRel);
+        f()
+    })
+    .await;
+    match started {
+        Some(v) => Argon2Outcome::Done(v),
+        None => Argon2Outcome::Gone,
+    }
 }
 
 /// A new random secret: 32 bytes, base64url without padding (43 characters).
@@ -415,9 +471,32 @@ impl Auth {
             psk,
             revision: AtomicU64::new(0),
             dummy_hash,
+            throttle: throttle::Throttle::default(),
         };
         auth.reload().await?;
         Ok(auth)
+    }
+
+    /// Sets how failed authentications back off (`[auth.throttle]`).
+    pub fn with_throttle(mut self, config: throttle::ThrottleConfig) -> Auth {
+        self.throttle = throttle::Throttle::new(config);
+        self
+    }
+
+    /// `Err(Throttled)` when `source` (or `identity`) is banned for failing too often.
+    pub fn check_throttle(
+        &self,
+        source: Option<std::net::IpAddr>,
+        identity: Option<&str>,
+    ) -> Result<(), AuthError> {
+        self.throttle
+            .check(source, identity, now_ms())
+            .map_err(|retry_after_ms| AuthError::Throttled { retry_after_ms })
+    }
+
+    /// Records a failed authentication of `identity` (when one was claimed) from `source`.
+    pub fn record_failure(&self, source: Option<std::net::IpAddr>, identity: Option<&str>) {
+        self.throttle.failed(source, identity, now_ms());
     }
 
     /// Sets the lifetime of the tokens issued from now on (`[auth] token_ttl_secs`).
@@ -638,6 +717,19 @@ impl Auth {
         id: &str,
         secret: &str,
     ) -> Result<Principal, AuthError> {
+        self.authenticate_secret_from(id, secret, None).await
+    }
+
+    /// [`authenticate_secret`](Self::authenticate_secret) by a caller at `source`: a secret
+    /// that verified before in this process is recognised at once; otherwise a banned source
+    /// or identity is refused before any argon2 work ([`throttle`]), and a failure counts
+    /// against both.
+    pub async fn authenticate_secret_from(
+        &self,
+        id: &str,
+        secret: &str,
+        source: Option<std::net::IpAddr>,
+    ) -> Result<Principal, AuthError> {
         let digest = self.digest(secret);
         let (hash, principal) = {
             let dir = self.directory.read();
@@ -652,13 +744,18 @@ impl Auth {
                 None => (self.dummy_hash.clone(), None),
             }
         };
+        self.check_throttle(source, Some(id))?;
         let secret = secret.to_string();
-        let ok = run_argon2(move || verify_hash(&secret, &hash))
-            .await
-            .unwrap_or(false);
+        let ok = match verify_argon2(move || verify_hash(&secret, &hash)).await {
+            Argon2Outcome::Done(ok) => ok,
+            Argon2Outcome::Busy => return Err(AuthError::Busy),
+            Argon2Outcome::Gone => false,
+        };
         let Some(principal) = principal.filter(|_| ok) else {
+            self.throttle.failed(source, Some(id), now_ms());
             return Err(AuthError::BadCredentials);
         };
+        self.throttle.succeeded(id);
         if let Some(e) = self.directory.write().by_id.get_mut(id) {
             // Only while the secret that verified is still the one on record.
             if e.credential == principal.proof.credential {
@@ -832,16 +929,18 @@ impl Auth {
         &self,
         id: &str,
         password: &str,
+        source: Option<std::net::IpAddr>,
     ) -> Result<Principal, AuthError> {
         if token::looks_compact(password) || password.matches('.').count() == 2 {
             if let Ok((p, _)) = self.verify_token(password) {
                 if p.id == id {
                     return Ok(p);
                 }
+                self.record_failure(source, Some(id));
                 return Err(AuthError::BadCredentials);
             }
         }
-        self.authenticate_secret(id, password).await
+        self.authenticate_secret_from(id, password, source).await
     }
 
     /// Revokes a token (RFC 7009): remembered until it would have expired. Unknown or invalid

@@ -690,7 +690,7 @@ impl Driver {
                 let observing = observer.is_some() && response.code.is_success();
                 let sent = response.payload.clone();
                 self.respond(now, exchange, response);
-                if let Some(o) = observer.filter(|_| observing) {
+                if let Some(o) = observer.filter(|o| observing && self.registered(o)) {
                     let key = (o.peer, o.token);
                     self.firmware_observer(device, o);
                     // A notice published while the store was read reaches it now.
@@ -709,7 +709,7 @@ impl Driver {
                 let fresher = finish_read(&mut self.config_reads, &device);
                 let observing = observer.is_some() && response.code.is_success();
                 self.respond(now, exchange, response);
-                let Some(o) = observer.filter(|_| observing) else {
+                let Some(o) = observer.filter(|o| observing && self.registered(o)) else {
                     return;
                 };
                 let key = (o.peer, o.token);
@@ -738,6 +738,16 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// Whether the endpoint took `o`'s registration (its table is full at
+    /// `[coap] max_observers`: then the answer went out without Observe, and is counted).
+    fn registered(&self, o: &NewObserver) -> bool {
+        let taken = self.ep.is_observing(o.peer, o.token);
+        if !taken {
+            self.ctx.broker.metrics.limit_hit("coap_observers", 1);
+        }
+        taken
     }
 
     /// Registers a `/firmware` observer once its first answer went out.

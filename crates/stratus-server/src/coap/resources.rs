@@ -93,6 +93,14 @@ pub(crate) fn diagnostic(code: Code, why: &str) -> Response {
     Response::new(code).with_payload(Bytes::copy_from_slice(&why.as_bytes()[..end]))
 }
 
+/// 4.29 Too Many Requests (RFC 8516) with Max-Age = the seconds to wait.
+pub(crate) fn too_many_requests(why: &str, retry_after_ms: u64) -> Response {
+    let mut r = diagnostic(Code::TOO_MANY_REQUESTS, why);
+    r.options
+        .set_max_age(u32::try_from(retry_after_ms.div_ceil(1000).max(1)).unwrap_or(u32::MAX));
+    r
+}
+
 /// A `/config` representation: the config document with ETag = version.
 pub(crate) fn config_response(doc: Bytes, version: u64) -> Response {
     let mut r = Response::new(Code::CONTENT)
@@ -296,6 +304,17 @@ impl Driver {
             }
             Err(e) => {
                 self.ctx.broker.metrics.auth_failure("coap");
+                self.ctx.auth.record_failure(Some(peer.ip()), None);
+                // A source that keeps showing bad tokens is told to slow down.
+                if let Err(AuthError::Throttled { retry_after_ms }) =
+                    self.ctx.auth.check_throttle(Some(peer.ip()), None)
+                {
+                    self.ctx.broker.metrics.limit_hit("auth_throttle", 1);
+                    return Err(too_many_requests(
+                        "too many failed attempts from this address; retry later",
+                        retry_after_ms,
+                    ));
+                }
                 let why = match e {
                     AuthError::InvalidToken(why) => why,
                     _ => "invalid token",
@@ -359,9 +378,28 @@ impl Driver {
         }
     }
 
+    /// Whether `device` may observe one more resource (`[coap] max_observers_per_device`; a
+    /// registration it holds already is a renewal). When not, the request is answered as a
+    /// plain GET, without Observe (RFC 7641 §4.1), and counted.
+    fn may_observe(&self, device: &str, peer: SocketAddr, token: stratus_coap::Token) -> bool {
+        let held = self.by_device.get(device);
+        if held.is_some_and(|h| h.contains(&(peer, token)))
+            || held.map_or(0, |h| h.len()) < self.ctx.config.max_observers_per_device
+        {
+            return true;
+        }
+        self.ctx
+            .broker
+            .metrics
+            .limit_hit("coap_observers_per_device", 1);
+        tracing::info!(device, %peer, "coap observe declined: the device has as many observations as it may");
+        false
+    }
+
     /// `GET /config`, Observe=0 registering.
     fn get_config(&mut self, exchange: ExchangeId, peer: SocketAddr, req: &Message, d: Device) {
-        let observe = matches!(req.options.observe(), Ok(Some(0)));
+        let observe = matches!(req.options.observe(), Ok(Some(0)))
+            && self.may_observe(&d.id, peer, req.token);
         let observer = observe.then(|| NewObserver {
             peer,
             token: req.token,
@@ -461,7 +499,8 @@ impl Driver {
         req: &Message,
         d: Device,
     ) {
-        let observe = matches!(req.options.observe(), Ok(Some(0)));
+        let observe = matches!(req.options.observe(), Ok(Some(0)))
+            && self.may_observe(&d.id, peer, req.token);
         let observer = observe.then(|| NewObserver {
             peer,
             token: req.token,
@@ -560,6 +599,14 @@ pub(crate) fn rejection(e: Rejected) -> Response {
             tracing::error!(error = %e, "coap: storing telemetry failed");
             diagnostic(Code::INTERNAL_SERVER_ERROR, "store failure")
         }
+        Rejected::Quota {
+            why,
+            retry_after_ms,
+            ..
+        } => match retry_after_ms {
+            Some(ms) => too_many_requests(&why, ms),
+            None => diagnostic(Code::TOO_MANY_REQUESTS, &why),
+        },
     }
 }
 

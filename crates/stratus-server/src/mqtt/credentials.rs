@@ -3,7 +3,8 @@
 //! second (SPEC "Identities"), with an MQTT 5.0 DISCONNECT whose reason code says why.
 //!
 //! A connection that authenticated as a device or an application registers here with the
-//! [`Proof`] it gave. One task looks every 250 ms, and sweeps every registered connection only
+//! [`Proof`] it gave; the watch also counts each principal's connections
+//! (`[mqtt] max_connections_per_principal`). One task looks every 250 ms, and sweeps every registered connection only
 //! when [`Auth::revision`] moved (a rotation, deletion or revocation somewhere) or the earliest
 //! token expiry passed, so an idle fleet costs a few atomic loads per tick, not a walk.
 
@@ -27,13 +28,22 @@ struct Watched {
     id: String,
     kind: Kind,
     proof: Proof,
+    /// Already evicted: not checked again; it leaves when its connection closes.
+    evicted: bool,
+}
+
+#[derive(Default)]
+struct Live {
+    /// By attachment number.
+    conns: HashMap<u64, Watched>,
+    /// Connections admitted per principal id.
+    by_principal: HashMap<String, usize>,
 }
 
 /// The connections to end when their credential stops holding.
 #[derive(Default)]
 pub struct CredentialWatch {
-    /// By attachment number.
-    live: Mutex<HashMap<u64, Watched>>,
+    live: Mutex<Live>,
     /// The earliest token expiry among `live` (Unix seconds; `u64::MAX`: none).
     next_expiry: AtomicU64,
 }
@@ -61,35 +71,66 @@ impl CredentialWatch {
     /// A watch with nothing to watch.
     pub fn new() -> CredentialWatch {
         CredentialWatch {
-            live: Mutex::new(HashMap::new()),
+            live: Mutex::new(Live::default()),
             next_expiry: AtomicU64::new(u64::MAX),
         }
     }
 
-    /// Watches the connection `conn` of `handle`, authenticated as `principal`.
+    /// Admits one more connection of the principal `id` if it has fewer than `max`; an
+    /// admitted connection is then [`add`](Self::add)ed, or [`release`](Self::release)d if it
+    /// does not attach after all.
+    pub fn admit(&self, id: &str, max: usize) -> bool {
+        let mut live = self.live.lock();
+        let n = live.by_principal.get(id).copied().unwrap_or(0);
+        if n >= max {
+            return false;
+        }
+        live.by_principal.insert(id.to_string(), n + 1);
+        true
+    }
+
+    /// Gives back an admission of `id` that did not become a connection.
+    pub fn release(&self, id: &str) {
+        Self::release_in(&mut self.live.lock(), id);
+    }
+
+    fn release_in(live: &mut Live, id: &str) {
+        if let Some(n) = live.by_principal.get_mut(id) {
+            *n -= 1;
+            if *n == 0 {
+                live.by_principal.remove(id);
+            }
+        }
+    }
+
+    /// Watches the (admitted) connection `conn` of `handle`, authenticated as `principal`.
     pub fn add(&self, conn: u64, handle: Arc<ClientHandle>, principal: &Principal) {
         if let Some((_, exp)) = &principal.proof.token {
             self.next_expiry.fetch_min(*exp, Ordering::AcqRel);
         }
-        self.live.lock().insert(
+        self.live.lock().conns.insert(
             conn,
             Watched {
                 handle,
                 id: principal.id.clone(),
                 kind: principal.kind,
                 proof: principal.proof.clone(),
+                evicted: false,
             },
         );
     }
 
-    /// Stops watching `conn` (it closed).
+    /// Stops watching `conn` (it closed) and gives back its admission.
     pub fn remove(&self, conn: u64) {
-        self.live.lock().remove(&conn);
+        let mut live = self.live.lock();
+        if let Some(w) = live.conns.remove(&conn) {
+            Self::release_in(&mut live, &w.id);
+        }
     }
 
     /// How many connections are watched.
     pub fn len(&self) -> usize {
-        self.live.lock().len()
+        self.live.lock().conns.len()
     }
 
     /// Whether none is.
@@ -104,18 +145,19 @@ impl CredentialWatch {
         let mut next = u64::MAX;
         {
             let mut live = self.live.lock();
-            live.retain(|conn, w| match auth.lapse(&w.id, w.kind, &w.proof, now) {
-                Some(lapse) => {
-                    ended.push((*conn, w.handle.clone(), w.id.clone(), lapse));
-                    false
-                }
-                None => {
-                    if let Some((_, exp)) = &w.proof.token {
-                        next = next.min(*exp);
+            for (conn, w) in live.conns.iter_mut().filter(|(_, w)| !w.evicted) {
+                match auth.lapse(&w.id, w.kind, &w.proof, now) {
+                    Some(lapse) => {
+                        w.evicted = true;
+                        ended.push((*conn, w.handle.clone(), w.id.clone(), lapse));
                     }
-                    true
+                    None => {
+                        if let Some((_, exp)) = &w.proof.token {
+                            next = next.min(*exp);
+                        }
+                    }
                 }
-            });
+            }
             self.next_expiry.store(next, Ordering::Release);
         }
         for (conn, handle, principal, lapse) in &ended {

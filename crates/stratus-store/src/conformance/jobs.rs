@@ -263,6 +263,7 @@ fn retained(topic: &str) -> StoredRetained {
         qos: 1,
         properties: Bytes::new(),
         expires_at_ms: None,
+        origin: String::new(),
     }
 }
 

@@ -24,7 +24,7 @@ pub use jobs::{run_group_commit, run_jobs};
 pub use mqtt::run_mqtt;
 pub use registry::{run_clients, run_devices};
 pub use rules::run_rules;
-pub use telemetry::{check_aggregation, run_telemetry, AggregationCase};
+pub use telemetry::{check_aggregation, run_series_quota, run_telemetry, AggregationCase};
 
 use crate::devices::NewDevice;
 use crate::{Store, StoreError};

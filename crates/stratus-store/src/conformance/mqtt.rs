@@ -11,6 +11,7 @@ fn retained(topic: &str, payload: &'static str) -> StoredRetained {
         qos: 1,
         properties: Bytes::new(),
         expires_at_ms: None,
+        origin: String::new(),
     }
 }
 
@@ -62,10 +63,14 @@ fn empty_store_loads_empty<S: MqttStore>(open: &impl Fn() -> S) {
 
 fn retained_set_replace_delete_survive_reopen<S: MqttStore>(open: &impl Fn() -> S) {
     let s = open();
+    let by = |topic: &str, payload: &'static str, origin: &str| StoredRetained {
+        origin: origin.into(),
+        ..retained(topic, payload)
+    };
     s.commit_mqtt(&[
-        MqttOp::RetainSet(retained("a/1", "one")),
+        MqttOp::RetainSet(by("a/1", "one", "client-1")),
         MqttOp::RetainSet(retained("a/2", "two")),
-        MqttOp::RetainSet(retained("a/1", "uno")),
+        MqttOp::RetainSet(by("a/1", "uno", "client-2")),
     ])
     .expect("commit");
     drop(s);
@@ -73,8 +78,8 @@ fn retained_set_replace_delete_survive_reopen<S: MqttStore>(open: &impl Fn() -> 
     let snap = s.load_mqtt().expect("load");
     assert_eq!(
         snap.retained,
-        vec![retained("a/1", "uno"), retained("a/2", "two")],
-        "replace by topic"
+        vec![by("a/1", "uno", "client-2"), retained("a/2", "two")],
+        "replace by topic, with who set it"
     );
     s.commit_mqtt(&[
         MqttOp::RetainDelete {
@@ -263,6 +268,7 @@ fn binary_payloads_and_unicode_topics_round_trip<S: MqttStore>(open: &impl Fn() 
         qos: 2,
         properties: Bytes::from_static(&[0, 1, 2, 0xFF]),
         expires_at_ms: Some(u64::from(u32::MAX) * 1000),
+        origin: String::new(),
     };
     open()
         .commit_mqtt(&[MqttOp::RetainSet(r.clone())])

@@ -635,3 +635,50 @@ fn retention_purges_per_series<S: Store>(open: &impl Fn() -> S) {
         "the device rules went with the devices: {left:?}"
     );
 }
+
+/// The series quota: `open` returns a store whose devices may have at most 3 series. A job
+/// that would create a fourth fails with [`StoreError::QuotaExceeded`] and stores nothing of
+/// it (not even its points of existing series); points of existing series still go in, and
+/// another device has its own quota. Through the group committer too (see `run_jobs`).
+pub fn run_series_quota<S: Store>(open: impl Fn() -> S) {
+    use crate::Write;
+    let s = open();
+    for d in ["quota-a", "quota-b"] {
+        s.create_device(new_device(d)).expect("create");
+    }
+    let p = |d: &str, k: &str, ts: i64| Point::new(d, k, BASE + ts, Value::Number(1.0));
+    s.append_telemetry(vec![
+        p("quota-a", "k1", 0),
+        p("quota-a", "k2", 0),
+        p("quota-a", "k3", 0),
+    ])
+    .expect("three series fit");
+    let e = s
+        .append_telemetry(vec![p("quota-a", "k1", 1), p("quota-a", "k4", 1)])
+        .expect_err("a fourth series");
+    assert!(matches!(e, StoreError::QuotaExceeded(_)), "{e:?}");
+    let points = |d: &str, k: &str| {
+        s.points(&PointQuery::new(d, k, BASE, BASE + 10))
+            .expect("query")
+            .points
+            .len()
+    };
+    assert_eq!(points("quota-a", "k1"), 1, "the refused job stored nothing");
+    assert_eq!(points("quota-a", "k4"), 0);
+    s.append_telemetry(vec![p("quota-a", "k2", 2)])
+        .expect("existing series still take points");
+    s.append_telemetry(vec![p("quota-b", "k1", 0), p("quota-b", "k9", 0)])
+        .expect("another device has its own quota");
+    // As a job among others in one group commit: only that job fails.
+    let results = s.commit_jobs(&[
+        vec![Write::AppendTelemetry(vec![p("quota-a", "k5", 3)])],
+        vec![Write::AppendTelemetry(vec![p("quota-b", "k1", 3)])],
+    ]);
+    let results = results.expect("the commit");
+    assert!(
+        matches!(results[0], Err(StoreError::QuotaExceeded(_))),
+        "{:?}",
+        results[0]
+    );
+    assert!(results[1].is_ok(), "{:?}", results[1]);
+}

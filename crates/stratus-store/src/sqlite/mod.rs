@@ -220,6 +220,9 @@ pub struct SqliteOptions {
     /// The key of the audit chain (see [`crate::audit`]); without one, audit entries follow
     /// the unkeyed rule and a keyed log can be neither appended to nor verified.
     pub audit_key: Option<AuditKey>,
+    /// Series one device may have; a write that would create one more fails with
+    /// [`StoreError::QuotaExceeded`] and stores nothing of its job.
+    pub max_series_per_device: usize,
 }
 
 impl Default for SqliteOptions {
@@ -231,6 +234,7 @@ impl Default for SqliteOptions {
             reader_cache_kib: 16 * 1024,
             busy_timeout: Duration::from_secs(5),
             audit_key: None,
+            max_series_per_device: usize::MAX,
         }
     }
 }
@@ -241,6 +245,7 @@ impl Default for SqliteOptions {
 /// connection, serialised by a mutex. Reads take a free connection from the reader pool and
 /// never wait for a commit.
 pub struct SqliteStore {
+    max_series_per_device: usize,
     writer: Mutex<Connection>,
     readers: Vec<Mutex<Connection>>,
     next_reader: AtomicUsize,
@@ -282,7 +287,7 @@ impl SqliteStore {
         }
         writer.execute_batch(SCHEMA)?;
         registry::add_coap_psk_column(&writer)?;
-        mqtt::add_session_owner_column(&writer)?;
+        mqtt::add_owner_columns(&writer)?;
         registry::add_require_freshness_column(&writer)?;
         writer.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         let mut readers = Vec::new();
@@ -303,6 +308,7 @@ impl SqliteStore {
             readers.push(Mutex::new(reader));
         }
         Ok(SqliteStore {
+            max_series_per_device: options.max_series_per_device,
             writer: Mutex::new(writer),
             readers,
             next_reader: AtomicUsize::new(0),
@@ -502,7 +508,7 @@ impl WriteBackend for SqliteStore {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut results = Vec::with_capacity(jobs.len());
         // Telemetry jobs share series look-ups, device touches and rollup upserts.
-        let mut batch = telemetry::Batch::default();
+        let mut batch = telemetry::Batch::new(self.max_series_per_device);
         for job in jobs {
             let telemetry_only = job
                 .iter()

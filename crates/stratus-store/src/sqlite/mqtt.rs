@@ -24,10 +24,17 @@ pub(super) fn apply(tx: &Connection, op: &MqttOp) -> Result<(), StoreError> {
     match op {
         MqttOp::RetainSet(r) => {
             tx.prepare_cached(
-                "INSERT OR REPLACE INTO mqtt_retained (topic, payload, qos, properties, expires_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT OR REPLACE INTO mqtt_retained (topic, payload, qos, properties, expires_at_ms, origin)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?
-            .execute(params![r.topic, blob(&r.payload), r.qos, blob(&r.properties), from_u64(r.expires_at_ms)])?;
+            .execute(params![
+                r.topic,
+                blob(&r.payload),
+                r.qos,
+                blob(&r.properties),
+                from_u64(r.expires_at_ms),
+                r.origin
+            ])?;
         }
         MqttOp::RetainDelete { topic } => {
             tx.prepare_cached("DELETE FROM mqtt_retained WHERE topic = ?1")?
@@ -145,7 +152,7 @@ fn small(v: i64, what: &str) -> Result<u8, StoreError> {
 pub(super) fn load(conn: &Connection) -> Result<MqttSnapshot, StoreError> {
     let mut snapshot = MqttSnapshot::default();
     let mut stmt = conn.prepare(
-        "SELECT topic, payload, qos, properties, expires_at_ms FROM mqtt_retained ORDER BY topic",
+        "SELECT topic, payload, qos, properties, expires_at_ms, origin FROM mqtt_retained ORDER BY topic",
     )?;
     let rows = stmt.query_map([], |r| {
         Ok((
@@ -154,16 +161,18 @@ pub(super) fn load(conn: &Connection) -> Result<MqttSnapshot, StoreError> {
             r.get::<_, i64>(2)?,
             r.get::<_, Vec<u8>>(3)?,
             r.get::<_, Option<i64>>(4)?,
+            r.get::<_, Option<String>>(5)?,
         ))
     })?;
     for row in rows {
-        let (topic, payload, qos, properties, expires) = row?;
+        let (topic, payload, qos, properties, expires, origin) = row?;
         snapshot.retained.push(StoredRetained {
             topic,
             payload: payload.into(),
             qos: small(qos, "retained qos")?,
             properties: properties.into(),
             expires_at_ms: to_u64(expires),
+            origin: origin.unwrap_or_default(),
         });
     }
     let mut sessions: HashMap<String, StoredSession> = HashMap::new();
@@ -268,16 +277,19 @@ pub(super) fn load(conn: &Connection) -> Result<MqttSnapshot, StoreError> {
     Ok(snapshot)
 }
 
-/// Adds `mqtt_sessions.owner` (the principal a session belongs to) to a database created
-/// before it existed; sessions stored before have none (NULL, read as empty).
-pub(super) fn add_session_owner_column(conn: &Connection) -> Result<(), StoreError> {
-    let present: i64 = conn.query_row(
-        "SELECT COUNT(*) FROM pragma_table_info('mqtt_sessions') WHERE name = 'owner'",
-        [],
-        |r| r.get(0),
-    )?;
-    if present == 0 {
-        conn.execute_batch("ALTER TABLE mqtt_sessions ADD COLUMN owner TEXT")?;
+/// Adds `mqtt_sessions.owner` (the principal a session belongs to) and `mqtt_retained.origin`
+/// (the client that set a retained message) to a database created before they existed; rows
+/// stored before have none (NULL, read as empty).
+pub(super) fn add_owner_columns(conn: &Connection) -> Result<(), StoreError> {
+    for (table, column) in [("mqtt_sessions", "owner"), ("mqtt_retained", "origin")] {
+        let present: i64 = conn.query_row(
+            "SELECT COUNT(*) FROM pragma_table_info(?1) WHERE name = ?2",
+            params![table, column],
+            |r| r.get(0),
+        )?;
+        if present == 0 {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} TEXT"))?;
+        }
     }
     Ok(())
 }

@@ -22,10 +22,26 @@ fn series_id(conn: &Connection, device_id: &str, key: &str) -> Result<Option<i64
         .optional()?)
 }
 
-/// The id of `(device_id, key)`, created on first use (the device must exist).
-fn intern(conn: &Connection, device_id: &str, key: &str) -> Result<i64, StoreError> {
+/// The id of `(device_id, key)`, created on first use (the device must exist and have fewer
+/// than `max_series` series).
+fn intern(
+    conn: &Connection,
+    device_id: &str,
+    key: &str,
+    max_series: usize,
+) -> Result<i64, StoreError> {
     if let Some(id) = series_id(conn, device_id, key)? {
         return Ok(id);
+    }
+    if max_series != usize::MAX {
+        let held: i64 = conn
+            .prepare_cached("SELECT COUNT(*) FROM series WHERE device_id = ?1")?
+            .query_row(params![device_id], |r| r.get(0))?;
+        if usize::try_from(held).unwrap_or(usize::MAX) >= max_series {
+            return Err(StoreError::QuotaExceeded(format!(
+                "device {device_id:?} has {held} series, the most it may have; {key:?} would be a new one"
+            )));
+        }
     }
     let known = conn
         .prepare_cached("SELECT 1 FROM devices WHERE id = ?1")?
@@ -48,8 +64,10 @@ fn intern(conn: &Connection, device_id: &str, key: &str) -> Result<i64, StoreErr
 /// Only valid while nothing but telemetry appends and device touches runs in the
 /// transaction: the caller [`flush`](Batch::flush)es and [`forget`](Batch::forget)s before any
 /// other write, and forgets after a job was rolled back to its savepoint.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct Batch {
+    /// The most series a device may have (creating one more fails the job).
+    max_series: usize,
     /// Series ids seen or created in this transaction: device → key → id.
     series: HashMap<String, HashMap<String, i64>>,
     /// Devices touched in this transaction, with the `last_seen_ms` they now have at least.
@@ -61,6 +79,17 @@ pub(super) struct Batch {
 }
 
 impl Batch {
+    /// An empty batch whose devices may have at most `max_series` series each.
+    pub(super) fn new(max_series: usize) -> Batch {
+        Batch {
+            max_series,
+            series: HashMap::new(),
+            touched: HashMap::new(),
+            rollups: HashMap::new(),
+            known: HashSet::new(),
+        }
+    }
+
     /// Whether `job` can fail only by a failure of the database itself: its writes are
     /// telemetry appends and touches of one device, which exists, and its points are valid.
     /// Such a job needs no savepoint of its own (what a transport submits per message is one).
@@ -93,6 +122,10 @@ impl Batch {
         let Some(id) = device else {
             return Ok(true);
         };
+        if self.max_series != usize::MAX && !self.series_all_exist(conn, id, job)? {
+            // A new series may take the device over its quota.
+            return Ok(false);
+        }
         if self.known.contains(id) {
             return Ok(true);
         }
@@ -103,6 +136,32 @@ impl Batch {
             self.known.insert(id.to_owned());
         }
         Ok(exists)
+    }
+
+    /// Whether every series `job` writes to exists already (in this batch or the database).
+    fn series_all_exist(
+        &self,
+        conn: &Connection,
+        device: &str,
+        job: &[Write],
+    ) -> Result<bool, StoreError> {
+        let cached = self.series.get(device);
+        let mut last: Option<&str> = None;
+        for w in job {
+            let Write::AppendTelemetry(points) = w else {
+                continue;
+            };
+            for p in points {
+                if last == Some(p.key.as_str()) || cached.is_some_and(|c| c.contains_key(&p.key)) {
+                    continue;
+                }
+                if series_id(conn, device, &p.key)?.is_none() {
+                    return Ok(false);
+                }
+                last = Some(&p.key);
+            }
+        }
+        Ok(true)
     }
 
     /// Appends `points` (one job's write); their rollup contributions go to `rollups`, which
@@ -133,7 +192,7 @@ impl Batch {
                     let id = match known {
                         Some(id) => *id,
                         None => {
-                            let id = intern(conn, &p.device_id, &p.key)?;
+                            let id = intern(conn, &p.device_id, &p.key, self.max_series)?;
                             self.series
                                 .entry(p.device_id.clone())
                                 .or_default()
@@ -216,7 +275,7 @@ impl Batch {
 
 /// Appends `points` on their own (outside a [`Batch`]), rollups included.
 pub(super) fn append(conn: &Connection, points: &[Point]) -> Result<u64, StoreError> {
-    let mut batch = Batch::default();
+    let mut batch = Batch::new(usize::MAX);
     let mut rollups = HashMap::new();
     let inserted = batch.append(conn, points, &mut rollups)?;
     batch.keep(rollups);

@@ -134,7 +134,7 @@ pub fn config_message(id: &str, desired: &DesiredConfig) -> Option<Message> {
 pub(crate) fn retained_write(id: &str, desired: &DesiredConfig) -> Option<Write> {
     let message = config_message(id, desired)?;
     Some(Write::Mqtt(vec![MqttOp::RetainSet(
-        crate::persist::stored_retained(&message),
+        crate::persist::stored_retained(&message, None),
     )]))
 }
 
