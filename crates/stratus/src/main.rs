@@ -25,6 +25,7 @@ mod alloc_tuning;
 mod audit_cmd;
 mod device_cmd;
 mod firmware_cmd;
+mod healthcheck;
 mod sim;
 
 /// Stratus: an IoT cloud in one binary.
@@ -49,6 +50,9 @@ enum Command {
     Audit(audit_cmd::AuditArgs),
     /// Simulate a fleet of devices (MQTT, HTTP, CoAP) against a running server.
     Sim(sim::SimArgs),
+    /// Probe a running server's /healthz: exit 0 when healthy, 1 when not (the container's
+    /// HEALTHCHECK).
+    Healthcheck(healthcheck::HealthcheckArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -108,6 +112,7 @@ fn main() -> ExitCode {
         Command::Firmware(args) => report(firmware_cmd::run(args)),
         Command::Audit(args) => report(audit_cmd::run(args)),
         Command::Sim(args) => report(sim::run(args)),
+        Command::Healthcheck(args) => report(healthcheck::run(args)),
     }
 }
 
