@@ -84,7 +84,7 @@ struct ServeArgs {
     firmware_pubkey: Vec<PathBuf>,
     /// Also run a simulated fleet (a dozen devices over MQTT, HTTP and CoAP) so the dashboard
     /// is alive at once.
-    #[arg(long)]
+    #[arg(long, env = "STRATUS_DEMO", value_parser = clap::builder::BoolishValueParser::new())]
     demo: bool,
 }
 
