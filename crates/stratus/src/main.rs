@@ -199,11 +199,14 @@ async fn run(config: Config, demo: bool) -> anyhow::Result<()> {
     let demo = demo.then(|| sim::start_demo(&server, &data_dir));
     tracing::info!(mqtt = %server.mqtt_addr, http = %server.http_addr, "stratus is running");
     signals.wait().await;
+    let stopping = std::time::Instant::now();
     tracing::info!("shutting down");
     if let Some(fleet) = demo {
         sim::stop_demo(fleet).await;
     }
     server.shutdown(Duration::from_secs(4)).await;
+    // The last line of a clean stop (the container test looks for it).
+    tracing::info!(took_ms = stopping.elapsed().as_millis() as u64, "stopped");
     Ok(())
 }
 
