@@ -25,7 +25,8 @@ enum AuditCommand {
     /// Check that no audit entry was changed, removed or reordered (exit 1 naming the first
     /// one that was).
     Verify {
-        /// The data dir whose store to check [default: ./stratus-data].
+        /// The data dir whose store to check [default: ./stratus-data, or
+        /// $STRATUS_SERVER__DATA_DIR when set].
         #[arg(long, value_name = "DIR")]
         data_dir: Option<PathBuf>,
         /// Print the verdict as JSON (the shape of `GET /api/v1/audit/verify`).
@@ -38,7 +39,7 @@ enum AuditCommand {
 pub fn run(args: AuditArgs) -> anyhow::Result<bool> {
     match args.command {
         AuditCommand::Verify { data_dir, json } => {
-            let dir = data_dir.unwrap_or_else(|| PathBuf::from(admin::DEFAULT_DATA_DIR));
+            let dir = data_dir.unwrap_or_else(admin::default_data_dir);
             let db = dir.join(stratus_server::persist::DATABASE_FILE);
             if !db.is_file() {
                 return Err(UsageError(format!(
