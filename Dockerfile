@@ -27,8 +27,10 @@
 # where CONTEXT holds `image/` (see tests/container/run.sh). `runtime` is the same either
 # way; only the stage its files come from changes.
 
-# `build` (default) or `prebuilt`.
-ARG ROOTFS=build
+# Where the runtime stage's files come from: `build` (the default) or `prebuilt`. The
+# default is in `FROM ${ROOTFS:-build}` below and not here: Podman 4.3 (Buildah 1.28) decides
+# which stages to build without an ARG's default value, skips `build`, then fails on it.
+ARG ROOTFS=
 # Any Rust 1.89 or later builds Cargo.lock; `1` is the newest stable.
 ARG RUST_VERSION=1
 
@@ -50,7 +52,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 FROM scratch AS prebuilt
 COPY image/ /image/
 
-FROM ${ROOTFS} AS rootfs
+FROM ${ROOTFS:-build} AS rootfs
 
 FROM scratch AS runtime
 COPY --from=rootfs /image/base/ /
