@@ -491,6 +491,10 @@ def test_cli_reads_the_admin_secret_file_and_reports_usage_errors(start_server, 
     base = f"http://127.0.0.1:{srv.http_port}"
     out = cli("device", "add", "f-1", "--server", base, "--admin-secret-file", str(secret_file))
     assert out.returncode == 0, out.stderr
+    # STRATUS_SERVER__DATA_DIR (as in the container image) says where the secret file is
+    out = cli("device", "add", "f-2", "--server", base, cwd=tmp_path,
+              env={"STRATUS_SERVER__DATA_DIR": str(srv.data_dir)})
+    assert out.returncode == 0, out.stderr
     out = cli("device", "list", "--server", base, "--admin-secret-file", str(tmp_path / "none"))
     assert out.returncode == 2 and "STRATUS_ADMIN_SECRET" in out.stderr
     out = cli("device", "add", "bad/id", "--server", base, "--admin-secret-file", str(secret_file))

@@ -17,8 +17,19 @@ use serde_json::Value;
 
 /// The server a subcommand talks to when `--server` is not given.
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:8080";
-/// The data dir of `stratus serve` when `--data-dir` is not given.
+/// The data dir of `stratus serve` when neither `--data-dir` nor `STRATUS_SERVER__DATA_DIR`
+/// is given.
 pub const DEFAULT_DATA_DIR: &str = "./stratus-data";
+
+/// The data dir `stratus serve` uses without `--data-dir`: `STRATUS_SERVER__DATA_DIR` when set
+/// (as in the container image, where it is `/data`), else [`DEFAULT_DATA_DIR`]. The admin
+/// tools look there for the admin secret and a store.
+pub fn default_data_dir() -> PathBuf {
+    match std::env::var_os("STRATUS_SERVER__DATA_DIR") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => PathBuf::from(DEFAULT_DATA_DIR),
+    }
+}
 /// How long one request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -50,7 +61,7 @@ pub struct ServerArgs {
     #[arg(long, value_name = "URL", global = true)]
     pub server: Option<String>,
     /// File holding the admin secret, used when STRATUS_ADMIN_SECRET is not set
-    /// [default: ./stratus-data/admin-secret].
+    /// [default: ./stratus-data/admin-secret, or in $STRATUS_SERVER__DATA_DIR when set].
     #[arg(long, value_name = "FILE", global = true)]
     pub admin_secret_file: Option<PathBuf>,
 }
@@ -75,7 +86,7 @@ impl ServerArgs {
         let path = self
             .admin_secret_file
             .clone()
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR).join("admin-secret"));
+            .unwrap_or_else(|| default_data_dir().join("admin-secret"));
         let text = std::fs::read_to_string(&path).map_err(|e| {
             UsageError(format!(
                 "no admin secret: STRATUS_ADMIN_SECRET is not set and {} cannot be read ({e}); \

@@ -65,7 +65,8 @@ enum AuditCommand {
 /// Where the log and its key are.
 #[derive(clap::Args, Debug)]
 struct LogArgs {
-    /// The data dir whose store to check [default: ./stratus-data].
+    /// The data dir whose store to check [default: ./stratus-data, or
+    /// $STRATUS_SERVER__DATA_DIR when set].
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
     /// The audit key file [default: DATA_DIR/audit.key].
@@ -145,10 +146,7 @@ pub fn run(args: AuditArgs) -> anyhow::Result<bool> {
 
 /// The data dir and the audit key (usage errors when either is missing).
 fn locate(log: &LogArgs) -> anyhow::Result<(PathBuf, AuditKey)> {
-    let dir = log
-        .data_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(admin::DEFAULT_DATA_DIR));
+    let dir = log.data_dir.clone().unwrap_or_else(admin::default_data_dir);
     let db = dir.join(stratus_server::persist::DATABASE_FILE);
     if !db.is_file() {
         return Err(UsageError(format!(

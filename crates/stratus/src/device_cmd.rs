@@ -30,7 +30,8 @@ use crate::admin::{self, AdminClient, RequestError, ServerArgs, UsageError};
 The admin secret comes from STRATUS_ADMIN_SECRET, else from --admin-secret-file.
 With --data-dir DIR the command works on DIR/stratus.db directly (no server needed).
 Without --server and --data-dir, when no server answers at the default address and
-./stratus-data holds a store, that store is used (a note says so on stderr).
+./stratus-data (or $STRATUS_SERVER__DATA_DIR) holds a store, that store is used (a note says
+so on stderr).
 
 Examples:
   stratus device add pump-7 --attr site=north --attr floor=2
@@ -233,7 +234,7 @@ impl Backend {
         }
         let base = args.server.base_url();
         let secret = args.server.admin_secret()?;
-        let fallback = PathBuf::from(admin::DEFAULT_DATA_DIR);
+        let fallback = admin::default_data_dir();
         let may_fall_back = args.server.server.is_none()
             && fallback
                 .join(stratus_server::persist::DATABASE_FILE)

@@ -32,6 +32,7 @@ mod alloc_tuning;
 mod audit_cmd;
 mod device_cmd;
 mod firmware_cmd;
+mod healthcheck;
 mod sim;
 mod tls_cmd;
 
@@ -60,6 +61,9 @@ enum Command {
     /// TLS without a PKI: `stratus tls init` makes a local CA and a server certificate and
     /// wires them into the configuration.
     Tls(tls_cmd::TlsArgs),
+    /// Probe a running server's /healthz: exit 0 when healthy, 1 when not (the container's
+    /// HEALTHCHECK).
+    Healthcheck(healthcheck::HealthcheckArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -91,7 +95,7 @@ struct ServeArgs {
     firmware_pubkey: Vec<PathBuf>,
     /// Also run a simulated fleet (a dozen devices over MQTT, HTTP and CoAP) so the dashboard
     /// is alive at once.
-    #[arg(long)]
+    #[arg(long, env = "STRATUS_DEMO", value_parser = clap::builder::BoolishValueParser::new())]
     demo: bool,
 }
 
@@ -120,6 +124,7 @@ fn main() -> ExitCode {
         Command::Audit(args) => report(audit_cmd::run(args)),
         Command::Sim(args) => report(sim::run(args)),
         Command::Tls(args) => report(tls_cmd::run(args)),
+        Command::Healthcheck(args) => report(healthcheck::run(args)),
     }
 }
 
@@ -210,11 +215,14 @@ async fn run(config: Config, demo: bool) -> anyhow::Result<()> {
     let demo = demo.then(|| sim::start_demo(&server, &data_dir));
     tracing::info!(mqtt = %server.mqtt_addr, http = %server.http_addr, "stratus is running");
     signals.wait().await;
+    let stopping = std::time::Instant::now();
     tracing::info!("shutting down");
     if let Some(fleet) = demo {
         sim::stop_demo(fleet).await;
     }
     server.shutdown(Duration::from_secs(4)).await;
+    // The last line of a clean stop (the container test looks for it).
+    tracing::info!(took_ms = stopping.elapsed().as_millis() as u64, "stopped");
     Ok(())
 }
 

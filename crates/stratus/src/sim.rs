@@ -67,7 +67,7 @@ pub struct SimArgs {
     #[arg(long, default_value = "sim", value_name = "P")]
     pub prefix: String,
     /// Where the devices' secrets are kept between runs
-    /// [default: ./stratus-data/sim-devices.json].
+    /// [default: ./stratus-data/sim-devices.json, or in $STRATUS_SERVER__DATA_DIR when set].
     #[arg(long, value_name = "FILE")]
     pub devices_file: Option<PathBuf>,
     /// How long to wait at the end for records still unacknowledged.
@@ -798,7 +798,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<bool> {
     let devices_file = args
         .devices_file
         .clone()
-        .unwrap_or_else(|| PathBuf::from(admin::DEFAULT_DATA_DIR).join("sim-devices.json"));
+        .unwrap_or_else(|| admin::default_data_dir().join("sim-devices.json"));
     raise_nofile();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
