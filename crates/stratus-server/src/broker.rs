@@ -880,6 +880,10 @@ pub struct Attached {
     pub session_present: bool,
     /// This attachment's number, for [`Broker::detach`].
     pub conn: u64,
+    /// A stored session ended with this attachment (Clean Start, or a session that will not
+    /// outlive this connection): its deletion was written, and CONNACK should wait for it
+    /// ([`Broker::flush`]) so that a crash cannot bring it back.
+    pub ended_stored: bool,
 }
 
 /// Serialises the connections that attach to one client id, as a lock of one bit (an async
@@ -1286,7 +1290,8 @@ impl Broker {
             drop(state);
             let durable = expiry != 0 && self.persist.is_some();
             let was_durable = handle.durable.swap(durable, Ordering::AcqRel);
-            if was_durable && (!present || !durable) {
+            let ended_stored = was_durable && (!present || !durable);
+            if ended_stored {
                 // The stored session ended (Clean Start) or will end with this connection.
                 if let Some(p) = &self.persist {
                     p.write(MqttOp::SessionDelete {
@@ -1303,6 +1308,7 @@ impl Broker {
                 session,
                 session_present: present,
                 conn,
+                ended_stored,
             });
         }
     }

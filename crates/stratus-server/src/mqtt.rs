@@ -1282,7 +1282,8 @@ impl Driver {
         if attached.session_present {
             self.reauthorize(&attached.handle, &mut attached.session, &policy, &user);
         }
-        if attached.handle.is_durable() {
+        let durable = attached.handle.is_durable();
+        if durable {
             let will = connect
                 .will
                 .as_ref()
@@ -1291,7 +1292,10 @@ impl Driver {
             broker.store_session(&attached.handle, expiry, 0, will.clone());
             self.stored_will = (!will.is_empty()).then(|| Box::new(will));
             self.conn.track_session_changes(true);
-            // CONNACK promises the session: it waits until the store has it.
+        }
+        // CONNACK promises the session (a new or resumed persistent one is on disk, an ended
+        // one is gone from it): it waits until the store has it.
+        if durable || attached.ended_stored {
             if let Err(e) = broker.flush().await {
                 tracing::error!(client_id = %client_id, error = %e, "could not store the session");
                 broker.detach(
