@@ -34,12 +34,15 @@
 //! - `multer`: streaming `multipart/form-data` parsing for firmware uploads (the parser behind
 //!   axum's own `Multipart`, used directly so the image streams to disk under its own size
 //!   limit instead of the API's body limit).
+//! - `rustix`: `RLIMIT_NOFILE`, raised at start ([`accept`]) — safe wrappers over the
+//!   syscalls, already used by the binary.
 
 // One audited exception, with its proof: registering the parking lot's epoll fd in
 // `mqtt::parking`.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod accept;
 pub mod acl;
 pub mod api;
 pub mod audit;
@@ -143,6 +146,9 @@ async fn bind(what: &str, addr: std::net::IpAddr, port: u16) -> anyhow::Result<T
 impl Server {
     /// Binds every listener of `config` and starts serving.
     pub async fn start(config: Config) -> anyhow::Result<Server> {
+        let fds = accept::FdBudget {
+            limit: accept::raise_fd_limit(),
+        };
         let ip = config.server.bind;
         let mqtt_listener = bind("MQTT", ip, config.mqtt.port).await?;
         let http_listener = bind("HTTP", ip, config.http.port).await?;
@@ -233,7 +239,7 @@ impl Server {
             broker: broker.clone(),
             limits: Arc::new(config.mqtt_limits()),
             allow_anonymous: config.auth.allow_anonymous,
-            max_connections: config.mqtt.max_connections,
+            max_connections: fds.mqtt_max_connections(config.mqtt.max_connections),
             open: AtomicUsize::new(0),
             slow_consumer_timeout: Duration::from_secs(config.mqtt.slow_consumer_timeout_secs),
             acl: acl::Acl::new(config.mqtt.acl.clone()),
@@ -300,6 +306,13 @@ impl Server {
             shutdown: shutdown_rx.clone(),
             api: api_state,
         });
+        if ctx.max_connections < config.mqtt.max_connections {
+            tracing::info!(
+                fd_limit = fds.limit,
+                mqtt_max_connections = ctx.max_connections,
+                "connection caps lowered to fit the file descriptor limit"
+            );
+        }
         let (mut mqtts_addr, mut https_addr) = (None, None);
         if let Some((mqtts, mqtts_listener, https, https_listener)) = tls {
             mqtts_addr = Some(mqtts_listener.local_addr()?);

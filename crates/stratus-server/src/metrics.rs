@@ -102,6 +102,27 @@ pub struct Metrics {
     pub stream_readers: Gauge,
     /// Live stream readers dropped for falling behind.
     pub stream_dropped: Counter,
+    /// Connections refused at accept, by listener and reason (MQTT `fd_budget`: closed at
+    /// once, see [`crate::accept`]).
+    pub connections_refused: Family<RefusalLabel, Counter>,
+    /// Failed `accept` calls (e.g. out of file descriptors), by listener.
+    pub accept_errors: Family<ListenerLabel, Counter>,
+}
+
+/// Label of a per-listener metric.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    /// `http`, `https`, `mqtt` or `mqtts`.
+    pub listener: &'static str,
+}
+
+/// Label of the refused-connections counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabel {
+    /// `http`, `https`, `mqtt` or `mqtts`.
+    pub listener: &'static str,
+    /// Why: `fd_budget`.
+    pub reason: &'static str,
 }
 
 /// Label of a CoAP response counter.
@@ -320,6 +341,16 @@ impl Metrics {
             m.coap_dtls_handshake_failures.clone(),
         );
         r.register(
+            "stratus_connections_refused",
+            "Connections refused at accept, by listener and reason",
+            m.connections_refused.clone(),
+        );
+        r.register(
+            "stratus_accept_errors",
+            "Failed accept calls (e.g. out of file descriptors), by listener",
+            m.accept_errors.clone(),
+        );
+        r.register(
             "stratus_uptime_seconds",
             "Seconds since the server started",
             m.uptime_seconds.clone(),
@@ -369,6 +400,13 @@ impl Metrics {
         };
         self.coap_requests
             .get_or_create(&CodeClassLabel { class })
+            .inc();
+    }
+
+    /// Counts a connection refused at accept.
+    pub fn connection_refused(&self, listener: &'static str, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&RefusalLabel { listener, reason })
             .inc();
     }
 
