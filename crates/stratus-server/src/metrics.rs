@@ -102,9 +102,14 @@ pub struct Metrics {
     pub stream_readers: Gauge,
     /// Live stream readers dropped for falling behind.
     pub stream_dropped: Counter,
-    /// Connections refused at accept, by listener and reason (MQTT `fd_budget`: closed at
-    /// once, see [`crate::accept`]).
+    /// HTTP connections open now, by listener (WebSocket and SSE included).
+    pub http_connections: Family<ListenerLabel, Gauge>,
+    /// Connections refused at accept, by listener and reason (HTTP `listener_full`: 503,
+    /// `address_limit`: 429; MQTT `fd_budget`: closed at once, see [`crate::accept`]).
     pub connections_refused: Family<RefusalLabel, Counter>,
+    /// HTTP connections or requests cut by a timer, by listener and kind (`header`, `idle`,
+    /// `body`).
+    pub http_timeouts: Family<HttpTimeoutLabel, Counter>,
     /// Failed `accept` calls (e.g. out of file descriptors), by listener.
     pub accept_errors: Family<ListenerLabel, Counter>,
 }
@@ -121,8 +126,17 @@ pub struct ListenerLabel {
 pub struct RefusalLabel {
     /// `http`, `https`, `mqtt` or `mqtts`.
     pub listener: &'static str,
-    /// Why: `fd_budget`.
+    /// `listener_full`, `address_limit` or `fd_budget`.
     pub reason: &'static str,
+}
+
+/// Label of the HTTP timeout counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpTimeoutLabel {
+    /// `http` or `https`.
+    pub listener: &'static str,
+    /// `header`, `idle` or `body`.
+    pub kind: &'static str,
 }
 
 /// Label of a CoAP response counter.
@@ -341,9 +355,19 @@ impl Metrics {
             m.coap_dtls_handshake_failures.clone(),
         );
         r.register(
+            "stratus_http_connections",
+            "HTTP connections open, by listener (WebSocket and SSE included)",
+            m.http_connections.clone(),
+        );
+        r.register(
             "stratus_connections_refused",
             "Connections refused at accept, by listener and reason",
             m.connections_refused.clone(),
+        );
+        r.register(
+            "stratus_http_timeouts",
+            "HTTP connections or requests cut by a timer, by listener and kind",
+            m.http_timeouts.clone(),
         );
         r.register(
             "stratus_accept_errors",
