@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -50,7 +51,7 @@ class Server:
     """One `stratus serve` process. Ports and data dir are kept across restart()."""
 
     def __init__(self, workdir: Path, name: str, args=(), env=None, config=None,
-                 anonymous=True, mqtt_port=0, http_port=0, data_dir=None, coap_port=0):
+                 anonymous=True, mqtt_port=0, http_port=0, data_dir=None, coap_port=0, nofile=None):
         self.workdir = workdir
         self.name = name
         self.args = list(args)
@@ -59,6 +60,7 @@ class Server:
         self.mqtt_port = mqtt_port  # None: do not pass --mqtt-port at all
         self.http_port = http_port
         self.coap_port = coap_port  # None: do not pass --coap-port at all
+        self.nofile = nofile  # (soft, hard) RLIMIT_NOFILE for the server process
         self.data_dir = Path(data_dir) if data_dir else workdir / f"{name}-data"
         self.config_path = None
         if config is not None:
@@ -95,9 +97,15 @@ class Server:
         self.stopped_on_purpose = False
         self._listening = {}
         self._log(f"### start #{self.starts}: {' '.join(cmd)}")
+        preexec = None
+        if self.nofile is not None:
+            limits = self.nofile
+
+            def preexec():
+                resource.setrlimit(resource.RLIMIT_NOFILE, limits)
         self.proc = subprocess.Popen(
             cmd, cwd=self.workdir, env=clean_env(self.env), stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=preexec,
         )
         for stream, tag in ((self.proc.stdout, "out"), (self.proc.stderr, "err")):
             threading.Thread(target=self._drain, args=(stream, tag), daemon=True).start()

@@ -176,6 +176,28 @@ pub struct HttpConfig {
     pub tls_port: u16,
     /// Largest request body accepted, in bytes; larger ones get 413.
     pub max_body_bytes: usize,
+    /// Open connections per listener (HTTP and HTTPS each), WebSocket and SSE included; more
+    /// are answered 503 and closed. Lowered at start to fit the fd limit (see
+    /// [`crate::accept::FdBudget`]).
+    pub max_connections: usize,
+    /// Open connections from one source address; more are answered 429 with `Retry-After`
+    /// and closed. At most a quarter of the listener's cap, so one address never fills it.
+    pub max_connections_per_address: usize,
+    /// Seconds a client has to send a request's head (request line and headers), counted
+    /// from the accept (TLS handshake included) or, between keep-alive requests, from its
+    /// first byte; then the connection closes.
+    pub header_read_timeout_secs: u64,
+    /// Seconds a keep-alive connection may wait for its next request; then it closes. SSE
+    /// streams and WebSocket connections are exempt.
+    pub idle_timeout_secs: u64,
+    /// Seconds a request body has to arrive, extended by one second for every
+    /// `body_min_bytes_per_sec` bytes received; a body that trickles slower gets 408.
+    pub body_timeout_secs: u64,
+    /// The slowest average rate, in bytes per second, at which a long body keeps its
+    /// deadline moving (0: the deadline is `body_timeout_secs` whatever the size).
+    pub body_min_bytes_per_sec: u64,
+    /// Largest request head (request line and headers), in bytes; larger ones get 431.
+    pub max_header_bytes: usize,
 }
 
 /// `[coap]` (see [`crate::coap`]).
@@ -320,6 +342,13 @@ impl Default for HttpConfig {
             port: 8080,
             tls_port: 8443,
             max_body_bytes: 4 * 1024 * 1024,
+            max_connections: 10_000,
+            max_connections_per_address: 128,
+            header_read_timeout_secs: 10,
+            idle_timeout_secs: 75,
+            body_timeout_secs: 30,
+            body_min_bytes_per_sec: 500,
+            max_header_bytes: 16 * 1024,
         }
     }
 }
@@ -510,6 +539,7 @@ impl Config {
         if self.http.max_body_bytes < 1024 {
             return bad("http.max_body_bytes", "must be at least 1024");
         }
+        self.validate_http()?;
         if m.max_connections == 0 {
             return bad("mqtt.max_connections", "must be at least 1");
         }
@@ -571,6 +601,30 @@ impl Config {
         self.coap.dtls || self.tls.require_encryption
     }
 
+    fn validate_http(&self) -> Result<(), ConfigError> {
+        let h = &self.http;
+        let bad = |key: &str, why: &str| Err(ConfigError(format!("http.{key}: {why}")));
+        if h.max_connections == 0 {
+            return bad("max_connections", "must be at least 1");
+        }
+        if h.max_connections_per_address == 0 {
+            return bad("max_connections_per_address", "must be at least 1");
+        }
+        for (key, secs) in [
+            ("header_read_timeout_secs", h.header_read_timeout_secs),
+            ("idle_timeout_secs", h.idle_timeout_secs),
+            ("body_timeout_secs", h.body_timeout_secs),
+        ] {
+            if !(1..=86_400).contains(&secs) {
+                return bad(key, "must be between 1 and 86400 (a day)");
+            }
+        }
+        if !(1024..=1024 * 1024).contains(&h.max_header_bytes) {
+            return bad("max_header_bytes", "must be between 1024 and 1048576");
+        }
+        Ok(())
+    }
+
     /// The per-connection limits for the MQTT state machine.
     pub fn mqtt_limits(&self) -> stratus_mqtt::Limits {
         stratus_mqtt::Limits {
@@ -613,6 +667,40 @@ mod tests {
         assert_eq!(c.server.bind.to_string(), "127.0.0.1");
         assert_eq!(c.server.data_dir, PathBuf::from("./stratus-data"));
         assert!(!c.auth.allow_anonymous);
+    }
+
+    #[test]
+    fn http_limits_have_safe_defaults_and_name_a_bad_key() {
+        let h = Config::load_from_env(None, &Overrides::default(), env(&[]))
+            .unwrap()
+            .http;
+        assert_eq!(
+            (
+                h.header_read_timeout_secs,
+                h.idle_timeout_secs,
+                h.body_timeout_secs
+            ),
+            (10, 75, 30)
+        );
+        assert_eq!(h.body_min_bytes_per_sec, 500);
+        assert_eq!(h.max_header_bytes, 16 * 1024);
+        assert_eq!(
+            (h.max_connections, h.max_connections_per_address),
+            (10_000, 128)
+        );
+        for (var, key) in [
+            ("HTTP__IDLE_TIMEOUT_SECS", "http.idle_timeout_secs"),
+            (
+                "HTTP__MAX_CONNECTIONS_PER_ADDRESS",
+                "http.max_connections_per_address",
+            ),
+            ("HTTP__MAX_HEADER_BYTES", "http.max_header_bytes"),
+        ] {
+            let err = Config::load_from_env(None, &Overrides::default(), env(&[(var, "0")]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{err}");
+        }
     }
 
     #[test]

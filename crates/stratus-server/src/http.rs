@@ -1,6 +1,8 @@
 //! The HTTP listeners (axum on HTTP and, with `[tls]`, HTTPS): health, Prometheus metrics,
 //! MQTT over WebSocket at `/mqtt`, the dashboard at `/` ([`crate::dashboard`]), and the JSON
-//! error shape of the API.
+//! error shape of the API. [`listener`] accepts and serves the connections.
+
+pub mod listener;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,13 +12,11 @@ use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Extension, Json, Router};
+use axum::{Json, Router};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
-use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
-use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
 use crate::api::{ApiError, ApiState};
@@ -179,54 +179,4 @@ pub fn with_hsts(app: Router, max_age: u64) -> Router {
             r
         }
     }))
-}
-
-/// Serves `app` over HTTPS on `listener` until `shutdown` turns true.
-pub async fn serve_https(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    app: Router,
-    tasks: TaskTracker,
-    shutdown: watch::Receiver<bool>,
-) {
-    let mut stop = shutdown.clone();
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = crate::stopped(&mut stop) => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "https accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let acceptor = acceptor.clone();
-        let service = app
-            .clone()
-            .layer(Extension(ConnectInfo(peer)))
-            .layer(Extension(crate::dashboard::Https));
-        let mut stop = shutdown.clone();
-        tasks.spawn(async move {
-            let handshake =
-                tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp));
-            let Ok(Ok(tls)) = handshake.await else {
-                tracing::debug!(%peer, "https handshake failed");
-                return;
-            };
-            let service = hyper_util::service::TowerToHyperService::new(service);
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                .with_upgrades();
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = crate::stopped(&mut stop) => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
-            }
-        });
-    }
 }

@@ -34,12 +34,17 @@
 //! - `multer`: streaming `multipart/form-data` parsing for firmware uploads (the parser behind
 //!   axum's own `Multipart`, used directly so the image streams to disk under its own size
 //!   limit instead of the API's body limit).
+//! - `hyper`, `hyper-util`: the HTTP/1 connections under axum, driven by our own accept loop
+//!   ([`http::listener`]) for its connection caps and timers.
+//! - `rustix`: `RLIMIT_NOFILE`, raised at start ([`accept`]) — safe wrappers over the
+//!   syscalls, already used by the binary.
 
 // One audited exception, with its proof: registering the parking lot's epoll fd in
 // `mqtt::parking`.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod accept;
 pub mod acl;
 pub mod api;
 pub mod audit;
@@ -147,6 +152,9 @@ async fn bind(what: &str, addr: std::net::IpAddr, port: u16) -> anyhow::Result<T
 impl Server {
     /// Binds every listener of `config` and starts serving.
     pub async fn start(config: Config) -> anyhow::Result<Server> {
+        let fds = accept::FdBudget {
+            limit: accept::raise_fd_limit(),
+        };
         // TLS listeners on `server.bind`; the plain ones there too, or on loopback only under
         // `[tls] require_encryption`.
         let ip = config.server.bind;
@@ -261,7 +269,7 @@ impl Server {
             broker: broker.clone(),
             limits: Arc::new(config.mqtt_limits()),
             allow_anonymous: config.auth.allow_anonymous,
-            max_connections: config.mqtt.max_connections,
+            max_connections: fds.mqtt_max_connections(config.mqtt.max_connections),
             open: AtomicUsize::new(0),
             slow_consumer_timeout: Duration::from_secs(config.mqtt.slow_consumer_timeout_secs),
             acl: acl::Acl::new(config.mqtt.acl.clone()),
@@ -346,6 +354,20 @@ impl Server {
             shutdown: shutdown_rx.clone(),
             api: api_state,
         });
+        let http_limits =
+            http::listener::Limits::new(&config.http, fds, if tls.is_some() { 2 } else { 1 });
+        if ctx.max_connections < config.mqtt.max_connections
+            || http_limits.max_connections < config.http.max_connections
+        {
+            tracing::info!(
+                fd_limit = fds.limit,
+                mqtt_max_connections = ctx.max_connections,
+                http_max_connections = http_limits.max_connections,
+                http_max_connections_per_address = http_limits.max_per_address,
+                "connection caps lowered to fit the file descriptor limit"
+            );
+        }
+        let admission = http::listener::Admission::new(http_limits, broker.metrics.clone());
         let (mut mqtts_addr, mut https_addr) = (None, None);
         if let Some((mqtts, mqtts_listener, https, https_listener)) = tls {
             mqtts_addr = Some(mqtts_listener.local_addr()?);
@@ -357,10 +379,12 @@ impl Server {
                 connections.clone(),
                 shutdown_rx.clone(),
             ));
-            listeners.spawn(http::serve_https(
+            listeners.spawn(http::listener::serve(
+                "https",
                 https_listener,
-                https,
+                Some(https),
                 http::with_hsts(app.clone(), config.tls.hsts_max_age_secs),
+                admission.clone(),
                 connections.clone(),
                 shutdown_rx.clone(),
             ));
@@ -407,18 +431,15 @@ impl Server {
                 shutdown_rx.clone(),
             ));
         }
-        let mut http_shutdown = shutdown_rx.clone();
-        listeners.spawn(async move {
-            let service = app.into_make_service_with_connect_info::<SocketAddr>();
-            let result = axum::serve(http_listener, service)
-                .with_graceful_shutdown(async move {
-                    crate::stopped(&mut http_shutdown).await;
-                })
-                .await;
-            if let Err(e) = result {
-                tracing::error!(error = %e, "http listener failed");
-            }
-        });
+        listeners.spawn(http::listener::serve(
+            "http",
+            http_listener,
+            None,
+            app,
+            admission,
+            connections.clone(),
+            shutdown_rx.clone(),
+        ));
         Ok(Server {
             admin_secret,
             auth,

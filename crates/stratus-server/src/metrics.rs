@@ -104,6 +104,16 @@ pub struct Metrics {
     pub stream_dropped: Counter,
     /// Requests refused by a configured limit or quota, by limit (see [`Metrics::limit_hit`]).
     pub limit_hits: Family<LimitLabel, Counter>,
+    /// HTTP connections open now, by listener (WebSocket and SSE included).
+    pub http_connections: Family<ListenerLabel, Gauge>,
+    /// Connections refused at accept, by listener and reason (HTTP `listener_full`: 503,
+    /// `address_limit`: 429; MQTT `fd_budget`: closed at once, see [`crate::accept`]).
+    pub connections_refused: Family<RefusalLabel, Counter>,
+    /// HTTP connections or requests cut by a timer, by listener and kind (`header`, `idle`,
+    /// `body`).
+    pub http_timeouts: Family<HttpTimeoutLabel, Counter>,
+    /// Failed `accept` calls (e.g. out of file descriptors), by listener.
+    pub accept_errors: Family<ListenerLabel, Counter>,
 }
 
 /// Label of the limit counter: which limit refused something.
@@ -111,6 +121,31 @@ pub struct Metrics {
 pub struct LimitLabel {
     /// The limit's name, e.g. `mqtt_publish_rate`, `mqtt_subscriptions`, `auth_throttle`.
     pub limit: &'static str,
+}
+
+/// Label of a per-listener metric.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    /// `http`, `https`, `mqtt` or `mqtts`.
+    pub listener: &'static str,
+}
+
+/// Label of the refused-connections counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabel {
+    /// `http`, `https`, `mqtt` or `mqtts`.
+    pub listener: &'static str,
+    /// `listener_full`, `address_limit` or `fd_budget`.
+    pub reason: &'static str,
+}
+
+/// Label of the HTTP timeout counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpTimeoutLabel {
+    /// `http` or `https`.
+    pub listener: &'static str,
+    /// `header`, `idle` or `body`.
+    pub kind: &'static str,
 }
 
 /// Label of a CoAP response counter.
@@ -329,6 +364,26 @@ impl Metrics {
             m.coap_dtls_handshake_failures.clone(),
         );
         r.register(
+            "stratus_http_connections",
+            "HTTP connections open, by listener (WebSocket and SSE included)",
+            m.http_connections.clone(),
+        );
+        r.register(
+            "stratus_connections_refused",
+            "Connections refused at accept, by listener and reason",
+            m.connections_refused.clone(),
+        );
+        r.register(
+            "stratus_http_timeouts",
+            "HTTP connections or requests cut by a timer, by listener and kind",
+            m.http_timeouts.clone(),
+        );
+        r.register(
+            "stratus_accept_errors",
+            "Failed accept calls (e.g. out of file descriptors), by listener",
+            m.accept_errors.clone(),
+        );
+        r.register(
             "stratus_uptime_seconds",
             "Seconds since the server started",
             m.uptime_seconds.clone(),
@@ -392,6 +447,13 @@ impl Metrics {
         };
         self.coap_requests
             .get_or_create(&CodeClassLabel { class })
+            .inc();
+    }
+
+    /// Counts a connection refused at accept.
+    pub fn connection_refused(&self, listener: &'static str, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&RefusalLabel { listener, reason })
             .inc();
     }
 

@@ -125,11 +125,21 @@ pub async fn serve(
             }
         },
     };
+    let name = if tls.is_some() { "mqtts" } else { "mqtt" };
+    let mut backoff = crate::accept::AcceptBackoff::new(name, &ctx.broker.metrics);
+    let socket_cap = crate::accept::mqtt_socket_cap(ctx.max_connections);
     loop {
         tokio::select! {
             _ = crate::stopped(&mut stop) => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    backoff.accepted();
+                    if ctx.open.load(Ordering::Relaxed) >= socket_cap {
+                        // Far over max_connections: closed at once, so a flood cannot take
+                        // the descriptors the other listeners need (see `accept`).
+                        ctx.broker.metrics.connection_refused(name, "fd_budget");
+                        continue;
+                    }
                     let _ = stream.set_nodelay(true);
                     let ctx = ctx.clone();
                     let shutdown = shutdown.clone();
@@ -168,9 +178,9 @@ pub async fn serve(
                     }
                 }
                 Err(e) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
-                    tracing::warn!(error = %e, "mqtt accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    if !backoff.failed(&e, &mut stop).await {
+                        break;
+                    }
                 }
             },
         }
