@@ -162,11 +162,13 @@ def metric(srv: Server, name: str, labels: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
-def audit_rows(srv: Server, action: str) -> list:
+def audit_rows(srv: Server, action: str, table: str = "audit") -> list:
+    """Entries of the chain (`audit`), or failed logins kept beside it (`audit_failures`)."""
+    order = "seq" if table == "audit" else "id"
     db = sqlite3.connect(f"file:{srv.data_dir / 'stratus.db'}?mode=ro", uri=True, timeout=10)
     try:
         rows = db.execute(
-            "SELECT actor, action, target, detail FROM audit WHERE action = ? ORDER BY seq",
+            f"SELECT actor, action, target, detail FROM {table} WHERE action = ? ORDER BY {order}",
             (action,)).fetchall()
     finally:
         db.close()
@@ -713,13 +715,21 @@ def test_auth_failures_are_counted_and_audited(srv):
     # Malformed requests are not authentication failures.
     token_curl(srv, "-u", f"admin:{ADMIN_SECRET}", "-d", "grant_type=password")
     assert metric(srv, "stratus_auth_failures_total", labels) == before + 5
-    rows = audit_rows(srv, "auth.failure")
+    # Failed logins are aggregated per source, identity and endpoint and written when their
+    # minute ends, or at shutdown: one entry each here, none in the chain itself.
+    assert srv.stop() == 0
+    assert audit_rows(srv, "auth.failure") == []
+    rows = audit_rows(srv, "auth.failure", table="audit_failures")
     assert [(r[0], r[2]) for r in rows] == [
         ("admin", "oauth/token"), ("mallory", "oauth/token"), ("anonymous", "oauth/token"),
         ("anonymous", "oauth/introspect"), ("eve?", "oauth/revoke")]
     for _, _, _, detail in rows:
         assert detail["reason"]
+        assert (detail["count"], detail["throttled"]) == (1, 0), detail
+        assert (detail["source"], detail["transport"]) == ("127.0.0.1", "oauth"), detail
         assert re.fullmatch(r"127\.0\.0\.1:\d+", detail["remote"]), detail
+    batches = audit_rows(srv, "auth.failures")
+    assert len(batches) == 1 and batches[0][3]["entries"] == 5, batches
 
 
 # ---- admin bootstrap ------------------------------------------------------------------------

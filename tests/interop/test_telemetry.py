@@ -26,7 +26,8 @@ os.environ.setdefault("OAUTHLIB_INSECURE_TRANSPORT", "1")
 
 @pytest.fixture
 def cloud(start_server):
-    srv = start_server("cloud", env={"STRATUS_ADMIN_SECRET": ADMIN_SECRET}, anonymous=False)
+    srv = start_server("cloud", env={"STRATUS_ADMIN_SECRET": ADMIN_SECRET,
+                                     "STRATUS_AUDIT__FAILURE_WINDOW_SECS": "1"}, anonymous=False)
     return Cloud(srv)
 
 
@@ -260,15 +261,22 @@ def test_mqtt_bad_credentials_and_anonymous_are_refused_and_audited(cloud, devic
     _, _, reason = mqtt_client(cloud.srv.mqtt_port)
     assert reason.is_failure
     assert cloud.metric("stratus_auth_failures", transport="mqtt") >= 2
-    # The audit entry is written after the refusal: poll for it.
-    deadline = time.monotonic() + 5
+    # Failed logins are written when their window ends (here a second): poll for them.
+    deadline = time.monotonic() + 10
     while True:
-        r = requests.get(cloud.url("/api/v1/audit"), headers=cloud.admin, timeout=10)
+        r = requests.get(cloud.url("/api/v1/audit/failures"), headers=cloud.admin, timeout=10)
         assert r.status_code == 200, r.text
-        if "auth.failure" in r.text or time.monotonic() > deadline:
+        got = {(e["actor"], e["target"]) for e in r.json()["entries"]}
+        if {(dev, "mqtt"), ("anonymous", "mqtt")} <= got or time.monotonic() > deadline:
             break
         time.sleep(0.1)
-    assert "auth.failure" in r.text, r.text
+    assert {(dev, "mqtt"), ("anonymous", "mqtt")} <= got, r.text
+    entry = next(e for e in r.json()["entries"] if e["actor"] == dev)
+    assert entry["action"] == "auth.failure"
+    assert entry["detail"]["reason"] == "bad credentials"
+    assert entry["detail"]["transport"] == "mqtt"
+    r = requests.get(cloud.url("/api/v1/audit"), headers=cloud.admin, timeout=10)
+    assert "auth.failures" in r.text, r.text
 
 
 def test_mqtt_device_is_confined_to_its_own_topics(cloud, device):

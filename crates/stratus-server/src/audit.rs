@@ -2,9 +2,11 @@
 //! the chain (`DATA_DIR/audit.key`) and the exported head (`DATA_DIR/audit.head`).
 //!
 //! ## Appending
-//! [`record`] appends without waiting (authentication failures on a connection's hot path):
-//! the entry is written in the background, failures are logged. Admin changes append their
-//! entry in the same store job as the change.
+//! Admin changes append their entry in the same store job as the change; [`record`] appends
+//! one without waiting where the change was not a store job of its own (a rule deleted, an
+//! alarm acknowledged). Failed authentications are not appended one by one: [`failures`]
+//! aggregates them per source, identity and minute, and writes each minute's as one batch
+//! beside the chain, with a retention.
 //!
 //! ## The key: `audit.key`
 //! Every entry's hash is an HMAC-SHA-256 under a 32-byte key that is not in the database
@@ -32,6 +34,8 @@
 //! heads kept off the machine (the shipped logs, a note of `stratus audit head`) show that; a
 //! head kept elsewhere is the defence against that attacker, and it shows a change up to the
 //! head's seq only.
+
+pub mod failures;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

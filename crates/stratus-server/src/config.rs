@@ -33,7 +33,7 @@ pub struct Config {
     pub rules: crate::rules::service::RulesConfig,
     /// `[firmware]`: trusted signing keys and upload limits.
     pub firmware: FirmwareConfig,
-    /// `[audit]`: the export of the audit log's head.
+    /// `[audit]`: the export of the audit log's head; failed logins.
     pub audit: AuditConfig,
 }
 
@@ -44,12 +44,36 @@ pub struct AuditConfig {
     /// How often the audit log's head is checked and, when it moved, written to
     /// `DATA_DIR/audit.head` and logged (also at shutdown).
     pub head_interval_secs: u64,
+    /// How long the entries of failed logins are kept, in days (fractions allowed: 0.5 is
+    /// twelve hours); 0 keeps them forever. Admin actions are always kept.
+    pub failure_retention_days: f64,
+    /// Failed logins are aggregated over windows this long: one entry per source address,
+    /// claimed identity and endpoint in each.
+    pub failure_window_secs: u64,
+    /// Keys (source, identity, endpoint) held at once; the attempts beyond are counted in
+    /// one overflow entry per window.
+    pub failure_max_keys: usize,
 }
 
 impl Default for AuditConfig {
     fn default() -> Self {
+        use crate::audit::failures as f;
         AuditConfig {
             head_interval_secs: crate::audit::DEFAULT_HEAD_INTERVAL_SECS,
+            failure_retention_days: f::DEFAULT_RETENTION_DAYS,
+            failure_window_secs: f::DEFAULT_WINDOW_SECS,
+            failure_max_keys: f::DEFAULT_MAX_KEYS,
+        }
+    }
+}
+
+impl AuditConfig {
+    /// How failed logins are aggregated and kept.
+    pub fn failures(&self) -> crate::audit::failures::FailureConfig {
+        crate::audit::failures::FailureConfig {
+            window_ms: self.failure_window_secs.saturating_mul(1000),
+            max_keys: self.failure_max_keys,
+            retention: crate::audit::failures::retention_from_days(self.failure_retention_days),
         }
     }
 }
@@ -577,6 +601,22 @@ impl Config {
                 "must be between 1 and 86400 (a day)",
             );
         }
+        let days = self.audit.failure_retention_days;
+        if !(0.0..=36_500.0).contains(&days) {
+            return bad(
+                "audit.failure_retention_days",
+                "must be between 0 (forever) and 36500 days",
+            );
+        }
+        if self.audit.failure_window_secs == 0 || self.audit.failure_window_secs > 3600 {
+            return bad(
+                "audit.failure_window_secs",
+                "must be between 1 and 3600 (an hour)",
+            );
+        }
+        if self.audit.failure_max_keys == 0 || self.audit.failure_max_keys > 1_000_000 {
+            return bad("audit.failure_max_keys", "must be between 1 and 1000000");
+        }
         self.firmware.trusted_keys()?;
         m.acl.validate().map_err(ConfigError)?;
         Ok(())
@@ -749,6 +789,46 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("mqtt.max_inflight"), "{err}");
+    }
+
+    #[test]
+    fn failure_retention_takes_whole_and_fractional_days() {
+        use std::time::Duration;
+        let c = Config::load_from_env(None, &Overrides::default(), env(&[])).unwrap();
+        let f = c.audit.failures();
+        assert_eq!(f.retention, Some(Duration::from_secs(30 * 86_400)));
+        assert_eq!((f.window_ms, f.max_keys), (60_000, 10_000));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("stratus.toml");
+        std::fs::write(&file, "[audit]\nfailure_retention_days = 7\n").unwrap();
+        let c = Config::load_from_env(Some(&file), &Overrides::default(), env(&[])).unwrap();
+        assert_eq!(
+            c.audit.failures().retention,
+            Some(Duration::from_secs(7 * 86_400))
+        );
+        let e = env(&[("AUDIT__FAILURE_RETENTION_DAYS", "0.5")]);
+        let c = Config::load_from_env(None, &Overrides::default(), e).unwrap();
+        assert_eq!(
+            c.audit.failures().retention,
+            Some(Duration::from_secs(43_200))
+        );
+        let e = env(&[("AUDIT__FAILURE_RETENTION_DAYS", "0")]);
+        let c = Config::load_from_env(None, &Overrides::default(), e).unwrap();
+        assert_eq!(c.audit.failures().retention, None, "0 keeps them forever");
+        for (key, value) in [
+            ("AUDIT__FAILURE_RETENTION_DAYS", "-1"),
+            ("AUDIT__FAILURE_RETENTION_DAYS", "nan"),
+            ("AUDIT__FAILURE_WINDOW_SECS", "0"),
+            ("AUDIT__FAILURE_MAX_KEYS", "0"),
+        ] {
+            let err = Config::load_from_env(None, &Overrides::default(), env(&[(key, value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&key[7..].to_lowercase()),
+                "{key}={value}: {err}"
+            );
+        }
     }
 
     #[test]

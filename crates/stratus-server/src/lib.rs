@@ -114,6 +114,8 @@ pub struct Server {
     pub firmware: Arc<firmware::Firmware>,
     /// The audit log's head exporter.
     pub audit_heads: Arc<audit::AuditHeads>,
+    /// Failed logins, aggregated before they reach the audit log.
+    pub failures: Arc<audit::failures::FailureLog>,
     shutdown: watch::Sender<bool>,
     listeners: JoinSet<()>,
     connections: TaskTracker,
@@ -212,6 +214,10 @@ impl Server {
             .map(|p| (p.store().clone(), p.audit_key().clone()))
             .context("the broker has no store")?;
         let audit_heads = Arc::new(audit::AuditHeads::open(store.clone(), audit_key, data_dir));
+        let failures = Arc::new(audit::failures::FailureLog::new(
+            store.clone(),
+            config.audit.failures(),
+        ));
         let auth = Arc::new(
             auth::Auth::open(store.clone(), data_dir)
                 .await
@@ -274,6 +280,7 @@ impl Server {
             slow_consumer_timeout: Duration::from_secs(config.mqtt.slow_consumer_timeout_secs),
             acl: acl::Acl::new(config.mqtt.acl.clone()),
             auth: auth.clone(),
+            failures: failures.clone(),
             pipeline: pipeline.clone(),
             device_client_ids: config.mqtt.device_client_ids,
             credentials: Arc::new(mqtt::CredentialWatch::new()),
@@ -307,6 +314,7 @@ impl Server {
             Duration::from_secs(config.audit.head_interval_secs),
             shutdown_rx.clone(),
         ));
+        listeners.spawn(failures.clone().run(shutdown_rx.clone()));
         listeners.spawn(sys::run(
             broker.clone(),
             Duration::from_secs(config.mqtt.sys_interval_secs),
@@ -343,6 +351,7 @@ impl Server {
             broker: broker.clone(),
             store: store.clone(),
             auth: auth.clone(),
+            failures: failures.clone(),
             ingest: pipeline.clone(),
             max_body: config.http.max_body_bytes,
             audit_heads: Some(audit_heads.clone()),
@@ -391,6 +400,7 @@ impl Server {
         }
         let coap_ctx = Arc::new(coap::CoapContext {
             auth: auth.clone(),
+            failures: failures.clone(),
             pipeline: pipeline.clone(),
             store: store.clone(),
             broker: broker.clone(),
@@ -453,6 +463,7 @@ impl Server {
             rules,
             firmware,
             audit_heads,
+            failures,
             shutdown,
             listeners,
             connections,
@@ -477,6 +488,8 @@ impl Server {
         if let Err(e) = self.broker.flush().await {
             tracing::error!(error = %e, "final store flush failed");
         }
+        // The failed logins of the open window (errors are logged by the flush).
+        let _ = self.failures.flush_all().await;
         // The head of everything written, for `stratus audit verify` to hold the log to.
         if let Err(e) = self.audit_heads.export().await {
             tracing::error!(error = %e, "could not export the audit head at shutdown");

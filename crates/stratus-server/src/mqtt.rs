@@ -57,6 +57,8 @@ pub struct MqttContext {
     pub acl: Acl,
     /// Credentials of devices and applications.
     pub auth: Arc<Auth>,
+    /// Failed logins, aggregated for the audit log.
+    pub failures: Arc<crate::audit::failures::FailureLog>,
     /// The telemetry pipeline (`devices/{id}/telemetry`).
     pub pipeline: Arc<Pipeline>,
     /// Which client ids a device may use.
@@ -1122,15 +1124,15 @@ impl Driver {
                         principal: Some(principal),
                     }),
                     Err(AuthError::BadCredentials | AuthError::InvalidToken(_)) => {
-                        self.auth_failed(user, "bad credentials");
+                        self.auth_failed(Some(user), "bad credentials");
                         Err(Refusal::new(ReasonCode::BadUserNameOrPassword, ""))
                     }
                     Err(AuthError::Throttled { .. }) => {
+                        const WHY: &str =
+                            "too many failed attempts from this address or for this user; retry later";
                         self.ctx.broker.metrics.limit_hit("auth_throttle", 1);
-                        Err(Refusal::new(
-                            ReasonCode::ConnectionRateExceeded,
-                            "too many failed attempts from this address or for this user; retry later",
-                        ))
+                        self.record_failure(Some(user), WHY, true);
+                        Err(Refusal::new(ReasonCode::ConnectionRateExceeded, WHY))
                     }
                     Err(AuthError::Busy) => {
                         self.ctx.broker.metrics.limit_hit("auth_busy", 1);
@@ -1152,7 +1154,7 @@ impl Driver {
             }),
             _ => {
                 self.ctx.auth.record_failure(Some(self.peer_ip), None);
-                self.auth_failed("anonymous", "no credentials");
+                self.auth_failed(None, "no credentials");
                 Err(Refusal::new(ReasonCode::NotAuthorized, ""))
             }
         }
@@ -1186,15 +1188,23 @@ impl Driver {
         }
     }
 
-    fn auth_failed(&self, who: &str, why: &str) {
+    /// Counts a refused CONNECT of `who` (the user name or client id claimed) and records it for
+    /// the audit log.
+    fn auth_failed(&self, who: Option<&str>, why: &str) {
         self.ctx.broker.metrics.auth_failure("mqtt");
-        crate::audit::record(
-            self.ctx.auth.store(),
-            who,
-            "auth.failure",
-            "mqtt",
-            serde_json::json!({"reason": why, "peer": self.peer().to_string()}),
-        );
+        self.record_failure(who, why, false);
+    }
+
+    /// Records a failed login for the audit log (aggregated: [`crate::audit::failures`]).
+    fn record_failure(&self, who: Option<&str>, why: &str, throttled: bool) {
+        self.ctx.failures.record(crate::audit::failures::Failure {
+            transport: "mqtt",
+            target: "mqtt",
+            remote: Some(self.peer()),
+            identity: who,
+            reason: why,
+            throttled,
+        });
     }
 
     async fn handle_connect(&mut self, connect: stratus_mqtt::Connect, rbuf: &mut BytesMut) {
@@ -1348,7 +1358,7 @@ impl Driver {
     fn refuse_client_id(&mut self, client_id: &str, code: ReasonCode, why: &'static str) {
         self.ctx.broker.metrics.denied("connect");
         tracing::info!(peer = %self.peer(), client_id = %client_id, why, "mqtt connect refused");
-        self.auth_failed(client_id, why);
+        self.auth_failed(Some(client_id), why);
         self.conn.refuse_with(code, why);
     }
 

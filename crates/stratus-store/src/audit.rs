@@ -33,6 +33,13 @@
 //! ## What the key does not protect against
 //! Whoever holds the key (or every file of the server) can rewrite the log and recompute every
 //! MAC; only a head kept elsewhere (an off-host log, an operator's note) then shows the change.
+//!
+//! ## Failed authentications
+//! Failures are kept beside the chain as *failure entries*, committed to by one chain entry
+//! per batch and pruned after a retention with the prune recorded in the chain: [`failures`]
+//! says why and how.
+
+pub mod failures;
 
 use std::fmt;
 use std::str::FromStr;
@@ -497,6 +504,23 @@ pub enum BrokenReason {
     /// with the key), or the head belongs to another log.
     #[error("its hash differs from the head's for this seq: the log was rewritten")]
     HeadMismatch,
+    /// A batch entry ([`failures`]) whose failure entries are not the ones its digest names:
+    /// one was changed, added, removed or reordered.
+    #[error(
+        "its failure entries do not match the digest it records: one was changed, added, \
+         removed or reordered"
+    )]
+    FailuresMismatch,
+    /// A batch entry whose failure entries are all gone, though no prune entry covers it.
+    #[error("its failure entries are gone, and no audit.prune entry covers it")]
+    FailuresMissing,
+    /// Failure entries name this seq as their batch, but the chain has no batch there, or one
+    /// already pruned: they were forged or put back.
+    #[error(
+        "failure entries name it as their batch, but the chain has no batch there or pruned \
+         it: they were forged or put back"
+    )]
+    FailuresUnlisted,
 }
 
 /// The outcome of [`AuditStore::check_audit`].
@@ -686,11 +710,19 @@ pub trait AuditStore: WriteBackend {
     /// Up to `limit` entries from `from_seq` on, in seq order.
     fn list_audit(&self, from_seq: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError>;
 
+    /// Up to `limit` failure entries ([`failures`]) from id `from_id` on, in id order.
+    fn list_audit_failures(
+        &self,
+        from_id: u64,
+        limit: usize,
+    ) -> Result<Vec<failures::FailureEntry>, StoreError>;
+
     /// The highest seq stored (0 for an empty log).
     fn audit_len(&self) -> Result<u64, StoreError>;
 
-    /// Verifies the chain (with the backend's audit key, if any) and what `check` adds, in one
-    /// read snapshot ([`ChainVerifier::with_check`] over the rows).
+    /// Verifies the chain (with the backend's audit key, if any), what `check` adds, and then
+    /// the failure entries of the batches checked, in one read snapshot
+    /// ([`ChainVerifier::with_check`] over the rows, then [`failures::FailureCheck`]).
     fn check_audit(&self, check: &AuditCheck) -> Result<AuditVerdict, StoreError>;
 
     /// Recomputes the whole chain.
@@ -701,6 +733,24 @@ pub trait AuditStore: WriteBackend {
     /// Appends an entry; returns it with its seq and hashes.
     fn append_audit(&self, entry: NewAuditEntry) -> Result<AuditEntry, StoreError> {
         self.write_one(Write::AppendAudit(entry))?.into_audit()
+    }
+
+    /// Appends a batch of failure entries with the chain entry that commits to them (appended
+    /// at `ts_ms`); returns that entry.
+    fn append_failures(
+        &self,
+        ts_ms: i64,
+        entries: Vec<failures::NewFailureEntry>,
+    ) -> Result<AuditEntry, StoreError> {
+        self.write_one(Write::AppendFailures { ts_ms, entries })?
+            .into_audit()
+    }
+
+    /// Deletes the failure entries of the batches appended before `before_ms`, recording it in
+    /// the chain at `now_ms`; returns how many were deleted.
+    fn prune_failures(&self, before_ms: i64, now_ms: i64) -> Result<u64, StoreError> {
+        self.write_one(Write::PruneFailures { before_ms, now_ms })?
+            .into_count()
     }
 }
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use serde_json::Value as Json;
 
+use crate::audit::failures::{FailureEntry, NewFailureEntry};
 use crate::audit::{AuditCheck, AuditEntry, AuditVerdict, NewAuditEntry};
 use crate::clients::OAuthClient;
 use crate::devices::{AttributeUpdate, DesiredConfig, Device, NewDevice, ReportedConfig};
@@ -449,6 +450,34 @@ impl StoreHandle {
         limit: usize,
     ) -> Result<Vec<AuditEntry>, StoreError> {
         self.read(move |s| s.list_audit(from_seq, limit)).await
+    }
+
+    /// See [`AuditStore::append_failures`](crate::AuditStore::append_failures).
+    pub async fn append_failures(
+        &self,
+        ts_ms: i64,
+        entries: Vec<NewFailureEntry>,
+    ) -> Result<AuditEntry, StoreError> {
+        self.write_one(Write::AppendFailures { ts_ms, entries })
+            .await?
+            .into_audit()
+    }
+
+    /// See [`AuditStore::prune_failures`](crate::AuditStore::prune_failures).
+    pub async fn prune_failures(&self, before_ms: i64, now_ms: i64) -> Result<u64, StoreError> {
+        self.write_one(Write::PruneFailures { before_ms, now_ms })
+            .await?
+            .into_count()
+    }
+
+    /// See [`AuditStore::list_audit_failures`](crate::AuditStore::list_audit_failures).
+    pub async fn list_audit_failures(
+        &self,
+        from_id: u64,
+        limit: usize,
+    ) -> Result<Vec<FailureEntry>, StoreError> {
+        self.read(move |s| s.list_audit_failures(from_id, limit))
+            .await
     }
 
     /// See [`AuditStore::verify_audit`](crate::AuditStore::verify_audit).

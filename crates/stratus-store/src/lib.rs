@@ -10,7 +10,7 @@
 //! | registry | [`DeviceStore`] | devices: secret hash, attributes, desired (versioned) and reported config, firmware state, last seen |
 //! | OAuth | [`ClientStore`] | applications and the admin (client id, secret hash, scopes); revoked token ids |
 //! | telemetry | [`TelemetryStore`] | points `(device, key, ts, number/bool/text)`, per-minute rollups, retention rules |
-//! | audit | [`AuditStore`] | an append-only log chained by HMAC-SHA-256 under a key kept outside the store |
+//! | audit | [`AuditStore`] | an append-only log chained by HMAC-SHA-256 under a key kept outside the store; failed authentications beside it, committed to by the chain, pruned after a retention |
 //! | rules | [`RuleStore`] | rule definitions (JSON, as the API accepted them) and alarms with their history |
 //! | firmware | [`FirmwareStore`] | firmware metadata (images are files under `DATA_DIR/firmware/`), campaigns, each device's assignment, status history |
 //!
@@ -94,7 +94,10 @@
 //! ([`audit::entry_hash`]). The chain is extended inside the write transaction, which the
 //! single writer serialises. [`AuditStore::check_audit`] recomputes it, optionally against
 //! heads kept elsewhere that show a cut tail, and names the first entry that does not verify.
-//! The [`audit`] module says what this protects against and what it does not.
+//! The [`audit`] module says what this protects against and what it does not. Failed
+//! authentications are *failure entries* in a table beside the chain (`audit_failures`), each
+//! batch committed to by one chain entry, pruned oldest first with the prune recorded in the
+//! chain ([`audit::failures`]).
 //!
 //! ## Not kept here: freshness nonces
 //! Replay protection remembers a device's nonces only for the freshness window (seconds), so
@@ -135,6 +138,7 @@ pub mod sqlite;
 pub mod telemetry;
 pub mod write;
 
+pub use audit::failures::{FailureEntry, NewFailureEntry};
 pub use audit::{
     AuditCheck, AuditEntry, AuditHead, AuditKey, AuditStore, AuditVerdict, BrokenLink,
     BrokenReason, NewAuditEntry,

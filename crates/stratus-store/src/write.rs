@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde_json::Value as Json;
 
+use crate::audit::failures::NewFailureEntry;
 use crate::audit::{AuditEntry, NewAuditEntry};
 use crate::clients::OAuthClient;
 use crate::devices::{AttributeUpdate, DesiredConfig, Device, NewDevice, ReportedConfig};
@@ -142,6 +143,22 @@ pub enum Write {
     },
     /// Append to the audit log. Output: [`Output::Audit`].
     AppendAudit(NewAuditEntry),
+    /// Append a batch of failure entries and the chain entry that commits to them
+    /// ([`crate::audit::failures`]). Output: [`Output::Audit`], the chain entry.
+    AppendFailures {
+        /// When the batch is appended, Unix epoch milliseconds.
+        ts_ms: i64,
+        /// The entries, in order (at least one).
+        entries: Vec<NewFailureEntry>,
+    },
+    /// Delete the failure entries of every batch appended before `before_ms` and, when any
+    /// were, record the prune in the chain. Output: [`Output::Count`] of entries deleted.
+    PruneFailures {
+        /// The retention's cut, Unix epoch milliseconds.
+        before_ms: i64,
+        /// Now (the prune entry's time), Unix epoch milliseconds.
+        now_ms: i64,
+    },
     /// Create or replace a rule. Output: [`Output::Done`].
     PutRule(StoredRule),
     /// Delete a rule ([`StoreError::NotFound`] when there is none). Output: [`Output::Done`].
@@ -182,6 +199,7 @@ impl Write {
         match self {
             Write::Mqtt(ops) => ops.len().max(1),
             Write::AppendTelemetry(points) => points.len().max(1),
+            Write::AppendFailures { entries, .. } => entries.len().max(1),
             _ => 1,
         }
     }

@@ -129,6 +129,30 @@ fn audit_tampering_through_sql_is_detected() {
 }
 
 #[test]
+fn failure_entries_are_pruned_and_tampering_through_sql_is_detected() {
+    let (_dir, path) = temp_db("audit.db");
+    conformance::run_audit_failures(
+        || keyed(&path),
+        |rows| {
+            let mut conn = rusqlite::Connection::open(&path).unwrap();
+            let tx = conn.transaction().unwrap();
+            tx.execute("DELETE FROM audit_failures", []).unwrap();
+            for r in rows {
+                tx.execute(
+                    "INSERT INTO audit_failures (id, batch, ts_ms, actor, action, target, \
+                     detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    rusqlite::params![
+                        r.id, r.batch, r.ts_ms, r.actor, r.action, r.target, r.detail
+                    ],
+                )
+                .unwrap();
+            }
+            tx.commit().unwrap();
+        },
+    );
+}
+
+#[test]
 fn sqlite_keeps_unkeyed_audit_logs_verifiable_once_keyed() {
     let (_dir, path) = temp_db("audit.db");
     conformance::run_audit_upgrade(|key| keyed_with(&path, key));

@@ -37,6 +37,8 @@ pub struct ApiState {
     pub store: StoreHandle,
     /// Credentials and tokens.
     pub auth: Arc<Auth>,
+    /// Failed logins, aggregated for the audit log.
+    pub failures: Arc<crate::audit::failures::FailureLog>,
     /// The telemetry pipeline.
     pub ingest: Arc<crate::pipeline::Pipeline>,
     /// Largest request body accepted, in bytes (more: 413).
@@ -287,10 +289,11 @@ impl FromRequestParts<ApiState> for Caller {
                 None => return Err(ApiError::invalid_token("an access token is required")),
             },
         };
-        let source = parts
+        let remote = parts
             .extensions
             .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-            .map(|c| c.0.ip());
+            .map(|c| c.0);
+        let source = remote.map(|r| r.ip());
         match state.auth.verify_token(token) {
             Ok((principal, _)) => {
                 if from_cookie {
@@ -300,7 +303,16 @@ impl FromRequestParts<ApiState> for Caller {
             }
             Err(AuthError::InvalidToken(why)) => {
                 state.auth.record_failure(source, None);
-                if let Err(e) = state.auth.check_throttle(source, None) {
+                let backoff = state.auth.check_throttle(source, None).err();
+                state.failures.record(crate::audit::failures::Failure {
+                    transport: "http",
+                    target: "api",
+                    remote,
+                    identity: None,
+                    reason: why,
+                    throttled: backoff.is_some(),
+                });
+                if let Some(e) = backoff {
                     // A source that keeps showing bad tokens is told to slow down.
                     state.broker.metrics.limit_hit("auth_throttle", 1);
                     if let Some(refusal) = ApiError::from_auth_backoff(&e) {
@@ -308,13 +320,6 @@ impl FromRequestParts<ApiState> for Caller {
                     }
                 }
                 state.broker.metrics.auth_failure("http");
-                crate::audit::record(
-                    &state.store,
-                    "anonymous",
-                    "auth.failure",
-                    parts.uri.path(),
-                    serde_json::json!({"reason": why, "transport": "http"}),
-                );
                 Err(ApiError::invalid_token(why))
             }
             Err(e) => Err(ApiError::internal("token verification", &e)),

@@ -7,8 +7,9 @@
 //! an argon2 verification happens once the request is known to be well formed, so a malformed
 //! flood costs a parse, not a hash. Verdicts use the RFC 6749 §5.2 codes in the API's error
 //! shape (`{"error", "error_description"}`); every failed authentication is counted
-//! (`stratus_auth_failures_total{transport="oauth"}`) and written to the audit log with the
-//! claimed id and the peer address.
+//! (`stratus_auth_failures_total{transport="oauth"}`) and recorded for the audit log with the
+//! claimed id and the peer address (aggregated per source, identity and minute:
+//! [`crate::audit::failures`]).
 //!
 //! ## Client authentication (RFC 6749 §2.3.1)
 //! HTTP Basic with the form-urlencoded id and secret, or the form fields `client_id` and
@@ -47,9 +48,6 @@ pub const CLIENT_CREDENTIALS: &str = "client_credentials";
 
 /// The challenge of an `invalid_client` answer (RFC 6749 §5.2, RFC 7617).
 const BASIC_CHALLENGE: &str = "Basic realm=\"stratus\"";
-
-/// Longest claimed id kept in an audit entry, in bytes.
-const MAX_AUDIT_ACTOR: usize = 128;
 
 /// Standard base64 that accepts the padding or its absence (clients differ).
 const BASIC_BASE64: GeneralPurpose = GeneralPurpose::new(
@@ -320,23 +318,6 @@ fn printable(s: &str, other: &str) -> String {
     }
 }
 
-/// The claimed id as an audit actor: control characters replaced, at most
-/// [`MAX_AUDIT_ACTOR`] bytes, `anonymous` when there is none.
-pub fn audit_actor(claimed: Option<&str>) -> String {
-    let mut out = String::new();
-    for c in claimed.unwrap_or_default().chars() {
-        if out.len() + c.len_utf8() > MAX_AUDIT_ACTOR {
-            break;
-        }
-        out.push(if c.is_control() { '?' } else { c });
-    }
-    if out.trim().is_empty() {
-        "anonymous".to_string()
-    } else {
-        out
-    }
-}
-
 /// The grant asked for: the requested scope (RFC 6749 §4.4.2), or the error to answer.
 pub fn grant(params: &Params) -> Result<Option<&str>, ApiError> {
     match params.get("grant_type") {
@@ -498,33 +479,32 @@ fn read_form(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result
     parse_form(&body).map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
-/// Counts a failed authentication and writes it to the audit log; returns `error`.
-async fn auth_failed(
+/// Counts a failed authentication and records it for the audit log (aggregated, see
+/// [`crate::audit::failures`]); returns `error`.
+fn auth_failed(
     state: &ApiState,
     peer: &Peer,
-    endpoint: &str,
+    endpoint: &'static str,
     claimed: Option<&str>,
     error: ApiError,
 ) -> ApiError {
     state.broker.metrics.auth_failure("oauth");
-    let remote = peer
-        .as_ref()
-        .map(|Extension(ConnectInfo(addr))| addr.to_string());
+    let remote = peer.as_ref().map(|Extension(ConnectInfo(addr))| *addr);
     tracing::info!(
         endpoint,
         client = claimed.unwrap_or("-"),
-        remote = remote.as_deref().unwrap_or("-"),
+        remote = %remote.map_or_else(|| "-".to_string(), |r| r.to_string()),
         reason = %error.description,
         "oauth authentication failed"
     );
-    audit(
-        state,
-        audit_actor(claimed),
-        "auth.failure",
-        endpoint,
-        json!({"reason": error.description, "error": error.code, "remote": remote}),
-    )
-    .await;
+    state.failures.record(crate::audit::failures::Failure {
+        transport: "oauth",
+        target: endpoint,
+        remote,
+        identity: claimed,
+        reason: &error.description,
+        throttled: false,
+    });
     error
 }
 
@@ -552,7 +532,7 @@ async fn audit(
 async fn read_credentials(
     state: &ApiState,
     peer: &Peer,
-    endpoint: &str,
+    endpoint: &'static str,
     headers: &HeaderMap,
     params: &Params,
     allow_bearer: bool,
@@ -566,30 +546,33 @@ async fn read_credentials(
             endpoint,
             claimed.as_deref(),
             invalid_client(reason, allow_bearer),
-        )
-        .await),
-        Err(Refusal::InvalidToken(why)) => {
-            Err(auth_failed(state, peer, endpoint, None, ApiError::invalid_token(why)).await)
-        }
+        )),
+        Err(Refusal::InvalidToken(why)) => Err(auth_failed(
+            state,
+            peer,
+            endpoint,
+            None,
+            ApiError::invalid_token(why),
+        )),
     }
 }
 
 /// The answer to a request without credentials (counted and audited).
-async fn missing_credentials(
+fn missing_credentials(
     state: &ApiState,
     peer: &Peer,
-    endpoint: &str,
+    endpoint: &'static str,
     allow_bearer: bool,
 ) -> ApiError {
     let error = invalid_client("client authentication is required", allow_bearer);
-    auth_failed(state, peer, endpoint, None, error).await
+    auth_failed(state, peer, endpoint, None, error)
 }
 
 /// Verifies credentials; failures are counted and audited (also the dashboard's sign-in).
 pub(crate) async fn authenticate(
     state: &ApiState,
     peer: &Peer,
-    endpoint: &str,
+    endpoint: &'static str,
     credentials: Credentials,
     allow_bearer: bool,
 ) -> Result<Principal, ApiError> {
@@ -641,14 +624,28 @@ pub(crate) async fn authenticate(
             endpoint,
             credentials.claimed(),
             invalid_client("invalid client credentials", allow_bearer),
-        )
-        .await),
-        Err(AuthError::InvalidToken(why)) => {
-            Err(auth_failed(state, peer, endpoint, None, ApiError::invalid_token(why)).await)
-        }
+        )),
+        Err(AuthError::InvalidToken(why)) => Err(auth_failed(
+            state,
+            peer,
+            endpoint,
+            None,
+            ApiError::invalid_token(why),
+        )),
         Err(e) => match ApiError::from_auth_backoff(&e) {
             Some(refusal) => {
                 state.broker.metrics.limit_hit("auth_throttle", 1);
+                if let AuthError::Throttled { .. } = e {
+                    // Refused by the back-off: still a failed login, counted as throttled.
+                    state.failures.record(crate::audit::failures::Failure {
+                        transport: "oauth",
+                        target: endpoint,
+                        remote: peer.as_ref().map(|Extension(ConnectInfo(addr))| *addr),
+                        identity: credentials.claimed(),
+                        reason: &refusal.description,
+                        throttled: true,
+                    });
+                }
                 Err(refusal)
             }
             None => Err(ApiError::internal("client authentication", &e)),
@@ -691,7 +688,7 @@ async fn token_inner(
     let creds = read_credentials(state, peer, ENDPOINT, headers, &params, false).await?;
     let scope = grant(&params)?;
     let Some(creds) = creds else {
-        return Err(missing_credentials(state, peer, ENDPOINT, false).await);
+        return Err(missing_credentials(state, peer, ENDPOINT, false));
     };
     let principal = authenticate(state, peer, ENDPOINT, creds, false).await?;
     if principal.scopes.is_empty() {
@@ -753,7 +750,7 @@ async fn revoke_inner(
     let params = read_form(headers, body)?;
     let creds = read_credentials(state, peer, ENDPOINT, headers, &params, false).await?;
     let Some(creds) = creds else {
-        return Err(missing_credentials(state, peer, ENDPOINT, false).await);
+        return Err(missing_credentials(state, peer, ENDPOINT, false));
     };
     let token = params
         .get("token")
@@ -812,7 +809,7 @@ async fn introspect_inner(
     let creds = read_credentials(state, peer, ENDPOINT, headers, &params, true).await?;
     // Refuse anonymous callers before saying anything about their parameters.
     let Some(creds) = creds else {
-        return Err(missing_credentials(state, peer, ENDPOINT, true).await);
+        return Err(missing_credentials(state, peer, ENDPOINT, true));
     };
     let token = params
         .get("token")
@@ -1392,12 +1389,7 @@ mod tests {
     }
 
     #[test]
-    fn actors_and_descriptions() {
-        assert_eq!(audit_actor(None), "anonymous");
-        assert_eq!(audit_actor(Some("")), "anonymous");
-        assert_eq!(audit_actor(Some("app")), "app");
-        assert_eq!(audit_actor(Some("a\nb")), "a?b");
-        assert_eq!(audit_actor(Some(&"é".repeat(100))).len(), 128);
+    fn descriptions() {
         assert_eq!(printable("telemetry:read", "x"), "telemetry:read");
         assert_eq!(printable("a\"b", "x"), "x");
         assert_eq!(printable("é", "x"), "x");

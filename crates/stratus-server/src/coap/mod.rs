@@ -160,6 +160,8 @@ const MAX_DIAGNOSTIC: usize = 160;
 pub struct CoapContext {
     /// Credentials.
     pub auth: Arc<Auth>,
+    /// Failed logins, aggregated for the audit log.
+    pub failures: Arc<crate::audit::failures::FailureLog>,
     /// The telemetry pipeline.
     pub pipeline: Arc<Pipeline>,
     /// The store (desired and reported config).

@@ -223,6 +223,20 @@ impl Driver {
             .with_content_format(ContentFormat::LINK_FORMAT)
     }
 
+    /// Counts a failed authentication from `peer` and records it for the audit log
+    /// (aggregated: [`crate::audit::failures`]).
+    fn auth_failed(&self, peer: SocketAddr, identity: Option<&str>, why: &str, throttled: bool) {
+        self.ctx.broker.metrics.auth_failure("coap");
+        self.ctx.failures.record(crate::audit::failures::Failure {
+            transport: "coap",
+            target: self.mode.name(),
+            remote: Some(peer),
+            identity,
+            reason: why,
+            throttled,
+        });
+    }
+
     /// The device behind a request: its DTLS identity, or its `?token=` access token.
     fn authenticate(
         &mut self,
@@ -239,16 +253,16 @@ impl Driver {
                     id: id.to_string(),
                     proof: d.proven(peer).map(|(_, p)| p.clone()).unwrap_or_default(),
                 }),
-                Some((_, Some(lapse))) => {
-                    self.ctx.broker.metrics.auth_failure("coap");
-                    Err(diagnostic(Code::UNAUTHORIZED, lapse.describe()))
+                Some((id, Some(lapse))) => {
+                    let why = lapse.describe();
+                    let id = id.to_string();
+                    self.auth_failed(peer, Some(&id), why, false);
+                    Err(diagnostic(Code::UNAUTHORIZED, why))
                 }
                 None => {
-                    self.ctx.broker.metrics.auth_failure("coap");
-                    Err(diagnostic(
-                        Code::UNAUTHORIZED,
-                        "the DTLS identity is no longer a device",
-                    ))
+                    const WHY: &str = "the DTLS identity is no longer a device";
+                    self.auth_failed(peer, None, WHY, false);
+                    Err(diagnostic(Code::UNAUTHORIZED, WHY))
                 }
             };
         }
@@ -261,11 +275,9 @@ impl Driver {
             .collect();
         let token = parts.concat();
         if token.is_empty() {
-            self.ctx.broker.metrics.auth_failure("coap");
-            return Err(diagnostic(
-                Code::UNAUTHORIZED,
-                "credentials required: ?token=ACCESS_TOKEN",
-            ));
+            const WHY: &str = "credentials required: ?token=ACCESS_TOKEN";
+            self.auth_failed(peer, None, WHY, false);
+            return Err(diagnostic(Code::UNAUTHORIZED, WHY));
         }
         let verified = match self.tokens.get(&token) {
             Some(c) => match self.ctx.auth.check_claims(c) {
@@ -303,22 +315,23 @@ impl Driver {
                 })
             }
             Err(e) => {
-                self.ctx.broker.metrics.auth_failure("coap");
                 self.ctx.auth.record_failure(Some(peer.ip()), None);
+                let why = match e {
+                    AuthError::InvalidToken(why) => why,
+                    _ => "invalid token",
+                };
                 // A source that keeps showing bad tokens is told to slow down.
                 if let Err(AuthError::Throttled { retry_after_ms }) =
                     self.ctx.auth.check_throttle(Some(peer.ip()), None)
                 {
+                    self.auth_failed(peer, None, why, true);
                     self.ctx.broker.metrics.limit_hit("auth_throttle", 1);
                     return Err(too_many_requests(
                         "too many failed attempts from this address; retry later",
                         retry_after_ms,
                     ));
                 }
-                let why = match e {
-                    AuthError::InvalidToken(why) => why,
-                    _ => "invalid token",
-                };
+                self.auth_failed(peer, None, why, false);
                 Err(diagnostic(Code::UNAUTHORIZED, why))
             }
         }

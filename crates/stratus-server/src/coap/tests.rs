@@ -389,6 +389,7 @@ async fn multicast_answers_only_discovery_and_never_errors() {
     };
     let ctx = Arc::new(CoapContext {
         auth: f.server.auth.clone(),
+        failures: f.server.failures.clone(),
         pipeline: Arc::new(crate::pipeline::Pipeline::new(
             store.clone(),
             f.server.broker.clone(),

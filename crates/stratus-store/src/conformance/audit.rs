@@ -1,9 +1,11 @@
 //! The audit-log checks: the keyed chain as appended, listing, verification against heads,
-//! logs keyed after the fact, and tamper detection by an adversary who can rewrite the stored
-//! rows (through a backend-specific way to replace them) but does not hold the key.
+//! logs keyed after the fact, failure entries beside the chain and their pruning, and tamper
+//! detection by an adversary who can rewrite the stored rows (through a backend-specific way
+//! to replace them) but does not hold the key.
 
 use serde_json::json;
 
+use crate::audit::failures::{batch_entry, NewFailureEntry, StoredFailureRow};
 use crate::audit::{
     canonical_json, entry_mac, AuditCheck, AuditEntry, AuditHead, AuditKey, AuditStore,
     AuditVerdict, BrokenLink, BrokenReason, EntryFields, NewAuditEntry, StoredAuditRow,
@@ -373,4 +375,252 @@ pub fn run_audit_upgrade<S: AuditStore>(open: impl Fn(Option<AuditKey>) -> S) {
         broken(1, BrokenReason::Unkeyed),
         "unkeyed entries at or after keyed_from are refused"
     );
+}
+
+fn failure(i: u64) -> NewFailureEntry {
+    NewFailureEntry {
+        ts_ms: 1_700_000_000_000 + i as i64,
+        actor: ["anonymous", "mallory"][(i % 2) as usize].into(),
+        target: ["mqtt", "oauth/token"][(i % 2) as usize].into(),
+        detail: json!({ "count": i, "reason": "bad credentials", "source": "192.0.2.7" }),
+    }
+}
+
+/// The failure entries as stored (the stored detail is its canonical JSON).
+fn stored_failures<S: AuditStore>(s: &S) -> Vec<StoredFailureRow> {
+    s.list_audit_failures(0, usize::MAX)
+        .expect("list failures")
+        .into_iter()
+        .map(|e| StoredFailureRow {
+            id: e.id as i64,
+            batch: e.batch as i64,
+            ts_ms: e.ts_ms,
+            actor: e.actor,
+            action: e.action,
+            target: e.target,
+            detail: canonical_json(&e.detail),
+        })
+        .collect()
+}
+
+/// Checks the failure entries beside the chain ([`crate::audit::failures`]): batches appended
+/// with the chain entry that commits to them, listing, pruning recorded in the chain, and
+/// tamper detection by an adversary who can rewrite the stored failure entries
+/// (`replace_failures(rows)` must make `rows` the whole stored set behind the store's back)
+/// but does not hold the key. Needs a storage of its own with an empty log; `open` must
+/// append with [`audit_key`].
+pub fn run_audit_failures<S: AuditStore>(
+    open: impl Fn() -> S,
+    replace_failures: impl Fn(&[StoredFailureRow]),
+) {
+    let s = open();
+    let admin = |i: u64| s.append_audit(entry(i, json!({ "i": i }))).expect("append");
+    let batch = |ts_ms: i64, range: std::ops::RangeInclusive<u64>| {
+        let entries: Vec<NewFailureEntry> = range.map(failure).collect();
+        let got = s
+            .append_failures(ts_ms, entries.clone())
+            .expect("append failures");
+        let (want, _) = batch_entry(ts_ms, &entries).expect("a valid batch");
+        assert_eq!(
+            (&got.actor, &got.action, &got.target, &got.detail, got.ts_ms),
+            (
+                &want.actor,
+                &want.action,
+                &want.target,
+                &want.detail,
+                want.ts_ms
+            ),
+            "a batch's chain entry is the one batch_entry describes"
+        );
+        got
+    };
+    admin(1);
+    assert_eq!(batch(1_000, 1..=2).seq, 2);
+    admin(3);
+    assert_eq!(batch(2_000, 3..=3).seq, 4);
+    let fifth = batch(3_000, 4..=6);
+    assert_eq!(fifth.seq, 5);
+    assert_eq!(fifth.detail["attempts"], json!(4 + 5 + 6));
+    assert!(
+        matches!(
+            s.append_failures(4_000, vec![]),
+            Err(StoreError::Invalid(_))
+        ),
+        "an empty batch is refused"
+    );
+    assert!(
+        matches!(
+            s.append_failures(
+                4_000,
+                vec![NewFailureEntry {
+                    actor: String::new(),
+                    ..failure(9)
+                }]
+            ),
+            Err(StoreError::Invalid(_))
+        ),
+        "an invalid failure entry is refused"
+    );
+    drop(s);
+
+    let s = open();
+    assert_eq!(
+        s.audit_len().expect("len"),
+        5,
+        "refused batches took no seq"
+    );
+    let listed = s.list_audit_failures(0, 100).expect("list failures");
+    assert_eq!(
+        listed.iter().map(|e| e.batch).collect::<Vec<_>>(),
+        [2, 2, 4, 5, 5, 5]
+    );
+    assert!(listed.windows(2).all(|w| w[0].id < w[1].id), "ids increase");
+    for (i, e) in listed.iter().enumerate() {
+        let want = failure(i as u64 + 1);
+        assert_eq!(
+            (&e.actor, e.action.as_str(), &e.target, &e.detail, e.ts_ms),
+            (
+                &want.actor,
+                "auth.failure",
+                &want.target,
+                &want.detail,
+                want.ts_ms
+            )
+        );
+    }
+    assert_eq!(
+        s.list_audit_failures(listed[2].id, 2).expect("list"),
+        listed[2..4]
+    );
+    assert!(s
+        .list_audit_failures(listed[5].id + 1, 10)
+        .expect("list")
+        .is_empty());
+    let head = s.verify_audit().expect("verify").head().expect("intact");
+    assert_eq!(head.seq, 5);
+
+    // Tampering with the failure entries, by someone without the key.
+    let original = stored_failures(&s);
+    drop(s);
+    let verdict = |rows: &[StoredFailureRow]| {
+        replace_failures(rows);
+        open().verify_audit().expect("verify")
+    };
+    let mut edited = original.clone();
+    edited[4].detail = r#"{"count":1,"reason":"bad credentials","source":"192.0.2.7"}"#.into();
+    assert_eq!(
+        verdict(&edited),
+        broken(5, BrokenReason::FailuresMismatch),
+        "an edited failure entry is reported at its batch"
+    );
+    let mut fewer = original.clone();
+    fewer.remove(1);
+    assert_eq!(
+        verdict(&fewer),
+        broken(2, BrokenReason::FailuresMismatch),
+        "a removed failure entry is reported at its batch"
+    );
+    let without_4: Vec<_> = original.iter().filter(|r| r.batch != 4).cloned().collect();
+    assert_eq!(
+        verdict(&without_4),
+        broken(4, BrokenReason::FailuresMissing),
+        "a batch's entries cannot be deleted without a prune"
+    );
+    let mut forged = original.clone();
+    forged.push(StoredFailureRow {
+        id: original[5].id + 1,
+        batch: 3,
+        ..original[0].clone()
+    });
+    assert_eq!(
+        verdict(&forged),
+        broken(3, BrokenReason::FailuresUnlisted),
+        "a failure entry of no batch is reported"
+    );
+    assert_eq!(
+        verdict(&original).head(),
+        Some(head.clone()),
+        "the untouched entries verify again"
+    );
+
+    // Pruning: the oldest batches appended before the cut, recorded in the chain.
+    let s = open();
+    assert_eq!(s.prune_failures(1_500, 9_000).expect("prune"), 2);
+    assert_eq!(
+        s.list_audit_failures(0, 100)
+            .expect("list")
+            .iter()
+            .map(|e| e.batch)
+            .collect::<Vec<_>>(),
+        [4, 5, 5, 5]
+    );
+    let pruned = s.list_audit(6, 10).expect("list");
+    assert_eq!(pruned.len(), 1, "a prune appends one chain entry");
+    assert_eq!(
+        (
+            pruned[0].actor.as_str(),
+            pruned[0].action.as_str(),
+            &pruned[0].detail
+        ),
+        (
+            "system",
+            "audit.prune",
+            &json!({ "through": 2, "entries": 2, "before_ms": 1_500 })
+        )
+    );
+    assert_eq!(s.prune_failures(1_500, 9_001).expect("prune"), 0);
+    assert_eq!(
+        s.audit_len().expect("len"),
+        6,
+        "an empty prune records nothing"
+    );
+    assert_eq!(
+        s.verify_audit().expect("verify").head().map(|h| h.seq),
+        Some(6),
+        "a pruned log verifies"
+    );
+    assert_eq!(
+        check(&s, Some(head), vec![]).head().map(|h| h.seq),
+        Some(6),
+        "and so does a check resumed before the prune"
+    );
+    drop(s);
+    assert_eq!(
+        verdict(&original),
+        broken(2, BrokenReason::FailuresUnlisted),
+        "pruned entries put back are reported"
+    );
+    let kept: Vec<_> = original.iter().filter(|r| r.batch > 2).cloned().collect();
+    replace_failures(&kept);
+    let s = open();
+    assert_eq!(s.prune_failures(3_000, 9_002).expect("prune"), 1);
+    assert_eq!(
+        s.list_audit(7, 10).expect("list")[0].detail["through"],
+        json!(4),
+        "a prune stops at the first batch appended at or after the cut"
+    );
+    assert_eq!(
+        s.verify_audit().expect("verify").head().map(|h| h.seq),
+        Some(7)
+    );
+    let later = batch_after(&s);
+    assert_eq!(
+        s.verify_audit().expect("verify").head().map(|h| h.seq),
+        Some(later)
+    );
+    drop(s);
+    let left = stored_failures(&open());
+    assert_eq!(
+        left.iter().map(|r| r.batch).collect::<Vec<_>>(),
+        [5, 5, 5, later as i64],
+        "ids are not reused after a prune"
+    );
+    assert!(left[3].id > original[5].id);
+}
+
+/// Appends one more batch; returns its seq.
+fn batch_after<S: AuditStore>(s: &S) -> u64 {
+    s.append_failures(10_000, vec![failure(7)])
+        .expect("append failures")
+        .seq
 }

@@ -3,10 +3,10 @@
 //! A backend's test calls [`run_all`] (or the per-kind functions) with a function that opens
 //! its storage afresh: the same storage each time, so that what one handle committed the next
 //! one must find, and empty at the start. Each check cleans up what it created, except the
-//! audit log, which is append-only: [`run_audit`] wants an empty log, [`run_audit_tamper`] and
-//! [`run_audit_upgrade`] a storage of their own; the audit checks expect the store to append
-//! with [`audit_key`]. [`check_aggregation`] compares one aggregation against a naive
-//! computation, for property tests.
+//! audit log, which is append-only: [`run_audit`] wants an empty log, [`run_audit_tamper`],
+//! [`run_audit_failures`] and [`run_audit_upgrade`] a storage of their own; the audit checks
+//! expect the store to append with [`audit_key`]. [`check_aggregation`] compares one
+//! aggregation against a naive computation, for property tests.
 //!
 //! The checks panic with a message naming what broke, like assertions in a test.
 
@@ -18,7 +18,7 @@ mod registry;
 mod rules;
 mod telemetry;
 
-pub use audit::{audit_key, run_audit, run_audit_tamper, run_audit_upgrade};
+pub use audit::{audit_key, run_audit, run_audit_failures, run_audit_tamper, run_audit_upgrade};
 pub use firmware::run_firmware;
 pub use jobs::{run_group_commit, run_jobs};
 pub use mqtt::run_mqtt;

@@ -17,6 +17,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 use serde_json::Value as Json;
 
+use crate::audit::failures::FailureEntry;
 use crate::audit::{AuditCheck, AuditEntry, AuditKey, AuditStore, AuditVerdict};
 use crate::clients::{ClientStore, OAuthClient};
 use crate::devices::{Device, DeviceStore};
@@ -30,9 +31,9 @@ use crate::write::{JobResults, Output, Write, WriteBackend};
 use crate::StoreError;
 
 /// The schema version this code writes (`PRAGMA user_version`). Version 1 held the MQTT
-/// tables only; version 2 adds the rest; version 3 adds rules and alarms (all tables are
-/// created if missing).
-const SCHEMA_VERSION: i64 = 3;
+/// tables only; version 2 adds the rest; version 3 adds rules and alarms; version 4 the
+/// failure entries beside the audit chain (all tables are created if missing).
+const SCHEMA_VERSION: i64 = 4;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS mqtt_retained (
@@ -180,6 +181,18 @@ CREATE TABLE IF NOT EXISTS audit (
     prev_hash TEXT NOT NULL,
     hash TEXT NOT NULL
 );
+-- failed authentications beside the chain: batch is the seq of the chain entry that commits to
+-- them (see stratus_store::audit::failures); ids are never reused after a prune.
+CREATE TABLE IF NOT EXISTS audit_failures (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    batch INTEGER NOT NULL,
+    ts_ms INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_failures_batch ON audit_failures (batch, id);
 
 CREATE TABLE IF NOT EXISTS rules (
     id TEXT PRIMARY KEY,
@@ -454,6 +467,12 @@ fn apply_write(
         .map(|()| Output::Done),
         Write::PurgeTelemetry { now_ms } => telemetry::purge(conn, *now_ms).map(Output::Count),
         Write::AppendAudit(entry) => audit::append(conn, audit_key, entry).map(Output::Audit),
+        Write::AppendFailures { ts_ms, entries } => {
+            audit::append_failures(conn, audit_key, *ts_ms, entries).map(Output::Audit)
+        }
+        Write::PruneFailures { before_ms, now_ms } => {
+            audit::prune_failures(conn, audit_key, *before_ms, *now_ms).map(Output::Count)
+        }
         Write::PutRule(rule) => rules::put_rule(conn, rule).map(|()| Output::Done),
         Write::DeleteRule { id } => rules::delete_rule(conn, id).map(|()| Output::Done),
         Write::PutAlarm(alarm) => rules::put_alarm(conn, alarm).map(Output::Count),
@@ -687,6 +706,14 @@ impl FirmwareStore for SqliteStore {
 impl AuditStore for SqliteStore {
     fn list_audit(&self, from_seq: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
         self.read(|conn| audit::list(conn, from_seq, limit))
+    }
+
+    fn list_audit_failures(
+        &self,
+        from_id: u64,
+        limit: usize,
+    ) -> Result<Vec<FailureEntry>, StoreError> {
+        self.read(|conn| audit::list_failures(conn, from_id, limit))
     }
 
     fn audit_len(&self) -> Result<u64, StoreError> {
