@@ -46,7 +46,7 @@ def test_seed_format_is_accepted_verbatim_and_measurement_time_is_not_message_ti
     dev, _, h = device
     r = cloud.post(h, {"date": "2018-04-04", "time": "09:30:00", "temperature": 20.1})
     assert r.status_code == 202, r.text
-    assert r.json() == {"accepted": 1, "points": 1}
+    assert r.json() == {"accepted": 1, "points": 1, "duplicates": 0}
     assert cloud.points(dev, "temperature") == [{"ts": 1522834200000, "value": 20.1}]
 
 

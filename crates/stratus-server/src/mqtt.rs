@@ -919,10 +919,7 @@ impl Driver {
                         Ok(value @ serde_json::Value::Object(_)) => store
                             .put_reported_config(&device, value, crate::persist::now_ms() as i64)
                             .await
-                            .map(|_| Accepted {
-                                records: 0,
-                                points: 0,
-                            })
+                            .map(|_| Accepted::default())
                             .map_err(Rejected::Store),
                         _ => Err(Rejected::Store(StoreError::Invalid(
                             "the reported configuration must be a JSON object".into(),
@@ -939,10 +936,7 @@ impl Driver {
                     let result = match crate::firmware::parse_status(&payload) {
                         Ok(report) => crate::firmware::report(&store, &broker, &device, report)
                             .await
-                            .map(|_| Accepted {
-                                records: 0,
-                                points: 0,
-                            })
+                            .map(|_| Accepted::default())
                             // An unknown firmware is the report's fault, not the store's.
                             .map_err(|e| match e {
                                 StoreError::NotFound { kind, id } => Rejected::Store(

@@ -8,7 +8,7 @@ use ciborium::Value as Cbor;
 use proptest::prelude::*;
 use stratus_server::ingest::{
     parse, parse_cbor, parse_json, parse_time_param, ContentFormat, FreshnessConfig,
-    FreshnessGuard, IngestError, Limits, Message, Reason, Replay, Value,
+    FreshnessGuard, IngestError, Limits, Message, Reason, ReceiveClock, Replay, TimeSource, Value,
 };
 
 const NOW: i64 = 1_700_000_000_000;
@@ -336,6 +336,137 @@ fn null_object_and_array_values_are_refused_by_name() {
         refused(r#"[{"a": 1}, {"a": 1, "b": null}]"#),
         at(Some(1), Some("b"), Reason::NullValue)
     );
+}
+
+#[test]
+fn one_series_at_one_own_time_twice_in_a_message_is_refused_naming_both_records() {
+    assert_eq!(
+        refused(r#"[{"ts": 1000, "x": 1}, {"ts": 1000, "x": 2}]"#),
+        at(
+            Some(1),
+            Some("x"),
+            Reason::SameTime {
+                record: 0,
+                ts_ms: 1000
+            }
+        )
+    );
+    let e = json(r#"[{"ts": 1000, "x": 1}, {"ts": 1000, "x": 2}]"#).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "record 1, field \"x\": record 0 already gives this series a value at 1000 (epoch ms): \
+         a series holds one value per millisecond"
+    );
+    // Out of order, through date/time, below the millisecond, in an envelope.
+    let cases = [
+        (
+            r#"[{"ts": 1, "x": 1}, {"ts": 2, "x": 1}, {"ts": 1, "y": 1}, {"ts": 1, "x": 3}]"#,
+            3,
+            "x",
+            0,
+            1,
+        ),
+        (
+            r#"[{"date": "1970-01-01", "time": "00:00:01", "x": 1}, {"ts": 1000, "x": 2}]"#,
+            1,
+            "x",
+            0,
+            1000,
+        ),
+        (
+            r#"[{"ts": "1970-01-01T00:00:01.0001Z", "x": 1}, {"ts": "1970-01-01T00:00:01.0009Z", "x": 2}]"#,
+            1,
+            "x",
+            0,
+            1000,
+        ),
+        (
+            r#"{"records": [{"ts": 7, "x": 1}, {"ts": 7, "x": 2}]}"#,
+            1,
+            "x",
+            0,
+            7,
+        ),
+    ];
+    for (s, index, field, record, ts_ms) in cases {
+        assert_eq!(
+            refused(s),
+            at(Some(index), Some(field), Reason::SameTime { record, ts_ms }),
+            "{s}"
+        );
+    }
+    // Other series at that time, the same series at other times, and records without a
+    // time (they get distinct receive times) are fine.
+    ok(r#"[{"ts": 1000, "x": 1}, {"ts": 1000, "y": 2}, {"ts": 999, "x": 3}]"#);
+    let m = ok(r#"[{"x": 1}, {"x": 2}, {"x": 3}]"#);
+    assert!(m
+        .records
+        .iter()
+        .all(|r| r.time_from == TimeSource::Received));
+}
+
+#[test]
+fn records_without_a_time_get_distinct_receive_times() {
+    let mut m = ok(r#"[{"x": 1}, {"x": 2}, {"x": 3}]"#);
+    assert_eq!(m.received_count(), 3);
+    ReceiveClock::new()
+        .assign("d", NOW, &mut m, Some(600_000))
+        .unwrap();
+    let times: Vec<i64> = m.records.iter().map(|r| r.ts_ms).collect();
+    assert_eq!(times, [NOW, NOW + 1, NOW + 2]);
+    // Without the clock, from a given first millisecond, skipping claimed ones.
+    let mut m = ok(&format!(
+        r#"[{{"x": 1}}, {{"ts": {}, "x": 2}}, {{"x": 3}}]"#,
+        NOW + 1
+    ));
+    assert_eq!(m.assign_receive_times(NOW), Some(NOW + 2));
+    let times: Vec<i64> = m.records.iter().map(|r| r.ts_ms).collect();
+    assert_eq!(times, [NOW, NOW + 1, NOW + 2]);
+    assert_eq!(ok(r#"{"ts": 5, "x": 1}"#).assign_receive_times(NOW), None);
+}
+
+#[test]
+fn times_too_far_ahead_are_refused_naming_the_record() {
+    let max = 600_000;
+    let body = format!(
+        r#"[{{"ts": {NOW}, "x": 1}}, {{"x": 2}}, {{"ts": {}, "x": 3}}]"#,
+        NOW + max
+    );
+    ok(&body).check_not_ahead(NOW, max).unwrap();
+    let body = format!(
+        r#"[{{"ts": {NOW}, "x": 1}}, {{"ts": {}, "x": 3}}]"#,
+        NOW + max + 1
+    );
+    match ok(&body).check_not_ahead(NOW, max) {
+        Err(IngestError::Invalid {
+            index: Some(1),
+            field: Some(f),
+            reason:
+                Reason::InFuture {
+                    ahead_ms,
+                    max_ms: 600_000,
+                },
+        }) if f == "ts" && ahead_ms == max + 1 => {}
+        other => panic!("{other:?}"),
+    }
+    // The issue's example: a record dated 9999-01-01; by date and time the field is `date`.
+    let e = ok(r#"{"date": "9999-01-01", "time": "00:00:00", "t": 1}"#)
+        .check_not_ahead(NOW, max)
+        .unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.starts_with(r#"record 0, field "date": "#)
+            && text.ends_with("days ahead of the server clock; at most 600 s ahead is accepted"),
+        "{text}"
+    );
+    let e = ok(&format!(r#"{{"ts": {}, "t": 1}}"#, NOW + 2 * 3_600_000))
+        .check_not_ahead(NOW, max)
+        .unwrap_err();
+    assert!(e.to_string().contains(": 2 h ahead"), "{e}");
+    // The past is never too far.
+    ok(r#"{"ts": 0, "t": 1}"#)
+        .check_not_ahead(NOW, max)
+        .unwrap();
 }
 
 #[test]

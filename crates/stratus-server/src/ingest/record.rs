@@ -7,13 +7,14 @@
 //! surfaces as that structured error, not as a serde message.
 
 use std::borrow::Cow;
+use std::collections::hash_map::{Entry, HashMap};
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use time::format_description::well_known::Rfc3339;
 use time::{Date, Month, OffsetDateTime, PrimitiveDateTime, Time};
 
-use super::{IngestError, Limits, Message, Record, Value};
+use super::{IngestError, Limits, Message, Record, TimeSource, Value};
 
 /// 0000-01-01T00:00:00Z in epoch milliseconds: the earliest accepted time.
 pub const MIN_TS_MS: i64 = -62_167_219_200_000;
@@ -119,6 +120,29 @@ pub enum Reason {
     /// The same field twice in one object.
     #[error("field appears more than once")]
     Duplicate,
+    /// Two records of one message give one series a value at the same millisecond.
+    #[error(
+        "record {record} already gives this series a value at {ts_ms} (epoch ms): a series \
+         holds one value per millisecond"
+    )]
+    SameTime {
+        /// The earlier record.
+        record: usize,
+        /// The time they share.
+        ts_ms: i64,
+    },
+    /// A time further ahead of the server clock than `[telemetry] max_future_skew_secs`.
+    #[error(
+        "{} ahead of the server clock; at most {} s ahead is accepted",
+        span(*ahead_ms),
+        max_ms / 1000
+    )]
+    InFuture {
+        /// How far ahead the time is.
+        ahead_ms: i64,
+        /// The most allowed.
+        max_ms: i64,
+    },
     /// `sent` is not integer epoch milliseconds in range.
     #[error("not epoch milliseconds (an integer)")]
     BadSent,
@@ -143,6 +167,17 @@ pub enum Reason {
     /// A series or time field beside `records`.
     #[error("an envelope holds only `sent`, `nonce` and `records`; put series in its records")]
     EnvelopeField,
+}
+
+/// `ms` in a unit that keeps two significant digits or more: `3 days`, `5 h`, `3599 s`,
+/// `250 ms`.
+fn span(ms: i64) -> String {
+    match ms {
+        ms if ms >= 2 * 86_400_000 => format!("{} days", ms / 86_400_000),
+        ms if ms >= 2 * 3_600_000 => format!("{} h", ms / 3_600_000),
+        ms if ms >= 1000 => format!("{} s", ms / 1000),
+        ms => format!("{ms} ms"),
+    }
 }
 
 /// Parses a query-style time: epoch milliseconds (an optionally signed integer) or RFC 3339,
@@ -327,7 +362,7 @@ impl<'l> Builder<'l> {
         if self.message.records.is_empty() {
             return Err(invalid(None, None, Reason::NoRecords));
         }
-        Ok(())
+        check_same_times(&self.message.records)
     }
 
     /// An element of a records array begins: its index, if one more record is allowed.
@@ -448,19 +483,20 @@ impl<'l> Builder<'l> {
 
     fn finish_draft(&self, draft: Draft, index: usize) -> Result<Record, IngestError> {
         let at = |field: &str, reason| invalid(Some(index), Some(field), reason);
-        let ts_ms = match (draft.ts, draft.date, draft.time) {
+        let (ts_ms, time_from) = match (draft.ts, draft.date, draft.time) {
             (Some(_), Some(_), _) => return Err(at("date", Reason::TsAndDateTime)),
             (Some(_), None, Some(_)) => return Err(at("time", Reason::TsAndDateTime)),
-            (Some(ts), None, None) => ts,
-            (None, Some(date), Some(time)) => {
+            (Some(ts), None, None) => (ts, TimeSource::Ts),
+            (None, Some(date), Some(time)) => (
                 PrimitiveDateTime::new(date, time)
                     .assume_utc()
                     .unix_timestamp()
-                    * 1000
-            }
+                    * 1000,
+                TimeSource::DateTime,
+            ),
             (None, Some(_), None) => return Err(at("date", Reason::DateWithoutTime)),
             (None, None, Some(_)) => return Err(at("time", Reason::TimeWithoutDate)),
-            (None, None, None) => self.now_ms,
+            (None, None, None) => (self.now_ms, TimeSource::Received),
         };
         if draft.values.is_empty() {
             return Err(invalid(Some(index), None, Reason::NoSeries));
@@ -470,9 +506,50 @@ impl<'l> Builder<'l> {
         }
         Ok(Record {
             ts_ms,
+            time_from,
             values: draft.values,
         })
     }
+}
+
+/// Refuses two records of one message that give one series a value at the same millisecond
+/// by their own times (`ts`, `date`/`time`); records without a time get distinct receive
+/// times later ([`Message::assign_receive_times`]).
+fn check_same_times(records: &[Record]) -> Result<(), IngestError> {
+    // The usual batch has strictly rising times: then no two records can meet.
+    let mut last: Option<i64> = None;
+    let rising = records
+        .iter()
+        .filter(|r| r.time_from != TimeSource::Received)
+        .all(|r| {
+            let ok = last.is_none_or(|l| l < r.ts_ms);
+            last = Some(r.ts_ms);
+            ok
+        });
+    if rising {
+        return Ok(());
+    }
+    let mut seen: HashMap<(i64, &str), usize> = HashMap::new();
+    for (i, r) in records.iter().enumerate() {
+        if r.time_from == TimeSource::Received {
+            continue;
+        }
+        for (key, _) in &r.values {
+            match seen.entry((r.ts_ms, key.as_str())) {
+                Entry::Occupied(first) => {
+                    let reason = Reason::SameTime {
+                        record: *first.get(),
+                        ts_ms: r.ts_ms,
+                    };
+                    return Err(invalid(Some(i), Some(key), reason));
+                }
+                Entry::Vacant(v) => {
+                    v.insert(i);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A series name used twice, if any: pairwise for the usual handful, sorted beyond.
