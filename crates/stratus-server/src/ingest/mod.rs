@@ -14,13 +14,14 @@
 //! let (guard, clock) = (FreshnessGuard::default(), ReceiveClock::new());
 //! let now = 1_522_834_210_000;
 //! let body = br#"[{"date": "2018-04-04", "time": "09:30:00", "temperature": 20.1},
-//!                 {"temperature": 20.4}, {"temperature": 20.5}]"#;
+//!                 {"temperature": 20.4}, {"temperature": 20.5, "loc": {"lat": 55.9}}]"#;
 //! let mut message = parse(body, ContentFormat::Json, &Limits::default(), now)?;
 //! message.check_not_ahead(now, 600_000)?;
 //! let reservation = guard.check_message("sensor-1", &message, false, now)?;
 //! clock.assign("sensor-1", now, &mut message, Some(600_000))?;
 //! let times: Vec<i64> = message.records.iter().map(|r| r.ts_ms).collect();
 //! assert_eq!(times, [1_522_834_200_000, now, now + 1]);
+//! assert_eq!(message.records[2].values[1].0, "loc.lat");
 //! // ... store `message`; only when that succeeded:
 //! reservation.commit();
 //! # Ok::<(), Box<dyn std::error::Error>>(())
@@ -37,18 +38,29 @@
 //! Any past time back to the year 0000 is accepted (devices buffer while offline); a future
 //! one only up to `[telemetry] max_future_skew_secs` ahead of the server clock (below). Every
 //! other top-level field whose value is a number, a boolean or a string is a *series* named
-//! by the field ([`Value`]). A *message* is one record, an array of records, or an envelope
-//! `{"sent": MS, "nonce": "…", "records": [...]}`; a single (non-array) record may carry
-//! `sent` and `nonce` itself, and they are then message fields, not series.
+//! by the field ([`Value`]); a field whose value is an object stands for the series of its
+//! fields, named with dots (`{"loc": {"lat": 55.9}}` is the series `loc.lat`), down to
+//! [`MAX_NESTING`] levels of names. A *message* is one record, an array of records, or an
+//! envelope `{"sent": MS, "nonce": "…", "records": [...]}`; a single (non-array) record may
+//! carry `sent` and `nonce` itself, and they are then message fields, not series.
 //!
 //! # Choices where the contract is silent
 //! - **All or nothing.** One bad record rejects the whole message, with an
 //!   [`IngestError::Invalid`] naming the record index and the field, e.g.
 //!   `record 3, field "ts": not epoch milliseconds or RFC 3339`. Nothing is dropped silently:
 //!   a device that gets a 2xx/PUBACK/2.04 knows every value was taken.
-//! - **Null, object and array values are rejected** (naming the field) rather than skipped:
-//!   skipping would lose data without telling anyone, and guessing a flattening (`a.b`) would
-//!   invent series names the device never chose. CBOR byte strings and tagged values likewise.
+//! - **Nested objects are flattened** into dotted names (ThingsBoard-style records such as
+//!   `{"temperature": 20.5, "loc": {"lat": 55.9, "lon": -3.2}}` give `temperature`, `loc.lat`
+//!   and `loc.lon`), depth first in input order, to at most [`MAX_NESTING`] levels (`a.b.c.d`;
+//!   deeper is refused naming the field, [`Reason::TooDeep`]). Each flattened name obeys the
+//!   limits of a field name (its whole length, no control characters, no empty part) and
+//!   counts as one series against [`Limits::max_series`]. A dotted field name sent flat is the
+//!   same series: `{"loc.lat": 1}` and `{"loc": {"lat": 1}}` both store `loc.lat`, and a record
+//!   holding both is refused as a duplicate. An empty object adds no series. CBOR maps nest the
+//!   same way (their keys must be text).
+//! - **Null and array values are rejected** (naming the field, dotted when nested) rather
+//!   than skipped: skipping would lose data without telling anyone, and an array has no name
+//!   per element to store it under. CBOR byte strings and tagged values likewise.
 //! - **Reserved names:** `ts`, `date`, `time`, `sent`, `nonce` and `records` are never series.
 //!   `sent` and `nonce` come together or not at all (a lone `sent` is most likely a counter that
 //!   would otherwise vanish into the message header); inside the records of an array or an
@@ -129,7 +141,7 @@ use serde::{Deserialize, Serialize};
 
 pub use clock::{Ahead, ReceiveClock};
 pub use freshness::{FreshnessConfig, FreshnessGuard, Replay, Reservation};
-pub use record::{parse_time_param, Reason};
+pub use record::{parse_time_param, Reason, MAX_NESTING};
 
 /// One measurement's value.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -172,7 +184,8 @@ pub struct Record {
     pub ts_ms: i64,
     /// Where `ts_ms` came from.
     pub time_from: TimeSource,
-    /// `(series name, value)` in the order of the input; names are unique within a record.
+    /// `(series name, value)` in the order of the input (nested objects flattened to dotted
+    /// names, depth first); names are unique within a record.
     pub values: Vec<(String, Value)>,
 }
 

@@ -21,7 +21,12 @@ pub const MIN_TS_MS: i64 = -62_167_219_200_000;
 /// 9999-12-31T23:59:59.999Z in epoch milliseconds: the latest accepted time.
 pub const MAX_TS_MS: i64 = 253_402_300_799_999;
 
-/// How deep CBOR may nest (a message needs 3 levels; deeper junk is refused while decoding).
+/// Most levels of names in a series flattened from nested objects: `a.b.c.d` is 4, so a
+/// record's field may hold objects three deep (see the [parent module](super)).
+pub const MAX_NESTING: usize = 4;
+
+/// How deep CBOR may nest (a message needs 3 levels and nested objects [`MAX_NESTING`] more;
+/// deeper junk is refused while decoding).
 const CBOR_RECURSION_LIMIT: usize = 16;
 /// Field names in errors are cut to this many bytes.
 const ERROR_FIELD_MAX: usize = 64;
@@ -81,11 +86,17 @@ pub enum Reason {
     /// A null value.
     #[error("null is not a series value (numbers, booleans and strings are)")]
     NullValue,
-    /// An object value.
-    #[error("an object is not a series value (numbers, booleans and strings are)")]
-    ObjectValue,
+    /// Objects nested deeper than [`MAX_NESTING`] levels of names.
+    #[error("objects nest too deep: a series name has at most {max} levels (a.b.c.d)")]
+    TooDeep {
+        /// The most levels.
+        max: usize,
+    },
     /// An array value.
-    #[error("an array is not a series value (numbers, booleans and strings are)")]
+    #[error(
+        "an array is not a series value (numbers, booleans and strings are; objects are \
+         flattened): give each element its own field or send one record per element"
+    )]
     ArrayValue,
     /// A CBOR byte string value.
     #[error("a byte string is not a series value (numbers, booleans and strings are)")]
@@ -117,7 +128,7 @@ pub enum Reason {
     /// A CBOR map key that is not a text string.
     #[error("field names must be text strings")]
     KeyNotText,
-    /// The same field twice in one object.
+    /// The same field twice in one object (or one name twice after flattening).
     #[error("field appears more than once")]
     Duplicate,
     /// Two records of one message give one series a value at the same millisecond.
@@ -205,7 +216,12 @@ enum Raw<'a> {
     Int(i128),
     Float(f64),
     Str(Cow<'a, str>),
-    Object,
+    /// A nested object's fields (within [`MAX_NESTING`]), flattened by the builder.
+    Object(Vec<(Cow<'a, str>, Raw<'a>)>),
+    /// An object nested deeper than [`MAX_NESTING`] (its contents skipped).
+    TooDeep,
+    /// A nested CBOR map with a key that is not a text string.
+    KeyNotText,
     Array,
     Bytes,
     Tagged,
@@ -437,15 +453,47 @@ impl<'l> Builder<'l> {
             }
             name => {
                 self.check_key(name).map_err(|r| at(name, r))?;
-                if draft.values.len() >= self.limits.max_series {
-                    let max = self.limits.max_series;
-                    return Err(at(name, Reason::TooManySeries { max }));
-                }
-                let value = self.series_value(raw).map_err(|r| at(name, r))?;
-                draft.values.push((key.into_owned(), value));
+                self.series_field(draft, index, key, raw)?;
             }
         }
         Ok(())
+    }
+
+    /// A series field named `name` (checked), or a nested object whose fields become series
+    /// named `name.field`, depth first in input order.
+    fn series_field(
+        &self,
+        draft: &mut Draft,
+        index: usize,
+        name: Cow<'_, str>,
+        raw: Raw<'_>,
+    ) -> Result<(), IngestError> {
+        let at = |reason| invalid(Some(index), Some(&name), reason);
+        match raw {
+            Raw::Object(fields) => {
+                for (field, raw) in fields {
+                    let nested = format!("{name}.{field}");
+                    if field.is_empty() {
+                        return Err(invalid(Some(index), Some(&nested), Reason::EmptyKey));
+                    }
+                    self.check_key(&nested)
+                        .map_err(|r| invalid(Some(index), Some(&nested), r))?;
+                    self.series_field(draft, index, Cow::Owned(nested), raw)?;
+                }
+                Ok(())
+            }
+            Raw::TooDeep => Err(at(Reason::TooDeep { max: MAX_NESTING })),
+            Raw::KeyNotText => Err(at(Reason::KeyNotText)),
+            raw => {
+                if draft.values.len() >= self.limits.max_series {
+                    let max = self.limits.max_series;
+                    return Err(at(Reason::TooManySeries { max }));
+                }
+                let value = self.series_value(raw).map_err(at)?;
+                draft.values.push((name.into_owned(), value));
+                Ok(())
+            }
+        }
     }
 
     fn check_key(&self, key: &str) -> Result<(), Reason> {
@@ -474,7 +522,8 @@ impl<'l> Builder<'l> {
             }),
             Raw::Str(s) => Ok(Value::Text(s.into_owned())),
             Raw::Null => Err(Reason::NullValue),
-            Raw::Object => Err(Reason::ObjectValue),
+            Raw::Object(_) | Raw::TooDeep => Err(Reason::TooDeep { max: MAX_NESTING }),
+            Raw::KeyNotText => Err(Reason::KeyNotText),
             Raw::Array => Err(Reason::ArrayValue),
             Raw::Bytes => Err(Reason::BytesValue),
             Raw::Tagged => Err(Reason::TaggedValue),
@@ -696,7 +745,7 @@ impl<'de> Visitor<'de> for TopSeed<'_, '_> {
                 b.lift(r)?;
                 map.next_value_seed(RecordsSeed { b: &mut *b })?;
             } else {
-                let raw = map.next_value_seed(RawSeed)?;
+                let raw = map.next_value_seed(RawSeed { level: 1 })?;
                 let r = b.top_field(&mut top, key, raw);
                 b.lift(r)?;
             }
@@ -801,7 +850,7 @@ impl<'de> Visitor<'de> for ItemVisitor<'_, '_> {
         let (b, index) = (self.b, self.index);
         let mut draft = Draft::default();
         while let Some(key) = map.next_key_seed(KeySeed)? {
-            let raw = map.next_value_seed(RawSeed)?;
+            let raw = map.next_value_seed(RawSeed { level: 1 })?;
             let r = b.item_field(&mut draft, index, key, raw);
             b.lift(r)?;
         }
@@ -841,8 +890,12 @@ impl<'de> Visitor<'de> for KeySeed {
     }
 }
 
-/// A field value; containers are skipped over (they are refused by the builder).
-struct RawSeed;
+/// A field value at `level` of names (a record's own fields are level 1). Arrays, and
+/// objects beyond [`MAX_NESTING`], are skipped over (the builder refuses them); objects
+/// within it are read for the builder to flatten.
+struct RawSeed {
+    level: usize,
+}
 
 impl<'de> DeserializeSeed<'de> for RawSeed {
     type Value = Raw<'de>;
@@ -912,8 +965,18 @@ impl<'de> Visitor<'de> for RawSeed {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(Raw::Object)
+        if self.level >= MAX_NESTING {
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            return Ok(Raw::TooDeep);
+        }
+        let mut fields = Vec::new();
+        while let Some(key) = map.next_key_seed(KeySeed)? {
+            let value = map.next_value_seed(RawSeed {
+                level: self.level + 1,
+            })?;
+            fields.push((key, value));
+        }
+        Ok(Raw::Object(fields))
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
@@ -978,7 +1041,7 @@ fn cbor_top(b: &mut Builder<'_>, value: &ciborium::Value) -> Result<(), IngestEr
                     };
                     cbor_records(b, items)?;
                 } else {
-                    b.top_field(&mut top, Cow::Borrowed(key), cbor_raw(v))?;
+                    b.top_field(&mut top, Cow::Borrowed(key), cbor_raw(v, 1))?;
                 }
             }
             b.finish_top(top)
@@ -1000,7 +1063,7 @@ fn cbor_records(b: &mut Builder<'_>, items: &[ciborium::Value]) -> Result<(), In
         let mut draft = Draft::default();
         for (k, v) in entries {
             let key = cbor_key(k).ok_or_else(|| invalid(Some(index), None, Reason::KeyNotText))?;
-            b.item_field(&mut draft, index, Cow::Borrowed(key), cbor_raw(v))?;
+            b.item_field(&mut draft, index, Cow::Borrowed(key), cbor_raw(v, 1))?;
         }
         b.end_item(draft, index)?;
     }
@@ -1014,9 +1077,21 @@ fn cbor_key(key: &ciborium::Value) -> Option<&str> {
     }
 }
 
-fn cbor_raw(value: &ciborium::Value) -> Raw<'_> {
+/// A field value at `level` of names, as [`RawSeed`] reads JSON.
+fn cbor_raw(value: &ciborium::Value, level: usize) -> Raw<'_> {
     use ciborium::Value as V;
     match value {
+        V::Map(_) if level >= MAX_NESTING => Raw::TooDeep,
+        V::Map(entries) => {
+            let mut fields = Vec::with_capacity(entries.len());
+            for (k, v) in entries {
+                let Some(key) = cbor_key(k) else {
+                    return Raw::KeyNotText;
+                };
+                fields.push((Cow::Borrowed(key), cbor_raw(v, level + 1)));
+            }
+            Raw::Object(fields)
+        }
         V::Integer(n) => Raw::Int(i128::from(*n)),
         V::Float(f) => Raw::Float(*f),
         V::Text(s) => Raw::Str(Cow::Borrowed(s)),
@@ -1024,7 +1099,6 @@ fn cbor_raw(value: &ciborium::Value) -> Raw<'_> {
         V::Null => Raw::Null,
         V::Bytes(_) => Raw::Bytes,
         V::Array(_) => Raw::Array,
-        V::Map(_) => Raw::Object,
         _ => Raw::Tagged,
     }
 }
