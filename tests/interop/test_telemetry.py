@@ -394,3 +394,35 @@ def test_desired_config_reaches_the_device_retained_and_reported_config_is_store
     assert (reported.get("config") or reported.get("value")) == {"interval_s": 5}, body
     d.loop_stop()
     d.disconnect()
+
+
+def device_json(cloud, dev):
+    r = requests.get(cloud.url(f"/api/v1/devices/{dev}"), headers=cloud.admin, timeout=10)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_mqtt_reported_config_marks_the_device_as_heard_from(cloud, device):
+    """Issue #21 item 5: a reported config over MQTT updates `last_seen`, as over HTTP and CoAP."""
+    dev, secret, _ = device
+    d, _, reason = mqtt_client(cloud.srv.mqtt_port, dev, secret)
+    assert not reason.is_failure
+    connected = device_json(cloud, dev)["last_seen_ms"]  # the connection counts too
+    time.sleep(1.2)  # a long-lived connection: only the report can move last_seen now
+    before = now_ms()
+    info = d.publish(f"devices/{dev}/config/reported", json.dumps({"interval_s": 7}), qos=1)
+    info.wait_for_publish(5)
+    body = device_json(cloud, dev)
+    assert body["reported"]["config"] == {"interval_s": 7}, body
+    assert body["last_seen_ms"] >= before > (connected or 0), (before, connected, body)
+    assert body["online"] is True
+    d.loop_stop()
+    d.disconnect()
+    # mosquitto_pub with the device's own credentials and id.
+    before = now_ms()
+    subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(cloud.srv.mqtt_port), "-i", dev, "-u", dev,
+                    "-P", secret, "-q", "1", "-t", f"devices/{dev}/config/reported", "-m", '{"interval_s": 8}'],
+                   check=True, timeout=10)
+    body = device_json(cloud, dev)
+    assert body["reported"]["config"] == {"interval_s": 8}, body
+    assert body["last_seen_ms"] >= before and body["last_seen"].endswith("Z"), body

@@ -912,19 +912,17 @@ impl Driver {
                 });
             }
             Some("/config/reported") => {
-                // The device's reported configuration (a JSON object), kept like the HTTP one.
+                // The device's reported configuration (a JSON object): the one path of every
+                // transport, which also marks the device as heard from.
                 let store = self.ctx.auth.store().clone();
+                let rules = self.ctx.pipeline.rules().cloned();
                 tokio::spawn(async move {
-                    let result = match serde_json::from_slice::<serde_json::Value>(&payload) {
-                        Ok(value @ serde_json::Value::Object(_)) => store
-                            .put_reported_config(&device, value, crate::persist::now_ms() as i64)
+                    let rules = rules.as_deref();
+                    let result =
+                        crate::reported::report(&store, rules, &device, &payload, Source::Mqtt)
                             .await
                             .map(|_| Accepted::default())
-                            .map_err(Rejected::Store),
-                        _ => Err(Rejected::Store(StoreError::Invalid(
-                            "the reported configuration must be a JSON object".into(),
-                        ))),
-                    };
+                            .map_err(Rejected::Store);
                     let _ = tx.send(result);
                 });
             }
