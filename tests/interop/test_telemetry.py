@@ -47,7 +47,7 @@ def test_seed_format_is_accepted_verbatim_and_measurement_time_is_not_message_ti
     dev, _, h = device
     r = cloud.post(h, {"date": "2018-04-04", "time": "09:30:00", "temperature": 20.1})
     assert r.status_code == 202, r.text
-    assert r.json() == {"accepted": 1, "points": 1}
+    assert r.json() == {"accepted": 1, "points": 1, "duplicates": 0}
     assert cloud.points(dev, "temperature") == [{"ts": 1522834200000, "value": 20.1}]
 
 
@@ -77,7 +77,7 @@ def test_one_bad_record_rejects_the_request_naming_index_and_field_and_stores_no
     body = r.json()
     assert body["error"] == "invalid_request"
     assert "record 2" in body["error_description"] and '"ts"' in body["error_description"], body
-    r = cloud.post(h, [{"ts": 1700000000000, "a": 1}, {"ts": 1700000001000, "a": {"nested": 1}}])
+    r = cloud.post(h, [{"ts": 1700000000000, "a": 1}, {"ts": 1700000001000, "a": [1, 2]}])
     assert r.status_code == 400 and "record 1" in r.json()["error_description"]
     assert cloud.points(dev, "a") == []
 
@@ -402,3 +402,35 @@ def test_desired_config_reaches_the_device_retained_and_reported_config_is_store
     assert (reported.get("config") or reported.get("value")) == {"interval_s": 5}, body
     d.loop_stop()
     d.disconnect()
+
+
+def device_json(cloud, dev):
+    r = requests.get(cloud.url(f"/api/v1/devices/{dev}"), headers=cloud.admin, timeout=10)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_mqtt_reported_config_marks_the_device_as_heard_from(cloud, device):
+    """Issue #21 item 5: a reported config over MQTT updates `last_seen`, as over HTTP and CoAP."""
+    dev, secret, _ = device
+    d, _, reason = mqtt_client(cloud.srv.mqtt_port, dev, secret)
+    assert not reason.is_failure
+    connected = device_json(cloud, dev)["last_seen_ms"]  # the connection counts too
+    time.sleep(1.2)  # a long-lived connection: only the report can move last_seen now
+    before = now_ms()
+    info = d.publish(f"devices/{dev}/config/reported", json.dumps({"interval_s": 7}), qos=1)
+    info.wait_for_publish(5)
+    body = device_json(cloud, dev)
+    assert body["reported"]["config"] == {"interval_s": 7}, body
+    assert body["last_seen_ms"] >= before > (connected or 0), (before, connected, body)
+    assert body["online"] is True
+    d.loop_stop()
+    d.disconnect()
+    # mosquitto_pub with the device's own credentials and id.
+    before = now_ms()
+    subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(cloud.srv.mqtt_port), "-i", dev, "-u", dev,
+                    "-P", secret, "-q", "1", "-t", f"devices/{dev}/config/reported", "-m", '{"interval_s": 8}'],
+                   check=True, timeout=10)
+    body = device_json(cloud, dev)
+    assert body["reported"]["config"] == {"interval_s": 8}, body
+    assert body["last_seen_ms"] >= before and body["last_seen"].endswith("Z"), body

@@ -64,6 +64,7 @@ pub mod persist;
 pub mod pipeline;
 pub mod policy;
 pub mod rate;
+pub mod reported;
 pub mod rules;
 pub mod sys;
 pub mod tls;

@@ -924,22 +924,17 @@ impl Driver {
                 });
             }
             Some("/config/reported") => {
-                // The device's reported configuration (a JSON object), kept like the HTTP one.
+                // The device's reported configuration (a JSON object): the one path of every
+                // transport, which also marks the device as heard from.
                 let store = self.ctx.auth.store().clone();
+                let rules = self.ctx.pipeline.rules().cloned();
                 tokio::spawn(async move {
-                    let result = match serde_json::from_slice::<serde_json::Value>(&payload) {
-                        Ok(value @ serde_json::Value::Object(_)) => store
-                            .put_reported_config(&device, value, crate::persist::now_ms() as i64)
+                    let rules = rules.as_deref();
+                    let result =
+                        crate::reported::report(&store, rules, &device, &payload, Source::Mqtt)
                             .await
-                            .map(|_| Accepted {
-                                records: 0,
-                                points: 0,
-                            })
-                            .map_err(Rejected::Store),
-                        _ => Err(Rejected::Store(StoreError::Invalid(
-                            "the reported configuration must be a JSON object".into(),
-                        ))),
-                    };
+                            .map(|_| Accepted::default())
+                            .map_err(Rejected::Store);
                     let _ = tx.send(result);
                 });
             }
@@ -951,10 +946,7 @@ impl Driver {
                     let result = match crate::firmware::parse_status(&payload) {
                         Ok(report) => crate::firmware::report(&store, &broker, &device, report)
                             .await
-                            .map(|_| Accepted {
-                                records: 0,
-                                points: 0,
-                            })
+                            .map(|_| Accepted::default())
                             // An unknown firmware is the report's fault, not the store's.
                             .map_err(|e| match e {
                                 StoreError::NotFound { kind, id } => Rejected::Store(

@@ -8,6 +8,12 @@
 //! once the points are durable, so the transport may then acknowledge (HTTP 202, MQTT
 //! PUBACK, CoAP 2.04).
 //!
+//! No acknowledged value is lost (see "No silent loss" in [`crate::ingest`]): records without a
+//! time get receive times that never repeat for their device ([`ingest::ReceiveClock`]), two
+//! values of one series at one own time in one message are refused, times more than
+//! `max_future_skew_secs` ahead are refused, and [`Accepted`] counts the points the store
+//! newly holds apart from those it already held (a redelivery), as the store reports them.
+//!
 //! Freshness is required of a message when `[telemetry] require_freshness` is on, or when its
 //! device's own policy is ([`stratus_store::Device::require_freshness`]). The pipeline keeps
 //! the ids of the devices with the policy in memory ([`Pipeline::load_device_policies`] at
@@ -23,7 +29,7 @@ use parking_lot::RwLock;
 
 use bytes::Bytes;
 use stratus_mqtt::{Message as MqttMessage, MqttStr, QoS};
-use stratus_store::{Point, StoreError, StoreHandle, Value as StoredValue, Write};
+use stratus_store::{Output, Point, StoreError, StoreHandle, Value as StoredValue, Write};
 
 use crate::broker::Broker;
 use crate::ingest::{self, ContentFormat, FreshnessConfig, FreshnessGuard, IngestError, Replay};
@@ -51,12 +57,15 @@ impl Source {
 }
 
 /// What was stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Accepted {
-    /// Records stored.
+    /// Records acknowledged.
     pub records: usize,
-    /// Points (series values) stored.
+    /// Points (series values) newly stored: what a query now returns and did not before.
     pub points: usize,
+    /// Points whose series already held a value at their time, which was kept (the message,
+    /// or the part of it, was a redelivery). `points + duplicates` is the message's points.
+    pub duplicates: usize,
 }
 
 /// Why a message was refused; nothing of it was stored.
@@ -119,6 +128,12 @@ pub struct TelemetryConfig {
     /// get HTTP 429 + `Retry-After` and CoAP 4.29 + Max-Age (MQTT has `[mqtt]
     /// max_publish_rate`).
     pub max_requests_per_sec: u32,
+    /// How far ahead of the server clock a record's own time may be, in seconds (default 600;
+    /// 0: any time up to the year 9999). A record dated further ahead refuses its message
+    /// (HTTP 400, CoAP 4.00, MQTT 5 0x99) naming it; the same bound caps how far the receive
+    /// times of records without a time may run ahead ([`ingest::ReceiveClock`]). The choice
+    /// is argued in [`crate::ingest`].
+    pub max_future_skew_secs: u64,
 }
 
 impl Default for TelemetryConfig {
@@ -130,9 +145,13 @@ impl Default for TelemetryConfig {
             retention_days: 0,
             max_series_per_device: 1000,
             max_requests_per_sec: 1000,
+            max_future_skew_secs: DEFAULT_MAX_FUTURE_SKEW_SECS,
         }
     }
 }
+
+/// The default of [`TelemetryConfig::max_future_skew_secs`]: ten minutes.
+pub const DEFAULT_MAX_FUTURE_SKEW_SECS: u64 = 600;
 
 /// The pipeline, shared by every transport.
 pub struct Pipeline {
@@ -144,6 +163,8 @@ pub struct Pipeline {
     strict: StrictDevices,
     /// Requests per second per device over HTTP and CoAP.
     rates: crate::rate::Rates,
+    /// Receive times of records without a time of their own.
+    clock: ingest::ReceiveClock,
 }
 
 /// The devices whose own policy requires freshness.
@@ -187,6 +208,15 @@ impl Pipeline {
             config,
             rules: None,
             strict: StrictDevices::default(),
+            clock: ingest::ReceiveClock::new(),
+        }
+    }
+
+    /// [`TelemetryConfig::max_future_skew_secs`] in milliseconds; `None` when off.
+    fn max_future_ms(&self) -> Option<i64> {
+        match self.config.max_future_skew_secs {
+            0 => None,
+            s => Some(i64::try_from(s.saturating_mul(1000)).unwrap_or(i64::MAX)),
         }
     }
 
@@ -278,10 +308,22 @@ impl Pipeline {
         source: Source,
     ) -> Result<Accepted, Rejected> {
         let now = crate::persist::now_ms() as i64;
-        let message = ingest::parse(payload, format, &self.config.limits, now)?;
+        let mut message = ingest::parse(payload, format, &self.config.limits, now)?;
+        let max_ahead = self.max_future_ms();
+        if let Some(max) = max_ahead {
+            message.check_not_ahead(now, max)?;
+        }
         let reservation =
             self.guard
                 .check_message(device, &message, self.requires_freshness(device), now)?;
+        // After the freshness check, so that a replay takes no receive times.
+        self.clock
+            .assign(device, now, &mut message, max_ahead)
+            .map_err(|e| Rejected::Quota {
+                limit: "telemetry_receive_clock",
+                why: format!("device {device:?}: {e}"),
+                retry_after_ms: Some(e.retry_after_ms.max(1)),
+            })?;
         let records = message.records.len();
         // The records for the rules and the live stream, only when someone reads them; built
         // while the points move to the store (no allocation per record).
@@ -313,7 +355,8 @@ impl Pipeline {
         let started = Instant::now();
         // Dropping the reservation on an error frees the nonce: a refused message does not
         // burn it.
-        self.store
+        let outputs = self
+            .store
             .write(vec![
                 Write::AppendTelemetry(points),
                 Write::TouchDevice {
@@ -327,6 +370,11 @@ impl Pipeline {
             .store_write_seconds
             .observe(started.elapsed().as_secs_f64());
         reservation.commit();
+        // The store counts the points it newly holds; the others were there already.
+        let stored = match outputs.first() {
+            Some(Output::Count(n)) => usize::try_from(*n).unwrap_or(count).min(count),
+            _ => count,
+        };
         if let Some(rules) = &self.rules {
             rules.on_records(device, source.label(), &batch);
         }
@@ -341,7 +389,8 @@ impl Pipeline {
         }
         Ok(Accepted {
             records,
-            points: count,
+            points: stored,
+            duplicates: count - stored,
         })
     }
 
@@ -407,11 +456,13 @@ impl Pipeline {
         }
     }
 
-    /// Drops nonces older than the window and the rates of quiet devices (call now and then).
+    /// Drops nonces older than the window, the rates of quiet devices and receive-clock
+    /// entries that have passed (call now and then).
     pub fn prune(&self) {
         let now = crate::persist::now_ms();
         self.guard.prune(now as i64);
         self.rates.prune(now);
+        self.clock.prune(now as i64);
     }
 }
 
@@ -419,6 +470,139 @@ impl Pipeline {
 mod tests {
     use super::*;
     use crate::{Config, Server};
+
+    /// A server with device `d` and a pipeline over its store.
+    async fn with_device(config: TelemetryConfig) -> (tempfile::TempDir, Server, Pipeline) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Config::default();
+        c.server.data_dir = dir.path().to_path_buf();
+        c.mqtt.port = 0;
+        c.http.port = 0;
+        c.coap.port = 0;
+        let server = Server::start(c).await.unwrap();
+        let store = server.broker.persistence().unwrap().store().clone();
+        crate::api::devices::register(
+            &store,
+            server.auth.psk_sealer(),
+            "admin",
+            "d",
+            serde_json::Value::Null,
+        )
+        .await
+        .unwrap();
+        let p = Pipeline::new(store, server.broker.clone(), config);
+        (dir, server, p)
+    }
+
+    async fn send(p: &Pipeline, body: String) -> Result<Accepted, Rejected> {
+        p.ingest("d", Bytes::from(body), ContentFormat::Json, Source::Http)
+            .await
+    }
+
+    async fn stored(p: &Pipeline, key: &str) -> Vec<(i64, StoredValue)> {
+        let q = stratus_store::PointQuery::new("d", key, 0, 253_402_300_800_000).limit(10_000);
+        let page = p.store.points(q).await.unwrap();
+        page.points
+            .into_iter()
+            .map(|v| (v.ts_ms, v.value))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn what_is_acknowledged_is_what_a_query_returns() {
+        let (_dir, server, p) = with_device(TelemetryConfig::default()).await;
+        // Three records without a time: three points, at distinct receive times.
+        let a = send(&p, r#"[{"x": 1}, {"x": 2}, {"x": 3}]"#.into())
+            .await
+            .unwrap();
+        assert_eq!((a.records, a.points, a.duplicates), (3, 3, 0));
+        let x = stored(&p, "x").await;
+        let values: Vec<_> = x.iter().map(|(_, v)| v.clone()).collect();
+        assert_eq!(values, [1.0, 2.0, 3.0].map(StoredValue::Number));
+        assert!(x.windows(2).all(|w| w[1].0 == w[0].0 + 1), "{x:?}");
+        // Messages without a time, one right after another: never the same millisecond.
+        for v in 0..20 {
+            let a = send(&p, format!(r#"{{"y": {v}}}"#)).await.unwrap();
+            assert_eq!((a.points, a.duplicates), (1, 0));
+        }
+        assert_eq!(stored(&p, "y").await.len(), 20);
+        // A redelivery of a message with its own times keeps the first values and says so.
+        let body = r#"[{"ts": 1000, "z": 1}, {"ts": 2000, "z": 2}]"#;
+        let a = send(&p, body.into()).await.unwrap();
+        assert_eq!((a.records, a.points, a.duplicates), (2, 2, 0));
+        let again = r#"[{"ts": 1000, "z": 9}, {"ts": 3000, "z": 3}]"#;
+        let a = send(&p, again.into()).await.unwrap();
+        assert_eq!((a.records, a.points, a.duplicates), (2, 1, 1));
+        let z: Vec<_> = stored(&p, "z").await;
+        assert_eq!(
+            z,
+            [(1000, 1.0), (2000, 2.0), (3000, 3.0)].map(|(t, v)| (t, StoredValue::Number(v)))
+        );
+        // Two values of one series at one own time in one message: refused, nothing stored.
+        let e = send(&p, r#"[{"ts": 5000, "z": 1}, {"ts": 5000, "z": 2}]"#.into())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Rejected::Invalid(_)), "{e:?}");
+        assert_eq!(stored(&p, "z").await.len(), 3);
+        server.shutdown(std::time::Duration::from_secs(5)).await;
+    }
+
+    #[tokio::test]
+    async fn times_too_far_ahead_are_refused_and_the_receive_clock_is_bounded() {
+        let config = TelemetryConfig {
+            max_future_skew_secs: 1,
+            ..TelemetryConfig::default()
+        };
+        let (_dir, server, p) = with_device(config).await;
+        let now = crate::persist::now_ms() as i64;
+        let e = send(
+            &p,
+            r#"{"date": "9999-01-01", "time": "00:00:00", "t": 1}"#.into(),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            e.to_string().starts_with(r#"record 0, field "date": "#),
+            "{e}"
+        );
+        let e = send(
+            &p,
+            format!(r#"[{{"t": 1}}, {{"ts": {}, "t": 2}}]"#, now + 60_000),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            e.to_string().starts_with(r#"record 1, field "ts": "#),
+            "{e}"
+        );
+        assert!(stored(&p, "t").await.is_empty());
+        // 5000 records without a time need 5 s of distinct milliseconds: more than 1 s ahead.
+        let many: Vec<String> = (0..5000).map(|i| format!(r#"{{"u": {i}}}"#)).collect();
+        let e = send(&p, format!("[{}]", many.join(","))).await.unwrap_err();
+        match e {
+            Rejected::Quota {
+                limit: "telemetry_receive_clock",
+                retry_after_ms: Some(ms),
+                ..
+            } => assert!((3000..=4000).contains(&ms), "{ms}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(stored(&p, "u").await.is_empty());
+        // Off: any time up to the year 9999.
+        let (_dir2, server2, p) = with_device(TelemetryConfig {
+            max_future_skew_secs: 0,
+            ..TelemetryConfig::default()
+        })
+        .await;
+        send(
+            &p,
+            r#"{"date": "9999-01-01", "time": "00:00:00", "t": 1}"#.into(),
+        )
+        .await
+        .unwrap();
+        server.shutdown(std::time::Duration::from_secs(5)).await;
+        server2.shutdown(std::time::Duration::from_secs(5)).await;
+    }
 
     #[tokio::test]
     async fn a_device_policy_requires_freshness_of_that_device_only() {

@@ -8,7 +8,8 @@ use ciborium::Value as Cbor;
 use proptest::prelude::*;
 use stratus_server::ingest::{
     parse, parse_cbor, parse_json, parse_time_param, ContentFormat, FreshnessConfig,
-    FreshnessGuard, IngestError, Limits, Message, Reason, Replay, Value,
+    FreshnessGuard, IngestError, Limits, Message, Reason, ReceiveClock, Replay, TimeSource, Value,
+    MAX_NESTING,
 };
 
 const NOW: i64 = 1_700_000_000_000;
@@ -323,11 +324,11 @@ fn bad_date_and_time() {
 }
 
 #[test]
-fn null_object_and_array_values_are_refused_by_name() {
+fn null_and_array_values_are_refused_by_name() {
     let cases = [
         (r#"{"a": 1, "b": null}"#, Reason::NullValue),
-        (r#"{"a": 1, "b": {"c": 1}}"#, Reason::ObjectValue),
         (r#"{"a": 1, "b": [1, 2]}"#, Reason::ArrayValue),
+        (r#"{"a": 1, "b": []}"#, Reason::ArrayValue),
     ];
     for (s, reason) in cases {
         assert_eq!(refused(s), at(Some(0), Some("b"), reason), "{s}");
@@ -336,6 +337,268 @@ fn null_object_and_array_values_are_refused_by_name() {
         refused(r#"[{"a": 1}, {"a": 1, "b": null}]"#),
         at(Some(1), Some("b"), Reason::NullValue)
     );
+}
+
+fn values(m: &Message, i: usize) -> Vec<(&str, &Value)> {
+    m.records[i]
+        .values
+        .iter()
+        .map(|(k, v)| (k.as_str(), v))
+        .collect()
+}
+
+#[test]
+fn nested_objects_become_dotted_series_in_input_order() {
+    // A ThingsBoard-style record (issue #21 item 7).
+    let m = ok(r#"{"temperature": 20.5, "loc": {"lat": 55.9, "lon": -3.2}, "ok": true}"#);
+    assert_eq!(
+        values(&m, 0),
+        [
+            ("temperature", &Value::Number(20.5)),
+            ("loc.lat", &Value::Number(55.9)),
+            ("loc.lon", &Value::Number(-3.2)),
+            ("ok", &Value::Bool(true)),
+        ]
+    );
+    // Down to MAX_NESTING levels of names; names that are reserved at the top are plain
+    // series below it.
+    assert_eq!(MAX_NESTING, 4);
+    let m = ok(r#"{"a": {"b": {"c": {"d": 1}, "e": "x"}}, "s": {"ts": 5, "nonce": "n"}}"#);
+    let names: Vec<&str> = values(&m, 0).into_iter().map(|(k, _)| k).collect();
+    assert_eq!(names, ["a.b.c.d", "a.b.e", "s.ts", "s.nonce"]);
+    assert_eq!(m.records[0].time_from, TimeSource::Received);
+    assert_eq!(m.nonce, None);
+    // In arrays and envelopes alike; an empty object adds no series.
+    let m = ok(r#"{"records": [{"ts": 1, "gps": {"fix": 3}, "none": {}}]}"#);
+    assert_eq!(values(&m, 0), [("gps.fix", &Value::Number(3.0))]);
+    // A dotted name sent flat is the same series.
+    assert_eq!(values(&ok(r#"{"loc.lat": 1}"#), 0)[0].0, "loc.lat");
+}
+
+#[test]
+fn nested_objects_obey_the_limits_of_fields() {
+    let cases = [
+        (
+            r#"{"a": {"b": {"c": {"d": {"e": 1}}}}}"#,
+            "a.b.c.d",
+            Reason::TooDeep { max: 4 },
+        ),
+        (r#"{"loc": {"pts": [1, 2]}}"#, "loc.pts", Reason::ArrayValue),
+        (r#"{"loc": {"lat": null}}"#, "loc.lat", Reason::NullValue),
+        (r#"{"loc": {"": 1}}"#, "loc.", Reason::EmptyKey),
+        (
+            r#"{"loc": {"a\u0001": 1}}"#,
+            "loc.a\u{1}",
+            Reason::KeyControlChars,
+        ),
+        (
+            r#"{"loc": {"lat": 1, "lat": 2}}"#,
+            "loc.lat",
+            Reason::Duplicate,
+        ),
+        (
+            r#"{"loc.lat": 1, "loc": {"lat": 2}}"#,
+            "loc.lat",
+            Reason::Duplicate,
+        ),
+    ];
+    for (s, field, reason) in cases {
+        assert_eq!(refused(s), at(Some(0), Some(field), reason), "{s}");
+    }
+    assert_eq!(
+        refused(r#"{"loc": {}}"#),
+        at(Some(0), None, Reason::NoSeries)
+    );
+    // The whole dotted name counts against max_key_len, each leaf against max_series.
+    let limits = Limits {
+        max_key_len: 8,
+        max_series: 2,
+        ..Limits::default()
+    };
+    assert_eq!(
+        refused_with(r#"{"abcd": {"efgh": 1}}"#, &limits),
+        at(Some(0), Some("abcd.efgh"), Reason::KeyTooLong { max: 8 })
+    );
+    assert_eq!(
+        refused_with(r#"{"a": {"b": 1, "c": 2, "d": 3}}"#, &limits),
+        at(Some(0), Some("a.d"), Reason::TooManySeries { max: 2 })
+    );
+    assert!(parse_json(br#"{"abc": {"efgh": 1}}"#, &limits, NOW).is_ok());
+    // The error text names the dotted field.
+    let e = json(r#"[{"a": 1}, {"loc": {"pts": [1]}}]"#).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with(r#"record 1, field "loc.pts": an array"#),
+        "{e}"
+    );
+}
+
+#[test]
+fn nested_cbor_maps_are_flattened_too() {
+    let loc = cmap(vec![("lat", Cbor::Float(55.9)), ("lon", Cbor::Float(-3.2))]);
+    let m = parse_cbor(
+        &cbor(&cmap(vec![
+            ("temperature", Cbor::Float(20.5)),
+            ("loc", loc),
+        ])),
+        &Limits::default(),
+        NOW,
+    )
+    .unwrap();
+    let names: Vec<&str> = values(&m, 0).into_iter().map(|(k, _)| k).collect();
+    assert_eq!(names, ["temperature", "loc.lat", "loc.lon"]);
+    let refused_cbor = |v: Cbor| match parse_cbor(&cbor(&v), &Limits::default(), NOW) {
+        Err(IngestError::Invalid {
+            index,
+            field,
+            reason,
+        }) => (index, field, reason),
+        other => panic!("{v:?}: {other:?}"),
+    };
+    let bad_key = Cbor::Map(vec![(Cbor::Integer(1.into()), Cbor::Bool(true))]);
+    assert_eq!(
+        refused_cbor(cmap(vec![("loc", bad_key)])),
+        at(Some(0), Some("loc"), Reason::KeyNotText)
+    );
+    let mut deep = Cbor::Integer(1.into());
+    for name in ["e", "d", "c", "b", "a"] {
+        deep = cmap(vec![(name, deep)]);
+    }
+    assert_eq!(
+        refused_cbor(Cbor::Array(vec![deep])),
+        at(Some(0), Some("a.b.c.d"), Reason::TooDeep { max: 4 })
+    );
+}
+
+#[test]
+fn one_series_at_one_own_time_twice_in_a_message_is_refused_naming_both_records() {
+    assert_eq!(
+        refused(r#"[{"ts": 1000, "x": 1}, {"ts": 1000, "x": 2}]"#),
+        at(
+            Some(1),
+            Some("x"),
+            Reason::SameTime {
+                record: 0,
+                ts_ms: 1000
+            }
+        )
+    );
+    let e = json(r#"[{"ts": 1000, "x": 1}, {"ts": 1000, "x": 2}]"#).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "record 1, field \"x\": record 0 already gives this series a value at 1000 (epoch ms): \
+         a series holds one value per millisecond"
+    );
+    // Out of order, through date/time, below the millisecond, in an envelope, nested.
+    let cases = [
+        (
+            r#"[{"ts": 1, "x": 1}, {"ts": 2, "x": 1}, {"ts": 1, "y": 1}, {"ts": 1, "x": 3}]"#,
+            3,
+            "x",
+            0,
+            1,
+        ),
+        (
+            r#"[{"date": "1970-01-01", "time": "00:00:01", "x": 1}, {"ts": 1000, "x": 2}]"#,
+            1,
+            "x",
+            0,
+            1000,
+        ),
+        (
+            r#"[{"ts": "1970-01-01T00:00:01.0001Z", "x": 1}, {"ts": "1970-01-01T00:00:01.0009Z", "x": 2}]"#,
+            1,
+            "x",
+            0,
+            1000,
+        ),
+        (
+            r#"{"records": [{"ts": 7, "g": {"x": 1}}, {"ts": 7, "g": {"x": 2}}]}"#,
+            1,
+            "g.x",
+            0,
+            7,
+        ),
+    ];
+    for (s, index, field, record, ts_ms) in cases {
+        assert_eq!(
+            refused(s),
+            at(Some(index), Some(field), Reason::SameTime { record, ts_ms }),
+            "{s}"
+        );
+    }
+    // Other series at that time, the same series at other times, and records without a
+    // time (they get distinct receive times) are fine.
+    ok(r#"[{"ts": 1000, "x": 1}, {"ts": 1000, "y": 2}, {"ts": 999, "x": 3}]"#);
+    let m = ok(r#"[{"x": 1}, {"x": 2}, {"x": 3}]"#);
+    assert!(m
+        .records
+        .iter()
+        .all(|r| r.time_from == TimeSource::Received));
+}
+
+#[test]
+fn records_without_a_time_get_distinct_receive_times() {
+    let mut m = ok(r#"[{"x": 1}, {"x": 2}, {"x": 3}]"#);
+    assert_eq!(m.received_count(), 3);
+    ReceiveClock::new()
+        .assign("d", NOW, &mut m, Some(600_000))
+        .unwrap();
+    let times: Vec<i64> = m.records.iter().map(|r| r.ts_ms).collect();
+    assert_eq!(times, [NOW, NOW + 1, NOW + 2]);
+    // Without the clock, from a given first millisecond, skipping claimed ones.
+    let mut m = ok(&format!(
+        r#"[{{"x": 1}}, {{"ts": {}, "x": 2}}, {{"x": 3}}]"#,
+        NOW + 1
+    ));
+    assert_eq!(m.assign_receive_times(NOW), Some(NOW + 2));
+    let times: Vec<i64> = m.records.iter().map(|r| r.ts_ms).collect();
+    assert_eq!(times, [NOW, NOW + 1, NOW + 2]);
+    assert_eq!(ok(r#"{"ts": 5, "x": 1}"#).assign_receive_times(NOW), None);
+}
+
+#[test]
+fn times_too_far_ahead_are_refused_naming_the_record() {
+    let max = 600_000;
+    let body = format!(
+        r#"[{{"ts": {NOW}, "x": 1}}, {{"x": 2}}, {{"ts": {}, "x": 3}}]"#,
+        NOW + max
+    );
+    ok(&body).check_not_ahead(NOW, max).unwrap();
+    let body = format!(
+        r#"[{{"ts": {NOW}, "x": 1}}, {{"ts": {}, "x": 3}}]"#,
+        NOW + max + 1
+    );
+    match ok(&body).check_not_ahead(NOW, max) {
+        Err(IngestError::Invalid {
+            index: Some(1),
+            field: Some(f),
+            reason:
+                Reason::InFuture {
+                    ahead_ms,
+                    max_ms: 600_000,
+                },
+        }) if f == "ts" && ahead_ms == max + 1 => {}
+        other => panic!("{other:?}"),
+    }
+    // The issue's example: a record dated 9999-01-01; by date and time the field is `date`.
+    let e = ok(r#"{"date": "9999-01-01", "time": "00:00:00", "t": 1}"#)
+        .check_not_ahead(NOW, max)
+        .unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.starts_with(r#"record 0, field "date": "#)
+            && text.ends_with("days ahead of the server clock; at most 600 s ahead is accepted"),
+        "{text}"
+    );
+    let e = ok(&format!(r#"{{"ts": {}, "t": 1}}"#, NOW + 2 * 3_600_000))
+        .check_not_ahead(NOW, max)
+        .unwrap_err();
+    assert!(e.to_string().contains(": 2 h ahead"), "{e}");
+    // The past is never too far.
+    ok(r#"{"ts": 0, "t": 1}"#)
+        .check_not_ahead(NOW, max)
+        .unwrap();
 }
 
 #[test]

@@ -3,10 +3,13 @@
 //! the latest value of every series.
 //!
 //! Shapes:
-//! - `POST /api/v1/telemetry` → 202 `{"accepted": RECORDS, "points": POINTS}`; 400
-//!   `invalid_request` naming the record and field; 409 `replay`; 413 `payload_too_large`;
-//!   503 when the nonce memory is full. A body is CBOR when its content type says so,
-//!   JSON otherwise.
+//! - `POST /api/v1/telemetry` → 202 `{"accepted": RECORDS, "points": STORED, "duplicates":
+//!   ALREADY_STORED}` (`points` is what a query returns that it did not before; `duplicates`
+//!   are points whose series already held a value at that time, kept: a redelivery); 400
+//!   `invalid_request` naming the record and field (also two values of one series at one
+//!   time, or a time more than `max_future_skew_secs` ahead); 409 `replay`; 413
+//!   `payload_too_large`; 429 over a quota or rate; 503 when the nonce memory is full. A body
+//!   is CBOR when its content type says so, JSON otherwise.
 //! - `GET /api/v1/devices/{id}/telemetry?key=K&from=T&to=T&limit=N&after=CURSOR&order=asc|desc`
 //!   → `{"device", "key", "points": [{"ts": MS, "value": V}], "next": CURSOR|null}`;
 //!   with `agg=avg|min|max|sum|count&interval=1m` → `{"device", "key", "agg", "interval_ms",
@@ -45,20 +48,32 @@ const MAX_LIMIT: usize = 10_000;
 /// Most buckets one answer holds (empty buckets are never listed); more set `truncated`.
 const MAX_BUCKETS: usize = 100_000;
 
+/// The answer to an accepted telemetry message.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+struct AcceptedBody {
+    /// Records acknowledged.
+    accepted: usize,
+    /// Points newly stored: exactly what a query now returns that it did not before.
+    points: usize,
+    /// Points whose series already held a value at their time (kept; a redelivery).
+    duplicates: usize,
+}
+
 /// Stores one telemetry message of the calling device: a record, an array of records, or an
 /// envelope `{"sent", "nonce", "records"}` (SPEC "Telemetry record"). Answers once durable.
 #[utoipa::path(
     post,
     path = "/api/v1/telemetry",
     tag = "telemetry",
-    request_body(content = Object, description = "A record, an array of records or an envelope", content_type = "application/json"),
+    request_body(content = Object, description = "A record, an array of records or an envelope; nested objects become dotted series", content_type = "application/json"),
     responses(
-        (status = 202, description = "Stored durably", body = Object),
-        (status = 400, description = "Invalid record (names index and field)", body = super::ErrorBody),
+        (status = 202, description = "Stored durably", body = AcceptedBody),
+        (status = 400, description = "Invalid record (names index and field), two values of one series at one time, or a time too far ahead", body = super::ErrorBody),
         (status = 401, description = "Missing or invalid device token", body = super::ErrorBody),
         (status = 403, description = "Not a device token", body = super::ErrorBody),
         (status = 409, description = "Replay: nonce reused or `sent` outside the window", body = super::ErrorBody),
         (status = 413, description = "Body too large", body = super::ErrorBody),
+        (status = 429, description = "Over a quota or a rate (Retry-After when it passes)", body = super::ErrorBody),
         (status = 503, description = "Nonce memory full; retry later", body = super::ErrorBody),
     ),
     security(("bearer" = []))
@@ -99,7 +114,11 @@ async fn post_telemetry(
     {
         Ok(a) => Ok((
             StatusCode::ACCEPTED,
-            Json(json!({"accepted": a.records, "points": a.points})),
+            Json(AcceptedBody {
+                accepted: a.records,
+                points: a.points,
+                duplicates: a.duplicates,
+            }),
         )),
         Err(e) => Err(rejection(e)),
     }

@@ -10,10 +10,11 @@ use stratus_coap::{Code, ContentFormat, ExchangeId, Message, Response};
 use stratus_store::StoreError;
 
 use super::{Done, Driver, Mode, NewObserver, MAX_DIAGNOSTIC};
-use crate::api::devices::config::{config_payload, parse_config, store_reported};
+use crate::api::devices::config::config_payload;
 use crate::auth::{now_secs, AuthError, Kind, Proof};
 use crate::ingest::{self, IngestError};
 use crate::pipeline::{Rejected, Source};
+use crate::reported::{parse_config, store_reported};
 
 /// What a path names.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -471,9 +472,11 @@ impl Driver {
             }
         };
         let store = self.ctx.store.clone();
+        let rules = self.ctx.pipeline.rules().cloned();
         let tx = self.done_tx.clone();
         tokio::spawn(async move {
-            let response = match store_reported(&store, &d.id, value).await {
+            let rules = rules.as_deref();
+            let response = match store_reported(&store, rules, &d.id, value, Source::Coap).await {
                 Ok(_) => Response::new(Code::CHANGED),
                 Err(StoreError::NotFound { .. }) => {
                     diagnostic(Code::NOT_FOUND, "the device was deleted")

@@ -7,20 +7,26 @@
 //! surfaces as that structured error, not as a serde message.
 
 use std::borrow::Cow;
+use std::collections::hash_map::{Entry, HashMap};
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use time::format_description::well_known::Rfc3339;
 use time::{Date, Month, OffsetDateTime, PrimitiveDateTime, Time};
 
-use super::{IngestError, Limits, Message, Record, Value};
+use super::{IngestError, Limits, Message, Record, TimeSource, Value};
 
 /// 0000-01-01T00:00:00Z in epoch milliseconds: the earliest accepted time.
 pub const MIN_TS_MS: i64 = -62_167_219_200_000;
 /// 9999-12-31T23:59:59.999Z in epoch milliseconds: the latest accepted time.
 pub const MAX_TS_MS: i64 = 253_402_300_799_999;
 
-/// How deep CBOR may nest (a message needs 3 levels; deeper junk is refused while decoding).
+/// Most levels of names in a series flattened from nested objects: `a.b.c.d` is 4, so a
+/// record's field may hold objects three deep (see the [parent module](super)).
+pub const MAX_NESTING: usize = 4;
+
+/// How deep CBOR may nest (a message needs 3 levels and nested objects [`MAX_NESTING`] more;
+/// deeper junk is refused while decoding).
 const CBOR_RECURSION_LIMIT: usize = 16;
 /// Field names in errors are cut to this many bytes.
 const ERROR_FIELD_MAX: usize = 64;
@@ -80,11 +86,17 @@ pub enum Reason {
     /// A null value.
     #[error("null is not a series value (numbers, booleans and strings are)")]
     NullValue,
-    /// An object value.
-    #[error("an object is not a series value (numbers, booleans and strings are)")]
-    ObjectValue,
+    /// Objects nested deeper than [`MAX_NESTING`] levels of names.
+    #[error("objects nest too deep: a series name has at most {max} levels (a.b.c.d)")]
+    TooDeep {
+        /// The most levels.
+        max: usize,
+    },
     /// An array value.
-    #[error("an array is not a series value (numbers, booleans and strings are)")]
+    #[error(
+        "an array is not a series value (numbers, booleans and strings are; objects are \
+         flattened): give each element its own field or send one record per element"
+    )]
     ArrayValue,
     /// A CBOR byte string value.
     #[error("a byte string is not a series value (numbers, booleans and strings are)")]
@@ -116,9 +128,32 @@ pub enum Reason {
     /// A CBOR map key that is not a text string.
     #[error("field names must be text strings")]
     KeyNotText,
-    /// The same field twice in one object.
+    /// The same field twice in one object (or one name twice after flattening).
     #[error("field appears more than once")]
     Duplicate,
+    /// Two records of one message give one series a value at the same millisecond.
+    #[error(
+        "record {record} already gives this series a value at {ts_ms} (epoch ms): a series \
+         holds one value per millisecond"
+    )]
+    SameTime {
+        /// The earlier record.
+        record: usize,
+        /// The time they share.
+        ts_ms: i64,
+    },
+    /// A time further ahead of the server clock than `[telemetry] max_future_skew_secs`.
+    #[error(
+        "{} ahead of the server clock; at most {} s ahead is accepted",
+        span(*ahead_ms),
+        max_ms / 1000
+    )]
+    InFuture {
+        /// How far ahead the time is.
+        ahead_ms: i64,
+        /// The most allowed.
+        max_ms: i64,
+    },
     /// `sent` is not integer epoch milliseconds in range.
     #[error("not epoch milliseconds (an integer)")]
     BadSent,
@@ -143,6 +178,17 @@ pub enum Reason {
     /// A series or time field beside `records`.
     #[error("an envelope holds only `sent`, `nonce` and `records`; put series in its records")]
     EnvelopeField,
+}
+
+/// `ms` in a unit that keeps two significant digits or more: `3 days`, `5 h`, `3599 s`,
+/// `250 ms`.
+fn span(ms: i64) -> String {
+    match ms {
+        ms if ms >= 2 * 86_400_000 => format!("{} days", ms / 86_400_000),
+        ms if ms >= 2 * 3_600_000 => format!("{} h", ms / 3_600_000),
+        ms if ms >= 1000 => format!("{} s", ms / 1000),
+        ms => format!("{ms} ms"),
+    }
 }
 
 /// Parses a query-style time: epoch milliseconds (an optionally signed integer) or RFC 3339,
@@ -170,7 +216,12 @@ enum Raw<'a> {
     Int(i128),
     Float(f64),
     Str(Cow<'a, str>),
-    Object,
+    /// A nested object's fields (within [`MAX_NESTING`]), flattened by the builder.
+    Object(Vec<(Cow<'a, str>, Raw<'a>)>),
+    /// An object nested deeper than [`MAX_NESTING`] (its contents skipped).
+    TooDeep,
+    /// A nested CBOR map with a key that is not a text string.
+    KeyNotText,
     Array,
     Bytes,
     Tagged,
@@ -327,7 +378,7 @@ impl<'l> Builder<'l> {
         if self.message.records.is_empty() {
             return Err(invalid(None, None, Reason::NoRecords));
         }
-        Ok(())
+        check_same_times(&self.message.records)
     }
 
     /// An element of a records array begins: its index, if one more record is allowed.
@@ -402,15 +453,47 @@ impl<'l> Builder<'l> {
             }
             name => {
                 self.check_key(name).map_err(|r| at(name, r))?;
-                if draft.values.len() >= self.limits.max_series {
-                    let max = self.limits.max_series;
-                    return Err(at(name, Reason::TooManySeries { max }));
-                }
-                let value = self.series_value(raw).map_err(|r| at(name, r))?;
-                draft.values.push((key.into_owned(), value));
+                self.series_field(draft, index, key, raw)?;
             }
         }
         Ok(())
+    }
+
+    /// A series field named `name` (checked), or a nested object whose fields become series
+    /// named `name.field`, depth first in input order.
+    fn series_field(
+        &self,
+        draft: &mut Draft,
+        index: usize,
+        name: Cow<'_, str>,
+        raw: Raw<'_>,
+    ) -> Result<(), IngestError> {
+        let at = |reason| invalid(Some(index), Some(&name), reason);
+        match raw {
+            Raw::Object(fields) => {
+                for (field, raw) in fields {
+                    let nested = format!("{name}.{field}");
+                    if field.is_empty() {
+                        return Err(invalid(Some(index), Some(&nested), Reason::EmptyKey));
+                    }
+                    self.check_key(&nested)
+                        .map_err(|r| invalid(Some(index), Some(&nested), r))?;
+                    self.series_field(draft, index, Cow::Owned(nested), raw)?;
+                }
+                Ok(())
+            }
+            Raw::TooDeep => Err(at(Reason::TooDeep { max: MAX_NESTING })),
+            Raw::KeyNotText => Err(at(Reason::KeyNotText)),
+            raw => {
+                if draft.values.len() >= self.limits.max_series {
+                    let max = self.limits.max_series;
+                    return Err(at(Reason::TooManySeries { max }));
+                }
+                let value = self.series_value(raw).map_err(at)?;
+                draft.values.push((name.into_owned(), value));
+                Ok(())
+            }
+        }
     }
 
     fn check_key(&self, key: &str) -> Result<(), Reason> {
@@ -439,7 +522,8 @@ impl<'l> Builder<'l> {
             }),
             Raw::Str(s) => Ok(Value::Text(s.into_owned())),
             Raw::Null => Err(Reason::NullValue),
-            Raw::Object => Err(Reason::ObjectValue),
+            Raw::Object(_) | Raw::TooDeep => Err(Reason::TooDeep { max: MAX_NESTING }),
+            Raw::KeyNotText => Err(Reason::KeyNotText),
             Raw::Array => Err(Reason::ArrayValue),
             Raw::Bytes => Err(Reason::BytesValue),
             Raw::Tagged => Err(Reason::TaggedValue),
@@ -448,19 +532,20 @@ impl<'l> Builder<'l> {
 
     fn finish_draft(&self, draft: Draft, index: usize) -> Result<Record, IngestError> {
         let at = |field: &str, reason| invalid(Some(index), Some(field), reason);
-        let ts_ms = match (draft.ts, draft.date, draft.time) {
+        let (ts_ms, time_from) = match (draft.ts, draft.date, draft.time) {
             (Some(_), Some(_), _) => return Err(at("date", Reason::TsAndDateTime)),
             (Some(_), None, Some(_)) => return Err(at("time", Reason::TsAndDateTime)),
-            (Some(ts), None, None) => ts,
-            (None, Some(date), Some(time)) => {
+            (Some(ts), None, None) => (ts, TimeSource::Ts),
+            (None, Some(date), Some(time)) => (
                 PrimitiveDateTime::new(date, time)
                     .assume_utc()
                     .unix_timestamp()
-                    * 1000
-            }
+                    * 1000,
+                TimeSource::DateTime,
+            ),
             (None, Some(_), None) => return Err(at("date", Reason::DateWithoutTime)),
             (None, None, Some(_)) => return Err(at("time", Reason::TimeWithoutDate)),
-            (None, None, None) => self.now_ms,
+            (None, None, None) => (self.now_ms, TimeSource::Received),
         };
         if draft.values.is_empty() {
             return Err(invalid(Some(index), None, Reason::NoSeries));
@@ -470,9 +555,50 @@ impl<'l> Builder<'l> {
         }
         Ok(Record {
             ts_ms,
+            time_from,
             values: draft.values,
         })
     }
+}
+
+/// Refuses two records of one message that give one series a value at the same millisecond
+/// by their own times (`ts`, `date`/`time`); records without a time get distinct receive
+/// times later ([`Message::assign_receive_times`]).
+fn check_same_times(records: &[Record]) -> Result<(), IngestError> {
+    // The usual batch has strictly rising times: then no two records can meet.
+    let mut last: Option<i64> = None;
+    let rising = records
+        .iter()
+        .filter(|r| r.time_from != TimeSource::Received)
+        .all(|r| {
+            let ok = last.is_none_or(|l| l < r.ts_ms);
+            last = Some(r.ts_ms);
+            ok
+        });
+    if rising {
+        return Ok(());
+    }
+    let mut seen: HashMap<(i64, &str), usize> = HashMap::new();
+    for (i, r) in records.iter().enumerate() {
+        if r.time_from == TimeSource::Received {
+            continue;
+        }
+        for (key, _) in &r.values {
+            match seen.entry((r.ts_ms, key.as_str())) {
+                Entry::Occupied(first) => {
+                    let reason = Reason::SameTime {
+                        record: *first.get(),
+                        ts_ms: r.ts_ms,
+                    };
+                    return Err(invalid(Some(i), Some(key), reason));
+                }
+                Entry::Vacant(v) => {
+                    v.insert(i);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A series name used twice, if any: pairwise for the usual handful, sorted beyond.
@@ -619,7 +745,7 @@ impl<'de> Visitor<'de> for TopSeed<'_, '_> {
                 b.lift(r)?;
                 map.next_value_seed(RecordsSeed { b: &mut *b })?;
             } else {
-                let raw = map.next_value_seed(RawSeed)?;
+                let raw = map.next_value_seed(RawSeed { level: 1 })?;
                 let r = b.top_field(&mut top, key, raw);
                 b.lift(r)?;
             }
@@ -724,7 +850,7 @@ impl<'de> Visitor<'de> for ItemVisitor<'_, '_> {
         let (b, index) = (self.b, self.index);
         let mut draft = Draft::default();
         while let Some(key) = map.next_key_seed(KeySeed)? {
-            let raw = map.next_value_seed(RawSeed)?;
+            let raw = map.next_value_seed(RawSeed { level: 1 })?;
             let r = b.item_field(&mut draft, index, key, raw);
             b.lift(r)?;
         }
@@ -764,8 +890,12 @@ impl<'de> Visitor<'de> for KeySeed {
     }
 }
 
-/// A field value; containers are skipped over (they are refused by the builder).
-struct RawSeed;
+/// A field value at `level` of names (a record's own fields are level 1). Arrays, and
+/// objects beyond [`MAX_NESTING`], are skipped over (the builder refuses them); objects
+/// within it are read for the builder to flatten.
+struct RawSeed {
+    level: usize,
+}
 
 impl<'de> DeserializeSeed<'de> for RawSeed {
     type Value = Raw<'de>;
@@ -835,8 +965,18 @@ impl<'de> Visitor<'de> for RawSeed {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(Raw::Object)
+        if self.level >= MAX_NESTING {
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            return Ok(Raw::TooDeep);
+        }
+        let mut fields = Vec::new();
+        while let Some(key) = map.next_key_seed(KeySeed)? {
+            let value = map.next_value_seed(RawSeed {
+                level: self.level + 1,
+            })?;
+            fields.push((key, value));
+        }
+        Ok(Raw::Object(fields))
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
@@ -901,7 +1041,7 @@ fn cbor_top(b: &mut Builder<'_>, value: &ciborium::Value) -> Result<(), IngestEr
                     };
                     cbor_records(b, items)?;
                 } else {
-                    b.top_field(&mut top, Cow::Borrowed(key), cbor_raw(v))?;
+                    b.top_field(&mut top, Cow::Borrowed(key), cbor_raw(v, 1))?;
                 }
             }
             b.finish_top(top)
@@ -923,7 +1063,7 @@ fn cbor_records(b: &mut Builder<'_>, items: &[ciborium::Value]) -> Result<(), In
         let mut draft = Draft::default();
         for (k, v) in entries {
             let key = cbor_key(k).ok_or_else(|| invalid(Some(index), None, Reason::KeyNotText))?;
-            b.item_field(&mut draft, index, Cow::Borrowed(key), cbor_raw(v))?;
+            b.item_field(&mut draft, index, Cow::Borrowed(key), cbor_raw(v, 1))?;
         }
         b.end_item(draft, index)?;
     }
@@ -937,9 +1077,21 @@ fn cbor_key(key: &ciborium::Value) -> Option<&str> {
     }
 }
 
-fn cbor_raw(value: &ciborium::Value) -> Raw<'_> {
+/// A field value at `level` of names, as [`RawSeed`] reads JSON.
+fn cbor_raw(value: &ciborium::Value, level: usize) -> Raw<'_> {
     use ciborium::Value as V;
     match value {
+        V::Map(_) if level >= MAX_NESTING => Raw::TooDeep,
+        V::Map(entries) => {
+            let mut fields = Vec::with_capacity(entries.len());
+            for (k, v) in entries {
+                let Some(key) = cbor_key(k) else {
+                    return Raw::KeyNotText;
+                };
+                fields.push((Cow::Borrowed(key), cbor_raw(v, level + 1)));
+            }
+            Raw::Object(fields)
+        }
         V::Integer(n) => Raw::Int(i128::from(*n)),
         V::Float(f) => Raw::Float(*f),
         V::Text(s) => Raw::Str(Cow::Borrowed(s)),
@@ -947,7 +1099,6 @@ fn cbor_raw(value: &ciborium::Value) -> Raw<'_> {
         V::Null => Raw::Null,
         V::Bytes(_) => Raw::Bytes,
         V::Array(_) => Raw::Array,
-        V::Map(_) => Raw::Object,
         _ => Raw::Tagged,
     }
 }

@@ -5,6 +5,12 @@
 //! A condition is true only when it evaluates to the boolean `true`. A key the record does
 //! not have, a type mismatch (`"on" > 3`) or any other evaluation error makes it false, never
 //! an error: devices send what they send.
+//!
+//! Series flattened from nested objects have dotted names (`{"loc": {"lat": 55.9}}` is
+//! `loc.lat`, see [`crate::ingest`]), and a condition names them the same way: `loc.lat > 55`,
+//! `rate(loc.lat)`. CEL reads `loc.lat` as the field `lat` of a variable `loc`; compiling
+//! rewrites every such chain of names into the one variable `loc.lat`, so the record's keys,
+//! the fast path and the rule index see the series name.
 
 use std::collections::BTreeSet;
 
@@ -186,14 +192,16 @@ impl Condition {
                 ))
             }
         }
-        let mut rate_keys = BTreeSet::new();
-        rewrite_rates(&mut expr, &mut rate_keys)?;
-        let references = program.references();
-        let mut keys: BTreeSet<String> = references
+        join_dotted_names(&mut expr);
+        // Read before `rate(key)` becomes a variable: the key inside is what the record has.
+        let mut keys: BTreeSet<String> = expr
+            .references()
             .variables()
             .into_iter()
             .map(str::to_owned)
             .collect();
+        let mut rate_keys = BTreeSet::new();
+        rewrite_rates(&mut expr, &mut rate_keys)?;
         keys.extend(rate_keys.iter().cloned());
         Ok(Condition {
             source: source.to_owned(),
@@ -436,6 +444,62 @@ impl Fast {
     }
 }
 
+/// Replaces every chain of names `a.b.c` (CEL: field `c` of field `b` of variable `a`) by
+/// the variable `a.b.c`: the dotted name of a series flattened from nested objects. `has()`
+/// tests are left as they are.
+fn join_dotted_names(e: &mut IdedExpr) {
+    if let Expr::Select(select) = &e.expr {
+        if !select.test {
+            if let Some(name) = dotted_name(e) {
+                e.expr = Expr::Ident(name);
+                return;
+            }
+        }
+    }
+    match &mut e.expr {
+        Expr::Call(call) => {
+            if let Some(t) = &mut call.target {
+                join_dotted_names(t);
+            }
+            for a in &mut call.args {
+                join_dotted_names(a);
+            }
+        }
+        Expr::Select(select) => join_dotted_names(&mut select.operand),
+        Expr::List(list) => {
+            for el in &mut list.elements {
+                join_dotted_names(el);
+            }
+        }
+        Expr::Comprehension(c) => {
+            for part in [
+                &mut c.iter_range,
+                &mut c.accu_init,
+                &mut c.loop_cond,
+                &mut c.loop_step,
+                &mut c.result,
+            ] {
+                join_dotted_names(part);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// `a.b.c` for a chain of field selections rooted at a name, else `None`.
+fn dotted_name(e: &IdedExpr) -> Option<String> {
+    match &e.expr {
+        Expr::Ident(name) => Some(name.clone()),
+        Expr::Select(select) if !select.test => {
+            let mut name = dotted_name(&select.operand)?;
+            name.push('.');
+            name.push_str(&select.field);
+            Some(name)
+        }
+        _ => None,
+    }
+}
+
 /// Replaces every `rate(key)` call by the variable `rate(key)`; refuses other `rate` uses.
 fn rewrite_rates(e: &mut IdedExpr, keys: &mut BTreeSet<String>) -> Result<(), ConditionError> {
     match &mut e.expr {
@@ -646,6 +710,43 @@ mod tests {
             "nosuchfn(temperature)",
             json!({"temperature": 40}),
             &[]
+        ));
+    }
+
+    #[test]
+    fn dotted_series_are_named_with_dots() {
+        // `{"loc": {"lat": 55.9}}` is stored as the series `loc.lat`.
+        let c = Condition::compile("loc.lat > 55.5 && rate(loc.lon) < 1.0").unwrap();
+        assert!(
+            c.is_fast(),
+            "a dotted name is a plain key for the fast path"
+        );
+        assert_eq!(c.keys(), ["loc.lat", "loc.lon"]);
+        assert_eq!(c.rate_keys(), ["loc.lon"]);
+        let r = vec![("loc.lon".to_string(), 0.5)];
+        assert!(eval("loc.lat > 55.5", json!({"loc.lat": 55.9}), &[]));
+        assert!(!eval("loc.lat > 55.5", json!({"loc.lat": 55.1}), &[]));
+        assert!(eval(
+            c.source(),
+            json!({"loc.lat": 55.9, "loc.lon": -3.2}),
+            &r
+        ));
+        assert!(c.reads_any(json!({"loc.lat": 1}).as_object().unwrap()));
+        assert!(!c.reads_any(json!({"loc": 1}).as_object().unwrap()));
+        // Through CEL (not the fast path) too, and deeper.
+        let cel = "a.b.c.d == 'x' || size(gps.status) > 2";
+        assert!(!Condition::compile(cel).unwrap().is_fast());
+        assert!(eval(cel, json!({"a.b.c.d": "x"}), &[]));
+        assert!(eval(cel, json!({"gps.status": "fix"}), &[]));
+        assert!(!eval(cel, json!({"gps.status": "no"}), &[]));
+        // The record scope used on the ingestion path holds the dotted names as they are.
+        let cond = Condition::compile("gps.status == 'fix'").unwrap();
+        let status = crate::ingest::Value::Text("fix".into());
+        let values = [("gps.status", &status)];
+        assert!(with_record_scope(
+            values.into_iter(),
+            std::iter::empty(),
+            |s| cond.eval(s)
         ));
     }
 

@@ -53,6 +53,8 @@ use super::{json_body, now_ms, rfc3339_ms, valid_id};
 use crate::api::{ApiError, ApiState, Caller, ErrorBody};
 use crate::auth::{Principal, SCOPE_DEVICE, SCOPE_DEVICES_WRITE, SCOPE_TELEMETRY_READ};
 use crate::broker::Broker;
+use crate::pipeline::Source;
+use crate::reported::{check_config, store_reported};
 
 /// How often a `PUT` without `If-Match` retries when another change slips in between.
 const PUT_TRIES: usize = 8;
@@ -182,25 +184,6 @@ pub fn clear_retained(broker: &Broker, topic: &str) {
 
 // ---- the operations --------------------------------------------------------------------
 
-/// Parses a configuration: a JSON object, or [`StoreError::Invalid`] saying why not. For
-/// the MQTT and CoAP `config/reported` handlers.
-pub fn parse_config(payload: &[u8]) -> Result<Value, StoreError> {
-    let value: Value = serde_json::from_slice(payload)
-        .map_err(|e| StoreError::Invalid(format!("a configuration must be JSON: {e}")))?;
-    check_config(&value)?;
-    Ok(value)
-}
-
-fn check_config(value: &Value) -> Result<(), StoreError> {
-    if value.is_object() {
-        Ok(())
-    } else {
-        Err(StoreError::Invalid(
-            "a configuration must be a JSON object".into(),
-        ))
-    }
-}
-
 /// Sets device `id`'s desired configuration, audits it (`config.put`, detail
 /// `{"version", "config"}`) and stores its retained message, in one job. With
 /// `precondition` (`If-Match`), only while the current version matches
@@ -267,36 +250,6 @@ pub async fn put_desired(
         }
     }
     Err(StoreError::VersionMismatch { current: last_seen })
-}
-
-/// Records the configuration device `id` reports (a JSON object) and that it was heard
-/// from now. For the HTTP, MQTT (`devices/{id}/config/reported`) and CoAP handlers.
-pub async fn store_reported(
-    store: &StoreHandle,
-    id: &str,
-    value: Value,
-) -> Result<ReportedConfig, StoreError> {
-    check_config(&value)?;
-    let now = now_ms();
-    let outputs = store
-        .write(vec![
-            Write::PutReportedConfig {
-                id: id.to_string(),
-                value,
-                now_ms: now,
-            },
-            Write::TouchDevice {
-                id: id.to_string(),
-                seen_at_ms: now,
-            },
-        ])
-        .await?;
-    match outputs.into_iter().next() {
-        Some(Output::Reported(r)) => Ok(r),
-        _ => Err(StoreError::Internal(
-            "the store did not answer the reported config".into(),
-        )),
-    }
 }
 
 // ---- entity tags -----------------------------------------------------------------------
@@ -527,7 +480,8 @@ async fn put_reported(
     }
     valid_id(&id)?;
     let value = json_body(body)?;
-    let reported = store_reported(&state.store, &id, value).await?;
+    let rules = state.ingest.rules().map(|r| &**r);
+    let reported = store_reported(&state.store, rules, &id, value, Source::Http).await?;
     Ok(Json(ReportedDocument::from(&reported)))
 }
 
@@ -570,14 +524,6 @@ mod tests {
     fn malformed_entity_tags_are_rejected() {
         for bad in ["abc", "\"3", "3\"", "W/3", "-1", "\"a\"b\"", ",", " "] {
             assert!(parse(&[bad]).is_err(), "{bad:?} accepted");
-        }
-    }
-
-    #[test]
-    fn configs_must_be_objects() {
-        assert!(parse_config(br#"{"a": 1}"#).is_ok());
-        for bad in [&b"[1]"[..], b"3", b"null", b"{", b""] {
-            assert!(matches!(parse_config(bad), Err(StoreError::Invalid(_))));
         }
     }
 
